@@ -1,0 +1,51 @@
+"""`hpc-dualbatch` command line: one subcommand per concern.
+
+Each command module exposes `register(subparsers)`, which adds its parser and
+sets `func(args) -> int`. Errors of the package's own type are printed as one
+line and exit non-zero (see `launch.run_main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS = (
+    "hpc_dualbatch.info",
+    "hpc_dualbatch.data.stage",
+    "hpc_dualbatch.timing",
+    "hpc_dualbatch.plan",
+    "hpc_dualbatch.train",
+    "hpc_dualbatch.report",
+    "hpc_dualbatch.bench",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="hpc-dualbatch",
+        description="Hybrid dual-batch and cyclic progressive learning on MPI + Horovod.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # command not built yet
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .launch import run_main
+
+    args = build_parser().parse_args(argv)
+    return run_main(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

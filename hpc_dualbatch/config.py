@@ -1,0 +1,310 @@
+"""The one typed, strict run configuration.
+
+Declared once as dataclasses; loaded from YAML, then dotted command-line
+overrides (`--set plan.k=1.1`) are applied. An unknown key, a wrong type or an
+out-of-range value is a `ConfigError` naming the key and what would be valid.
+The resolved config is written next to every run (`Config.to_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/fashion-mnist.h5"  # staged HDF5 from `hpc-dualbatch prepare`
+    in_memory: str = "auto"  # auto | always | never: load a resolution whole into RAM
+    in_memory_max_mb: int = 2048  # "auto" loads a resolution into RAM up to this size
+    assignment: str = "partition"  # partition (disjoint per round) | reshuffle (authors' code)
+    augment: bool = True  # random crop with padding (+ flip) on training batches
+    flip: bool = True  # horizontal flip; off for data where mirroring changes the class
+    pad: int = 2  # crop padding in pixels at the largest staged resolution, scaled per resolution
+    prefetch: int = 2  # batches loaded ahead in a background thread
+    eval_batch: int = 1000  # samples per evaluation batch per rank
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18_cifar"  # resnet18_cifar, or a torchvision classification model name
+    width: int = 64  # channels of the first stage (64 = the standard ResNet-18)
+
+
+@dataclass
+class WorkersConfig:
+    groups: list[int] = field(default_factory=lambda: [1, 1, 1])  # ranks per worker group
+    small: int = 1  # n_S: the last `small` groups train with the small batch B_S
+
+
+@dataclass
+class PlanConfig:
+    k: float = 1.05  # allowed extra time per epoch over all-large training (1 = plain)
+    factor: str = "data_ratio"  # contribution factor of a small group: data_ratio | sqrt | none
+    timing: str = ""  # timing JSON from `hpc-dualbatch profile`; needed unless small_batch is set
+    large_batch: dict[int, int] = field(default_factory=dict)  # B_L per resolution (px -> samples)
+    small_batch: dict[int, int] = field(default_factory=dict)  # explicit B_S per resolution
+    samples_per_epoch: int = 0  # d; 0 = the size of the training split
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 10
+    lr: list[float] = field(default_factory=lambda: [0.2, 0.02, 0.002])  # LR of each stage
+    milestones: list[int] = field(default_factory=lambda: [6, 9])  # epochs where a stage starts
+    warmup_epochs: int = 0  # linear LR warm-up from lr[0]/10 over this many epochs
+    resolution_mode: str = "cyclic"  # cyclic | progressive | fixed
+    resolutions: list[int] = field(default_factory=lambda: [20, 24, 28])  # low -> high, px
+    dropout: dict[int, float] = field(default_factory=dict)  # per resolution; missing = 0
+
+
+@dataclass
+class OptimConfig:
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class ServerConfig:
+    order: str = "arrival"  # arrival | round_robin (bit-for-bit reproducible)
+    poll_min_s: float = 0.0002  # sleeping back-off while waiting: first sleep, seconds
+    poll_max_s: float = 0.02  # ... doubling up to this; bounds the added latency per message
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 5  # 0 = only on SIGTERM/SIGUSR1 and at the end
+    keep: int = 2  # newest checkpoints kept
+
+
+@dataclass
+class Config:
+    mode: str = "ps"  # ps (parameter server + groups) | sync (one Horovod group, no server)
+    seed: int = 0
+    out: str = "runs/demo"
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    threads: int = 0  # torch threads per rank; 0 = cores / ranks on this node
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.workers.groups)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks this config needs: one server + the worker ranks (ps), or the workers (sync)."""
+        workers = sum(self.workers.groups)
+        return workers + 1 if self.mode == "ps" else workers
+
+
+_CHOICES = {
+    "mode": ("ps", "sync"),
+    "device": ("auto", "cpu", "cuda"),
+    "data.in_memory": ("auto", "always", "never"),
+    "data.assignment": ("partition", "reshuffle"),
+    "plan.factor": ("data_ratio", "sqrt", "none"),
+    "schedule.resolution_mode": ("cyclic", "progressive", "fixed"),
+    "server.order": ("arrival", "round_robin"),
+}
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of its fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list of {item.__name__}, got {value!r}")
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"config key '{key}' must be a mapping {kt.__name__} -> {vt.__name__}, got {value!r}"
+            )
+        return {_convert(k, kt, f"{key} key") : _convert(v, vt, f"{key}[{k}]") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` -> (key.sub, value parsed as YAML: 1.1 -> float, [1,2] -> list)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, _, val = text.partition("=")
+    try:
+        return key.strip(), yaml.safe_load(val) if val.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load YAML (or the defaults when `path` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    for ov in overrides:
+        _set_dotted(raw, *parse_override(ov))
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that need no data file or timing file (those come in the planner)."""
+    d = cfg.to_dict()
+    for key, choices in _CHOICES.items():
+        v: Any = d
+        for p in key.split("."):
+            v = v[p]
+        if v not in choices:
+            raise ConfigError(f"config key '{key}' is {v!r}; valid: {', '.join(choices)}")
+    w, s, p = cfg.workers, cfg.schedule, cfg.plan
+    if not w.groups:
+        raise ConfigError("config key 'workers.groups' must list at least one group size")
+    for i, g in enumerate(w.groups):
+        _positive(f"workers.groups[{i}]", g)
+    if not 0 <= w.small <= len(w.groups):
+        raise ConfigError(
+            f"config key 'workers.small' (n_S) is {w.small}; valid: 0..{len(w.groups)} "
+            f"(the number of groups in workers.groups)"
+        )
+    if p.k < 1.0:
+        raise ConfigError(f"config key 'plan.k' is {p.k}; the extra-time ratio must be >= 1 (1 = plain)")
+    for res, b in p.large_batch.items():
+        _positive(f"plan.large_batch[{res}]", b)
+    for res, b in p.small_batch.items():
+        _positive(f"plan.small_batch[{res}]", b)
+    _positive("plan.samples_per_epoch", p.samples_per_epoch, allow_zero=True)
+    _positive("schedule.epochs", s.epochs)
+    if not s.lr:
+        raise ConfigError("config key 'schedule.lr' must list at least one learning rate")
+    for i, lr in enumerate(s.lr):
+        _positive(f"schedule.lr[{i}]", lr)
+    if len(s.milestones) != len(s.lr) - 1:
+        raise ConfigError(
+            f"config key 'schedule.milestones' needs len(schedule.lr) - 1 = {len(s.lr) - 1} epochs, "
+            f"got {s.milestones}"
+        )
+    prev = 0
+    for m in s.milestones:
+        if not prev < m < s.epochs:
+            raise ConfigError(
+                f"config key 'schedule.milestones' must rise strictly inside (0, {s.epochs}), got {s.milestones}"
+            )
+        prev = m
+    if not s.resolutions or sorted(set(s.resolutions)) != list(s.resolutions):
+        raise ConfigError(
+            f"config key 'schedule.resolutions' must list distinct resolutions low -> high, got {s.resolutions}"
+        )
+    for r in s.resolutions:
+        _positive("schedule.resolutions", r)
+    for res, pdrop in s.dropout.items():
+        if not 0.0 <= pdrop < 1.0:
+            raise ConfigError(f"config key 'schedule.dropout[{res}]' must be in [0, 1), got {pdrop}")
+    _positive("schedule.warmup_epochs", s.warmup_epochs, allow_zero=True)
+    missing = [r for r in s.resolutions if r not in p.large_batch]
+    if missing:
+        raise ConfigError(
+            f"config key 'plan.large_batch' has no B_L for resolution(s) {missing}; "
+            f"give one for each of schedule.resolutions {s.resolutions}"
+        )
+    _positive("model.width", cfg.model.width)
+    _positive("data.eval_batch", cfg.data.eval_batch)
+    _positive("data.prefetch", cfg.data.prefetch, allow_zero=True)
+    _positive("data.pad", cfg.data.pad, allow_zero=True)
+    _positive("threads", cfg.threads, allow_zero=True)
+    _positive("optim.momentum", cfg.optim.momentum, allow_zero=True)
+    _positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    _positive("server.poll_min_s", cfg.server.poll_min_s)
+    if cfg.server.poll_max_s < cfg.server.poll_min_s:
+        raise ConfigError("config key 'server.poll_max_s' must be >= server.poll_min_s")
+    _positive("checkpoint.every_epochs", cfg.checkpoint.every_epochs, allow_zero=True)
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+    if cfg.mode == "sync" and w.small:
+        raise ConfigError("mode 'sync' trains one group at B_L: set workers.small to 0")
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML, atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)

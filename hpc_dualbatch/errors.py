@@ -1,0 +1,29 @@
+"""The package's own error types.
+
+Every failure caused by user input (a config, a data file, a plan, a checkpoint)
+raises a subclass of `HDBError` with a message that names the file, key or value
+and what would be valid. The CLI prints these as one line, without a traceback,
+and exits non-zero on every rank (see `hpc_dualbatch.launch`).
+"""
+
+
+class HDBError(Exception):
+    """Base class: an error the user can fix from the message alone."""
+
+    exit_code = 2
+
+
+class ConfigError(HDBError):
+    """A config key, type or value is wrong (or the world size does not match it)."""
+
+
+class DataError(HDBError):
+    """A data source or staged HDF5 file is missing, corrupt or inconsistent."""
+
+
+class PlanError(HDBError):
+    """A dual-batch plan or timing file cannot work."""
+
+
+class CheckpointError(HDBError):
+    """A checkpoint is missing, corrupt or belongs to another config."""

@@ -1,0 +1,112 @@
+"""MPI topology, decided in one place: who is the server, who is in which group.
+
+Parameter-server mode (`mode: ps`), for `workers.groups = [g_0, g_1, ...]`::
+
+    rank 0                      the parameter server (no Horovod, no model training)
+    ranks 1 .. g_0              worker group 0   (its group rank 0 is the leader)
+    next g_1 ranks              worker group 1
+    ...
+
+Synchronous mode (`mode: sync`): every rank is in one group, no server.
+
+The groups are communicators from `COMM_WORLD.Split`; Horovod is initialised
+on a rank's group communicator, so its collectives stay inside the group while
+the leaders still reach the server on COMM_WORLD. This module is the only one
+that reads rank or Slurm environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Topology:
+    world: Any  # mpi4py COMM_WORLD
+    rank: int
+    size: int
+    role: str  # "server" | "worker"
+    group: int  # worker group index; -1 on the server
+    group_comm: Any  # mpi4py communicator of the group; None on the server
+    group_rank: int
+    group_size: int
+    leaders: tuple[int, ...]  # world rank of each group's leader
+    local_rank: int  # rank among the processes on this node (GPU choice)
+
+    @property
+    def is_server(self) -> bool:
+        return self.role == "server"
+
+    @property
+    def is_leader(self) -> bool:
+        return self.role == "worker" and self.group_rank == 0
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.leaders)
+
+
+def group_layout(groups: list[int], with_server: bool) -> list[int]:
+    """Group index of each world rank (-1 = server). Pure, for tests and the docs."""
+    layout = [-1] if with_server else []
+    for g, n in enumerate(groups):
+        layout += [g] * n
+    return layout
+
+
+def expected_world_size(groups: list[int], with_server: bool) -> int:
+    return sum(groups) + (1 if with_server else 0)
+
+
+def check_world_size(actual: int, groups: list[int], with_server: bool) -> None:
+    expected = expected_world_size(groups, with_server)
+    if actual != expected:
+        who = f"1 server + {sum(groups)} worker ranks" if with_server else f"{sum(groups)} worker ranks"
+        raise ConfigError(
+            f"world size is {actual} but the config needs {expected} ({who}, workers.groups = {groups}); "
+            f"launch with mpirun -np {expected} / srun -n {expected}, or change workers.groups"
+        )
+    slurm_ntasks = os.environ.get("SLURM_NTASKS")
+    # A wrong PMI plugin starts every Slurm task as a singleton of size 1 without an error.
+    if slurm_ntasks and slurm_ntasks.isdigit() and int(slurm_ntasks) != actual and "SLURM_STEP_ID" in os.environ:
+        raise ConfigError(
+            f"MPI world size is {actual} but Slurm started SLURM_NTASKS={slurm_ntasks} tasks: the ranks did "
+            f"not join one MPI world; launch with srun --mpi=pmix (or the PMI plugin your MPI was built with)"
+        )
+
+
+def build_topology(groups: list[int], with_server: bool, world: Any = None) -> Topology:
+    """Split COMM_WORLD into the server and the worker groups. Collective over `world`."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD if world is None else world
+    rank, size = world.Get_rank(), world.Get_size()
+    check_world_size(size, groups, with_server)  # every rank checks the same numbers
+    layout = group_layout(groups, with_server)
+    group = layout[rank]
+    color = MPI.UNDEFINED if group < 0 else group
+    group_comm = world.Split(color, rank)  # MPI: collective on COMM_WORLD
+    local = world.Split_type(MPI.COMM_TYPE_SHARED, rank)  # MPI: ranks sharing this node
+    local_rank = local.Get_rank()
+    local.Free()
+    leaders = tuple(layout.index(g) for g in range(len(groups)))
+    if group < 0:
+        return Topology(world, rank, size, "server", -1, None, 0, 0, leaders, local_rank)
+    return Topology(
+        world, rank, size, "worker", group, group_comm, group_comm.Get_rank(), group_comm.Get_size(), leaders,
+        local_rank,
+    )
+
+
+def init_horovod(topo: Topology) -> Any:
+    """Initialise Horovod on this rank's group communicator (workers only); returns the module."""
+    import horovod.torch as hvd
+
+    hvd.init(comm=topo.group_comm)  # Horovod: collectives stay inside the group
+    if hvd.size() != topo.group_size:
+        raise RuntimeError(f"Horovod sees {hvd.size()} ranks in group {topo.group}, MPI {topo.group_size}")
+    return hvd
