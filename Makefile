@@ -1,0 +1,54 @@
+# The README's commands. Each installs what is missing first (scripts/setup_env.sh) and reuses
+# what is there.
+#   make demo    stage Fashion-MNIST, then a short hybrid run: 1 server + 3 worker groups (1 small)
+#   make test    lint, serial tests, MPI tests at 2, 3 and 4 ranks; one combined pass/fail
+#   make bench   all benchmark suites, one summary table
+SHELL := /bin/bash
+VENV ?= .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+PY := $(VENV)/bin/python
+MPIRUN := scripts/mpirun_local.sh
+DATA ?= data/fashion-mnist.h5
+DEMO_OUT ?= runs/demo
+# Hard limits (seconds): a hang fails the run instead of stalling it.
+SERIAL_TIMEOUT ?= 2400
+MPI_TIMEOUT ?= 600
+
+.PHONY: setup demo test lint test-serial test-mpi bench clean
+
+setup:
+	bash scripts/setup_env.sh
+
+$(DATA): | setup
+	$(PY) -m hpc_dualbatch prepare --source fashion-mnist --resolutions 20,24,28 --out $(DATA)
+
+demo: setup $(DATA)
+	rm -rf $(DEMO_OUT)
+	$(MPIRUN) -np 4 $(PY) -m hpc_dualbatch train --config hpc_dualbatch/configs/fashion_mnist.yaml \
+	  --set data.path=$(DATA) --set out=$(DEMO_OUT)
+
+lint: setup
+	$(VENV)/bin/ruff check hpc_dualbatch tests
+	$(VENV)/bin/ruff format --check hpc_dualbatch tests
+
+test-serial: setup
+	timeout -k 10 $(SERIAL_TIMEOUT) $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
+
+test-mpi: setup
+	@set -e; for np in 2 3 4; do \
+	  echo "== MPI tests on $$np ranks"; \
+	  timeout -k 10 $(MPI_TIMEOUT) $(MPIRUN) -np $$np $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi; \
+	done
+
+test: setup
+	@fail=0; \
+	$(MAKE) --no-print-directory lint || fail=1; \
+	$(MAKE) --no-print-directory test-serial || fail=1; \
+	$(MAKE) --no-print-directory test-mpi || fail=1; \
+	if [ $$fail = 0 ]; then echo "make test: all passed"; else echo "make test: FAILED"; fi; exit $$fail
+
+bench: setup
+	$(PY) -m hpc_dualbatch bench all
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,124 @@
+"""Checkpoints: everything needed to continue a run exactly, written atomically.
+
+One `.npz` file per checkpoint under `<out>/checkpoints/`, loaded with
+`allow_pickle=False` (plain arrays and one JSON string: no code runs on load):
+
+    weights    float32[n_weights]           the global weights
+    momentum   float32[n_groups, n_params]  each group's SGD momentum (it lives on the group)
+    meta       JSON: format, commits, rounds per group, elapsed seconds, metrics byte offset,
+               the resolved config
+
+Every random choice of a run derives from (seed, group, round, rank) counters,
+so the counters in `meta` replace RNG states. Written to a temporary name,
+flushed, fsynced and renamed: a crash mid-write leaves the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import CheckpointError
+
+FORMAT = 1
+PREFIX = "ckpt-"
+
+
+@dataclass
+class Checkpoint:
+    weights: np.ndarray
+    momentum: np.ndarray  # (n_groups, n_params)
+    commits: int
+    rounds: list[int]
+    elapsed: float  # wall seconds of training before this checkpoint
+    metrics_offset: int  # bytes of metrics.jsonl that belong to the work up to here
+    config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dir(out: str) -> str:
+    return os.path.join(out, "checkpoints")
+
+
+def save(out: str, ck: Checkpoint, keep: int = 2) -> str:
+    d = checkpoint_dir(out)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"{PREFIX}{ck.commits:09d}.npz")
+    tmp = path + f".tmp{os.getpid()}"
+    meta = {
+        "format": FORMAT, "commits": ck.commits, "rounds": ck.rounds, "elapsed": ck.elapsed,
+        "metrics_offset": ck.metrics_offset, "config": ck.config, "extra": ck.extra,
+    }
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, weights=ck.weights, momentum=ck.momentum, meta=np.array(json.dumps(meta)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact"
+        ) from None
+    for old in sorted(glob.glob(os.path.join(d, f"{PREFIX}*.npz")))[:-keep]:
+        os.unlink(old)
+    return path
+
+
+def latest(out: str) -> str | None:
+    found = sorted(glob.glob(os.path.join(checkpoint_dir(out), f"{PREFIX}*.npz")))
+    return found[-1] if found else None
+
+
+def load(path: str) -> Checkpoint:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            weights, momentum, meta = z["weights"], z["momentum"], json.loads(str(z["meta"]))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or partially written ({type(e).__name__}: {e}); "
+            f"delete it to resume from the one before"
+        ) from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, this version reads {FORMAT}")
+    if weights.dtype != np.float32 or weights.ndim != 1 or momentum.dtype != np.float32 or momentum.ndim != 2:
+        raise CheckpointError(f"checkpoint {path} holds arrays of unexpected type or shape")
+    return Checkpoint(
+        weights, momentum, int(meta["commits"]), [int(r) for r in meta["rounds"]], float(meta["elapsed"]),
+        int(meta["metrics_offset"]), meta["config"], meta.get("extra", {}),
+    )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_compatible(path: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A resume must use the config the checkpoint was made with (only `out` may differ)."""
+    # A JSON round trip makes both sides alike (int dict keys become strings).
+    a = _flatten(json.loads(json.dumps(saved)))
+    b = _flatten(json.loads(json.dumps(current)))
+    diffs = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+             if k != "out" and a.get(k) != b.get(k)]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was made with another config ({'; '.join(diffs[:3])}); "
+            f"resume with the same config, or start a new run in another output folder"
+        )

@@ -1,0 +1,58 @@
+"""One JSON-lines metrics file per run, written by one rank (the server, or rank 0 in sync mode).
+
+Record types (field `type`):
+    commit  one mini-epoch pushed by a group: group, round, samples, seconds, train_loss,
+            train_acc, lr, resolution, batch, epoch (commits / n_groups), commit, wall
+    eval    the global weights at an epoch boundary on the test split: epoch, test_loss,
+            test_acc, samples, seconds, resolution, wall (seconds of training since the start)
+    end     the run finished or was preempted: state, commits, wall
+Progress goes to stdout: a rewritten line on a TTY, plain lines otherwise (Slurm logs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+
+class MetricsLog:
+    def __init__(self, path: str, truncate_to: int | None = None) -> None:
+        self.path = path
+        if truncate_to is not None and os.path.exists(path):
+            # Resume: drop records of work done after the checkpoint (it is done again).
+            with open(path, "r+b") as f:
+                f.truncate(truncate_to)
+        self._f = open(path, "ab")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write((json.dumps(record, separators=(",", ":")) + "\n").encode())
+        self._f.flush()
+
+    def offset(self) -> int:
+        self._f.flush()
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """Human progress on a TTY (one rewritten line), plain lines in a log file."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+
+    def line(self, text: str, final: bool = False) -> None:
+        if self.tty and not final:
+            self.stream.write("\r\033[K" + text)
+        else:
+            self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.stream.flush()

@@ -1,0 +1,102 @@
+"""Models: a CIFAR-style ResNet-18 and torchvision classifiers by name.
+
+The CIFAR variant (He et al. 2016, as used for CIFAR in the method's paper) has
+a 3x3 stride-1 stem and no max-pool, so 20-32 px inputs keep their spatial size
+through the first stage. Every model ends in global average pooling, so one set
+of weights serves every staged resolution, and in a `Dropout` before the
+classifier whose rate the schedule changes with the resolution
+(`set_dropout`).
+
+Model code never touches a communicator.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet18(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64) -> None:
+        super().__init__()
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(2):
+                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(0.0)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(self.dropout(out))
+
+
+def _torchvision_model(arch: str, num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    except (ValueError, KeyError):
+        names = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models))[:12])
+        raise ConfigError(
+            f"config key 'model.arch' is '{arch}': not resnet18_cifar nor a torchvision "
+            f"classification model (e.g. {names}, ...)"
+        ) from None
+    if in_channels != 3:
+        # Swap the first convolution for one that takes `in_channels` (grayscale data).
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Conv2d):
+                new = nn.Conv2d(
+                    in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, bias=mod.bias is not None
+                )
+                parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+                setattr(parent, name.rsplit(".", 1)[-1], new)
+                break
+    # Put a settable dropout in front of the classifier (the last Linear layer).
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent = model.get_submodule(last.rsplit(".", 1)[0]) if "." in last else model
+    leaf = last.rsplit(".", 1)[-1]
+    setattr(parent, leaf, nn.Sequential(nn.Dropout(0.0), getattr(parent, leaf)))
+    return model
+
+
+def build_model(arch: str, num_classes: int, in_channels: int, width: int = 64) -> nn.Module:
+    if arch == "resnet18_cifar":
+        return CifarResNet18(num_classes, in_channels, width)
+    return _torchvision_model(arch, num_classes, in_channels)
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set the rate of every dropout layer (the schedule raises it with the resolution)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p

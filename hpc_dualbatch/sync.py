@@ -1,0 +1,102 @@
+"""Conventional synchronous data-parallel training: the baseline, in the same harness.
+
+Every rank is in one Horovod group (no server); each rank trains at B_L of the
+current resolution (the group's batch is B_L x ranks) on its part of the whole
+training set every epoch, with the same schedule, model, initial weights,
+data pipeline, evaluation, metrics file and checkpoints as the
+parameter-server runs, so the results compare directly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from . import checkpoint as C
+from .metrics import MetricsLog, Progress
+from .schedule import stage_at
+from .topology import Topology, init_horovod
+from .worker import GroupTrainer, SignalFlag
+
+
+def run_sync(st: Any, topo: Topology) -> None:
+    from .train import _finish, initial_weights
+
+    cfg, comm = st.cfg, topo.group_comm
+    hvd = init_horovod(topo)
+    flag = SignalFlag()
+    trainer = GroupTrainer(cfg, st.staged, hvd, topo, comm)
+    weights, _ = initial_weights(cfg, st.staged)
+    momentum = np.zeros(trainer.flat.n_params, np.float32)
+    counters = np.zeros(2, np.float64)  # epochs done, elapsed seconds
+    ck = st.ckpt
+    if ck is not None:  # rank 0 loaded it; everyone gets it by broadcast
+        weights[:], momentum[:], counters[:] = ck.weights, ck.momentum[0], (ck.commits, ck.elapsed)
+    comm.Bcast(weights, root=0)  # MPI: group
+    comm.Bcast(momentum, root=0)  # MPI
+    comm.Bcast(counters, root=0)  # MPI
+    trainer.flat.load_weights(weights)
+    if ck is not None:
+        trainer.flat.load_momentum(trainer.opt, momentum)
+    start, elapsed = int(counters[0]), float(counters[1])
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None) if topo.rank == 0 else None
+    progress = Progress()
+    d = st.plan.d
+    t0 = time.perf_counter()
+    state, epoch = "done", start
+
+    def save(epochs_done: int) -> str | None:
+        if log is None:
+            return None
+        return C.save(
+            cfg.out,
+            C.Checkpoint(
+                trainer.flat.weights(), trainer.flat.momentum(trainer.opt)[None, :], epochs_done, [epochs_done],
+                elapsed + time.perf_counter() - t0, log.offset(), cfg.to_dict(),
+            ),
+            keep=cfg.checkpoint.keep,
+        )
+
+    for epoch in range(start, cfg.schedule.epochs):
+        stage = stage_at(epoch, cfg.schedule)
+        batch = st.plan.at(stage.resolution).B_L * topo.group_size
+        s = trainer.train_mini_epoch(epoch, [d], stage.resolution, batch, stage.lr, stage.dropout)
+        loss, acc, n, secs = trainer.evaluate(stage.resolution)
+        wall = elapsed + time.perf_counter() - t0
+        if log is not None:
+            log.write({
+                "type": "commit", "commit": epoch + 1, "epoch": epoch + 1, "group": 0, "round": epoch,
+                "small": False, "samples": s.samples, "seconds": round(s.seconds, 4),
+                "train_loss": s.loss_sum / max(s.samples, 1), "train_acc": s.correct / max(s.samples, 1),
+                "lr": stage.lr, "resolution": stage.resolution, "batch": batch, "wall": round(wall, 3),
+            })
+            log.write({
+                "type": "eval", "epoch": epoch + 1, "group": 0, "test_loss": loss, "test_acc": acc,
+                "samples": n, "seconds": round(secs, 4), "resolution": stage.resolution, "wall": round(wall, 3),
+            })
+            progress.line(
+                f"epoch {epoch + 1}/{cfg.schedule.epochs} {stage.resolution}px batch {batch} "
+                f"train loss {s.loss_sum / max(s.samples, 1):.3f} test acc {acc:.4f} wall {wall:.0f}s", final=True
+            )
+        # MPI: a signal on any rank stops all of them after this epoch's checkpoint.
+        stop = comm.allreduce(1 if flag.raised else 0, op=MPI.MAX)
+        every = cfg.checkpoint.every_epochs
+        if stop or (every and (epoch + 1) % every == 0):
+            save(epoch + 1)
+        if stop:
+            state = "preempted" if epoch + 1 < cfg.schedule.epochs else "done"
+            epoch += 1
+            break
+    else:
+        epoch = cfg.schedule.epochs
+    hvd.shutdown()
+    if log is not None:
+        path = save(epoch) if state == "done" else C.latest(cfg.out)
+        wall = elapsed + time.perf_counter() - t0
+        log.write({"type": "end", "state": state, "commits": epoch, "wall": round(wall, 3)})
+        log.close()
+        _finish(cfg, state, epoch, wall, path)

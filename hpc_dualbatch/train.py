@@ -1,0 +1,238 @@
+"""`hpc-dualbatch train`: start-up checks on every rank, then the server, worker or sync loop.
+
+    mpirun -np 4 hpc-dualbatch train --config hpc_dualbatch/configs/fashion_mnist.yaml --set seed=1
+    mpirun -np 4 hpc-dualbatch train --resume runs/fashion_mnist      # continue from the newest checkpoint
+
+Output folder (`out`): config.yaml (resolved), plan.json, command.txt, metrics.jsonl,
+checkpoints/ckpt-<commits>.npz, status.json (state done | preempted, final and best test
+accuracy). A folder that already holds a run is refused unless `--resume` names it, and a
+lock file keeps two jobs out of one folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import Config, load_config, save_config
+from .errors import CheckpointError, ConfigError
+from .launch import agree
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    staged: Any
+    plan: Any
+    groups: list  # server.GroupSpec per group
+    ckpt: Any  # checkpoint.Checkpoint to resume from (rank 0 only), or None
+    lock: Any  # open lock file (rank 0 only)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config
+    if args.resume and not path:
+        path = os.path.join(args.resume, "config.yaml")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run folder?")
+    overrides = list(args.set or [])
+    if args.resume:
+        overrides.append(f"out={args.resume}")
+    return load_config(path, overrides)
+
+
+def group_specs(cfg: Config, plan: Any) -> list:
+    """Share, batch per resolution and contribution factor of each group (the last n_S are small)."""
+    from .server import GroupSpec
+
+    specs = [
+        GroupSpec(
+            plan.share(g), {r: plan.batch(g, r) for r in cfg.schedule.resolutions},
+            plan.factor(g, cfg.plan.factor), plan.is_small(g),
+        )
+        for g in range(cfg.n_groups)
+    ]
+    for g, spec in enumerate(specs):
+        for r, b in spec.batch.items():
+            if b < cfg.workers.groups[g]:
+                raise ConfigError(
+                    f"group {g} has {cfg.workers.groups[g]} ranks but its batch at {r}px is {b}: "
+                    f"every rank needs at least one sample per step; use fewer ranks per group"
+                )
+    return specs
+
+
+def _prepare_out(cfg: Config, resume: bool) -> tuple[Any, Any]:
+    """Rank 0: lock the output folder, refuse to overwrite a run, find the checkpoint to resume."""
+    from . import checkpoint as C
+
+    os.makedirs(cfg.out, exist_ok=True)
+    lock = open(os.path.join(cfg.out, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise ConfigError(f"output folder {cfg.out} is in use by another run (lock {lock.name})") from None
+    metrics = os.path.join(cfg.out, "metrics.jsonl")
+    if not resume:
+        if os.path.exists(metrics):
+            raise ConfigError(
+                f"output folder {cfg.out} already holds a run ({metrics}); continue it with --resume {cfg.out} "
+                f"or choose another folder (--set out=...)"
+            )
+        return lock, None
+    path = C.latest(cfg.out)
+    if path is None:
+        raise CheckpointError(f"--resume {cfg.out}: no checkpoint in {C.checkpoint_dir(cfg.out)}")
+    ck = C.load(path)
+    C.check_compatible(path, ck.config, cfg.to_dict())
+    return lock, ck
+
+
+def setup(args: argparse.Namespace, world: Any) -> Setup:
+    from .data import open_staged
+    from .plan import plan_from_config
+
+    cfg = _config(args)
+    from .topology import check_world_size
+
+    check_world_size(world.Get_size(), cfg.workers.groups, cfg.mode == "ps")
+    staged = open_staged(cfg.data.path)
+    staged.check_resolutions(cfg.schedule.resolutions)
+    d = cfg.plan.samples_per_epoch or staged.num_samples("train")
+    plan = plan_from_config(cfg, d)
+    groups = group_specs(cfg, plan)
+    lock = ck = None
+    if world.Get_rank() == 0:
+        lock, ck = _prepare_out(cfg, bool(args.resume))
+        if ck is not None and ck.momentum.shape[0] != cfg.n_groups:
+            raise CheckpointError(f"checkpoint in {cfg.out} has {ck.momentum.shape[0]} groups, config {cfg.n_groups}")
+        save_config(cfg, os.path.join(cfg.out, "config.yaml"))
+        _write_json(os.path.join(cfg.out, "plan.json"), plan.to_dict())
+        with open(os.path.join(cfg.out, "command.txt"), "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} np={world.Get_size()} "
+                    f"{shlex.join(['hpc-dualbatch', *sys.argv[1:]])}\n")
+    return Setup(cfg, staged, plan, groups, ck, lock)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def summarize(metrics_path: str) -> dict[str, Any]:
+    from .metrics import read_metrics
+
+    evals = [r for r in read_metrics(metrics_path) if r["type"] == "eval"]
+    if not evals:
+        return {"final_test_acc": None, "best_test_acc": None}
+    return {
+        "final_test_acc": evals[-1]["test_acc"], "best_test_acc": max(e["test_acc"] for e in evals),
+        "final_test_loss": evals[-1]["test_loss"], "epochs_evaluated": len(evals),
+    }
+
+
+def initial_weights(cfg: Config, staged: Any) -> tuple[np.ndarray, int]:
+    """The run's initial weights from its seed (identical for the PS and the sync baseline)."""
+    import torch
+
+    from .flat import FlatModel
+    from .model import build_model
+
+    torch.manual_seed(cfg.seed)
+    flat = FlatModel(build_model(cfg.model.arch, staged.num_classes, staged.channels, cfg.model.width))
+    return flat.weights(), flat.n_params
+
+
+def run_server(st: Setup, topo: Any) -> str:
+    from . import checkpoint as C
+    from .metrics import MetricsLog
+    from .server import Server, ServerState
+
+    cfg, ck = st.cfg, st.ckpt
+    weights, n_params = initial_weights(cfg, st.staged)
+    if ck is not None:
+        if ck.weights.shape != weights.shape or ck.momentum.shape[1] != n_params:
+            raise CheckpointError(f"checkpoint in {cfg.out} does not fit the model ({ck.weights.size} weights)")
+        state = ServerState(
+            ck.weights.copy(), ck.momentum.copy(), ck.commits, list(ck.rounds), ck.elapsed,
+            {int(g): e for g, e in ck.extra.get("pending_evals", {}).items()}, resumed=True,
+        )
+    else:
+        state = ServerState(weights, np.zeros((cfg.n_groups, n_params), np.float32), rounds=[0] * cfg.n_groups)
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None)
+    server = Server(cfg, topo, st.groups, state, log)
+    outcome = server.serve()
+    path = server.save() if outcome == "done" or state.commits > (ck.commits if ck else 0) else C.latest(cfg.out)
+    log.write({"type": "end", "state": outcome, "commits": state.commits, "wall": round(server.wall(), 3)})
+    log.close()
+    return _finish(cfg, outcome, state.commits, server.wall(), path)
+
+
+def _finish(cfg: Config, outcome: str, commits: int, wall: float, ckpt_path: str | None) -> str:
+    summary = summarize(os.path.join(cfg.out, "metrics.jsonl"))
+    status = {"state": outcome, "commits": commits, "wall_seconds": round(wall, 3), "checkpoint": ckpt_path,
+              **summary}
+    _write_json(os.path.join(cfg.out, "status.json"), status)
+    final, best = summary["final_test_acc"], summary["best_test_acc"]
+    accs = "n/a" if final is None else f"{100 * final:.2f} % (best {100 * best:.2f} %)"
+    print(f"run {outcome}: {commits} commits, {wall:.1f}s of training, final test accuracy {accs}; "
+          f"results in {cfg.out}", flush=True)
+    return outcome
+
+
+def run(args: argparse.Namespace) -> int:
+    from mpi4py import MPI
+
+    from .topology import build_topology
+
+    world = MPI.COMM_WORLD
+    st = agree(world, lambda: setup(args, world))
+    topo = agree(world, lambda: build_topology(st.cfg.workers.groups, st.cfg.mode == "ps", world))
+    if st.cfg.threads:
+        import torch
+
+        torch.set_num_threads(st.cfg.threads)
+    else:
+        _default_threads()
+    if st.cfg.mode == "sync":
+        from .sync import run_sync
+
+        run_sync(st, topo)
+    elif topo.is_server:
+        run_server(st, topo)
+    else:
+        from .worker import run_worker
+
+        run_worker(st.cfg, topo, st.staged, [g.share for g in st.groups])
+    world.Barrier()  # MPI: all ranks leave together; the server has already written status.json
+    return 0
+
+
+def _default_threads() -> None:
+    """Torch threads per rank = cores / ranks on this node (at least 1): ranks must not oversubscribe."""
+    import torch
+    from mpi4py import MPI
+
+    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)  # MPI: ranks on this node
+    n_local = local.Get_size()
+    local.Free()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // n_local))
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("train", help="train (run under mpirun/srun: 1 server + worker groups)")
+    p.add_argument("--config", help="YAML config (see hpc_dualbatch/configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. plan.k=1.1")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
+    p.set_defaults(func=run)
