@@ -22,6 +22,7 @@ resumed `round_robin` run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -208,6 +209,7 @@ class Server:
         Returns "done" or "preempted".
         """
         world = self.topo.world
+        cpu0, wall0 = _cpu_seconds(), time.perf_counter()
         while len(self.stopped) < self.n or self.evals_due > 0:
             if self.preempt and not self.barrier and len(self.stopped) < self.n:
                 self.barrier = True  # a signal: checkpoint at the next pushes, then stop
@@ -231,5 +233,15 @@ class Server:
                 self._on_push(g, status.Get_source())
             else:
                 raise RuntimeError(f"protocol error: request kind {kind} from rank {status.Get_source()}")
-        self.progress.line(f"server: {self.s.commits} commits in {self.wall():.1f}s", final=True)
+        # The server's own CPU use while serving: it must sleep, not spin, while it waits.
+        self.cpu_seconds, self.serve_seconds = _cpu_seconds() - cpu0, time.perf_counter() - wall0
+        self.progress.line(
+            f"server: {self.s.commits} commits in {self.wall():.1f}s; server CPU "
+            f"{self.cpu_seconds / max(self.serve_seconds, 1e-9):.3f} s per wall second", final=True,
+        )
         return "preempted" if self.preempt and self.s.commits < self.total else "done"
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime

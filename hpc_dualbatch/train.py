@@ -174,7 +174,10 @@ def run_server(st: Setup, topo: Any) -> str:
     server = Server(cfg, topo, st.groups, state, log)
     outcome = server.serve()
     path = server.save() if outcome == "done" or state.commits > (ck.commits if ck else 0) else C.latest(cfg.out)
-    log.write({"type": "end", "state": outcome, "commits": state.commits, "wall": round(server.wall(), 3)})
+    log.write({
+        "type": "end", "state": outcome, "commits": state.commits, "wall": round(server.wall(), 3),
+        "server_cpu_seconds": round(server.cpu_seconds, 3), "server_serve_seconds": round(server.serve_seconds, 3),
+    })
     log.close()
     return _finish(cfg, outcome, state.commits, server.wall(), path)
 

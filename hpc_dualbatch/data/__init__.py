@@ -1,0 +1,22 @@
+"""Resolution-staged HDF5 data sets (`hpc-dualbatch prepare`), sharding and batch loaders.
+
+See docs/data.md for the file layout and usage.
+"""
+
+from .loader import EvalLoader, TrainLoader, clear_memory_cache, eval_indices, shard_indices
+from .sources import SOURCES, SyntheticSpec
+from .stage import FORMAT_VERSION, StagedData, open_staged, prepare
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SOURCES",
+    "EvalLoader",
+    "StagedData",
+    "SyntheticSpec",
+    "TrainLoader",
+    "clear_memory_cache",
+    "eval_indices",
+    "open_staged",
+    "prepare",
+    "shard_indices",
+]

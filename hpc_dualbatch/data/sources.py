@@ -1,0 +1,425 @@
+"""Readers for each data source `hpc-dualbatch prepare` can stage.
+
+Every reader returns a `Source`: class names, channel count and, per split
+(`train`, `test`), the labels plus a `blocks(resolutions)` generator that yields
+consecutive blocks of samples as `{resolution: uint8 (n, C, r, r)}`. Each
+resolution is computed from the ORIGINAL pixels (never from an already shrunk
+copy); a resolution equal to the original square size is the source's bytes
+unchanged. Every bad input is a `DataError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+SOURCES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # compared lower-case: ImageNet names its files *.JPEG
+BLOCK = 4096  # samples resized per step for in-memory sources: ~13 MB of float32 at 28 px
+
+Blocks = Callable[[Sequence[int]], Iterator[dict[int, np.ndarray]]]
+
+
+@dataclass
+class Split:
+    labels: np.ndarray  # int64 (N,)
+    blocks: Blocks  # blocks(resolutions) -> consecutive {r: uint8 (n, C, r, r)} covering all N samples
+
+
+@dataclass
+class Source:
+    kind: str
+    classes: list[str]
+    channels: int
+    original_size: int  # side of the square source images in px; 0 when they vary (imagefolder)
+    splits: dict[str, Split]
+
+
+def resize_square(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (n, C, S, S) -> uint8 (n, C, size, size), antialiased bicubic; size == S returns the input."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(images.astype(np.float32))
+    # antialias=True widens the filter when shrinking (like PIL's resize), so no aliasing of fine texture.
+    out = F.interpolate(t, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def array_split(images: np.ndarray, labels: np.ndarray) -> Split:
+    """A split held in memory as uint8 (N, C, S, S): each resolution is resized from these pixels."""
+
+    def blocks(resolutions: Sequence[int]) -> Iterator[dict[int, np.ndarray]]:
+        for start in range(0, len(images), BLOCK):
+            chunk = images[start : start + BLOCK]
+            yield {r: resize_square(chunk, r) for r in resolutions}
+
+    return Split(labels=labels.astype(np.int64), blocks=blocks)
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+        raise DataError(f"{where}: label {int(bad)} is out of range; valid labels are 0..{num_classes - 1}")
+
+
+# --- Fashion-MNIST (IDX files) ---------------------------------------------------------------
+
+
+def _read_idx(path: str, magic: int, ndim: int) -> np.ndarray:
+    """IDX: big-endian magic (0x0000 0803 for 3-D uint8, 0x0000 0801 for 1-D), the dims, then the bytes."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"Fashion-MNIST file '{path}' does not exist") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"Fashion-MNIST file '{path}' is not a readable gzip file: {e}") from None
+    head = 4 + 4 * ndim
+    if len(raw) < head or struct.unpack(">I", raw[:4])[0] != magic:
+        found = struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else None
+        raise DataError(
+            f"Fashion-MNIST file '{path}' is not an IDX file of {ndim} dimension(s): "
+            f"magic number {found!r}, expected {magic:#010x}"
+        )
+    dims = struct.unpack(f">{ndim}I", raw[4:head])
+    if len(raw) - head != int(np.prod(dims)):
+        raise DataError(
+            f"Fashion-MNIST file '{path}' declares shape {dims} ({int(np.prod(dims))} bytes) "
+            f"but holds {len(raw) - head} bytes after the header (truncated?)"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(dims)
+
+
+def _idx_path(folder: str, name: str) -> str:
+    for candidate in (f"{name}.gz", name):
+        path = os.path.join(folder, candidate)
+        if os.path.exists(path):
+            return path
+    return os.path.join(folder, f"{name}.gz")
+
+
+def read_fashion_mnist(folder: str | None) -> Source:
+    folder = folder or FASHION_MNIST_DIR
+    if not os.path.isdir(folder):
+        raise DataError(
+            f"Fashion-MNIST folder '{folder}' does not exist; it must hold {{train,t10k}}-"
+            f"{{images-idx3,labels-idx1}}-ubyte.gz (Debian: apt-get install dataset-fashion-mnist)"
+        )
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(_idx_path(folder, f"{prefix}-images-idx3-ubyte"), 0x803, 3)
+        labels_path = _idx_path(folder, f"{prefix}-labels-idx1-ubyte")
+        labels = _read_idx(labels_path, 0x801, 1)
+        if len(labels) != len(images) or images.shape[1:] != (28, 28):
+            raise DataError(
+                f"Fashion-MNIST folder '{folder}': {split} has {len(images)} images of "
+                f"{images.shape[1:]} px and {len(labels)} labels; expected equal counts of 28x28 images"
+            )
+        _check_labels(labels, len(FASHION_MNIST_CLASSES), labels_path)
+        splits[split] = array_split(images[:, None], labels)  # add the channel axis: (N, 1, 28, 28)
+    return Source("fashion-mnist", list(FASHION_MNIST_CLASSES), 1, 28, splits)
+
+
+# --- CIFAR-10 / CIFAR-100 (python-version tar.gz) ----------------------------------------------
+
+# The archives hold pickles; a pickle can name any Python callable, so only the few that numpy
+# arrays and bytes need are allowed (old archives spell numpy._core as numpy.core; protocol-2
+# pickles written by Python 3 rebuild bytes with _codecs.encode).
+_PICKLE_ALLOWED = {
+    ("_codecs", "encode"),
+    *((f"numpy.{core}.multiarray", n) for core in ("core", "_core") for n in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to load '{module}.{name}' (only numpy arrays are expected)"
+            )
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = "numpy._core." + module[len("numpy.core.") :]
+        return super().find_class(module, name)
+
+
+def _load_member(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name: str, archive: str) -> dict:
+    if name not in members:
+        raise DataError(
+            f"CIFAR archive '{archive}' has no member '{name}'; it holds {sorted(members)[:12]}; "
+            f"expected the official python-version archive"
+        )
+    try:
+        f = tar.extractfile(members[name])
+        obj = _CifarUnpickler(f, encoding="bytes").load() if f else None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        OSError,
+        zlib.error,
+    ) as e:
+        raise DataError(
+            f"CIFAR archive '{archive}': member '{name}' is not a valid CIFAR pickle: {e}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"CIFAR archive '{archive}': member '{name}' is not a dict of arrays")
+    return obj
+
+
+def _cifar_batch(obj: dict, label_key: bytes, num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    if b"data" not in obj or label_key not in obj:
+        raise DataError(f"{where}: keys {sorted(obj)[:8]} lack b'data' or {label_key!r}")
+    data, labels = np.asarray(obj[b"data"]), np.asarray(obj[label_key])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{where}: b'data' is {data.dtype} {data.shape}; expected uint8 (N, 3072)")
+    if labels.ndim != 1 or len(labels) != len(data) or labels.dtype.kind not in "iu":
+        raise DataError(f"{where}: {len(labels)} labels of type {labels.dtype} for {len(data)} images")
+    _check_labels(labels, num_classes, where)
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)  # rows are R plane, G, B; row-major
+
+
+def read_cifar(path: str | None, kind: str) -> Source:
+    is10 = kind == "cifar10"
+    expected = "cifar-10-python.tar.gz" if is10 else "cifar-100-python.tar.gz"
+    if not path:
+        raise DataError(f"--input is required for {kind}: the path of the official '{expected}'")
+    if not os.path.isfile(path):
+        raise DataError(f"CIFAR archive '{path}' does not exist (expected the official '{expected}')")
+    try:
+        tar = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(
+            f"CIFAR archive '{path}' is not a readable tar.gz ({e}); expected '{expected}'"
+        ) from None
+    with tar:
+        try:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"CIFAR archive '{path}' is corrupt: {e}") from None
+        meta_name, names_key, label_key = (
+            ("batches.meta", b"label_names", b"labels")
+            if is10
+            else ("meta", b"fine_label_names", b"fine_labels")
+        )
+        meta = _load_member(tar, members, meta_name, path)
+        if names_key not in meta:
+            raise DataError(f"CIFAR archive '{path}': '{meta_name}' has no {names_key!r}")
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
+        train_names = [f"data_batch_{i}" for i in range(1, 6)] if is10 else ["train"]
+        splits = {}
+        for split, names in (("train", train_names), ("test", ["test_batch" if is10 else "test"])):
+            parts = [
+                _cifar_batch(
+                    _load_member(tar, members, n, path), label_key, len(classes), f"'{path}' member '{n}'"
+                )
+                for n in names
+            ]
+            images = np.concatenate([p[0] for p in parts])
+            splits[split] = array_split(images, np.concatenate([p[1] for p in parts]))
+    return Source(kind, classes, 3, 32, splits)
+
+
+# --- Image folder (ImageNet style) -----------------------------------------------------------
+
+
+def _list_folder(
+    root: str, split_dir: str, classes: list[str] | None
+) -> tuple[list[str], list[str], np.ndarray]:
+    folder = os.path.join(root, split_dir)
+    found = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not found:
+        raise DataError(
+            f"image folder '{folder}' has no class sub-folders; expected {folder}/<class>/*.jpg|png"
+        )
+    if classes is None:
+        classes = found
+    else:
+        extra = [c for c in found if c not in classes]
+        if extra:
+            raise DataError(
+                f"image folder '{folder}' has class folder '{extra[0]}' that train/ does not have"
+            )
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        cdir = os.path.join(folder, name)
+        if not os.path.isdir(cdir):
+            continue  # a class absent from the validation split is allowed
+        names = sorted(f for f in os.listdir(cdir) if f.lower().endswith(IMAGE_SUFFIXES))
+        if not names:
+            raise DataError(f"class folder '{cdir}' holds no image files (*.jpg, *.jpeg, *.png)")
+        files += [os.path.join(cdir, f) for f in names]
+        labels += [label] * len(names)
+    return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def load_resized(path: str, resolutions: Sequence[int]) -> dict[int, np.ndarray]:
+    """One image file -> {r: uint8 (3, r, r)}: the shorter side resized to r, then the centre r x r.
+
+    Cropping the centred square of the original and resizing it in one step is the same geometry
+    (the box is in float px) and samples the original pixels once per resolution.
+    """
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = min(w, h)
+            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+            return {
+                r: np.asarray(im.resize((r, r), Image.Resampling.LANCZOS, box=box)).transpose(2, 0, 1)
+                for r in resolutions
+            }
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"image file '{path}' cannot be decoded: {e}") from None
+
+
+def _files_split(files: list[str], labels: np.ndarray, workers: int) -> Split:
+    chunk = 256  # images per written block: bounds memory to ~256 x 3 x r^2 bytes per resolution
+
+    def blocks(resolutions: Sequence[int]) -> Iterator[dict[int, np.ndarray]]:
+        def stack(items: list[dict[int, np.ndarray]]) -> dict[int, np.ndarray]:
+            return {r: np.stack([it[r] for it in items]) for r in resolutions}
+
+        if workers <= 1:
+            for start in range(0, len(files), chunk):
+                yield stack([load_resized(f, resolutions) for f in files[start : start + chunk]])
+            return
+        import functools
+        import multiprocessing
+
+        # fork: the children only run PIL and numpy, and start without re-importing the package.
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            it = pool.imap(
+                functools.partial(load_resized, resolutions=list(resolutions)), files, chunksize=16
+            )
+            items: list[dict[int, np.ndarray]] = []
+            for item in it:
+                items.append(item)
+                if len(items) == chunk:
+                    yield stack(items)
+                    items = []
+            if items:
+                yield stack(items)
+
+    return Split(labels=labels, blocks=blocks)
+
+
+def read_imagefolder(root: str | None, workers: int = 1) -> Source:
+    if not root:
+        raise DataError("--input is required for imagefolder: a folder with train/<class>/ and val/<class>/")
+    if not os.path.isdir(root):
+        raise DataError(
+            f"image folder '{root}' does not exist; expected train/<class>/*.jpg and val/<class>/"
+        )
+    val = next((d for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(os.path.join(root, "train")) or val is None:
+        raise DataError(f"image folder '{root}' must hold train/<class>/ and val/<class>/ (or test/<class>/)")
+    classes, train_files, train_labels = _list_folder(root, "train", None)
+    _, test_files, test_labels = _list_folder(root, val, classes)
+    splits = {
+        "train": _files_split(train_files, train_labels, workers),
+        "test": _files_split(test_files, test_labels, workers),
+    }
+    return Source("imagefolder", classes, 3, 0, splits)
+
+
+# --- Synthetic ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    samples: int = 2000  # training samples
+    test_samples: int = 500
+    classes: int = 10
+    channels: int = 3
+    size: int = 32  # px, the original square size
+    seed: int = 0
+    noise: float = 0.15  # std of per-pixel Gaussian noise, in [0, 1] pixel units
+
+
+def _smooth_field(rng: np.random.Generator, n: int, channels: int, size: int, cells: int) -> np.ndarray:
+    """n random fields in [0, 1]: a cells x cells grid of values upsampled bilinearly to size x size."""
+    import torch
+    import torch.nn.functional as F
+
+    grid = torch.from_numpy(rng.random((n, channels, cells, cells), dtype=np.float32))
+    return F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True).numpy()
+
+
+def make_synthetic(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Deterministic class-separable images: (train images, train labels, test images, test labels).
+
+    Each class has a fixed smooth colour pattern; a sample is its class pattern shifted by up to
+    +-size/8 px (so crops do not destroy it), mixed 65/35 with a sample-specific smooth distractor,
+    plus pixel noise. A small CNN separates the classes within a few hundred steps, a linear model
+    on raw pixels less well.
+    """
+    for name in ("samples", "test_samples", "classes", "channels", "size"):
+        if getattr(spec, name) < 1:
+            raise DataError(f"--synthetic-{name.replace('_', '-')} must be >= 1, got {getattr(spec, name)}")
+    if spec.classes < 2 or spec.size < 4 or spec.channels not in (1, 3):
+        raise DataError(
+            f"synthetic data needs >= 2 classes, size >= 4 px and 1 or 3 channels; "
+            f"got {spec.classes} classes, {spec.size} px, {spec.channels} channels"
+        )
+    rng = np.random.default_rng(spec.seed)
+    patterns = _smooth_field(rng, spec.classes, spec.channels, spec.size, cells=4)
+    patterns = (patterns - patterns.min(axis=(1, 2, 3), keepdims=True)) / np.ptp(
+        patterns, axis=(1, 2, 3), keepdims=True
+    )  # full contrast per class
+    shift = max(1, spec.size // 8)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n, dtype=np.int64) % spec.classes  # balanced: n // classes (+1) per class
+        rng.shuffle(labels)
+        dy, dx = rng.integers(-shift, shift + 1, size=(2, n))
+        base = np.stack([np.roll(patterns[c], (y, x), axis=(1, 2)) for c, y, x in zip(labels, dy, dx)])
+        distractor = _smooth_field(rng, n, spec.channels, spec.size, cells=6)
+        img = 0.65 * base + 0.35 * distractor + rng.normal(0.0, spec.noise, base.shape).astype(np.float32)
+        return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), labels
+
+    train_x, train_y = draw(spec.samples)
+    test_x, test_y = draw(spec.test_samples)
+    return train_x, train_y, test_x, test_y
+
+
+def read_synthetic(spec: SyntheticSpec) -> Source:
+    train_x, train_y, test_x, test_y = make_synthetic(spec)
+    splits = {"train": array_split(train_x, train_y), "test": array_split(test_x, test_y)}
+    return Source("synthetic", [f"class{i}" for i in range(spec.classes)], spec.channels, spec.size, splits)
+
+
+def read_source(kind: str, path: str | None, *, synthetic: SyntheticSpec, workers: int = 1) -> Source:
+    """Dispatch on the source kind; `path` is the input file or folder (unused for synthetic)."""
+    if kind == "fashion-mnist":
+        return read_fashion_mnist(path)
+    if kind in ("cifar10", "cifar100"):
+        return read_cifar(path, kind)
+    if kind == "imagefolder":
+        return read_imagefolder(path, workers)
+    if kind == "synthetic":
+        return read_synthetic(synthetic)
+    raise DataError(f"unknown source '{kind}'; valid: {', '.join(SOURCES)}")

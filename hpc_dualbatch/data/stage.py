@@ -1,0 +1,526 @@
+"""Resolution-staged HDF5 data sets: `hpc-dualbatch prepare` writes them, `open_staged` reads them.
+
+Layout (format_version 1; docs/data.md describes it in full):
+  /<split>/labels          int64 (N,), split in {train, test}
+  /<split>/images/<r>      uint8 (N, C, r, r) when encoding=raw, or vlen uint8 (N,) of JPEG bytes
+  root attributes          format_version, source, classes, num_classes, channels, resolutions,
+                           encoding, compression, original_size, mean, std, request (JSON)
+`mean`/`std` are per channel, of the train split at the highest resolution, in [0, 1] units.
+
+A file is written under a temporary name in the same folder and renamed at the end, so an
+interrupted prepare never leaves a half file under the final name. `open_staged` validates
+everything it will later trust (version, attributes, shapes, dtypes, label range, stored bytes)
+before any use, so a crafted or truncated file gives a `DataError`, not an h5py traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+import h5py
+import numpy as np
+
+from ..errors import DataError
+from .sources import FASHION_MNIST_DIR, SOURCES, Source, SyntheticSpec, read_source
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "test")
+ENCODINGS = ("raw", "jpeg")
+COMPRESSIONS = ("none", "gzip", "lzf")
+CHUNK_BYTES = 1 << 18  # 256 KiB of images per HDF5 chunk: a random batch read decompresses little extra
+MAX_DEFLATE_RATIO = 1100  # deflate cannot shrink data more than ~1032:1, so more declared bytes = crafted
+CHUNK_CACHE_BYTES = 16 << 20  # per open dataset; holds the chunks a streamed batch touches twice
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def parse_resolutions(text: str | Sequence[int]) -> list[int]:
+    """'20,24,28' -> [20, 24, 28]: distinct positive ints, sorted low -> high."""
+    try:
+        values = [int(v) for v in text.split(",")] if isinstance(text, str) else [int(v) for v in text]
+    except ValueError:
+        raise DataError(
+            f"--resolutions '{text}' must be comma-separated integers in px, e.g. 20,24,28"
+        ) from None
+    if not values or min(values) < 1 or len(set(values)) != len(values):
+        raise DataError(f"--resolutions {values} must be distinct positive integers in px, e.g. 20,24,28")
+    return sorted(values)
+
+
+def _encode_jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """uint8 (C, r, r) -> the JPEG file's bytes as uint8 (a vlen HDF5 element)."""
+    from PIL import Image
+
+    pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    # 4:4:4 (no chroma subsampling): at 16-32 px, halving the colour resolution costs visible detail
+    pil.save(buf, format="JPEG", quality=quality, subsampling=0)
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+def _create_images(group: h5py.Group, r: int, n: int, channels: int, encoding: str, compression: str):
+    if encoding == "jpeg":
+        # Encoded bytes are already compressed: HDF5 compression would only cost time.
+        return group.create_dataset(
+            str(r), (n,), dtype=h5py.vlen_dtype(np.uint8), chunks=(max(1, min(n, 1024)),)
+        )
+    per_chunk = max(1, min(n, CHUNK_BYTES // (channels * r * r)))
+    return group.create_dataset(
+        str(r),
+        (n, channels, r, r),
+        dtype=np.uint8,
+        chunks=(per_chunk, channels, r, r),
+        compression=None if compression == "none" else compression,
+    )
+
+
+def _write(
+    tmp: str,
+    source: Source,
+    resolutions: list[int],
+    encoding: str,
+    compression: str,
+    jpeg_quality: int,
+    request: dict,
+    log: Callable[[str], None],
+) -> None:
+    top = resolutions[-1]
+    with h5py.File(tmp, "w") as f:
+        s1 = np.zeros(source.channels)  # per-channel sums of pixels / 255 and their squares, float64
+        s2 = np.zeros(source.channels)
+        count = 0
+        for split in SPLITS:
+            data = source.splits[split]
+            n = len(data.labels)
+            g = f.create_group(split)
+            g.create_dataset("labels", data=data.labels.astype(np.int64))  # uncompressed: size is checkable
+            ims = g.create_group("images")
+            dsets = {
+                r: _create_images(ims, r, n, source.channels, encoding, compression) for r in resolutions
+            }
+            encoded_bytes = dict.fromkeys(resolutions, 0)
+            start = 0
+            for block in data.blocks(resolutions):
+                end = start + len(block[top])
+                for r, arr in block.items():
+                    if encoding == "raw":
+                        dsets[r][start:end] = arr
+                    else:
+                        encoded = np.empty(len(arr), dtype=object)
+                        for i, img in enumerate(arr):
+                            encoded[i] = _encode_jpeg(img, jpeg_quality)
+                        dsets[r][start:end] = encoded
+                        encoded_bytes[r] += sum(len(b) for b in encoded)
+                if split == "train":
+                    x = block[top].astype(np.float64) / 255.0
+                    s1 += x.sum(axis=(0, 2, 3))
+                    s2 += (x * x).sum(axis=(0, 2, 3))
+                    count += x.shape[0] * x.shape[2] * x.shape[3]
+                start = end
+            if encoding == "jpeg":
+                for r in resolutions:
+                    dsets[r].attrs["encoded_bytes"] = encoded_bytes[r]  # vlen storage size omits the heap
+            if start != n:
+                raise DataError(f"source {source.kind}: {split} produced {start} images for {n} labels")
+            log(f"  {split}: {n} samples at {', '.join(map(str, resolutions))} px")
+        mean = s1 / count
+        std = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
+        f.attrs.update(
+            {
+                "format_version": FORMAT_VERSION,
+                "source": source.kind,
+                "classes": np.array(source.classes, dtype=h5py.string_dtype()),
+                "num_classes": len(source.classes),
+                "channels": source.channels,
+                "resolutions": np.array(resolutions, dtype=np.int64),
+                "encoding": encoding,
+                "compression": compression,
+                "original_size": source.original_size,
+                "mean": mean,
+                "std": np.maximum(std, 1e-6),  # a constant channel would divide by zero when normalising
+                "request": json.dumps(request, sort_keys=True),
+            }
+        )
+
+
+def prepare(
+    source: str,
+    input_path: str | None,
+    resolutions: str | Sequence[int],
+    out: str,
+    *,
+    encoding: str = "raw",
+    compression: str = "none",
+    force: bool = False,
+    workers: int = 1,
+    jpeg_quality: int = 90,
+    synthetic: SyntheticSpec | None = None,
+    log: Callable[[str], None] = print,
+) -> bool:
+    """Stage `source` into `out`; returns False when `out` already holds this exact request (no-op)."""
+    if source not in SOURCES:
+        raise DataError(f"unknown source '{source}'; valid: {', '.join(SOURCES)}")
+    if encoding not in ENCODINGS:
+        raise DataError(f"--encoding '{encoding}' is not one of {', '.join(ENCODINGS)}")
+    if compression not in COMPRESSIONS:
+        raise DataError(f"--compression '{compression}' is not one of {', '.join(COMPRESSIONS)}")
+    if not 1 <= jpeg_quality <= 95:
+        raise DataError(f"--jpeg-quality {jpeg_quality} must be in 1..95 (PIL's useful range)")
+    res = parse_resolutions(resolutions)
+    synthetic = synthetic or SyntheticSpec()
+    # Everything that changes the file's bytes; `workers` and `force` do not.
+    request = {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "input": None if source == "synthetic" else _input_path(source, input_path),
+        "resolutions": res,
+        "encoding": encoding,
+        "compression": compression,
+        "jpeg_quality": jpeg_quality if encoding == "jpeg" else None,
+        "synthetic": asdict(synthetic) if source == "synthetic" else None,
+    }
+    if os.path.exists(out) and not force and _stored_request(out) == request:
+        log(f"{out} is up to date (same request; --force re-stages)")
+        return False
+    src = read_source(source, request["input"], synthetic=synthetic, workers=workers)
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    log(f"staging {source} -> {out} ({encoding}, compression {compression})")
+    try:
+        _write(tmp, src, res, encoding, compression, jpeg_quality, request, log)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, out)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):  # disk full, no permission, a folder named like the file
+            raise DataError(f"writing staged data file '{out}' failed: {e}") from None
+        raise
+    return True
+
+
+def _input_path(source: str, input_path: str | None) -> str | None:
+    if not input_path:
+        return FASHION_MNIST_DIR if source == "fashion-mnist" else None
+    return os.path.abspath(input_path)
+
+
+def _stored_request(path: str) -> dict | None:
+    """The request a valid staged file was made from; None when the file is not a valid staged file."""
+    try:
+        with h5py.File(path, "r") as f:
+            _validate(f, path)
+            return json.loads(f.attrs["request"])
+    except (DataError, OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def _fail(path: str, problem: str) -> DataError:
+    return DataError(
+        f"staged data file '{path}': {problem}; re-create it with `hpc-dualbatch prepare --force`"
+    )
+
+
+def _attr(f: h5py.File, path: str, name: str):
+    if name not in f.attrs:
+        raise _fail(path, f"attribute '{name}' is missing")
+    return f.attrs[name]
+
+
+def _plain(value: object) -> object:
+    """numpy values as Python ones, so messages read `2`, not `np.int64(2)`."""
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+
+
+def _int_attr(f: h5py.File, path: str, name: str, low: int) -> int:
+    value = _attr(f, path, name)
+    if not isinstance(value, (int, np.integer)) or value < low:
+        raise _fail(path, f"attribute '{name}' is {_plain(value)!r}; expected an integer >= {low}")
+    return int(value)
+
+
+def _check_storage(ds: h5py.Dataset, path: str, declared: int) -> None:
+    """Refuse a dataset whose stored bytes cannot hold what its shape declares (truncated or crafted).
+
+    Reading such a dataset would allocate `declared` bytes filled with zeros instead of failing.
+    """
+    stored = ds.id.get_storage_size()
+    filtered = ds.id.get_create_plist().get_nfilters() > 0
+    if stored < (declared / MAX_DEFLATE_RATIO if filtered else declared):
+        raise _fail(path, f"dataset '{ds.name}' declares {declared} bytes but stores only {stored}")
+
+
+def _validate(f: h5py.File, path: str) -> dict:
+    """Check everything the loader relies on; return the header and labels per split."""
+    if "format_version" not in f.attrs:
+        raise DataError(
+            f"'{path}' is an HDF5 file without a 'format_version' attribute: not written by "
+            f"`hpc-dualbatch prepare` (expected format_version {FORMAT_VERSION})"
+        )
+    version = f.attrs["format_version"]
+    if not isinstance(version, (int, np.integer)) or version != FORMAT_VERSION:
+        raise DataError(
+            f"staged data file '{path}' has format_version {_plain(version)!r}; this version of "
+            f"hpc_dualbatch reads format_version {FORMAT_VERSION}; "
+            "re-create it with `hpc-dualbatch prepare --force`"
+        )
+    num_classes = _int_attr(f, path, "num_classes", 1)
+    channels = _int_attr(f, path, "channels", 1)
+    classes = [
+        c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(_attr(f, path, "classes"))
+    ]
+    if len(classes) != num_classes:
+        raise _fail(path, f"{len(classes)} class names for num_classes {num_classes}")
+    resolutions = np.atleast_1d(_attr(f, path, "resolutions"))
+    if (
+        resolutions.dtype.kind not in "iu"
+        or len(resolutions) == 0
+        or (np.diff(resolutions) <= 0).any()
+        or (resolutions.min() < 1)
+    ):
+        raise _fail(
+            path, f"attribute 'resolutions' is {_plain(resolutions)}; expected rising positive integers"
+        )
+    encoding = _attr(f, path, "encoding")
+    if encoding not in ENCODINGS:
+        raise _fail(
+            path, f"attribute 'encoding' is {_plain(encoding)!r}; expected one of {', '.join(ENCODINGS)}"
+        )
+    stats = {}
+    for name in ("mean", "std"):
+        v = np.atleast_1d(_attr(f, path, name))
+        if v.shape != (channels,) or v.dtype.kind != "f" or not np.isfinite(v).all() or (v < 0).any():
+            raise _fail(
+                path, f"attribute '{name}' is {_plain(v)}; expected {channels} finite non-negative floats"
+            )
+        stats[name] = v.astype(np.float64)
+    if (stats["std"] == 0).any():
+        raise _fail(path, "attribute 'std' has a zero entry")
+    labels, counts = {}, {}
+    for split in SPLITS:
+        lname = f"{split}/labels"
+        ds = f.get(lname)
+        if (
+            not isinstance(ds, h5py.Dataset)
+            or ds.ndim != 1
+            or ds.dtype.kind not in "iu"
+            or ds.dtype.itemsize > 8
+        ):
+            raise _fail(path, f"'{lname}' is missing or not a 1-D integer dataset")
+        n = ds.shape[0]
+        _check_storage(ds, path, n * ds.dtype.itemsize)
+        lab = ds[()].astype(np.int64)
+        if n and (lab.min() < 0 or lab.max() >= num_classes):
+            bad = int(lab[(lab < 0) | (lab >= num_classes)][0])
+            raise _fail(path, f"'{lname}' holds label {bad}; valid labels are 0..{num_classes - 1}")
+        for r in resolutions.tolist():
+            iname = f"{split}/images/{r}"
+            im = f.get(iname)
+            if not isinstance(im, h5py.Dataset):
+                raise _fail(path, f"dataset '{iname}' is missing (attribute 'resolutions' lists {r} px)")
+            if encoding == "raw":
+                if im.dtype != np.uint8 or im.shape != (n, channels, r, r):
+                    raise _fail(
+                        path, f"'{iname}' is {im.dtype} {im.shape}; expected uint8 {(n, channels, r, r)}"
+                    )
+                _check_storage(im, path, n * channels * r * r)
+            elif h5py.check_vlen_dtype(im.dtype) != np.uint8 or im.shape != (n,):
+                raise _fail(
+                    path, f"'{iname}' is {im.dtype} {im.shape}; expected ({n},) of variable-length uint8"
+                )
+            elif (
+                not isinstance(im.attrs.get("encoded_bytes"), (int, np.integer))
+                or im.attrs["encoded_bytes"] < 0
+            ):
+                raise _fail(path, f"'{iname}' lacks a non-negative integer attribute 'encoded_bytes'")
+        lab.setflags(write=False)
+        labels[split], counts[split] = lab, n
+    if counts["train"] == 0:
+        raise _fail(path, "the train split is empty")
+    return {
+        "classes": classes,
+        "num_classes": num_classes,
+        "channels": channels,
+        "resolutions": resolutions.tolist(),
+        "encoding": str(encoding),
+        "source": str(_attr(f, path, "source")),
+        "mean": stats["mean"],
+        "std": stats["std"],
+        "labels": labels,
+    }
+
+
+class StagedData:
+    """A validated, read-only staged data file. Get one with `open_staged` (one HDF5 handle per process)."""
+
+    def __init__(self, path: str, handle: h5py.File, header: dict, signature: tuple) -> None:
+        self.path = path
+        self.signature = signature  # (inode, size, mtime_ns): identifies this version of the file
+        self.classes: list[str] = header["classes"]
+        self.num_classes: int = header["num_classes"]
+        self.channels: int = header["channels"]
+        self.resolutions: list[int] = header["resolutions"]
+        self.mean: np.ndarray = header["mean"]  # per channel, [0, 1] units
+        self.std: np.ndarray = header["std"]
+        self.encoding: str = header["encoding"]
+        self.source: str = header["source"]
+        self._labels: dict[str, np.ndarray] = header["labels"]
+        self._handle = handle
+
+    def _split(self, split: str) -> str:
+        if split not in SPLITS:
+            raise DataError(
+                f"split '{split}' is not in staged data file '{self.path}'; valid: {', '.join(SPLITS)}"
+            )
+        return split
+
+    def num_samples(self, split: str) -> int:
+        return len(self._labels[self._split(split)])
+
+    def labels(self, split: str) -> np.ndarray:
+        """int64 (N,), read-only."""
+        return self._labels[self._split(split)]
+
+    def check_resolutions(self, resolutions: Sequence[int]) -> None:
+        missing = [r for r in resolutions if r not in self.resolutions]
+        if missing:
+            raise DataError(
+                f"resolution {missing[0]} px is not staged in '{self.path}'; staged: {self.resolutions}; "
+                f"re-run `hpc-dualbatch prepare` with --resolutions including {missing[0]}"
+            )
+
+    def images(self, split: str, resolution: int) -> h5py.Dataset:
+        """The HDF5 dataset of one split at one resolution (for the loader; h5py serialises reads)."""
+        self.check_resolutions([resolution])
+        return self._handle[f"{self._split(split)}/images/{resolution}"]
+
+    def stored_bytes(self, split: str, resolution: int) -> int:
+        """Bytes the file spends on this split's images at this resolution (after compression/encoding)."""
+        ds = self.images(split, resolution)
+        if self.encoding == "raw":
+            return int(ds.id.get_storage_size())
+        return int(ds.attrs["encoded_bytes"])  # checked by _validate
+
+
+_OPEN: dict[str, StagedData] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def open_staged(path: str) -> StagedData:
+    """Open and validate a staged file read-only; the same file version is opened once per process."""
+    if not os.path.isfile(path):
+        raise DataError(
+            f"staged data file '{path}' does not exist; create it with "
+            f"`hpc-dualbatch prepare --source ... --resolutions ... --out {path}`"
+        )
+    st = os.stat(path)
+    signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+    key = os.path.abspath(path)
+    with _OPEN_LOCK:
+        cached = _OPEN.get(key)
+        if cached is not None and cached.signature == signature:
+            return cached
+        try:
+            handle = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+        except OSError as e:
+            raise DataError(
+                f"staged data file '{path}' is not a readable HDF5 file (truncated or corrupt?): {e}; "
+                f"re-create it with `hpc-dualbatch prepare --force`"
+            ) from None
+        try:
+            header = _validate(handle, path)
+        except DataError:
+            handle.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+            handle.close()
+            raise _fail(path, f"reading it failed ({type(e).__name__}: {e})") from None
+        staged = StagedData(path, handle, header, signature)
+        _OPEN[key] = staged  # a re-staged file (new signature) is opened anew; holders of the old keep it
+        return staged
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        help="stage a data set into one HDF5 file at several resolutions",
+        description="Stage a data set into one HDF5 file holding every training resolution "
+        "(see docs/data.md). A re-run with the same arguments does nothing unless --force.",
+    )
+    p.add_argument("--source", required=True, choices=SOURCES)
+    p.add_argument(
+        "--input",
+        help="fashion-mnist: folder of IDX .gz files (default /usr/share/datasets/fashion-mnist); "
+        "cifar10/cifar100: cifar-10-python.tar.gz / cifar-100-python.tar.gz; "
+        "imagefolder: folder with train/<class>/ and val/<class>/",
+    )
+    p.add_argument("--resolutions", required=True, help="comma-separated square sizes in px, e.g. 20,24,28")
+    p.add_argument("--out", required=True, help="the HDF5 file to write, e.g. data/fashion-mnist.h5")
+    p.add_argument(
+        "--encoding", default="raw", choices=ENCODINGS, help="raw uint8 arrays, or JPEG bytes per image"
+    )
+    p.add_argument(
+        "--compression", default="none", choices=COMPRESSIONS, help="HDF5 compression of raw images"
+    )
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for --encoding jpeg (1..95)")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding imagefolder images")
+    p.add_argument("--force", action="store_true", help="re-stage even when the file matches the request")
+    d = SyntheticSpec()
+    p.add_argument("--synthetic-samples", type=int, default=d.samples, help="synthetic: training samples")
+    p.add_argument(
+        "--synthetic-test-samples", type=int, default=d.test_samples, help="synthetic: test samples"
+    )
+    p.add_argument("--synthetic-classes", type=int, default=d.classes, help="synthetic: number of classes")
+    p.add_argument("--synthetic-channels", type=int, default=d.channels, choices=(1, 3))
+    p.add_argument("--synthetic-size", type=int, default=d.size, help="synthetic: original size in px")
+    p.add_argument("--synthetic-seed", type=int, default=d.seed)
+    p.add_argument(
+        "--synthetic-noise", type=float, default=d.noise, help="synthetic: pixel noise std, [0, 1] units"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = SyntheticSpec(
+        samples=args.synthetic_samples,
+        test_samples=args.synthetic_test_samples,
+        classes=args.synthetic_classes,
+        channels=args.synthetic_channels,
+        size=args.synthetic_size,
+        seed=args.synthetic_seed,
+        noise=args.synthetic_noise,
+    )
+    prepare(
+        args.source,
+        args.input,
+        args.resolutions,
+        args.out,
+        encoding=args.encoding,
+        compression=args.compression,
+        force=args.force,
+        workers=args.workers,
+        jpeg_quality=args.jpeg_quality,
+        synthetic=spec,
+    )
+    staged = open_staged(args.out)
+    print(
+        f"{args.out}: {staged.source}, {staged.num_classes} classes, {staged.channels} channel(s), "
+        f"train {staged.num_samples('train')} / test {staged.num_samples('test')} samples, "
+        f"resolutions {staged.resolutions} px, {os.path.getsize(args.out) / 2**20:.1f} MiB"
+    )
+    return 0

@@ -1,0 +1,63 @@
+"""Shared by the tests that launch real MPI jobs: every launch runs under a hard timeout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIRUN = str(ROOT / "scripts" / "mpirun_local.sh")
+
+
+def hdb(np_: int, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`mpirun -np N python -m hpc_dualbatch ARGS` with a hard timeout (a hang fails, never stalls)."""
+    cmd = [MPIRUN, "-np", str(np_), sys.executable, "-m", "hpc_dualbatch", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def start(np_: int, *args: str) -> subprocess.Popen:
+    """Start a job in its own process group (so a test can signal or kill all of it)."""
+    cmd = [MPIRUN, "-np", str(np_), sys.executable, "-m", "hpc_dualbatch", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env, start_new_session=True
+    )
+
+
+def write_config(path: Path, raw: dict) -> str:
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def final_weights(out: Path) -> np.ndarray:
+    from hpc_dualbatch import checkpoint
+
+    return checkpoint.load(checkpoint.latest(str(out))).weights
+
+
+def tiny_config(data: str, out: Path, **over) -> dict:
+    """A synthetic-data config that trains in seconds: width-8 ResNet-18, 12/16 px, 4 epochs."""
+    raw = {
+        "mode": "ps", "seed": 0, "out": str(out), "device": "cpu", "threads": 1,
+        "data": {"path": data},
+        "model": {"arch": "resnet18_cifar", "width": 8},
+        "workers": {"groups": [1, 1], "small": 1},
+        "plan": {"k": 1.05, "large_batch": {12: 64, 16: 64}, "small_batch": {12: 32, 16: 32}},
+        "schedule": {"epochs": 4, "lr": [0.1, 0.01], "milestones": [3], "resolutions": [12, 16],
+                     "dropout": {12: 0.0, 16: 0.1}},
+        "server": {"order": "round_robin"},
+        "checkpoint": {"every_epochs": 1},
+    }
+    for key, value in over.items():
+        node = raw
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return raw

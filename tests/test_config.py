@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import pytest
+
+from hpc_dualbatch.config import Config, load_config, save_config
+from hpc_dualbatch.errors import ConfigError
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    cfg = load_config(None, ["plan.large_batch={20: 64, 24: 64, 28: 64}"])
+    path = tmp_path / "c.yaml"
+    save_config(cfg, str(path))
+    assert load_config(str(path)) == cfg
+    assert cfg.world_size == 4 and cfg.n_groups == 3
+
+
+def test_dotted_overrides_parse_yaml_values():
+    cfg = load_config(None, ["plan.large_batch={20: 64, 24: 64, 28: 64}", "plan.k=1.1", "workers.groups=[2, 1]",
+                             "server.order=round_robin", "data.augment=false"])
+    assert cfg.plan.k == 1.1 and cfg.workers.groups == [2, 1] and cfg.server.order == "round_robin"
+    assert cfg.data.augment is False and cfg.world_size == 4
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("bogus=1", "unknown config key 'bogus'"),
+        ("plan.bogus=1", "unknown config key 'plan.bogus'"),
+        ("plan.k=fast", "'plan.k' must be a number"),
+        ("workers.groups=3", "'workers.groups' must be a list"),
+        ("workers.groups=[1, true]", "'workers.groups[1]' must be an integer"),
+        ("data.augment=1", "'data.augment' must be true or false"),
+        ("server.order=random", "'server.order' is 'random'; valid: arrival, round_robin"),
+        ("plan.k=0.9", "'plan.k' is 0.9"),
+        ("workers.small=4", "'workers.small' (n_S) is 4; valid: 0..3"),
+        ("workers.groups=[1, 0]", "'workers.groups[1]' must be > 0"),
+        ("plan.large_batch={20: -1, 24: 64, 28: 64}", "'plan.large_batch[20]' must be > 0"),
+        ("schedule.milestones=[6]", "'schedule.milestones' needs"),
+        ("schedule.resolutions=[28, 20]", "low -> high"),
+        ("plan.large_batch={20: 64}", "no B_L for resolution(s) [24, 28]"),
+        ("schedule.dropout={20: 1.5}", "'schedule.dropout[20]' must be in [0, 1)"),
+        ("noequals", "must look like key.sub=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, needle):
+    base = [] if "large_batch" in override else ["plan.large_batch={20: 64, 24: 64, 28: 64}"]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, base + [override])
+    assert needle in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("plan: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    bad.write_text("- a list")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(str(bad))
+
+
+def test_sync_mode_needs_no_small_groups():
+    with pytest.raises(ConfigError, match="mode 'sync'"):
+        load_config(None, ["plan.large_batch={20: 64, 24: 64, 28: 64}", "mode=sync"])
+    cfg = load_config(None, ["plan.large_batch={20: 64, 24: 64, 28: 64}", "mode=sync", "workers.small=0"])
+    assert cfg.world_size == 3 and isinstance(cfg, Config)

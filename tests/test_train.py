@@ -1,0 +1,140 @@
+"""The trainer end to end: real `mpirun` jobs on tiny synthetic data, each under a hard timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpc_dualbatch.metrics import read_metrics
+
+from .helpers import final_weights, hdb, start, tiny_config, write_config
+
+pytestmark = pytest.mark.skipif(
+    pytest.importorskip("horovod.torch", reason="Horovod not installed") is None, reason="no Horovod"
+)
+
+
+def train(tmp: Path, data: str, np_: int = 3, name: str = "run", **over):
+    out = tmp / name
+    cfg = write_config(tmp / f"{name}.yaml", tiny_config(data, out, **over))
+    return hdb(np_, "train", "--config", cfg), out
+
+
+def commits_and_evals(out: Path) -> tuple[list[int], list[float]]:
+    recs = read_metrics(str(out / "metrics.jsonl"))
+    return [r["commit"] for r in recs if r["type"] == "commit"], [r["epoch"] for r in recs if r["type"] == "eval"]
+
+
+def test_hybrid_run_with_a_two_rank_group_learns(tmp_path, synthetic_h5):
+    """1 server + a 2-rank Horovod group (large batch) + a 1-rank group (small batch), arrival order."""
+    r, out = train(tmp_path, synthetic_h5, 4, workers__groups=[2, 1], server__order="arrival")
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "done" and status["commits"] == 8
+    assert status["final_test_acc"] > 0.5  # 10 classes: chance is 0.1
+    commits, evals = commits_and_evals(out)
+    assert commits == list(range(1, 9))
+    assert evals == [1.0, 2.0, 3.0, 4.0]
+    recs = read_metrics(str(out / "metrics.jsonl"))
+    small = {r["batch"] for r in recs if r["type"] == "commit" and r["small"]}
+    large = {r["batch"] for r in recs if r["type"] == "commit" and not r["small"]}
+    assert small == {32} and large == {64}
+    end = recs[-1]
+    # The server sleeps while it waits: its CPU time is a small part of its wall time.
+    assert end["server_cpu_seconds"] < 0.25 * end["server_serve_seconds"], end
+
+
+def test_round_robin_runs_are_bit_identical_and_resume_exactly(tmp_path, synthetic_h5):
+    r1, out1 = train(tmp_path, synthetic_h5, name="a", schedule__epochs=6)
+    r2, out2 = train(tmp_path, synthetic_h5, name="b", schedule__epochs=6)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    w1 = final_weights(out1)
+    assert np.array_equal(w1, final_weights(out2))
+
+    # Kill (SIGKILL, the whole job) as soon as a checkpoint exists, then resume.
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(synthetic_h5, tmp_path / "c", schedule__epochs=6))
+    job = start(3, "train", "--config", cfg)
+    ckdir = tmp_path / "c" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckdir.exists() and any(ckdir.glob("ckpt-*.npz"))):
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    assert not (tmp_path / "c" / "status.json").exists(), "the run finished before it could be killed"
+    r3 = hdb(3, "train", "--resume", str(tmp_path / "c"))
+    assert r3.returncode == 0, r3.stdout + r3.stderr
+    assert np.array_equal(w1, final_weights(tmp_path / "c"))
+    commits, evals = commits_and_evals(tmp_path / "c")
+    assert commits == list(range(1, 13)), "a commit was lost or repeated across the resume"
+    assert evals == [float(e) for e in range(1, 7)]
+
+
+def test_sigusr1_checkpoints_stops_and_resumes(tmp_path, synthetic_h5):
+    cfg = write_config(
+        tmp_path / "p.yaml", tiny_config(synthetic_h5, tmp_path / "p", schedule__epochs=8, checkpoint__every_epochs=0)
+    )
+    job = start(3, "train", "--config", cfg)
+    metrics = tmp_path / "p" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"commit"') >= 2):
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGUSR1)  # mpirun forwards SIGUSR1 to every rank, as srun does
+    out, _ = job.communicate(timeout=120)
+    assert job.returncode == 0, out
+    status = json.loads((tmp_path / "p" / "status.json").read_text())
+    assert status["state"] == "preempted" and status["commits"] < 16, status
+    r = hdb(3, "train", "--resume", str(tmp_path / "p"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((tmp_path / "p" / "status.json").read_text())["state"] == "done"
+    commits, evals = commits_and_evals(tmp_path / "p")
+    assert commits == list(range(1, 17))
+    assert evals == [float(e) for e in range(1, 9)]
+
+
+def test_sync_baseline_learns_with_the_same_metrics(tmp_path, synthetic_h5):
+    r, out = train(tmp_path, synthetic_h5, 2, mode="sync", workers__groups=[2], workers__small=0, plan__k=1.0,
+                   plan__small_batch={})
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "done" and status["final_test_acc"] > 0.5
+    commits, evals = commits_and_evals(out)
+    assert commits == [1, 2, 3, 4] and evals == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    "over, np_, needle",
+    [
+        ({"bogus_key": 1}, 3, "unknown config key 'bogus_key'"),
+        ({}, 4, "world size is 4 but the config needs 3"),
+        ({"data__path": "/nonexistent/x.h5"}, 3, "/nonexistent/x.h5"),
+        ({"schedule__resolutions": [12, 20], "plan__large_batch": {12: 64, 20: 64},
+          "plan__small_batch": {12: 32, 20: 32}}, 3, "20"),
+        ({"plan__small_batch": {12: 128, 16: 32}}, 3, "B_S"),
+        ({"plan__k": 0.9}, 3, "plan.k"),
+    ],
+    ids=["unknown-key", "world-size", "missing-data", "resolution-not-staged", "bs-above-bl", "k-below-1"],
+)
+def test_bad_input_ends_every_rank_quickly_with_one_message(tmp_path, synthetic_h5, over, np_, needle):
+    t0 = time.time()
+    r, _ = train(tmp_path, synthetic_h5, np_, **over)
+    assert r.returncode != 0
+    assert time.time() - t0 < 30
+    err = r.stderr
+    assert needle in err, err
+    assert err.count("hpc-dualbatch: error") == 1, err  # one message, not one per rank
+    assert "Traceback" not in err, err
+
+
+def test_existing_run_folder_is_refused_and_resume_checks_the_config(tmp_path, synthetic_h5):
+    r, out = train(tmp_path, synthetic_h5, name="x", schedule__epochs=2, schedule__milestones=[1])
+    assert r.returncode == 0, r.stderr
+    r2, _ = train(tmp_path, synthetic_h5, name="x", schedule__epochs=2, schedule__milestones=[1])
+    assert r2.returncode != 0 and "already holds a run" in r2.stderr
+    r3 = hdb(3, "train", "--resume", str(out), "--set", "optim.momentum=0.5")
+    assert r3.returncode != 0 and "another config" in r3.stderr and "optim.momentum" in r3.stderr
