@@ -52,8 +52,13 @@ def save(out: str, ck: Checkpoint, keep: int = 2) -> str:
     path = os.path.join(d, f"{PREFIX}{ck.commits:09d}.npz")
     tmp = path + f".tmp{os.getpid()}"
     meta = {
-        "format": FORMAT, "commits": ck.commits, "rounds": ck.rounds, "elapsed": ck.elapsed,
-        "metrics_offset": ck.metrics_offset, "config": ck.config, "extra": ck.extra,
+        "format": FORMAT,
+        "commits": ck.commits,
+        "rounds": ck.rounds,
+        "elapsed": ck.elapsed,
+        "metrics_offset": ck.metrics_offset,
+        "config": ck.config,
+        "extra": ck.extra,
     }
     try:
         with open(tmp, "wb") as f:
@@ -91,12 +96,20 @@ def load(path: str) -> Checkpoint:
             f"delete it to resume from the one before"
         ) from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, this version reads {FORMAT}")
+        raise CheckpointError(
+            f"checkpoint {path} has format {meta.get('format')}, this version reads {FORMAT}"
+        )
     if weights.dtype != np.float32 or weights.ndim != 1 or momentum.dtype != np.float32 or momentum.ndim != 2:
         raise CheckpointError(f"checkpoint {path} holds arrays of unexpected type or shape")
     return Checkpoint(
-        weights, momentum, int(meta["commits"]), [int(r) for r in meta["rounds"]], float(meta["elapsed"]),
-        int(meta["metrics_offset"]), meta["config"], meta.get("extra", {}),
+        weights,
+        momentum,
+        int(meta["commits"]),
+        [int(r) for r in meta["rounds"]],
+        float(meta["elapsed"]),
+        int(meta["metrics_offset"]),
+        meta["config"],
+        meta.get("extra", {}),
     )
 
 
@@ -115,8 +128,11 @@ def check_compatible(path: str, saved: dict[str, Any], current: dict[str, Any]) 
     # A JSON round trip makes both sides alike (int dict keys become strings).
     a = _flatten(json.loads(json.dumps(saved)))
     b = _flatten(json.loads(json.dumps(current)))
-    diffs = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-             if k != "out" and a.get(k) != b.get(k)]
+    diffs = [
+        f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if k != "out" and a.get(k) != b.get(k)
+    ]
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was made with another config ({'; '.join(diffs[:3])}); "

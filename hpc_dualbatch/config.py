@@ -143,7 +143,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(
                 f"config key '{key}' must be a mapping {kt.__name__} -> {vt.__name__}, got {value!r}"
             )
-        return {_convert(k, kt, f"{key} key") : _convert(v, vt, f"{key}[{k}]") for k, v in value.items()}
+        return {_convert(k, kt, f"{key} key"): _convert(v, vt, f"{key}[{k}]") for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
@@ -267,12 +267,14 @@ def validate(cfg: Config) -> None:
     for m in s.milestones:
         if not prev < m < s.epochs:
             raise ConfigError(
-                f"config key 'schedule.milestones' must rise strictly inside (0, {s.epochs}), got {s.milestones}"
+                f"config key 'schedule.milestones' must rise strictly inside (0, {s.epochs}), "
+                f"got {s.milestones}"
             )
         prev = m
     if not s.resolutions or sorted(set(s.resolutions)) != list(s.resolutions):
         raise ConfigError(
-            f"config key 'schedule.resolutions' must list distinct resolutions low -> high, got {s.resolutions}"
+            f"config key 'schedule.resolutions' must list distinct resolutions low -> high, "
+            f"got {s.resolutions}"
         )
     for r in s.resolutions:
         _positive("schedule.resolutions", r)

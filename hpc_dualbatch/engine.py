@@ -38,7 +38,9 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> tuple[float, int]:
     """One SGD step; returns (summed loss over the batch, number correct)."""
     opt.zero_grad()  # (Horovod's wrapper takes no set_to_none; torch 2 defaults to it)
     logits = model(x)
@@ -51,7 +53,9 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int, int]:
+def evaluate(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[float, int, int]:
     """Returns (summed loss, correct, samples) over `batches`; the model is left in eval mode."""
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0

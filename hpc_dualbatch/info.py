@@ -1,7 +1,7 @@
 """`hpc-dualbatch info`: versions of everything the package stands on, and an MPI self-check.
 
-    hpc-dualbatch info                       # versions, Horovod build flags
-    mpirun -np 4 hpc-dualbatch info --check  # + split into groups, allreduce inside each
+hpc-dualbatch info                       # versions, Horovod build flags
+mpirun -np 4 hpc-dualbatch info --check  # + split into groups, allreduce inside each
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ def versions() -> dict[str, Any]:
 
         out["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
         out["mpi_thread_level"] = {
-            MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
-            MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple",
+            MPI.THREAD_SINGLE: "single",
+            MPI.THREAD_FUNNELED: "funneled",
+            MPI.THREAD_SERIALIZED: "serialized",
+            MPI.THREAD_MULTIPLE: "multiple",
         }[MPI.Query_thread()]
     except Exception as e:  # noqa: BLE001
         out["mpi_library"] = f"MISSING ({e})"

@@ -76,7 +76,12 @@ def _torchvision_model(arch: str, num_classes: int, in_channels: int) -> nn.Modu
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Conv2d):
                 new = nn.Conv2d(
-                    in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, bias=mod.bias is not None
+                    in_channels,
+                    mod.out_channels,
+                    mod.kernel_size,
+                    mod.stride,
+                    mod.padding,
+                    bias=mod.bias is not None,
                 )
                 parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
                 setattr(parent, name.rsplit(".", 1)[-1], new)

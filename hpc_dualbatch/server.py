@@ -136,10 +136,19 @@ class Server:
             self.preempt = signal.SIGTERM
         lr, res, batch = self.task_stage.get(g, (0.0, 0, 0))
         rec = {
-            "type": "commit", "commit": s.commits, "epoch": s.commits / self.n, "group": g,
-            "round": int(h[P.Req.ROUND]), "small": self.groups[g].small, "samples": int(h[P.Req.SAMPLES]),
-            "seconds": round(float(h[P.Req.SECONDS]), 4), "train_loss": float(h[P.Req.LOSS]),
-            "train_acc": float(h[P.Req.ACC]), "lr": lr, "resolution": res, "batch": batch,
+            "type": "commit",
+            "commit": s.commits,
+            "epoch": s.commits / self.n,
+            "group": g,
+            "round": int(h[P.Req.ROUND]),
+            "small": self.groups[g].small,
+            "samples": int(h[P.Req.SAMPLES]),
+            "seconds": round(float(h[P.Req.SECONDS]), 4),
+            "train_loss": float(h[P.Req.LOSS]),
+            "train_acc": float(h[P.Req.ACC]),
+            "lr": lr,
+            "resolution": res,
+            "batch": batch,
             "wall": round(self.wall(), 3),
         }
         self.log.write(rec)
@@ -164,16 +173,21 @@ class Server:
         if g in self.stopped:
             self.evals_due -= 1
         rec = {
-            "type": "eval", "epoch": float(h[P.Req.EVAL_EPOCH]), "group": g,
-            "test_loss": float(h[P.Req.EVAL_LOSS]), "test_acc": float(h[P.Req.EVAL_ACC]),
-            "samples": int(h[P.Req.EVAL_SAMPLES]), "seconds": round(float(h[P.Req.EVAL_SECONDS]), 4),
+            "type": "eval",
+            "epoch": float(h[P.Req.EVAL_EPOCH]),
+            "group": g,
+            "test_loss": float(h[P.Req.EVAL_LOSS]),
+            "test_acc": float(h[P.Req.EVAL_ACC]),
+            "samples": int(h[P.Req.EVAL_SAMPLES]),
+            "seconds": round(float(h[P.Req.EVAL_SECONDS]), 4),
             "resolution": int(h[P.Req.EVAL_RESOLUTION]),
             "wall": round(self.wall(), 3),
         }
         self.log.write(rec)
         self.progress.line(
             f"epoch {rec['epoch']:7.2f} test loss {rec['test_loss']:.4f} acc {rec['test_acc']:.4f} "
-            f"({rec['resolution']}px, wall {rec['wall']:.0f}s)", final=True,
+            f"({rec['resolution']}px, wall {rec['wall']:.0f}s)",
+            final=True,
         )
 
     def _maybe_checkpoint(self) -> None:
@@ -196,8 +210,14 @@ class Server:
         return C.save(
             self.cfg.out,
             C.Checkpoint(
-                s.weights, s.momentum, s.commits, list(s.rounds), self.wall(), self.log.offset(),
-                self.cfg.to_dict(), {"pending_evals": {str(g): e for g, e in s.pending_evals.items()}},
+                s.weights,
+                s.momentum,
+                s.commits,
+                list(s.rounds),
+                self.wall(),
+                self.log.offset(),
+                self.cfg.to_dict(),
+                {"pending_evals": {str(g): e for g, e in s.pending_evals.items()}},
             ),
             keep=self.cfg.checkpoint.keep,
         )
@@ -237,7 +257,8 @@ class Server:
         self.cpu_seconds, self.serve_seconds = _cpu_seconds() - cpu0, time.perf_counter() - wall0
         self.progress.line(
             f"server: {self.s.commits} commits in {self.wall():.1f}s; server CPU "
-            f"{self.cpu_seconds / max(self.serve_seconds, 1e-9):.3f} s per wall second", final=True,
+            f"{self.cpu_seconds / max(self.serve_seconds, 1e-9):.3f} s per wall second",
+            final=True,
         )
         return "preempted" if self.preempt and self.s.commits < self.total else "done"
 

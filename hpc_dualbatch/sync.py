@@ -43,7 +43,11 @@ def run_sync(st: Any, topo: Topology) -> None:
     if ck is not None:
         trainer.flat.load_momentum(trainer.opt, momentum)
     start, elapsed = int(counters[0]), float(counters[1])
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None) if topo.rank == 0 else None
+    log = (
+        MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None)
+        if topo.rank == 0
+        else None
+    )
     progress = Progress()
     d = st.plan.d
     t0 = time.perf_counter()
@@ -55,8 +59,13 @@ def run_sync(st: Any, topo: Topology) -> None:
         return C.save(
             cfg.out,
             C.Checkpoint(
-                trainer.flat.weights(), trainer.flat.momentum(trainer.opt)[None, :], epochs_done, [epochs_done],
-                elapsed + time.perf_counter() - t0, log.offset(), cfg.to_dict(),
+                trainer.flat.weights(),
+                trainer.flat.momentum(trainer.opt)[None, :],
+                epochs_done,
+                [epochs_done],
+                elapsed + time.perf_counter() - t0,
+                log.offset(),
+                cfg.to_dict(),
             ),
             keep=cfg.checkpoint.keep,
         )
@@ -68,19 +77,41 @@ def run_sync(st: Any, topo: Topology) -> None:
         loss, acc, n, secs = trainer.evaluate(stage.resolution)
         wall = elapsed + time.perf_counter() - t0
         if log is not None:
-            log.write({
-                "type": "commit", "commit": epoch + 1, "epoch": epoch + 1, "group": 0, "round": epoch,
-                "small": False, "samples": s.samples, "seconds": round(s.seconds, 4),
-                "train_loss": s.loss_sum / max(s.samples, 1), "train_acc": s.correct / max(s.samples, 1),
-                "lr": stage.lr, "resolution": stage.resolution, "batch": batch, "wall": round(wall, 3),
-            })
-            log.write({
-                "type": "eval", "epoch": epoch + 1, "group": 0, "test_loss": loss, "test_acc": acc,
-                "samples": n, "seconds": round(secs, 4), "resolution": stage.resolution, "wall": round(wall, 3),
-            })
+            log.write(
+                {
+                    "type": "commit",
+                    "commit": epoch + 1,
+                    "epoch": epoch + 1,
+                    "group": 0,
+                    "round": epoch,
+                    "small": False,
+                    "samples": s.samples,
+                    "seconds": round(s.seconds, 4),
+                    "train_loss": s.loss_sum / max(s.samples, 1),
+                    "train_acc": s.correct / max(s.samples, 1),
+                    "lr": stage.lr,
+                    "resolution": stage.resolution,
+                    "batch": batch,
+                    "wall": round(wall, 3),
+                }
+            )
+            log.write(
+                {
+                    "type": "eval",
+                    "epoch": epoch + 1,
+                    "group": 0,
+                    "test_loss": loss,
+                    "test_acc": acc,
+                    "samples": n,
+                    "seconds": round(secs, 4),
+                    "resolution": stage.resolution,
+                    "wall": round(wall, 3),
+                }
+            )
             progress.line(
                 f"epoch {epoch + 1}/{cfg.schedule.epochs} {stage.resolution}px batch {batch} "
-                f"train loss {s.loss_sum / max(s.samples, 1):.3f} test acc {acc:.4f} wall {wall:.0f}s", final=True
+                f"train loss {s.loss_sum / max(s.samples, 1):.3f} test acc {acc:.4f} wall {wall:.0f}s",
+                final=True,
             )
         # MPI: a signal on any rank stops all of them after this epoch's checkpoint.
         stop = comm.allreduce(1 if flag.raised else 0, op=MPI.MAX)

@@ -56,8 +56,10 @@ def group_specs(cfg: Config, plan: Any) -> list:
 
     specs = [
         GroupSpec(
-            plan.share(g), {r: plan.batch(g, r) for r in cfg.schedule.resolutions},
-            plan.factor(g, cfg.plan.factor), plan.is_small(g),
+            plan.share(g),
+            {r: plan.batch(g, r) for r in cfg.schedule.resolutions},
+            plan.factor(g, cfg.plan.factor),
+            plan.is_small(g),
         )
         for g in range(cfg.n_groups)
     ]
@@ -85,8 +87,8 @@ def _prepare_out(cfg: Config, resume: bool) -> tuple[Any, Any]:
     if not resume:
         if os.path.exists(metrics):
             raise ConfigError(
-                f"output folder {cfg.out} already holds a run ({metrics}); continue it with --resume {cfg.out} "
-                f"or choose another folder (--set out=...)"
+                f"output folder {cfg.out} already holds a run ({metrics}); continue it with "
+                f"--resume {cfg.out} or choose another folder (--set out=...)"
             )
         return lock, None
     path = C.latest(cfg.out)
@@ -114,12 +116,16 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
     if world.Get_rank() == 0:
         lock, ck = _prepare_out(cfg, bool(args.resume))
         if ck is not None and ck.momentum.shape[0] != cfg.n_groups:
-            raise CheckpointError(f"checkpoint in {cfg.out} has {ck.momentum.shape[0]} groups, config {cfg.n_groups}")
+            raise CheckpointError(
+                f"checkpoint in {cfg.out} has {ck.momentum.shape[0]} groups, config {cfg.n_groups}"
+            )
         save_config(cfg, os.path.join(cfg.out, "config.yaml"))
         _write_json(os.path.join(cfg.out, "plan.json"), plan.to_dict())
         with open(os.path.join(cfg.out, "command.txt"), "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} np={world.Get_size()} "
-                    f"{shlex.join(['hpc-dualbatch', *sys.argv[1:]])}\n")
+            f.write(
+                f"{time.strftime('%Y-%m-%dT%H:%M:%S')} np={world.Get_size()} "
+                f"{shlex.join(['hpc-dualbatch', *sys.argv[1:]])}\n"
+            )
     return Setup(cfg, staged, plan, groups, ck, lock)
 
 
@@ -137,8 +143,10 @@ def summarize(metrics_path: str) -> dict[str, Any]:
     if not evals:
         return {"final_test_acc": None, "best_test_acc": None}
     return {
-        "final_test_acc": evals[-1]["test_acc"], "best_test_acc": max(e["test_acc"] for e in evals),
-        "final_test_loss": evals[-1]["test_loss"], "epochs_evaluated": len(evals),
+        "final_test_acc": evals[-1]["test_acc"],
+        "best_test_acc": max(e["test_acc"] for e in evals),
+        "final_test_loss": evals[-1]["test_loss"],
+        "epochs_evaluated": len(evals),
     }
 
 
@@ -163,34 +171,59 @@ def run_server(st: Setup, topo: Any) -> str:
     weights, n_params = initial_weights(cfg, st.staged)
     if ck is not None:
         if ck.weights.shape != weights.shape or ck.momentum.shape[1] != n_params:
-            raise CheckpointError(f"checkpoint in {cfg.out} does not fit the model ({ck.weights.size} weights)")
+            raise CheckpointError(
+                f"checkpoint in {cfg.out} does not fit the model ({ck.weights.size} weights)"
+            )
         state = ServerState(
-            ck.weights.copy(), ck.momentum.copy(), ck.commits, list(ck.rounds), ck.elapsed,
-            {int(g): e for g, e in ck.extra.get("pending_evals", {}).items()}, resumed=True,
+            ck.weights.copy(),
+            ck.momentum.copy(),
+            ck.commits,
+            list(ck.rounds),
+            ck.elapsed,
+            {int(g): e for g, e in ck.extra.get("pending_evals", {}).items()},
+            resumed=True,
         )
     else:
-        state = ServerState(weights, np.zeros((cfg.n_groups, n_params), np.float32), rounds=[0] * cfg.n_groups)
+        state = ServerState(
+            weights, np.zeros((cfg.n_groups, n_params), np.float32), rounds=[0] * cfg.n_groups
+        )
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None)
     server = Server(cfg, topo, st.groups, state, log)
     outcome = server.serve()
-    path = server.save() if outcome == "done" or state.commits > (ck.commits if ck else 0) else C.latest(cfg.out)
-    log.write({
-        "type": "end", "state": outcome, "commits": state.commits, "wall": round(server.wall(), 3),
-        "server_cpu_seconds": round(server.cpu_seconds, 3), "server_serve_seconds": round(server.serve_seconds, 3),
-    })
+    path = (
+        server.save() if outcome == "done" or state.commits > (ck.commits if ck else 0) else C.latest(cfg.out)
+    )
+    log.write(
+        {
+            "type": "end",
+            "state": outcome,
+            "commits": state.commits,
+            "wall": round(server.wall(), 3),
+            "server_cpu_seconds": round(server.cpu_seconds, 3),
+            "server_serve_seconds": round(server.serve_seconds, 3),
+        }
+    )
     log.close()
     return _finish(cfg, outcome, state.commits, server.wall(), path)
 
 
 def _finish(cfg: Config, outcome: str, commits: int, wall: float, ckpt_path: str | None) -> str:
     summary = summarize(os.path.join(cfg.out, "metrics.jsonl"))
-    status = {"state": outcome, "commits": commits, "wall_seconds": round(wall, 3), "checkpoint": ckpt_path,
-              **summary}
+    status = {
+        "state": outcome,
+        "commits": commits,
+        "wall_seconds": round(wall, 3),
+        "checkpoint": ckpt_path,
+        **summary,
+    }
     _write_json(os.path.join(cfg.out, "status.json"), status)
     final, best = summary["final_test_acc"], summary["best_test_acc"]
     accs = "n/a" if final is None else f"{100 * final:.2f} % (best {100 * best:.2f} %)"
-    print(f"run {outcome}: {commits} commits, {wall:.1f}s of training, final test accuracy {accs}; "
-          f"results in {cfg.out}", flush=True)
+    print(
+        f"run {outcome}: {commits} commits, {wall:.1f}s of training, final test accuracy {accs}; "
+        f"results in {cfg.out}",
+        flush=True,
+    )
     return outcome
 
 
@@ -236,6 +269,8 @@ def _default_threads() -> None:
 def register(sub: Any) -> None:
     p = sub.add_parser("train", help="train (run under mpirun/srun: 1 server + worker groups)")
     p.add_argument("--config", help="YAML config (see hpc_dualbatch/configs/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. plan.k=1.1")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. plan.k=1.1"
+    )
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
     p.set_defaults(func=run)

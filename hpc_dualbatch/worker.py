@@ -44,7 +44,9 @@ class MiniEpochStats:
     correct: int
 
 
-def rank_batches(group_order: np.ndarray, batch: int, group_rank: int, group_size: int) -> tuple[np.ndarray, int]:
+def rank_batches(
+    group_order: np.ndarray, batch: int, group_rank: int, group_size: int
+) -> tuple[np.ndarray, int]:
     """Split a group's ordered samples into steps of `batch` and give each rank its part of each step.
 
     Every rank of a group must take the same number of steps (each step is one
@@ -55,7 +57,9 @@ def rank_batches(group_order: np.ndarray, batch: int, group_rank: int, group_siz
     steps = math.ceil(len(group_order) / batch)
     if steps and len(group_order) - (steps - 1) * batch < group_size:
         steps -= 1
-    parts = [np.array_split(group_order[i * batch : (i + 1) * batch], group_size)[group_rank] for i in range(steps)]
+    parts = [
+        np.array_split(group_order[i * batch : (i + 1) * batch], group_size)[group_rank] for i in range(steps)
+    ]
     if not parts:
         return np.empty(0, np.int64), 0
     return np.concatenate(parts), len(parts[0])
@@ -66,7 +70,9 @@ class GroupTrainer:
         self.cfg, self.staged, self.hvd, self.comm = cfg, staged, hvd, group_comm
         self.group, self.rank, self.size = topo.group, topo.group_rank, topo.group_size
         self.device = pick_device(cfg.device, topo.local_rank)
-        self.model = build_model(cfg.model.arch, staged.num_classes, staged.channels, cfg.model.width).to(self.device)
+        self.model = build_model(cfg.model.arch, staged.num_classes, staged.channels, cfg.model.width).to(
+            self.device
+        )
         self.flat = FlatModel(self.model)
         opt = make_optimizer(self.model, cfg.optim, cfg.schedule.lr[0])
         # Horovod: gradients are averaged over the group's ranks; momentum stays in the group.
@@ -91,9 +97,19 @@ class GroupTrainer:
         t0 = time.perf_counter()
         if len(mine):
             loader = TrainLoader(
-                self.staged, "train", resolution, mine, per_rank_batch, augment=cfg.data.augment,
-                flip=cfg.data.flip, pad=cfg.data.pad, seed=seed, device=self.device, prefetch=cfg.data.prefetch,
-                in_memory=cfg.data.in_memory, in_memory_max_mb=cfg.data.in_memory_max_mb,
+                self.staged,
+                "train",
+                resolution,
+                mine,
+                per_rank_batch,
+                augment=cfg.data.augment,
+                flip=cfg.data.flip,
+                pad=cfg.data.pad,
+                seed=seed,
+                device=self.device,
+                prefetch=cfg.data.prefetch,
+                in_memory=cfg.data.in_memory,
+                in_memory_max_mb=cfg.data.in_memory_max_mb,
             )
             for x, y in loader:
                 ls, c = train_step(self.model, self.opt, x, y)
@@ -175,21 +191,36 @@ def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> N
             loss, acc, n, secs = trainer.evaluate(resolution)
             if topo.is_leader:
                 req = P.request(P.Kind.EVAL, topo.group)
-                fields = [P.Req.EVAL_EPOCH, P.Req.EVAL_LOSS, P.Req.EVAL_ACC, P.Req.EVAL_SAMPLES,
-                          P.Req.EVAL_SECONDS, P.Req.EVAL_RESOLUTION]
+                fields = [
+                    P.Req.EVAL_EPOCH,
+                    P.Req.EVAL_LOSS,
+                    P.Req.EVAL_ACC,
+                    P.Req.EVAL_SAMPLES,
+                    P.Req.EVAL_SECONDS,
+                    P.Req.EVAL_RESOLUTION,
+                ]
                 req[fields] = (rep[P.Rep.EVAL_EPOCH], loss, acc, n, secs, resolution)
                 world.Send(req, dest=0, tag=P.TAG_REQ)  # PS: evaluation result, no reply
         if rep[P.Rep.STATUS] == P.Status.STOP:
             break
         round_idx = int(rep[P.Rep.ROUND])
         st = trainer.train_mini_epoch(
-            round_idx, shares, resolution, int(rep[P.Rep.BATCH]), float(rep[P.Rep.LR]), float(rep[P.Rep.DROPOUT])
+            round_idx,
+            shares,
+            resolution,
+            int(rep[P.Rep.BATCH]),
+            float(rep[P.Rep.LR]),
+            float(rep[P.Rep.DROPOUT]),
         )
         if topo.is_leader:
             req = P.request(P.Kind.PUSH, topo.group)
             req[[P.Req.ROUND, P.Req.SAMPLES, P.Req.SECONDS, P.Req.LOSS, P.Req.ACC, P.Req.PREEMPT]] = (
-                round_idx, st.samples, st.seconds, st.loss_sum / max(st.samples, 1),
-                st.correct / max(st.samples, 1), 1 if flag.raised else 0,
+                round_idx,
+                st.samples,
+                st.seconds,
+                st.loss_sum / max(st.samples, 1),
+                st.correct / max(st.samples, 1),
+                1 if flag.raised else 0,
             )
             exchange(req, push=True)
         share_reply()

@@ -26,7 +26,13 @@ def start(np_: int, *args: str) -> subprocess.Popen:
     cmd = [MPIRUN, "-np", str(np_), sys.executable, "-m", "hpc_dualbatch", *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env, start_new_session=True
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
     )
 
 
@@ -44,13 +50,22 @@ def final_weights(out: Path) -> np.ndarray:
 def tiny_config(data: str, out: Path, **over) -> dict:
     """A synthetic-data config that trains in seconds: width-8 ResNet-18, 12/16 px, 4 epochs."""
     raw = {
-        "mode": "ps", "seed": 0, "out": str(out), "device": "cpu", "threads": 1,
+        "mode": "ps",
+        "seed": 0,
+        "out": str(out),
+        "device": "cpu",
+        "threads": 1,
         "data": {"path": data},
         "model": {"arch": "resnet18_cifar", "width": 8},
         "workers": {"groups": [1, 1], "small": 1},
         "plan": {"k": 1.05, "large_batch": {12: 64, 16: 64}, "small_batch": {12: 32, 16: 32}},
-        "schedule": {"epochs": 4, "lr": [0.1, 0.01], "milestones": [3], "resolutions": [12, 16],
-                     "dropout": {12: 0.0, 16: 0.1}},
+        "schedule": {
+            "epochs": 4,
+            "lr": [0.1, 0.01],
+            "milestones": [3],
+            "resolutions": [12, 16],
+            "dropout": {12: 0.0, 16: 0.1},
+        },
         "server": {"order": "round_robin"},
         "checkpoint": {"every_epochs": 1},
     }

@@ -15,8 +15,16 @@ def test_defaults_validate_and_round_trip(tmp_path):
 
 
 def test_dotted_overrides_parse_yaml_values():
-    cfg = load_config(None, ["plan.large_batch={20: 64, 24: 64, 28: 64}", "plan.k=1.1", "workers.groups=[2, 1]",
-                             "server.order=round_robin", "data.augment=false"])
+    cfg = load_config(
+        None,
+        [
+            "plan.large_batch={20: 64, 24: 64, 28: 64}",
+            "plan.k=1.1",
+            "workers.groups=[2, 1]",
+            "server.order=round_robin",
+            "data.augment=false",
+        ],
+    )
     assert cfg.plan.k == 1.1 and cfg.workers.groups == [2, 1] and cfg.server.order == "round_robin"
     assert cfg.data.augment is False and cfg.world_size == 4
 

@@ -33,7 +33,9 @@ def test_merge_with_f_one_is_the_exact_mean():
     assert w.tolist() == [2.0, 3.0, 4.0]
 
 
-@pytest.mark.parametrize("n, batch, size", [(1000, 64, 1), (1000, 64, 2), (1001, 65, 3), (130, 64, 3), (129, 64, 2)])
+@pytest.mark.parametrize(
+    "n, batch, size", [(1000, 64, 1), (1000, 64, 2), (1001, 65, 3), (130, 64, 3), (129, 64, 2)]
+)
 def test_every_rank_takes_the_same_number_of_steps(n, batch, size):
     order = np.random.default_rng(0).permutation(n)
     parts = [rank_batches(order, batch, r, size) for r in range(size)]
@@ -46,8 +48,16 @@ def test_every_rank_takes_the_same_number_of_steps(n, batch, size):
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):
-    ck = C.Checkpoint(np.arange(5, dtype=np.float32), np.ones((2, 3), np.float32), 7, [4, 3], 12.5, 99,
-                      {"seed": 1, "plan": {"large_batch": {20: 64}}}, {"pending_evals": {"1": 2.0}})
+    ck = C.Checkpoint(
+        np.arange(5, dtype=np.float32),
+        np.ones((2, 3), np.float32),
+        7,
+        [4, 3],
+        12.5,
+        99,
+        {"seed": 1, "plan": {"large_batch": {20: 64}}},
+        {"pending_evals": {"1": 2.0}},
+    )
     path = C.save(str(tmp_path), ck, keep=2)
     got = C.load(path)
     assert np.array_equal(got.weights, ck.weights) and got.commits == 7 and got.rounds == [4, 3]
@@ -57,7 +67,9 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     for i in range(3):  # only the newest `keep` stay
         C.save(str(tmp_path), C.Checkpoint(ck.weights, ck.momentum, 8 + i, [1, 1], 0, 0, {}), keep=2)
     assert [p.split("-")[-1] for p in sorted(map(str, (tmp_path / "checkpoints").glob("*.npz")))] == [
-        "000000009.npz", "000000010.npz"]
+        "000000009.npz",
+        "000000010.npz",
+    ]
     data = open(C.latest(str(tmp_path)), "rb").read()
     open(C.latest(str(tmp_path)), "wb").write(data[: len(data) // 2])  # a partial write
     with pytest.raises(CheckpointError, match="corrupt or partially written"):

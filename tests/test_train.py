@@ -28,7 +28,9 @@ def train(tmp: Path, data: str, np_: int = 3, name: str = "run", **over):
 
 def commits_and_evals(out: Path) -> tuple[list[int], list[float]]:
     recs = read_metrics(str(out / "metrics.jsonl"))
-    return [r["commit"] for r in recs if r["type"] == "commit"], [r["epoch"] for r in recs if r["type"] == "eval"]
+    return [r["commit"] for r in recs if r["type"] == "commit"], [
+        r["epoch"] for r in recs if r["type"] == "eval"
+    ]
 
 
 def test_hybrid_run_with_a_two_rank_group_learns(tmp_path, synthetic_h5):
@@ -77,7 +79,8 @@ def test_round_robin_runs_are_bit_identical_and_resume_exactly(tmp_path, synthet
 
 def test_sigusr1_checkpoints_stops_and_resumes(tmp_path, synthetic_h5):
     cfg = write_config(
-        tmp_path / "p.yaml", tiny_config(synthetic_h5, tmp_path / "p", schedule__epochs=8, checkpoint__every_epochs=0)
+        tmp_path / "p.yaml",
+        tiny_config(synthetic_h5, tmp_path / "p", schedule__epochs=8, checkpoint__every_epochs=0),
     )
     job = start(3, "train", "--config", cfg)
     metrics = tmp_path / "p" / "metrics.jsonl"
@@ -98,8 +101,16 @@ def test_sigusr1_checkpoints_stops_and_resumes(tmp_path, synthetic_h5):
 
 
 def test_sync_baseline_learns_with_the_same_metrics(tmp_path, synthetic_h5):
-    r, out = train(tmp_path, synthetic_h5, 2, mode="sync", workers__groups=[2], workers__small=0, plan__k=1.0,
-                   plan__small_batch={})
+    r, out = train(
+        tmp_path,
+        synthetic_h5,
+        2,
+        mode="sync",
+        workers__groups=[2],
+        workers__small=0,
+        plan__k=1.0,
+        plan__small_batch={},
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "done" and status["final_test_acc"] > 0.5
@@ -113,8 +124,15 @@ def test_sync_baseline_learns_with_the_same_metrics(tmp_path, synthetic_h5):
         ({"bogus_key": 1}, 3, "unknown config key 'bogus_key'"),
         ({}, 4, "world size is 4 but the config needs 3"),
         ({"data__path": "/nonexistent/x.h5"}, 3, "/nonexistent/x.h5"),
-        ({"schedule__resolutions": [12, 20], "plan__large_batch": {12: 64, 20: 64},
-          "plan__small_batch": {12: 32, 20: 32}}, 3, "20"),
+        (
+            {
+                "schedule__resolutions": [12, 20],
+                "plan__large_batch": {12: 64, 20: 64},
+                "plan__small_batch": {12: 32, 20: 32},
+            },
+            3,
+            "20",
+        ),
         ({"plan__small_batch": {12: 128, 16: 32}}, 3, "B_S"),
         ({"plan__k": 0.9}, 3, "plan.k"),
     ],

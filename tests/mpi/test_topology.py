@@ -41,7 +41,7 @@ def test_groups_are_disjoint_and_cover_workers(topo):
     seen = world.allgather((topo.rank, topo.role, topo.group, topo.group_rank, topo.group_size))  # MPI
     ok = seen[0][1] == "server" and seen[0][2] == -1
     members: dict[int, list[int]] = {}
-    for rank, role, g, grank, gsize in seen[1:]:
+    for rank, role, g, _grank, gsize in seen[1:]:
         ok &= role == "worker" and gsize == groups[g]
         members.setdefault(g, []).append(rank)
     flat = sorted(r for m in members.values() for r in m)
