@@ -1,0 +1,218 @@
+"""`hpc-dualbatch report RUN_DIRS... --out DIR`: tables and plots from run folders.
+
+Runs are grouped into configurations by folder name without its seed suffix
+(`hybrid-ns2-s1` and `hybrid-ns2-s2` are two seeds of `hybrid-ns2`). For each
+configuration: mean and spread (sample standard deviation, and min..max) over
+seeds of the final test accuracy, the best test accuracy and the wall time,
+each against the baseline configuration as a difference and a ratio. Every
+number comes from the runs' metrics.jsonl; nothing is typed in.
+
+Writes `<out>/report.md`, `<out>/summary.json` and PNG plots (matplotlib):
+test accuracy vs wall time, test accuracy vs epoch, images/s per group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DataError
+from .metrics import read_metrics
+
+SEED_SUFFIX = re.compile(r"-s(\d+)$")
+
+
+@dataclass
+class Run:
+    path: str
+    config: str  # configuration label
+    seed: int
+    final_acc: float
+    best_acc: float
+    final_loss: float
+    wall: float  # seconds of training (metrics end record)
+    evals: list[dict[str, Any]]
+    commits: list[dict[str, Any]]
+    command: str
+
+
+def load_run(path: str) -> Run:
+    metrics = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        raise DataError(f"{path} is not a run folder (no metrics.jsonl)")
+    recs = read_metrics(metrics)
+    evals = [r for r in recs if r["type"] == "eval"]
+    ends = [r for r in recs if r["type"] == "end"]
+    if not evals or not ends or ends[-1]["state"] != "done":
+        raise DataError(f"run {path} has not finished (no final evaluation / end record with state done)")
+    name = os.path.basename(os.path.normpath(path))
+    m = SEED_SUFFIX.search(name)
+    cmd_path = os.path.join(path, "command.txt")
+    command = open(cmd_path, encoding="utf-8").read().strip() if os.path.exists(cmd_path) else ""
+    return Run(
+        path,
+        name[: m.start()] if m else name,
+        int(m.group(1)) if m else 0,
+        evals[-1]["test_acc"],
+        max(e["test_acc"] for e in evals),
+        evals[-1]["test_loss"],
+        ends[-1]["wall"],
+        evals,
+        [r for r in recs if r["type"] == "commit"],
+        command,
+    )
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(xs),
+        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "min": min(xs),
+        "max": max(xs),
+        "n": len(xs),
+    }
+
+
+def summarize(runs: list[Run], baseline: str | None) -> dict[str, Any]:
+    configs: dict[str, list[Run]] = {}
+    for r in runs:
+        configs.setdefault(r.config, []).append(r)
+    out: dict[str, Any] = {}
+    for name, rs in configs.items():
+        out[name] = {
+            "seeds": sorted(r.seed for r in rs),
+            "final_acc": _stats([r.final_acc for r in rs]),
+            "best_acc": _stats([r.best_acc for r in rs]),
+            "final_loss": _stats([r.final_loss for r in rs]),
+            "wall": _stats([r.wall for r in rs]),
+        }
+    if baseline:
+        if baseline not in out:
+            raise DataError(
+                f"baseline '{baseline}' is not among the configurations: {', '.join(sorted(out))}"
+            )
+        base = out[baseline]
+        for s in out.values():
+            s["vs_baseline"] = {
+                "final_acc_diff": s["final_acc"]["mean"] - base["final_acc"]["mean"],
+                "best_acc_diff": s["best_acc"]["mean"] - base["best_acc"]["mean"],
+                "wall_ratio": s["wall"]["mean"] / base["wall"]["mean"],
+            }
+    return out
+
+
+def markdown(summary: dict[str, Any], baseline: str | None, order: list[str]) -> str:
+    def pct(s: dict[str, float]) -> str:
+        return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} ({100 * s['min']:.2f}..{100 * s['max']:.2f})"
+
+    head = (
+        "| configuration | seeds | final test acc % (mean ± sd, min..max) | best test acc % "
+        "| wall s (mean ± sd) |"
+    )
+    sep = "|---|---|---|---|---|"
+    if baseline:
+        head += f" final acc vs {baseline} (points) | best acc vs {baseline} | wall time / {baseline} |"
+        sep += "---|---|---|"
+    lines = [head, sep]
+    for name in order:
+        s = summary[name]
+        row = (
+            f"| {name} | {len(s['seeds'])} | {pct(s['final_acc'])} | {pct(s['best_acc'])} | "
+            f"{s['wall']['mean']:.1f} ± {s['wall']['std']:.1f} |"
+        )
+        if baseline:
+            v = s["vs_baseline"]
+            diffs = f" {100 * v['final_acc_diff']:+.2f} | {100 * v['best_acc_diff']:+.2f} |"
+            row += f"{diffs} {v['wall_ratio']:.3f} |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def plots(runs: list[Run], order: list[str], out: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(order)}
+    written = []
+    for xkey, fname, xlabel in (
+        ("wall", "acc_vs_time.png", "wall time (s)"),
+        ("epoch", "acc_vs_epoch.png", "epoch"),
+    ):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for name in order:
+            for i, r in enumerate(x for x in runs if x.config == name):
+                ax.plot(
+                    [e[xkey] for e in r.evals],
+                    [100 * e["test_acc"] for e in r.evals],
+                    color=colors[name],
+                    alpha=0.8,
+                    marker=".",
+                    label=name if i == 0 else None,
+                )
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, fname), dpi=110)
+        plt.close(fig)
+        written.append(fname)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    labels, values = [], []
+    for name in order:
+        rs = [x for x in runs if x.config == name]
+        groups = sorted({c["group"] for r in rs for c in r.commits})
+        for g in groups:
+            rates = [
+                c["samples"] / c["seconds"]
+                for r in rs
+                for c in r.commits
+                if c["group"] == g and c["seconds"] > 0
+            ]
+            small = any(c["small"] for r in rs for c in r.commits if c["group"] == g)
+            labels.append(f"{name} g{g}{' (small)' if small else ''}")
+            values.append(statistics.fmean(rates) if rates else 0.0)
+    ax.barh(range(len(values)), values)
+    ax.set_yticks(range(len(values)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("training images/s per group (mean over mini-epochs and seeds)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "group_throughput.png"), dpi=110)
+    plt.close(fig)
+    written.append("group_throughput.png")
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    runs = [load_run(p) for p in args.runs]
+    order = list(dict.fromkeys(r.config for r in runs))
+    summary = summarize(runs, args.baseline)
+    os.makedirs(args.out, exist_ok=True)
+    md = markdown(summary, args.baseline, order)
+    figs = plots(runs, order, args.out)
+    text = f"# Results\n\n{md}\n" + "".join(f"![{f}]({f})\n" for f in figs)
+    for path, body in (("report.md", text), ("summary.json", json.dumps(summary, indent=2))):
+        tmp = os.path.join(args.out, path + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(body)
+        os.replace(tmp, os.path.join(args.out, path))
+    print(md)
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "report", help="Markdown table + PNG plots from run folders (mean and spread over seeds)"
+    )
+    p.add_argument("runs", nargs="+", help="run folders (seeds as a -s<seed> suffix of the folder name)")
+    p.add_argument("--baseline", help="configuration to compare against (difference and ratio)")
+    p.add_argument("--out", required=True, help="folder for report.md, summary.json and plots")
+    p.set_defaults(func=run)
