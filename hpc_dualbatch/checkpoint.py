@@ -28,6 +28,7 @@ from .errors import CheckpointError
 
 FORMAT = 1
 PREFIX = "ckpt-"
+MAY_MOVE = ("out", "data.path")  # config keys a resume may change
 
 
 @dataclass
@@ -124,7 +125,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_compatible(path: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A resume must use the config the checkpoint was made with (only `out` may differ)."""
+    """A resume must use the config the checkpoint was made with. Only where things are may
+    differ: `out`, and `data.path` (a job may stage its data to another node-local folder)."""
     # A JSON round trip makes both sides alike (int dict keys become strings).
     a = _flatten(json.loads(json.dumps(saved)))
     b = _flatten(json.loads(json.dumps(current)))

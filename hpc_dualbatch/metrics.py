@@ -6,7 +6,7 @@ Record types (field `type`):
     eval    the global weights at an epoch boundary on the test split: epoch, test_loss,
             test_acc, samples, seconds, resolution, wall (seconds of training since the start)
     end     the run finished or was preempted: state, commits, wall
-Progress goes to stdout: a rewritten line on a TTY, plain lines otherwise (Slurm logs).
+Progress goes to stdout as plain lines (Slurm logs, mpirun output).
 """
 
 from __future__ import annotations
@@ -44,15 +44,16 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """Human progress on a TTY (one rewritten line), plain lines in a log file."""
+    """Plain progress lines on stdout, one per commit and per evaluation.
+
+    Plain lines because ranks rarely write to a real terminal: Slurm writes to a log file,
+    and mpirun gives every rank a pseudo-terminal even when its own output is a pipe, where
+    a rewritten line would leave escape codes in the log.
+    """
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
 
-    def line(self, text: str, final: bool = False) -> None:
-        if self.tty and not final:
-            self.stream.write("\r\033[K" + text)
-        else:
-            self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+    def line(self, text: str) -> None:
+        self.stream.write(text + "\n")
         self.stream.flush()

@@ -186,8 +186,7 @@ class Server:
         self.log.write(rec)
         self.progress.line(
             f"epoch {rec['epoch']:7.2f} test loss {rec['test_loss']:.4f} acc {rec['test_acc']:.4f} "
-            f"({rec['resolution']}px, wall {rec['wall']:.0f}s)",
-            final=True,
+            f"({rec['resolution']}px, wall {rec['wall']:.0f}s)"
         )
 
     def _maybe_checkpoint(self) -> None:
@@ -257,8 +256,7 @@ class Server:
         self.cpu_seconds, self.serve_seconds = _cpu_seconds() - cpu0, time.perf_counter() - wall0
         self.progress.line(
             f"server: {self.s.commits} commits in {self.wall():.1f}s; server CPU "
-            f"{self.cpu_seconds / max(self.serve_seconds, 1e-9):.3f} s per wall second",
-            final=True,
+            f"{self.cpu_seconds / max(self.serve_seconds, 1e-9):.3f} s per wall second"
         )
         return "preempted" if self.preempt and self.s.commits < self.total else "done"
 

@@ -110,8 +110,7 @@ def run_sync(st: Any, topo: Topology) -> None:
             )
             progress.line(
                 f"epoch {epoch + 1}/{cfg.schedule.epochs} {stage.resolution}px batch {batch} "
-                f"train loss {s.loss_sum / max(s.samples, 1):.3f} test acc {acc:.4f} wall {wall:.0f}s",
-                final=True,
+                f"train loss {s.loss_sum / max(s.samples, 1):.3f} test acc {acc:.4f} wall {wall:.0f}s"
             )
         # MPI: a signal on any rank stops all of them after this epoch's checkpoint.
         stop = comm.allreduce(1 if flag.raised else 0, op=MPI.MAX)

@@ -63,6 +63,15 @@ def expected_world_size(groups: list[int], with_server: bool) -> int:
 
 
 def check_world_size(actual: int, groups: list[int], with_server: bool) -> None:
+    slurm_ntasks = os.environ.get("SLURM_NTASKS", "")
+    # A wrong PMI plugin starts every task of an srun step as a singleton of size 1, without an
+    # error. Only that case is a sign of it: under mpirun inside an allocation the ranks inherit
+    # SLURM_NTASKS of mpirun's daemon step (one task per node), which says nothing about the world.
+    if actual == 1 and slurm_ntasks.isdigit() and int(slurm_ntasks) > 1 and "SLURM_STEP_ID" in os.environ:
+        raise ConfigError(
+            f"MPI world size is 1 but Slurm started SLURM_NTASKS={slurm_ntasks} tasks: the ranks did "
+            f"not join one MPI world; launch with srun --mpi=pmix (or the PMI plugin your MPI was built with)"
+        )
     expected = expected_world_size(groups, with_server)
     if actual != expected:
         who = f"1 server + {sum(groups)} worker ranks" if with_server else f"{sum(groups)} worker ranks"
@@ -70,12 +79,42 @@ def check_world_size(actual: int, groups: list[int], with_server: bool) -> None:
             f"world size is {actual} but the config needs {expected} ({who}, workers.groups = {groups}); "
             f"launch with mpirun -np {expected} / srun -n {expected}, or change workers.groups"
         )
-    slurm_ntasks = os.environ.get("SLURM_NTASKS")
-    # A wrong PMI plugin starts every Slurm task as a singleton of size 1 without an error.
-    if slurm_ntasks and slurm_ntasks.isdigit() and int(slurm_ntasks) != actual and "SLURM_STEP_ID" in os.environ:
+
+
+def hetjob_components(groups: list[int], small: int) -> list[tuple[int, str]]:
+    """Tasks per component of a Slurm hetjob for this config: the server, the large, the small groups.
+
+    The small-batch groups are the last `small` groups, so one `srun --het-group=0,1,2` (ranks
+    numbered component by component) puts the server on rank 0, the large groups next and the
+    small groups last, exactly as `group_layout`. An empty component is left out.
+    """
+    n_large = len(groups) - small
+    parts = [
+        (1, "the server"),
+        (sum(groups[:n_large]), "the large-batch groups"),
+        (sum(groups[n_large:]), f"the small-batch groups (the last {small})"),
+    ]
+    return [(n, what) for n, what in parts if n > 0]
+
+
+def check_hetjob(groups: list[int], small: int, with_server: bool, env: Any = None) -> None:
+    """Inside a step of a Slurm heterogeneous job, check each component's task count against the config.
+
+    Reads SLURM_HET_SIZE and SLURM_NTASKS_HET_GROUP_<n> (srun sets them in every task of a hetjob
+    step); does nothing outside a hetjob step (no SLURM_STEP_ID) or without a server (sync mode).
+    """
+    env = os.environ if env is None else env
+    size = env.get("SLURM_HET_SIZE", "")
+    if not with_server or not size.isdigit() or "SLURM_STEP_ID" not in env:
+        return
+    actual = [env.get(f"SLURM_NTASKS_HET_GROUP_{c}", "?") for c in range(int(size))]
+    expected = hetjob_components(groups, small)
+    if actual != [str(n) for n, _ in expected]:
+        want = ", ".join(f"component {c}: {n} for {what}" for c, (n, what) in enumerate(expected))
         raise ConfigError(
-            f"MPI world size is {actual} but Slurm started SLURM_NTASKS={slurm_ntasks} tasks: the ranks did "
-            f"not join one MPI world; launch with srun --mpi=pmix (or the PMI plugin your MPI was built with)"
+            f"the heterogeneous job's components have {'/'.join(actual)} tasks but workers.groups = {groups} "
+            f"with workers.small = {small} needs {len(expected)} components ({want}); "
+            f"change the components' --ntasks or the config"
         )
 
 
@@ -97,7 +136,15 @@ def build_topology(groups: list[int], with_server: bool, world: Any = None) -> T
     if group < 0:
         return Topology(world, rank, size, "server", -1, None, 0, 0, leaders, local_rank)
     return Topology(
-        world, rank, size, "worker", group, group_comm, group_comm.Get_rank(), group_comm.Get_size(), leaders,
+        world,
+        rank,
+        size,
+        "worker",
+        group,
+        group_comm,
+        group_comm.Get_rank(),
+        group_comm.Get_size(),
+        leaders,
         local_rank,
     )
 

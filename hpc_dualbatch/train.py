@@ -104,9 +104,10 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
     from .plan import plan_from_config
 
     cfg = _config(args)
-    from .topology import check_world_size
+    from .topology import check_hetjob, check_world_size
 
     check_world_size(world.Get_size(), cfg.workers.groups, cfg.mode == "ps")
+    check_hetjob(cfg.workers.groups, cfg.workers.small, cfg.mode == "ps")
     staged = open_staged(cfg.data.path)
     staged.check_resolutions(cfg.schedule.resolutions)
     d = cfg.plan.samples_per_epoch or staged.num_samples("train")
