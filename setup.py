@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["hpc_dualbatch", "hpc_dualbatch.*"]),
-    package_data={"hpc_dualbatch": ["configs/*.yaml"]},
+    package_data={"hpc_dualbatch": ["configs/*.yaml", "configs/*.json"]},
     # Horovod is not listed: it must be built against the local torch and MPI
     # (scripts/setup_env.sh does that; see README "Installing").
     install_requires=[

@@ -35,7 +35,7 @@ from . import checkpoint as C
 from . import protocol as P
 from .config import Config
 from .metrics import MetricsLog, Progress
-from .schedule import stage_for_commit
+from .schedule import lr_at, stage_for_commit
 
 
 def merge(w: np.ndarray, wi: np.ndarray, f: float) -> None:
@@ -98,13 +98,15 @@ class Server:
         s, spec = self.s, self.groups[g]
         rep = P.reply(status)
         stage = stage_for_commit(s.commits, self.n, self.cfg.schedule)
-        rep[P.Rep.LR], rep[P.Rep.RESOLUTION], rep[P.Rep.DROPOUT] = stage.lr, stage.resolution, stage.dropout
+        # LR at the fractional epoch, so a warm-up ramps per commit, not per epoch.
+        lr = lr_at(s.commits / self.n, self.cfg.schedule)
+        rep[P.Rep.LR], rep[P.Rep.RESOLUTION], rep[P.Rep.DROPOUT] = lr, stage.resolution, stage.dropout
         rep[P.Rep.BATCH], rep[P.Rep.SAMPLES] = spec.batch[stage.resolution], spec.share
         rep[P.Rep.EPOCH], rep[P.Rep.COMMITS] = s.commits / self.n, s.commits
         if status == P.Status.RUN:
             rep[P.Rep.ROUND] = s.rounds[g]
             s.rounds[g] += 1
-            self.task_stage[g] = (stage.lr, stage.resolution, spec.batch[stage.resolution])
+            self.task_stage[g] = (lr, stage.resolution, spec.batch[stage.resolution])
         if g in s.pending_evals and not self.preempt:
             rep[P.Rep.EVAL_EPOCH] = s.pending_evals.pop(g)
             if status == P.Status.STOP:

@@ -1,0 +1,435 @@
+"""The dual-batch planner (method section 1) and `hpc-dualbatch plan`.
+
+Given the time model per resolution (`timing.TimeFit`: a s/sample, b s/step),
+the large batch B_L per resolution, n worker groups of which the last n_S
+train with the small batch, the allowed extra-time ratio k and d samples per
+epoch:
+
+    T0  = (a + b/B_L) * d/n                plain epoch time, all groups large
+    d_L = k * d/n                          samples per large group per epoch
+    d_S = (d - n_L * d_L) / n_S            samples per small group per epoch
+    B_S = b / (k*T0/d_S - a)               small groups also finish in k*T0
+
+Rounding (reproduces the paper's Table 6 exactly, see docs/planning.md):
+
+* the shares handed to groups are integers: d_L = round(k*d/n), then
+  d_S = round((d - n_L*d_L) / n_S) from the integer d_L (round = half up), so
+  n_L*d_L + n_S*d_S differs from d by at most n_S/2 samples;
+* the per-sample time at B_L, a + b/B_L, is taken to 4 significant figures
+  before T0 is formed (the paper evidently planned from its tabulated
+  ms/sample values; with full precision two of Table 6's eight B_S are off
+  by one), a change of at most 0.05 % of T0;
+* B_S = round-half-up of the formula.
+
+"All small" (n_S = n) gives every group d/n samples; d_L = round(k*d/n) is kept
+as the reference share for the contribution factor, as in the paper's n_S = 4
+row. k = 1 with n_S = 0 is plain training.
+
+Every plan that cannot work raises `PlanError` saying why and what would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import PlanError
+from .timing import TimeFit, time_per_samples
+
+FACTOR_MODES = ("data_ratio", "sqrt", "none")
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _sig4(x: float) -> float:
+    """x to 4 significant figures (the paper's tabulated per-sample times)."""
+    return float(f"{x:.4g}")
+
+
+def contribution_factor(d_S: float, d_L: float, mode: str) -> float:
+    """PS merge weight f of a small group: d_S/d_L, sqrt(d_S/d_L) or 1 (large groups: always 1)."""
+    if mode == "data_ratio":
+        return d_S / d_L
+    if mode == "sqrt":
+        return math.sqrt(d_S / d_L)
+    if mode == "none":
+        return 1.0
+    raise PlanError(f"contribution factor mode {mode!r} is unknown; valid: {', '.join(FACTOR_MODES)}")
+
+
+@dataclass(frozen=True)
+class ResolutionPlan:
+    """Batch sizes and predicted times at one resolution."""
+
+    resolution: int  # px
+    B_L: int  # samples per step of a large group
+    B_S: int | None  # samples per step of a small group (None: no small groups)
+    T0: float | None  # s, plain epoch time (None: no time fit)
+    epoch_time: float | None  # s, predicted epoch time: k*T0 (dual), T0 (plain)
+    t_large: float | None  # s, predicted mini-epoch of a large group: (a + b/B_L) * d_L
+    t_small: float | None  # s, predicted mini-epoch of a small group: (a + b/B_S) * d_S
+    small_source: str = "planned"  # planned (from the time model) | explicit (plan.small_batch)
+
+
+@dataclass(frozen=True)
+class Plan:
+    n: int  # worker groups
+    n_small: int  # n_S: the last n_S groups train with B_S
+    k: float  # allowed extra time per epoch over plain training
+    d: int  # samples per epoch
+    d_L: int  # samples per large group per epoch (the reference share when n_L = 0)
+    d_S: int | None  # samples per small group per epoch (None: no small groups)
+    resolutions: dict[int, ResolutionPlan] = field(default_factory=dict)
+
+    @property
+    def n_large(self) -> int:
+        return self.n - self.n_small
+
+    def is_small(self, group: int) -> bool:
+        """Group indices 0..n-1; the last n_S are small (config workers.small)."""
+        if not 0 <= group < self.n:
+            raise ValueError(f"group must be in [0, {self.n}), got {group}")
+        return group >= self.n - self.n_small
+
+    def share(self, group: int) -> int:
+        """Samples per epoch of a group."""
+        return self.d_S if self.is_small(group) else self.d_L  # type: ignore[return-value]
+
+    def batch(self, group: int, resolution: int) -> int:
+        rp = self.at(resolution)
+        return rp.B_S if self.is_small(group) else rp.B_L  # type: ignore[return-value]
+
+    def factor(self, group: int, mode: str) -> float:
+        """Contribution factor f of a group in the PS merge w <- (w + f*w_i) / (1 + f)."""
+        if mode not in FACTOR_MODES:
+            raise PlanError(f"contribution factor mode {mode!r} is unknown; valid: {', '.join(FACTOR_MODES)}")
+        if not self.is_small(group):
+            return 1.0
+        return contribution_factor(self.d_S, self.d_L, mode)  # type: ignore[arg-type]
+
+    def small_factor(self, mode: str) -> float | None:
+        """f of the small groups (None when there are none)."""
+        return None if self.d_S is None else contribution_factor(self.d_S, self.d_L, mode)
+
+    def at(self, resolution: int) -> ResolutionPlan:
+        if resolution not in self.resolutions:
+            raise PlanError(
+                f"the plan has no batch sizes for {resolution} px (it has {sorted(self.resolutions)}); "
+                "re-plan with this resolution in schedule.resolutions"
+            )
+        return self.resolutions[resolution]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["resolutions"] = {str(r): asdict(rp) for r, rp in sorted(self.resolutions.items())}
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Plan:
+        try:
+            res = {int(r): ResolutionPlan(**v) for r, v in raw["resolutions"].items()}
+            fields = {k: raw[k] for k in ("n", "n_small", "k", "d", "d_L", "d_S")}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"not a plan written by `hpc-dualbatch plan` ({type(e).__name__}: {e})") from None
+        return cls(**fields, resolutions=res)
+
+
+def _check_inputs(n: int, n_small: int, k: float, d: int) -> None:
+    if n < 1:
+        raise PlanError(f"the number of worker groups n is {n}; it must be >= 1")
+    if not math.isfinite(k) or k < 1:
+        raise PlanError(
+            f"the extra-time ratio k is {k}; it must be >= 1 "
+            "(1 = plain training; the paper uses 1.05 or 1.10)"
+        )
+    if not 0 <= n_small <= n:
+        raise PlanError(f"n_S (workers.small) is {n_small}; it must be in 0..{n} (the number of groups)")
+    if n_small == 0 and k > 1:
+        raise PlanError(
+            f"k = {k} > 1 buys extra time for small-batch groups, but n_S (workers.small) is 0; "
+            "set workers.small to 1 or more, or plan.k to 1 for plain training"
+        )
+    if d < n:
+        raise PlanError(
+            f"samples per epoch d = {d} is smaller than the {n} groups; each group needs >= 1 sample"
+        )
+
+
+def _shares(n: int, n_small: int, k: float, d: int) -> tuple[int, int | None]:
+    d_L = _round_half_up(k * d / n)
+    if n_small == 0:
+        return d_L, None
+    n_large = n - n_small
+    if n_large == 0:
+        return d_L, _round_half_up(d / n)  # all small: every group gets d/n
+    rest = d - n_large * d_L
+    d_S = _round_half_up(rest / n_small)
+    if rest <= 0 or d_S <= 0:
+        raise PlanError(
+            f"k = {k} gives each of the {n_large} large groups d_L = {d_L} samples, {n_large * d_L} in all, "
+            f"leaving {rest} of d = {d} for the {n_small} small group(s) (d_S <= 0); k must be below "
+            f"n/n_L = {n / n_large:.4g}: lower plan.k or use more small groups"
+        )
+    return d_L, d_S
+
+
+def _fit_ok(res: int, fit: TimeFit) -> None:
+    if not (math.isfinite(fit.a) and math.isfinite(fit.b)):
+        raise PlanError(f"the time fit at {res} px is not finite (a = {fit.a}, b = {fit.b}); re-run profile")
+    if fit.a <= 0:
+        raise PlanError(
+            f"the time fit at {res} px has a = {fit.a:.3g} s/sample <= 0 (step time not growing with the "
+            "batch); re-run `hpc-dualbatch profile` with more repeats or larger batches"
+        )
+    if fit.b <= 0:
+        raise PlanError(
+            f"the time fit at {res} px has b = {fit.b:.3g} s/step <= 0: no fixed per-step cost was "
+            "measured, so every batch size runs equally fast per sample and the model cannot choose "
+            "B_S; re-run profile with smaller batches included, or give plan.small_batch explicitly"
+        )
+
+
+def plan_dual_batch(
+    fits: Mapping[int, TimeFit],
+    large_batch: Mapping[int, int],
+    n: int,
+    n_small: int,
+    k: float,
+    d: int,
+    small_batch: Mapping[int, int] | None = None,
+) -> Plan:
+    """Plan B_S and the sample shares for every resolution in `large_batch`.
+
+    `small_batch` gives explicit B_S for some resolutions (the shares still come
+    from k); the others are solved from their time fit. A fit is needed only
+    where B_S is solved; without one, the predicted times of that resolution
+    are None.
+    """
+    _check_inputs(n, n_small, k, d)
+    if not large_batch:
+        raise PlanError(
+            "no B_L given (plan.large_batch is empty); give one per resolution of schedule.resolutions"
+        )
+    small_batch = dict(small_batch or {})
+    d_L, d_S = _shares(n, n_small, k, d)
+    dual = n_small > 0
+    all_small = n_small == n
+    out: dict[int, ResolutionPlan] = {}
+    for res in sorted(large_batch):
+        B_L = large_batch[res]
+        if isinstance(B_L, bool) or not isinstance(B_L, int) or B_L < 1:
+            raise PlanError(f"B_L at {res} px is {B_L!r}; it must be an integer >= 1 (plan.large_batch)")
+        fit = fits.get(res)
+        explicit = dual and res in small_batch
+        solve = dual and not explicit and d_S < d_L  # type: ignore[operator]
+        if fit is None and solve:
+            raise PlanError(
+                f"no time fit for {res} px to plan B_S from; add {res} to the timing file "
+                "(`hpc-dualbatch profile`) or give plan.small_batch for it"
+            )
+        T0 = t_large = t_small = epoch_time = None
+        B_S: int | None = None
+        if fit is not None:
+            _fit_ok(res, fit)
+            per_sample = _sig4(fit.a + fit.b / B_L)  # s/sample at B_L
+            T0 = per_sample * d / n
+            t_large = time_per_samples(fit, B_L, d_L) if not all_small else None
+        if dual and explicit:
+            B_S = small_batch[res]
+            if isinstance(B_S, bool) or not isinstance(B_S, int) or B_S < 1:
+                raise PlanError(f"explicit B_S at {res} px is {B_S!r}; it must be an integer >= 1")
+            if B_S > B_L:
+                raise PlanError(
+                    f"explicit B_S = {B_S} at {res} px exceeds B_L = {B_L}; the small batch must be <= "
+                    "the large one: lower plan.small_batch or raise plan.large_batch"
+                )
+        elif dual and not solve:
+            # k = 1 (or shares rounded equal): a small group has no more time per sample than a
+            # large one, so B_S = B_L.
+            B_S = B_L
+        elif solve:
+            assert fit is not None and T0 is not None and d_S is not None
+            denom = k * T0 / d_S - fit.a  # s/sample left for the fixed costs of a small group
+            if not denom > 0:
+                raise PlanError(
+                    f"at {res} px a small group's time budget k*T0/d_S = {k * T0 / d_S:.4g} s/sample "
+                    f"does not exceed a = {fit.a:.4g} s/sample (non-positive denominator, B_S would be "
+                    "infinite); raise plan.k or use more small groups"
+                )
+            raw = fit.b / denom
+            if not math.isfinite(raw):
+                raise PlanError(
+                    f"B_S at {res} px is not finite ({raw}); raise plan.k or use more small groups"
+                )
+            # k >= 1 gives d_S <= d_L and so B_S <= B_L; a value above B_L can only come from the
+            # rounding of the shares or of a + b/B_L, and is capped.
+            B_S = min(_round_half_up(raw), B_L)
+            if B_S < 1:
+                raise PlanError(
+                    f"B_S at {res} px comes out as {raw:.3g}, below 1 sample: k = {k} leaves the small "
+                    f"group(s) too little time for d_S = {d_S} samples; raise plan.k or use more small groups"
+                )
+        if fit is not None and B_S is not None:
+            t_small = time_per_samples(fit, B_S, d_S)  # type: ignore[arg-type]
+        if T0 is not None:
+            if not dual:
+                epoch_time = T0
+            elif not explicit:
+                epoch_time = k * T0
+            else:  # explicit B_S: the slowest group sets the pace
+                epoch_time = max(t for t in (t_large, t_small) if t is not None)
+        out[res] = ResolutionPlan(
+            resolution=res,
+            B_L=B_L,
+            B_S=B_S,
+            T0=T0,
+            epoch_time=epoch_time,
+            t_large=t_large,
+            t_small=t_small,
+            small_source="explicit" if explicit else ("planned" if dual else "none"),
+        )
+    return Plan(n=n, n_small=n_small, k=k, d=d, d_L=d_L, d_S=d_S, resolutions=out)
+
+
+def plan_from_config(cfg: Any, d: int) -> Plan:
+    """Plan for a `Config`: explicit plan.small_batch where given, else B_S from the timing file."""
+    p, res = cfg.plan, list(cfg.schedule.resolutions)
+    missing_bl = [r for r in res if r not in p.large_batch]
+    if missing_bl:
+        raise PlanError(f"plan.large_batch has no B_L for {missing_bl} px; give one per schedule.resolutions")
+    large = {r: p.large_batch[r] for r in res}
+    small = {r: p.small_batch[r] for r in res if r in p.small_batch}
+    fits: dict[int, TimeFit] = {}
+    need_fit = [r for r in res if r not in small] if cfg.workers.small > 0 else []
+    if need_fit or p.timing:
+        from .timing import load_timing
+
+        if need_fit and not p.timing:
+            raise PlanError(
+                f"plan.timing is empty but B_S at {need_fit} px must be planned from a time fit; run "
+                "`hpc-dualbatch profile --config CONFIG.yaml --out timing.json` and set plan.timing, "
+                "or give plan.small_batch for every resolution"
+            )
+        fits = load_timing(p.timing, res)
+    return plan_dual_batch(fits, large, cfg.n_groups, cfg.workers.small, p.k, d, small)
+
+
+def predicted_run_time(plan: Plan, sched: Any) -> float:
+    """Seconds: the predicted epoch time of each epoch's resolution, summed over the schedule."""
+    from .schedule import resolution_at
+
+    total = 0.0
+    for e in range(sched.epochs):
+        rp = plan.at(resolution_at(e, sched))
+        if rp.epoch_time is None:
+            raise PlanError(
+                f"no predicted time at {rp.resolution} px (no time fit); set plan.timing to a file from "
+                "`hpc-dualbatch profile`"
+            )
+        total += rp.epoch_time
+    return total
+
+
+def save_plan(plan: Plan, path: str) -> None:
+    """Write the plan as JSON, atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(plan.to_dict(), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_plan(path: str) -> Plan:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return Plan.from_dict(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlanError(f"plan file '{path}' is not readable JSON ({e})") from None
+
+
+def samples_per_epoch(cfg: Any, override: int | None = None) -> int:
+    """d: --samples, else plan.samples_per_epoch, else the staged training split's size."""
+    if override:
+        return override
+    if cfg.plan.samples_per_epoch > 0:
+        return cfg.plan.samples_per_epoch
+    if cfg.data.path and os.path.isfile(cfg.data.path):
+        from .data import open_staged
+
+        ds = open_staged(cfg.data.path)
+        try:
+            return int(ds.num_samples("train"))
+        finally:
+            close = getattr(ds, "close", None)
+            if close:
+                close()
+    raise PlanError(
+        f"samples per epoch unknown: data file '{cfg.data.path}' does not exist and "
+        "plan.samples_per_epoch is 0; pass --samples D, set plan.samples_per_epoch, or stage the data"
+    )
+
+
+def format_plan(plan: Plan, factor_mode: str) -> str:
+    def t(x: float | None) -> str:
+        return f"{x:9.2f}" if x is not None else f"{'-':>9}"
+
+    kind = "plain (all large)" if plan.n_small == 0 else ("all small" if plan.n_large == 0 else "dual-batch")
+    f = plan.small_factor(factor_mode)
+    lines = [
+        f"{kind}: n = {plan.n} groups, n_S = {plan.n_small}, k = {plan.k:g}, d = {plan.d} samples/epoch",
+        f"shares: d_L = {plan.d_L}, d_S = {plan.d_S if plan.d_S is not None else '-'} samples/group/epoch; "
+        f"factor ({factor_mode}) large 1, small {f'{f:.4f}' if f is not None else '-'}",
+        f"{'res px':>6} {'B_L':>6} {'B_S':>6} {'d_L':>7} {'d_S':>7} {'factor':>7} {'T0 s':>9} {'epoch s':>9}",
+    ]
+    for r, rp in sorted(plan.resolutions.items()):
+        bs = f"{rp.B_S}" + ("*" if rp.small_source == "explicit" else "") if rp.B_S is not None else "-"
+        lines.append(
+            f"{r:6d} {rp.B_L:6d} {bs:>6} {plan.d_L:7d} {plan.d_S if plan.d_S is not None else '-':>7} "
+            f"{f'{f:.4f}' if f is not None else '-':>7} {t(rp.T0)} {t(rp.epoch_time)}"
+        )
+    if any(rp.small_source == "explicit" for rp in plan.resolutions.values()):
+        lines.append("* explicit plan.small_batch")
+    return "\n".join(lines)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="plan B_S and the sample shares per resolution from the time model",
+        description="Solves the dual-batch plan (method section 1) for the config's groups, k and "
+        "resolutions, prints it and writes it as JSON.",
+    )
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
+    p.add_argument("--samples", type=int, default=None, help="samples per epoch d (default: config / data)")
+    p.add_argument("--out", default=None, help="plan JSON to write (default: <out>/plan.json)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .schedule import format_stage_table
+
+    cfg = load_config(args.config, args.set)
+    if args.samples is not None and args.samples < 1:
+        raise PlanError(f"--samples must be >= 1, got {args.samples}")
+    plan = plan_from_config(cfg, samples_per_epoch(cfg, args.samples))
+    print(format_plan(plan, cfg.plan.factor))
+    print(format_stage_table(cfg.schedule))
+    if all(rp.epoch_time is not None for rp in plan.resolutions.values()):
+        print(
+            f"predicted run time: {predicted_run_time(plan, cfg.schedule):.1f} s "
+            f"({cfg.schedule.epochs} epochs, compute only)"
+        )
+    out = args.out or os.path.join(cfg.out, "plan.json")
+    save_plan(plan, out)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,564 @@
+"""The time model and `hpc-dualbatch profile`, which measures it.
+
+Method section 1: the time of one training step at batch x is linear,
+`t(x) = a*x + b` (a: seconds per sample, b: seconds of fixed cost per step),
+fitted by least squares per (model, resolution, device). Pushing d samples
+through one worker at batch x then takes `(a + b/x) * d` seconds.
+
+`profile` times forward + backward + SGD step of the configured model on this
+device at several batch sizes per resolution (warm-up steps excluded, the
+median of several repeats kept), fits a and b per resolution and writes a
+timing JSON that the planner (`hpc_dualbatch.plan`) reads. It also records B_L
+per resolution: on a GPU the largest batch that fits in memory, on a CPU the
+configured `plan.large_batch` (a cap: a CPU has no memory wall worth finding).
+
+The timing file is plain JSON, never a pickle, so it can be read and edited by
+hand and loaded safely from anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import PlanError
+
+TIMING_FORMAT = "hpc_dualbatch.timing"
+TIMING_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TimeFit:
+    """A least-squares fit `t(x) = a*x + b` of the step time at batch x."""
+
+    a: float  # s per sample
+    b: float  # s per step (fixed cost: launch, optimiser step, Python)
+    r2: float  # coefficient of determination of the fit
+    points: tuple[tuple[int, float], ...] = ()  # measured (batch, median step time in s)
+
+
+def fit_linear(points: Iterable[tuple[int, float]]) -> TimeFit:
+    """Least-squares line through (batch, seconds) points, with R^2.
+
+    Needs at least two distinct batch sizes. R^2 is 1 when the points lie on
+    the line exactly (including the degenerate case of all-equal times).
+    """
+    pts = tuple((int(x), float(t)) for x, t in points)
+    xs = [float(x) for x, _ in pts]
+    ts = [t for _, t in pts]
+    if len(set(xs)) < 2:
+        raise PlanError(
+            f"a time fit needs step times at two or more distinct batch sizes, got {sorted(set(xs))}; "
+            "profile with e.g. --batches 16,32,64,128"
+        )
+    if not all(math.isfinite(v) for v in xs + ts):
+        raise PlanError(f"a time fit needs finite (batch, seconds) points, got {pts}")
+    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxt = sum((x - mx) * (t - mt) for x, t in zip(xs, ts))
+    a = sxt / sxx
+    b = mt - a * mx
+    ss_res = sum((t - (a * x + b)) ** 2 for x, t in zip(xs, ts))
+    ss_tot = sum((t - mt) ** 2 for t in ts)
+    if ss_tot > 0:
+        r2 = 1.0 - ss_res / ss_tot
+    else:
+        r2 = 1.0 if ss_res <= 1e-30 else 0.0
+    return TimeFit(a=a, b=b, r2=r2, points=pts)
+
+
+def step_time(fit: TimeFit, x: float) -> float:
+    """Seconds of one step at batch x: a*x + b."""
+    return fit.a * x + fit.b
+
+
+def time_per_samples(fit: TimeFit, x: float, d: float) -> float:
+    """Seconds to push d samples through one worker at batch x: (a + b/x) * d."""
+    return (fit.a + fit.b / x) * d
+
+
+# ---------------------------------------------------------------------------
+# Timing file
+
+
+def save_timing(
+    path: str,
+    fits: Mapping[int, TimeFit],
+    meta: Mapping[str, Any],
+    large_batch: Mapping[int, int] | None = None,
+) -> None:
+    """Write fits (+ B_L per resolution, + free-form `meta`) as JSON, atomically."""
+    doc = {
+        "format": TIMING_FORMAT,
+        "version": TIMING_VERSION,
+        "meta": dict(meta),
+        "resolutions": {
+            str(r): {
+                "a": f.a,  # s/sample
+                "b": f.b,  # s/step
+                "r2": f.r2 if math.isfinite(f.r2) else None,  # null: not measured (hand-entered fit)
+                "points": [[x, t] for x, t in f.points],  # [batch, median s/step]
+                **({"large_batch": int(large_batch[r])} if large_batch and r in large_batch else {}),
+            }
+            for r, f in sorted(fits.items())
+        },
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, allow_nan=False)  # plain JSON: no NaN/Infinity literals
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_doc(path: str) -> dict[str, Any]:
+    hint = "create it with `hpc-dualbatch profile --config CONFIG.yaml --out FILE`"
+    if not path:
+        raise PlanError(f"no timing file given (config key 'plan.timing' is empty); {hint}")
+    if not os.path.isfile(path):
+        raise PlanError(f"timing file '{path}' does not exist; {hint}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanError(f"timing file '{path}' is not readable JSON ({e}); {hint}") from None
+    if not isinstance(doc, dict) or doc.get("format") != TIMING_FORMAT:
+        raise PlanError(
+            f"timing file '{path}' is not an hpc_dualbatch timing file (no \"format\": "
+            f'"{TIMING_FORMAT}"); {hint}'
+        )
+    if doc.get("version") != TIMING_VERSION:
+        raise PlanError(
+            f"timing file '{path}' has version {doc.get('version')!r}; this package reads version "
+            f"{TIMING_VERSION}; {hint}"
+        )
+    if not isinstance(doc.get("resolutions"), dict):
+        raise PlanError(f"timing file '{path}' has no \"resolutions\" mapping; {hint}")
+    return doc
+
+
+def _number(path: str, where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PlanError(f"timing file '{path}': {where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def load_timing(path: str, resolutions: Iterable[int]) -> dict[int, TimeFit]:
+    """Read the fits for `resolutions` from a timing file, validating every field's type.
+
+    Whether a fit is usable (a > 0, b > 0) is the planner's check: a plain
+    plan needs no fit at all.
+    """
+    doc = _read_doc(path)
+    table = doc["resolutions"]
+    out: dict[int, TimeFit] = {}
+    for r in resolutions:
+        entry = table.get(str(r))
+        if entry is None:
+            have = ", ".join(sorted(table, key=lambda s: (len(s), s))) or "none"
+            raise PlanError(
+                f"timing file '{path}' has no fit for resolution {r} px (it has: {have}); re-run "
+                f"`hpc-dualbatch profile` with {r} in schedule.resolutions"
+            )
+        if not isinstance(entry, dict):
+            raise PlanError(f"timing file '{path}': resolutions[\"{r}\"] must be a mapping, got {entry!r}")
+        where = f'resolutions["{r}"]'
+        a = _number(path, f"{where}.a (s/sample)", entry.get("a"))
+        b = _number(path, f"{where}.b (s/step)", entry.get("b"))
+        # r2 is informative; a hand-entered fit (e.g. the paper's) may leave it out.
+        r2 = float("nan") if entry.get("r2") is None else _number(path, f"{where}.r2", entry["r2"])
+        raw = entry.get("points", [])
+        if not isinstance(raw, list):
+            raise PlanError(f"timing file '{path}': {where}.points must be a list of [batch, seconds]")
+        pts = []
+        for i, p in enumerate(raw):
+            if (
+                not isinstance(p, list)
+                or len(p) != 2
+                or isinstance(p[0], bool)
+                or not isinstance(p[0], int)
+                or p[0] < 1
+            ):
+                raise PlanError(
+                    f"timing file '{path}': {where}.points[{i}] must be [batch >= 1, seconds], got {p!r}"
+                )
+            pts.append((p[0], _number(path, f"{where}.points[{i}] seconds", p[1])))
+        out[int(r)] = TimeFit(a=a, b=b, r2=r2, points=tuple(pts))
+    return out
+
+
+def load_timing_meta(path: str) -> dict[str, Any]:
+    """The free-form `meta` block of a timing file (device, threads, clock, ...)."""
+    meta = _read_doc(path).get("meta", {})
+    return meta if isinstance(meta, dict) else {}
+
+
+def load_timing_large_batch(path: str) -> dict[int, int]:
+    """B_L per resolution as recorded by `profile` (informative; the planner uses the config's)."""
+    doc = _read_doc(path)
+    return {
+        int(r): int(e["large_batch"])
+        for r, e in doc["resolutions"].items()
+        if isinstance(e, dict) and isinstance(e.get("large_batch"), int)
+    }
+
+
+# ---------------------------------------------------------------------------
+# Measurement
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, cap: int) -> int:
+    """Largest x in [1, cap] with fits(x) True, assuming fits is monotone (True then False).
+
+    Doubling from `start` until the first failure (or `cap`), then bisection
+    between the last success and the first failure. Returns 0 when not even
+    batch 1 fits.
+    """
+    start = max(1, min(start, cap))
+    if fits(start):
+        lo, hi = start, None
+        while hi is None:
+            nxt = min(lo * 2, cap)
+            if nxt == lo:
+                return lo
+            if fits(nxt):
+                lo = nxt
+            else:
+                hi = nxt
+    else:
+        lo, hi = 0, start
+    while hi - lo > 1:  # invariant: lo fits (or is 0), hi does not
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _make_trainer(
+    cfg: Any, channels: int, classes: int, device: Any, staged: Any = None
+) -> Callable[[int, int], Callable[[], None]]:
+    """Returns make(batch, res) -> step(): one training step on one fixed batch.
+
+    The batch is random tensors, or (with `staged`) the first `batch` training
+    images of the staged file, normalised as the loader does (no augmentation):
+    profile on the data you will train on where it is at hand.
+    """
+    import torch
+
+    from .engine import make_optimizer, train_step
+    from .model import build_model
+
+    model = build_model(cfg.model.arch, classes, channels, cfg.model.width).to(device)
+    model.train()
+    opt = make_optimizer(model, cfg.optim, cfg.schedule.lr[0])
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def make(batch: int, res: int) -> Callable[[], None]:
+        if staged is not None:
+            import numpy as np
+
+            from .data import TrainLoader
+
+            idx = np.arange(batch) % staged.num_samples("train")
+            loader = TrainLoader(staged, "train", res, idx, batch, augment=False, prefetch=0, device=device)
+            x, y = next(iter(loader))
+        else:
+            x = torch.randn(batch, channels, res, res, generator=gen).to(device)
+            y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+
+        def step() -> None:
+            train_step(model, opt, x, y)  # float(loss) inside synchronises a GPU
+
+        return step
+
+    return make
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _gpu_largest_batch(make: Callable[[int, int], Callable[[], None]], res: int, start: int, cap: int) -> int:
+    import torch
+
+    def fits(batch: int) -> bool:
+        try:
+            make(batch, res)()
+            return True
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if not _is_oom(e):
+                raise
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    return largest_fitting(fits, start, cap)
+
+
+def measure_step_times(
+    steps: Mapping[int, Callable[[], None]],
+    warmup: int,
+    repeats: int,
+    sync: Callable[[], None] = lambda: None,
+    stat: str = "median",
+    clock: Callable[[], float] = time.perf_counter,
+    block: int = 1,
+) -> dict[int, float]:
+    """Seconds of one step per batch size: the median (or the minimum) of `repeats` timed steps
+    after `warmup` untimed ones. The minimum suits a node shared with other jobs, whose load can
+    only add time.
+
+    The sizes are interleaved: round r runs every batch size once, in a rotating
+    order, so a burst of load from another process spreads over all sizes
+    instead of bending the fit at one of them. A training run repeats one batch
+    size, so inside a round each size first runs `block` untimed steps (caches
+    and the allocator settle to that size again), then one timed step.
+    """
+    sizes = list(steps)
+    for bsz in sizes:
+        for _ in range(warmup):
+            steps[bsz]()
+    sync()
+    times: dict[int, list[float]] = {bsz: [] for bsz in sizes}
+    for r in range(repeats):
+        order = sizes[r % len(sizes) :] + sizes[: r % len(sizes)]
+        for bsz in order:
+            for _ in range(block):
+                steps[bsz]()
+            sync()
+            t = clock()
+            steps[bsz]()
+            sync()
+            times[bsz].append(clock() - t)
+    reduce = min if stat == "min" else statistics.median
+    return {bsz: reduce(ts) for bsz, ts in times.items()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _model_shape(cfg: Any, channels: int, classes: int) -> tuple[int, int, str]:
+    """(channels, classes, source): from the staged data file when it exists, else the flags."""
+    if cfg.data.path and os.path.isfile(cfg.data.path):
+        try:
+            from .data import open_staged  # written by the data engineer; optional here
+        except ImportError:
+            return channels, classes, "flags (hpc_dualbatch.data not available)"
+        ds = open_staged(cfg.data.path)
+        try:
+            return int(ds.channels), int(ds.num_classes), f"staged file {cfg.data.path}"
+        finally:
+            close = getattr(ds, "close", None)
+            if close:
+                close()
+    return channels, classes, "flags"
+
+
+def profile(
+    cfg: Any,
+    batches: list[int],
+    repeats: int,
+    warmup: int,
+    channels: int,
+    classes: int,
+    stat: str = "median",
+    clock: str = "wall",
+    inputs: str = "random",
+    gpu_cap: int = 1 << 16,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[int, TimeFit], dict[int, int], dict[str, Any]]:
+    """Measure and fit every resolution of `cfg.schedule`; returns (fits, B_L, meta)."""
+    import torch
+
+    from .engine import pick_device
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    on_gpu = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if on_gpu else (lambda: None)
+    if clock == "cpu" and (on_gpu or torch.get_num_threads() != 1):
+        raise PlanError(
+            "--clock cpu measures the CPU time of one thread: use it on a CPU with config key "
+            f"'threads' = 1 (now: {device}, {torch.get_num_threads()} threads), else --clock wall"
+        )
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    channels, classes, shape_src = _model_shape(cfg, channels, classes)
+    staged = None
+    if inputs == "staged":
+        if not (cfg.data.path and os.path.isfile(cfg.data.path)):
+            raise PlanError(
+                f"--inputs staged needs the staged data file data.path = '{cfg.data.path}', which does not "
+                "exist; stage it with `hpc-dualbatch prepare` or use --inputs random"
+            )
+        from .data import open_staged
+
+        staged = open_staged(cfg.data.path)
+    make = _make_trainer(cfg, channels, classes, device, staged)
+    fits: dict[int, TimeFit] = {}
+    large: dict[int, int] = {}
+    for res in cfg.schedule.resolutions:
+        if on_gpu:
+            large[res] = _gpu_largest_batch(make, res, max(batches), gpu_cap)
+            if large[res] < 1:
+                raise PlanError(
+                    f"not even batch 1 fits in GPU memory at {res} px with model {cfg.model.arch}"
+                )
+            log(f"{res} px: largest batch that fits in GPU memory: {large[res]}")
+        else:
+            large[res] = cfg.plan.large_batch[res]
+        # Only batches the plan can use (<= B_L) shape the fit: the linear model is an
+        # approximation, best where it is applied.
+        sizes = [bsz for bsz in batches if bsz <= large[res]]
+        if len(sizes) < 2:
+            raise PlanError(
+                f"at {res} px B_L is {large[res]} ({'GPU memory' if on_gpu else 'plan.large_batch'}); give "
+                f"--batches with two or more sizes <= {large[res]}"
+            )
+        medians = measure_step_times(
+            {bsz: make(bsz, res) for bsz in sizes}, warmup, repeats, sync, stat, timer
+        )
+        points = sorted(medians.items())
+        for bsz, t in points:
+            log(f"{res} px  batch {bsz:5d}: {t * 1e3:9.2f} ms/step  {t / bsz * 1e3:7.3f} ms/sample")
+        fits[res] = fit_linear(points)
+        f = fits[res]
+        log(f"{res} px  fit: a = {f.a:.4e} s/sample, b = {f.b:.4e} s/step, R^2 = {f.r2:.4f}")
+    meta = {
+        "device": torch.cuda.get_device_name(device)
+        if on_gpu
+        else f"cpu ({_cpu_name()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "arch": cfg.model.arch,
+        "width": cfg.model.width,
+        "channels": channels,
+        "classes": classes,
+        "shape_source": shape_src,
+        "inputs": f"staged images from {cfg.data.path}" if staged is not None else "random tensors",
+        "batches": list(batches),
+        "repeats": repeats,
+        "warmup": warmup,
+        "stat": stat,
+        "clock": "process CPU time" if clock == "cpu" else "wall",
+        "large_batch_source": "largest batch that fits in GPU memory"
+        if on_gpu
+        else "config plan.large_batch (CPU cap)",
+    }
+    return fits, large, meta
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if len(set(vals)) < 2 or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"need two or more distinct batch sizes >= 1, got {text!r}")
+    return sorted(set(vals))
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="measure step time vs batch size per resolution and fit the time model",
+        description="Times forward+backward+SGD step of the configured model at several batch sizes "
+        "per resolution in schedule.resolutions, fits t(x) = a*x + b and writes a timing JSON for "
+        "`hpc-dualbatch plan`.",
+    )
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
+    p.add_argument(
+        "--batches", type=_int_list, default=[16, 32, 64, 128], help="batch sizes (default 16,32,64,128)"
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per batch size; the median is kept")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing each batch size")
+    p.add_argument(
+        "--stat",
+        choices=("median", "min"),
+        default="median",
+        help="statistic kept per batch size (min: for a node shared with other jobs)",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: CPU time of the (single-threaded) process, which time slices "
+        "lost to other jobs on a shared node do not inflate",
+    )
+    p.add_argument(
+        "--inputs",
+        choices=("random", "staged"),
+        default="random",
+        help="random tensors, or the first training images of the staged file at data.path",
+    )
+    p.add_argument("--channels", type=int, default=1, help="input channels when data.path does not exist")
+    p.add_argument("--classes", type=int, default=10, help="classes when data.path does not exist")
+    p.add_argument("--out", required=True, help="timing JSON to write")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)
+    if args.repeats < 1 or args.warmup < 0:
+        raise PlanError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    fits, large, meta = profile(
+        cfg,
+        args.batches,
+        args.repeats,
+        args.warmup,
+        args.channels,
+        args.classes,
+        stat=args.stat,
+        clock=args.clock,
+        inputs=args.inputs,
+    )
+    save_timing(args.out, fits, meta, large)
+    print(f"wrote {args.out}")
+    print(f"{'res px':>6} {'a s/sample':>12} {'b s/step':>12} {'R^2':>7} {'B_L':>6}")
+    for r, f in fits.items():
+        print(f"{r:6d} {f.a:12.4e} {f.b:12.4e} {f.r2:7.4f} {large[r]:6d}")
+    bad = [r for r, f in fits.items() if f.a <= 0 or f.b <= 0]
+    if bad:
+        print(
+            f"warning: a <= 0 or b <= 0 at {bad} px: the planner cannot solve B_S from such a fit; re-run "
+            "with more --repeats and a wider --batches range"
+        )
+    low = [r for r, f in fits.items() if f.r2 < 0.98]
+    if low:
+        print(
+            f"warning: R^2 < 0.98 at {low} px: the step time is noisy here; re-run with more --repeats, "
+            "larger --batches, or pinned threads (config key 'threads') on an otherwise idle machine"
+        )
+    return 0

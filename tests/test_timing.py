@@ -1,0 +1,185 @@
+"""The time model: exact fits, the timing file, the GPU batch search, a tiny real profile."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from hpc_dualbatch.config import load_config
+from hpc_dualbatch.errors import PlanError
+from hpc_dualbatch.timing import (
+    TimeFit,
+    fit_linear,
+    largest_fitting,
+    load_timing,
+    load_timing_large_batch,
+    load_timing_meta,
+    measure_step_times,
+    profile,
+    save_timing,
+    step_time,
+    time_per_samples,
+)
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "hpc_dualbatch", "configs")
+
+
+@pytest.mark.parametrize("a, b", [(5.06e-4, 0.0156), (3.53e-4, 0.0148), (2.5e-3, 4e-3)])
+def test_fit_recovers_noiseless_line(a: float, b: float) -> None:
+    pts = [(x, a * x + b) for x in (16, 32, 64, 128, 256)]
+    fit = fit_linear(pts)
+    assert fit.a == pytest.approx(a, rel=1e-12)
+    assert fit.b == pytest.approx(b, rel=1e-10)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-12)
+    assert fit.points == tuple(pts)
+
+
+def test_fit_noisy_r2_below_one() -> None:
+    fit = fit_linear([(1, 1.0), (2, 2.5), (3, 2.9), (4, 4.2)])
+    assert 0.9 < fit.r2 < 1.0
+
+
+def test_fit_needs_two_batch_sizes() -> None:
+    with pytest.raises(PlanError, match="two or more distinct"):
+        fit_linear([(32, 0.1), (32, 0.11)])
+    with pytest.raises(PlanError, match="finite"):
+        fit_linear([(16, 0.1), (32, float("inf"))])
+
+
+def test_time_helpers() -> None:
+    f = TimeFit(a=5.06e-4, b=0.0156, r2=1.0)
+    assert step_time(f, 560) == pytest.approx(5.06e-4 * 560 + 0.0156)
+    assert time_per_samples(f, 560, 12_500) == pytest.approx((5.06e-4 + 0.0156 / 560) * 12_500)
+    # d samples in whole steps of x cost d/x steps: the two helpers agree.
+    assert time_per_samples(f, 100, 1000) == pytest.approx(10 * step_time(f, 100))
+
+
+def test_round_trip(tmp_path) -> None:
+    fits = {24: fit_linear([(16, 0.02), (32, 0.03), (64, 0.051)]), 32: TimeFit(5.06e-4, 0.0156, float("nan"))}
+    path = str(tmp_path / "t" / "timing.json")
+    save_timing(path, fits, {"device": "test"}, {24: 600, 32: 560})
+    got = load_timing(path, [24, 32])
+    assert got[24] == fits[24]
+    assert got[32].a == fits[32].a and got[32].b == fits[32].b and math.isnan(got[32].r2)
+    assert load_timing_large_batch(path) == {24: 600, 32: 560}
+    raw = json.load(open(path))
+    assert raw["meta"]["device"] == "test" and raw["resolutions"]["32"]["r2"] is None
+    assert os.listdir(tmp_path / "t") == ["timing.json"]  # the temp file was renamed away
+
+
+def _write(tmp_path, doc) -> str:
+    p = tmp_path / "bad.json"
+    p.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return str(p)
+
+
+GOOD = {"format": "hpc_dualbatch.timing", "version": 1, "resolutions": {"24": {"a": 1e-3, "b": 1e-2}}}
+
+
+@pytest.mark.parametrize(
+    "doc, match",
+    [
+        ("{not json", "not readable JSON"),
+        ([1, 2], "not an hpc_dualbatch timing file"),
+        ({**GOOD, "format": "x"}, "not an hpc_dualbatch timing file"),
+        ({**GOOD, "version": 9}, "version 9"),
+        ({**GOOD, "resolutions": []}, 'no "resolutions"'),
+        ({**GOOD, "resolutions": {"32": {"a": 1e-3, "b": 1e-2}}}, "no fit for resolution 24 px"),
+        ({**GOOD, "resolutions": {"24": 5}}, "must be a mapping"),
+        ({**GOOD, "resolutions": {"24": {"b": 1e-2}}}, r"\.a \(s/sample\) must be a finite number"),
+        ({**GOOD, "resolutions": {"24": {"a": 1e-3, "b": "x"}}}, r"\.b \(s/step\) must be a finite number"),
+        ({**GOOD, "resolutions": {"24": {"a": 1e-3, "b": 1e-2, "r2": "high"}}}, "r2 must be"),
+        ({**GOOD, "resolutions": {"24": {"a": 1e-3, "b": 1e-2, "points": [[0, 1.0]]}}}, r"points\[0\]"),
+        ({**GOOD, "resolutions": {"24": {"a": 1e-3, "b": 1e-2, "points": {}}}}, "points must be a list"),
+    ],
+)
+def test_bad_files(tmp_path, doc, match: str) -> None:
+    path = _write(tmp_path, doc)
+    with pytest.raises(PlanError, match=match) as e:
+        load_timing(path, [24])
+    assert path in str(e.value)
+
+
+def test_missing_and_empty_path(tmp_path) -> None:
+    with pytest.raises(PlanError, match="does not exist.*hpc-dualbatch profile"):
+        load_timing(str(tmp_path / "none.json"), [24])
+    with pytest.raises(PlanError, match="plan.timing' is empty"):
+        load_timing("", [24])
+    assert load_timing(_write(tmp_path, GOOD), [24])[24].a == 1e-3
+
+
+def test_nan_is_refused_not_parsed(tmp_path) -> None:
+    path = _write(
+        tmp_path,
+        '{"format": "hpc_dualbatch.timing", "version": 1, "resolutions": {"24": {"a": NaN, "b": 0.01}}}',
+    )
+    with pytest.raises(PlanError, match="finite"):
+        load_timing(path, [24])
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2, 3, 100, 127, 128, 129, 1000, 4096, 5000])
+@pytest.mark.parametrize("start", [1, 64, 128, 4096])
+def test_largest_fitting(limit: int, start: int) -> None:
+    calls = []
+
+    def fits(x: int) -> bool:
+        calls.append(x)
+        return x <= limit
+
+    assert largest_fitting(fits, start, cap=4096) == min(limit, 4096)
+    assert len(calls) < 40
+
+
+def test_measure_interleaves() -> None:
+    order = []
+    steps = {b: (lambda b=b: order.append(b)) for b in (1, 2, 3)}
+    med = measure_step_times(steps, warmup=1, repeats=3, block=0)
+    assert set(med) == {1, 2, 3}
+    assert order[:3] == [1, 2, 3]  # warm-up
+    assert order[3:] == [1, 2, 3, 2, 3, 1, 3, 1, 2]  # rotating rounds
+
+
+@pytest.fixture
+def keep_threads():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # profile() sets the config's thread count process-wide
+
+
+def test_profile_tiny_cpu_run(tmp_path, keep_threads) -> None:
+    cfg = load_config(
+        os.path.join(CONFIGS, "fashion_mnist.yaml"),
+        [
+            "model.width=4",
+            "schedule.resolutions=[8, 12]",
+            "plan.large_batch={8: 8, 12: 4}",
+            "data.path=none.h5",
+        ],
+    )
+    fits, large, meta = profile(
+        cfg, [2, 4, 8, 16], repeats=1, warmup=0, channels=1, classes=10, clock="cpu", log=lambda s: None
+    )
+    assert set(fits) == {8, 12} and large == {8: 8, 12: 4}  # CPU: the configured caps
+    assert [x for x, _ in fits[12].points] == [2, 4]  # batches above B_L are not measured
+    assert meta["threads"] == 1 and meta["channels"] == 1 and meta["shape_source"] == "flags"
+    path = str(tmp_path / "t.json")
+    save_timing(path, fits, meta, large)
+    assert load_timing(path, [8, 12])[8] == fits[8]
+    assert load_timing_meta(path)["clock"] == "process CPU time"
+
+
+def test_profile_cpu_clock_needs_one_thread(keep_threads) -> None:
+    cfg = load_config(os.path.join(CONFIGS, "fashion_mnist.yaml"), ["threads=2", "data.path=none.h5"])
+    with pytest.raises(PlanError, match="--clock cpu"):
+        profile(cfg, [2, 4], repeats=1, warmup=0, channels=1, classes=10, clock="cpu", log=lambda s: None)
+
+
+def test_profile_staged_inputs_need_the_file(keep_threads) -> None:
+    cfg = load_config(os.path.join(CONFIGS, "fashion_mnist.yaml"), ["data.path=none.h5"])
+    with pytest.raises(PlanError, match="--inputs staged needs"):
+        profile(cfg, [2, 4], repeats=1, warmup=0, channels=1, classes=10, inputs="staged", log=lambda s: None)
