@@ -1,0 +1,111 @@
+"""Smoke tests of the benchmark suites: each runs at toy sizes and writes well-formed JSON.
+
+No timing is asserted (timings on a shared machine are not test material); every launch runs
+under a hard timeout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers import ROOT, hdb
+
+needs_horovod = pytest.mark.skipif(
+    importlib.util.find_spec("horovod") is None, reason="Horovod not installed"
+)
+
+
+def bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m hpc_dualbatch bench ARGS` in one process (suites that launch their own MPI jobs)."""
+    cmd = [sys.executable, "-m", "hpc_dualbatch", "bench", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def load(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    assert "hpc_dualbatch bench " in result["command"]  # the exact command is recorded
+    assert result["machine"]["cpus"] >= 1 and result["machine"]["torch_threads"] >= 1
+    assert "params" in result
+    return result
+
+
+def test_exchange_two_ranks(tmp_path):
+    out = tmp_path / "exchange.json"
+    r = hdb(2, "bench", "exchange", "--floats", "50000", "--iters", "2", "--repeats", "2", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = load(out)
+    assert "mpirun_local.sh -np 2" in res["command"]
+    assert [row["variant"] for row in res["rows"]] == ["raw", "ps", "ps_nomerge"]
+    for row in res["rows"]:
+        assert row["mb_per_s"] > 0 and len(row["seconds_per_trip_all"]) == 2
+    assert res["ratio_ps"] > 0 and res["ratio_ps_nomerge"] > 0 and res["merge_ms"] >= 0
+    assert "ps / raw" in r.stdout
+
+
+def test_exchange_refuses_a_single_rank(tmp_path):
+    r = bench("exchange", "--floats", "10", "--out", str(tmp_path / "x.json"), timeout=120)
+    assert r.returncode != 0 and "needs exactly 2 MPI ranks" in r.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+@needs_horovod
+def test_overhead_quick(tmp_path):
+    out = tmp_path / "overhead.json"
+    r = bench("overhead", "--quick", "--out", str(out), timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = load(out)
+    assert len(res["ps_runs"]) == len(res["limit_runs"]) == 1
+    ps, limit = res["ps_runs"][0], res["limit_runs"][0]
+    assert ps["samples"] == limit["samples"] == 2 * 512  # the same work: epochs x d
+    assert ps["commits"] == 2 * 2
+    assert res["ratio"] > 0 and 0 <= res["server_cpu_per_wall"] < 1
+    assert 0 < res["duty_cycle"] <= 1.01  # training share of the workers' time (clock rounding: <= 1.01)
+
+
+@needs_horovod
+def test_allreduce_quick(tmp_path):
+    out = tmp_path / "allreduce.json"
+    r = bench("allreduce", "--quick", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = load(out)
+    assert [run["ranks"] for run in res["runs"]["horovod"]] == [2]
+    assert [run["ranks"] for run in res["runs"]["single"]] == [1]
+    assert (
+        res["runs"]["horovod"][0]["threads_per_rank"] == 1
+        and res["runs"]["single"][0]["threads_per_rank"] == 2
+    )
+    assert res["ratio"] > 0
+
+
+def test_resolution_quick(tmp_path):
+    out = tmp_path / "resolution.json"
+    r = bench("resolution", "--quick", "--out", str(out), timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = load(out)
+    assert [row["resolution"] for row in res["rows"]] == [12, 16]
+    top = res["rows"][-1]
+    assert top["time_ratio"] == 1.0 and top["pixel_ratio"] == 1.0
+    assert res["rows"][0]["pixel_ratio"] == pytest.approx(144 / 256)
+    assert res["worst_excess"] == max(row["excess"] for row in res["rows"])
+
+
+def test_all_runs_suites_and_summarises(tmp_path):
+    r = bench("all", "--quick", "--only", "resolution,exchange", "--out-dir", str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = load(tmp_path / "all.json")
+    assert [s["suite"] for s in summary["suites"]] == ["resolution", "exchange"]
+    for s in summary["suites"]:
+        assert s["status"] == "ok" and s["rows"] and Path(s["json"]).exists()
+        assert all({"metric", "value", "goal", "met"} <= set(row) for row in s["rows"])
+    assert "PS push+pull / raw Send+Recv throughput" in r.stdout
+
+
+def test_all_rejects_an_unknown_suite(tmp_path):
+    r = bench("all", "--only", "nonesuch", "--out-dir", str(tmp_path), timeout=120)
+    assert r.returncode != 0 and "unknown suite" in r.stderr
