@@ -75,7 +75,7 @@ class OptimConfig:
 class ServerConfig:
     order: str = "arrival"  # arrival | round_robin (bit-for-bit reproducible)
     poll_min_s: float = 0.0002  # sleeping back-off while waiting: first sleep, seconds
-    poll_max_s: float = 0.02  # ... doubling up to this; bounds the added latency per message
+    poll_max_s: float = 0.005  # ... doubling up to this; bounds the added latency per message
 
 
 @dataclass

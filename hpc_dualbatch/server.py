@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
 from . import checkpoint as C
@@ -39,10 +40,13 @@ from .schedule import lr_at, stage_for_commit
 
 
 def merge(w: np.ndarray, wi: np.ndarray, f: float) -> None:
-    """w <- (w + f*wi) / (1 + f), in place; `wi` is used as scratch."""
-    wi *= np.float32(f)
-    w += wi
-    w /= np.float32(1.0 + f)
+    """w <- (w + f*wi) / (1 + f), in place.
+
+    Written as w + t*(wi - w) with t = f/(1+f): torch's lerp_ does that in one multi-threaded
+    pass over both buffers, where the literal formula costs three numpy passes (the merge was
+    the server's largest cost per push, see docs/scaling.md).
+    """
+    torch.from_numpy(w).lerp_(torch.from_numpy(wi), f / (1.0 + f))
 
 
 @dataclass
