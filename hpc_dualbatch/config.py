@@ -145,7 +145,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             )
         return {_convert(k, kt, f"{key} key"): _convert(v, vt, f"{key}[{k}]") for k, v in value.items()}
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < 1e308:
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
     if tp is int:
@@ -166,7 +166,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - names, key=str)  # key=str: YAML keys may mix ints and strings
     if unknown:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
@@ -253,6 +253,8 @@ def validate(cfg: Config) -> None:
     for res, b in p.small_batch.items():
         _positive(f"plan.small_batch[{res}]", b)
     _positive("plan.samples_per_epoch", p.samples_per_epoch, allow_zero=True)
+    if not 0 <= cfg.seed < 2**63:  # numpy's SeedSequence needs >= 0, torch.manual_seed < 2**64
+        raise ConfigError(f"config key 'seed' is {cfg.seed}; valid: 0 .. 2**63 - 1")
     _positive("schedule.epochs", s.epochs)
     if not s.lr:
         raise ConfigError("config key 'schedule.lr' must list at least one learning rate")
@@ -306,7 +308,6 @@ def validate(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML, atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    from .atomic import write_text
+
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

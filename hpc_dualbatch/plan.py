@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .atomic import write_json
 from .errors import PlanError
 from .timing import TimeFit, time_per_samples
 
@@ -339,12 +340,7 @@ def predicted_run_time(plan: Plan, sched: Any) -> float:
 
 def save_plan(plan: Plan, path: str) -> None:
     """Write the plan as JSON, atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(plan.to_dict(), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, plan.to_dict())
 
 
 def load_plan(path: str) -> Plan:

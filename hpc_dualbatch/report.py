@@ -14,13 +14,13 @@ test accuracy vs wall time, test accuracy vs epoch, images/s per group.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from .atomic import write_json, write_text
 from .errors import DataError
 from .metrics import read_metrics
 
@@ -199,11 +199,8 @@ def run(args: argparse.Namespace) -> int:
     md = markdown(summary, args.baseline, order)
     figs = plots(runs, order, args.out)
     text = f"# Results\n\n{md}\n" + "".join(f"![{f}]({f})\n" for f in figs)
-    for path, body in (("report.md", text), ("summary.json", json.dumps(summary, indent=2))):
-        tmp = os.path.join(args.out, path + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(body)
-        os.replace(tmp, os.path.join(args.out, path))
+    write_text(os.path.join(args.out, "report.md"), text)
+    write_json(os.path.join(args.out, "summary.json"), summary)
     print(md)
     return 0
 

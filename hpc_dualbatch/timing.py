@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .atomic import write_json
 from .errors import PlanError
 
 TIMING_FORMAT = "hpc_dualbatch.timing"
@@ -112,13 +113,7 @@ def save_timing(
             for r, f in sorted(fits.items())
         },
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, allow_nan=False)  # plain JSON: no NaN/Infinity literals
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, doc, allow_nan=False)  # plain JSON: no NaN/Infinity literals
 
 
 def _read_doc(path: str) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
 import shlex
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_json
 from .config import Config, load_config, save_config
 from .errors import CheckpointError, ConfigError
 from .launch import agree
@@ -121,20 +121,13 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
                 f"checkpoint in {cfg.out} has {ck.momentum.shape[0]} groups, config {cfg.n_groups}"
             )
         save_config(cfg, os.path.join(cfg.out, "config.yaml"))
-        _write_json(os.path.join(cfg.out, "plan.json"), plan.to_dict())
+        write_json(os.path.join(cfg.out, "plan.json"), plan.to_dict())
         with open(os.path.join(cfg.out, "command.txt"), "a", encoding="utf-8") as f:
             f.write(
                 f"{time.strftime('%Y-%m-%dT%H:%M:%S')} np={world.Get_size()} "
                 f"{shlex.join(['hpc-dualbatch', *sys.argv[1:]])}\n"
             )
     return Setup(cfg, staged, plan, groups, ck, lock)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def summarize(metrics_path: str) -> dict[str, Any]:
@@ -217,7 +210,7 @@ def _finish(cfg: Config, outcome: str, commits: int, wall: float, ckpt_path: str
         "checkpoint": ckpt_path,
         **summary,
     }
-    _write_json(os.path.join(cfg.out, "status.json"), status)
+    write_json(os.path.join(cfg.out, "status.json"), status)
     final, best = summary["final_test_acc"], summary["best_test_acc"]
     accs = "n/a" if final is None else f"{100 * final:.2f} % (best {100 * best:.2f} %)"
     print(

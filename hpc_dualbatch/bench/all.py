@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_json
+
 ROOT = Path(__file__).resolve().parents[2]
 MPIRUN = str(ROOT / "scripts" / "mpirun_local.sh")
 DEFAULT_DATA = ROOT / "data" / "fashion-mnist.h5"
@@ -66,12 +68,7 @@ def exit_on_sigterm() -> None:
 
 def write_result(path: str, result: dict[str, Any]) -> None:
     """Write JSON atomically (temporary name + os.replace) and say where."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, result)
     print(f"wrote {path}")
 
 

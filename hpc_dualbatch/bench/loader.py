@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ import time
 
 import torch
 
+from ..atomic import write_json
 from ..config import OptimConfig
 from ..data import TrainLoader, open_staged, prepare, shard_indices
 from ..data.sources import FASHION_MNIST_DIR
@@ -164,11 +164,7 @@ def main(argv: list[str]) -> int:
         f"{result['torch_threads']} torch threads, resnet18_cifar width {args.width}"
     )
     print(_table(rows))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp_out = f"{args.out}.tmp{os.getpid()}"
-    with open(tmp_out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp_out, args.out)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

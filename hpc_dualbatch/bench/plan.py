@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -30,6 +29,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..atomic import write_json
 from ..config import load_config
 from ..engine import make_optimizer, pick_device, train_step
 from ..errors import PlanError
@@ -197,12 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_rel_error": worst,
         "max_abs_cpu_rel_error": worst_cpu,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 
