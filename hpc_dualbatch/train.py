@@ -157,7 +157,6 @@ def initial_weights(cfg: Config, staged: Any) -> tuple[np.ndarray, int]:
 
 
 def run_server(st: Setup, topo: Any) -> str:
-    from . import checkpoint as C
     from .metrics import MetricsLog
     from .server import Server, ServerState
 
@@ -184,9 +183,10 @@ def run_server(st: Setup, topo: Any) -> str:
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None)
     server = Server(cfg, topo, st.groups, state, log)
     outcome = server.serve()
-    path = (
-        server.save() if outcome == "done" or state.commits > (ck.commits if ck else 0) else C.latest(cfg.out)
-    )
+    # The state is consistent in both outcomes: a preemption ends after a checkpoint barrier,
+    # and a finished run has committed every task. Saving also covers a signal that came
+    # before any commit, so a requeued job always finds a checkpoint to resume from.
+    path = server.save()
     log.write(
         {
             "type": "end",

@@ -76,3 +76,52 @@ def tiny_config(data: str, out: Path, **over) -> dict:
             node = node[p]
         node[leaf] = value
     return raw
+
+
+def wait_for(pred, timeout: float, what: str, poll: float = 0.05) -> None:
+    """Poll `pred()` until it is true; past `timeout` seconds fail the test, naming `what`."""
+    import time
+
+    deadline = time.time() + timeout
+    while not pred():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+
+
+def rank_pids(job: subprocess.Popen, n: int, timeout: float = 60) -> dict[int, int]:
+    """World rank -> pid of each rank process of a job from `start()`.
+
+    Open MPI gives every rank a process group of its own (so `pgrep -g <mpirun's pgid>` finds
+    only mpirun), but the ranks stay in mpirun's session, which `start()` made new: the ranks
+    are the processes of that session whose environment holds OMPI_COMM_WORLD_RANK.
+    """
+    found: dict[int, int] = {}
+
+    def scan() -> bool:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.getsid(int(entry)) != job.pid:
+                    continue
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except OSError:  # gone meanwhile
+                continue
+            for var in env:
+                if var.startswith(b"OMPI_COMM_WORLD_RANK="):
+                    found[int(var.split(b"=", 1)[1])] = int(entry)
+        return len(found) >= n
+
+    wait_for(scan, timeout, f"{n} rank processes of job {job.pid}", poll=0.2)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
