@@ -15,7 +15,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${HDB_VENV:-$here/.venv}
-CACHE=${HDB_CACHE:-$HOME/.cache/hpc_dualbatch}
+CACHE=${HDB_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/hpc_dualbatch}
 PYTHON=${PYTHON:-python3}
 # The pair that gives torch + torchvision + Horovod together on the CPU machines we test on;
 # on a cluster set HDB_TORCH_SPEC to the build that matches your CUDA (any torch >= 2.1).
