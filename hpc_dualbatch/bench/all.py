@@ -77,13 +77,7 @@ def median_ratio(numerators: list[float], denominators: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
-# Open MPI 4 binds each rank to a core when np <= 2 and binds nothing above: a 2-rank job and a
-# 3-rank job then share the machine with other people's processes differently. Jobs that are
-# compared with each other are launched unbound.
-UNBOUND = ("--bind-to", "none")
-
-
-def mpirun(np_: int, args: list[str], timeout: float, mpi_args: tuple[str, ...] = UNBOUND) -> str:
+def mpirun(np_: int, args: list[str], timeout: float, mpi_args: tuple[str, ...] = ()) -> str:
     """`scripts/mpirun_local.sh -np N [MPI_ARGS] python -m hpc_dualbatch ARGS` under a hard timeout;
     returns stdout. A failure raises RuntimeError with the tail of the job's output."""
     cmd = [MPIRUN, "-np", str(np_), *mpi_args, sys.executable, "-m", "hpc_dualbatch", *args]

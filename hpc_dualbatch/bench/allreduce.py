@@ -5,7 +5,7 @@
 
 Two kinds of job, alternated (Horovod first in even repeats, single first in odd ones):
 
-    horovod  `scripts/mpirun_local.sh -np 2 --bind-to none`: `hvd.init()` on COMM_WORLD,
+    horovod  `scripts/mpirun_local.sh -np 2` (ranks not bound to cores): `hvd.init()` on COMM_WORLD,
              `hvd.DistributedOptimizer`, each rank --threads/2 torch threads and --batch/2
              samples per step (unbound, like the single process)
     single   one plain process: --threads torch threads, --batch samples per step, plain SGD

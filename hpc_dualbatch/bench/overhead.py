@@ -3,8 +3,8 @@
     python -m hpc_dualbatch bench overhead [--groups 2] [--repeats 4] [--out results/bench/overhead.json]
 
 Two kinds of job, alternated (PS first in even repeats, limit first in odd ones), each launched
-with `scripts/mpirun_local.sh --bind-to none` (Open MPI would pin a 2-rank job's ranks to cores
-but not a 3-rank job's, which changes how each competes with other jobs on a shared machine):
+with `scripts/mpirun_local.sh`, which does not bind ranks to cores (Open MPI would pin a 2-rank
+job's ranks but not a 3-rank job's, which changes how each competes with other jobs):
 
     ps     `hpc-dualbatch train` (mode ps) on G+1 ranks: the server + G single-rank groups, a
            tiny synthetic config, every group large (k = 1, n_S = 0), checkpoints only at the end
@@ -219,9 +219,9 @@ def main(argv: list[str]) -> int:
         "machine": machine(),
         "config": _config("<temporary synthetic file>", "<temporary>", args),
         "jobs": {
-            "ps": f"scripts/mpirun_local.sh -np {G + 1} --bind-to none python -m hpc_dualbatch train "
+            "ps": f"scripts/mpirun_local.sh -np {G + 1} python -m hpc_dualbatch train "
             "--config <config> --set out=<temporary>",
-            "limit": f"scripts/mpirun_local.sh -np {G} --bind-to none python -m hpc_dualbatch bench overhead "
+            "limit": f"scripts/mpirun_local.sh -np {G} python -m hpc_dualbatch bench overhead "
             "--limit-worker <config> <result>",
         },
         "ps_runs": ps_runs,
