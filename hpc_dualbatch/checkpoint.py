@@ -96,22 +96,27 @@ def load(path: str) -> Checkpoint:
             f"checkpoint {path} is corrupt or partially written ({type(e).__name__}: {e}); "
             f"delete it to resume from the one before"
         ) from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"checkpoint {path} has format {meta.get('format')}, this version reads {FORMAT}"
-        )
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"checkpoint {path} has format {found}, this version reads {FORMAT}")
     if weights.dtype != np.float32 or weights.ndim != 1 or momentum.dtype != np.float32 or momentum.ndim != 2:
         raise CheckpointError(f"checkpoint {path} holds arrays of unexpected type or shape")
-    return Checkpoint(
-        weights,
-        momentum,
-        int(meta["commits"]),
-        [int(r) for r in meta["rounds"]],
-        float(meta["elapsed"]),
-        int(meta["metrics_offset"]),
-        meta["config"],
-        meta.get("extra", {}),
-    )
+    try:
+        return Checkpoint(
+            weights,
+            momentum,
+            int(meta["commits"]),
+            [int(r) for r in meta["rounds"]],
+            float(meta["elapsed"]),
+            int(meta["metrics_offset"]),
+            dict(meta["config"]),
+            dict(meta.get("extra", {})),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} has incomplete metadata ({type(e).__name__}: {e}); it was not written "
+            f"by this package, or is damaged: delete it to resume from the one before"
+        ) from None
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -347,7 +347,7 @@ def load_plan(path: str) -> Plan:
     try:
         with open(path, encoding="utf-8") as f:
             return Plan.from_dict(json.load(f))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PlanError(f"plan file '{path}' is not readable JSON ({e})") from None
 
 
