@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
+
+if "OMPI_COMM_WORLD_SIZE" not in os.environ and "PMI_RANK" not in os.environ:
+    # Serial run: importing a package module must not make this process an MPI singleton,
+    # whose environment would leak into the mpirun jobs the tests launch and make them fail.
+    import mpi4py
+
+    mpi4py.rc.initialize = False
 
 from .helpers import ROOT
 
