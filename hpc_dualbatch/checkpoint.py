@@ -5,6 +5,8 @@ One `.npz` file per checkpoint under `<out>/checkpoints/`, loaded with
 
     weights    float32[n_weights]           the global weights
     momentum   float32[n_groups, n_params]  each group's SGD momentum (it lives on the group)
+    group_buffers float32[n_groups, n_buffers]  each group's own BN buffers (server.bn: local);
+               absent in sync runs
     meta       JSON: format, commits, rounds per group, elapsed seconds, metrics byte offset,
                the resolved config
 
@@ -41,6 +43,7 @@ class Checkpoint:
     metrics_offset: int  # bytes of metrics.jsonl that belong to the work up to here
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    group_buffers: np.ndarray | None = None  # (n_groups, n_buffers)
 
 
 def checkpoint_dir(out: str) -> str:
@@ -63,7 +66,10 @@ def save(out: str, ck: Checkpoint, keep: int = 2) -> str:
     }
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, weights=ck.weights, momentum=ck.momentum, meta=np.array(json.dumps(meta)))
+            arrays = {"weights": ck.weights, "momentum": ck.momentum, "meta": np.array(json.dumps(meta))}
+            if ck.group_buffers is not None:
+                arrays["group_buffers"] = ck.group_buffers
+            np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -89,6 +95,7 @@ def load(path: str) -> Checkpoint:
     try:
         with np.load(path, allow_pickle=False) as z:
             weights, momentum, meta = z["weights"], z["momentum"], json.loads(str(z["meta"]))
+            group_buffers = z["group_buffers"] if "group_buffers" in z.files else None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as e:
@@ -99,7 +106,13 @@ def load(path: str) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"checkpoint {path} has format {found}, this version reads {FORMAT}")
-    if weights.dtype != np.float32 or weights.ndim != 1 or momentum.dtype != np.float32 or momentum.ndim != 2:
+    if (
+        weights.dtype != np.float32
+        or weights.ndim != 1
+        or momentum.dtype != np.float32
+        or momentum.ndim != 2
+        or (group_buffers is not None and (group_buffers.dtype != np.float32 or group_buffers.ndim != 2))
+    ):
         raise CheckpointError(f"checkpoint {path} holds arrays of unexpected type or shape")
     try:
         return Checkpoint(
@@ -111,6 +124,7 @@ def load(path: str) -> Checkpoint:
             int(meta["metrics_offset"]),
             dict(meta["config"]),
             dict(meta.get("extra", {})),
+            group_buffers,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(

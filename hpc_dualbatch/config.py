@@ -74,6 +74,22 @@ class OptimConfig:
 @dataclass
 class ServerConfig:
     order: str = "arrival"  # arrival | round_robin (bit-for-bit reproducible)
+    # How a push changes the global weights (docs/server.md):
+    #   paper: w <- (w + f*w_i)/(1 + f), the method's rule (keeps ~1/(n+1) of a push's progress);
+    #   delta: w <- w + a*(w_i - w_pulled), a = f/sum(f) * min(1, n/(staleness + 1)): the group's
+    #          own update since its pull, as asynchronous local SGD / FedAsync apply it.
+    merge: str = "delta"
+    # Batch-norm running statistics of the global model (docs/server.md):
+    #   average: merged like the weights (the method's authors' code);
+    #   recalibrate: also merged, but recomputed from training samples before every evaluation
+    #                and for the final model (as stochastic weight averaging does);
+    #   local: never merged, each group keeps its own (as local SGD does).
+    bn: str = "recalibrate"
+    bn_samples: int = 2560  # training samples (fixed, seeded, not augmented) a recalibration uses
+    # Large-batch steps between pushes; 0 = one push per mini-epoch (the method). Every group
+    # pushes the same number of times per mini-epoch, so a small group's push weight f keeps its
+    # meaning. The authors' code pushes every ~21 steps on CIFAR; local SGD uses 16.
+    push_every: int = 16
     poll_min_s: float = 0.0002  # sleeping back-off while waiting: first sleep, seconds
     poll_max_s: float = 0.005  # ... doubling up to this; bounds the added latency per message
 
@@ -122,6 +138,8 @@ _CHOICES = {
     "plan.factor": ("data_ratio", "sqrt", "none"),
     "schedule.resolution_mode": ("cyclic", "progressive", "fixed"),
     "server.order": ("arrival", "round_robin"),
+    "server.merge": ("paper", "delta"),
+    "server.bn": ("average", "recalibrate", "local"),
 }
 
 
@@ -298,6 +316,8 @@ def validate(cfg: Config) -> None:
     _positive("optim.momentum", cfg.optim.momentum, allow_zero=True)
     _positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
     _positive("server.poll_min_s", cfg.server.poll_min_s)
+    _positive("server.push_every", cfg.server.push_every, allow_zero=True)
+    _positive("server.bn_samples", cfg.server.bn_samples)
     if cfg.server.poll_max_s < cfg.server.poll_min_s:
         raise ConfigError("config key 'server.poll_max_s' must be >= server.poll_min_s")
     _positive("checkpoint.every_epochs", cfg.checkpoint.every_epochs, allow_zero=True)

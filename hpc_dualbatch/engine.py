@@ -65,3 +65,31 @@ def evaluate(
         correct += int((logits.argmax(1) == y).sum())
         n += len(y)
     return loss_sum, correct, n
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Recompute every batch-norm layer's running statistics from `batches`.
+
+    The statistics are reset, then averaged with equal weight per batch (BN momentum None
+    is PyTorch's cumulative average), in train mode without gradients, as stochastic weight
+    averaging does after averaging weights: running statistics merged from models that
+    drifted apart do not describe the merged weights. Returns the samples seen; the model is
+    left in eval mode with its BN momenta as they were.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    n = 0
+    try:
+        for x, _ in batches:
+            model(x)
+            n += len(x)
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.eval()
+    return n

@@ -20,6 +20,7 @@ class FlatModel:
         self.tensors = self.params + self.buffers
         self.n_params = sum(p.numel() for p in self.params)
         self.n_weights = self.n_params + sum(b.numel() for b in self.buffers)
+        self.n_buffers = self.n_weights - self.n_params
 
     def weights(self, out: np.ndarray | None = None) -> np.ndarray:
         """Copy the weights into `out` (float32[n_weights], allocated if None)."""
@@ -30,6 +31,16 @@ class FlatModel:
     @torch.no_grad()
     def load_weights(self, flat: np.ndarray) -> None:
         self._scatter(self.tensors, flat)
+
+    def buffers_flat(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The floating-point buffers alone (float32[n_buffers]): the tail of `weights`."""
+        out = np.empty(self.n_buffers, np.float32) if out is None else out
+        self._gather(self.buffers, out)
+        return out
+
+    @torch.no_grad()
+    def load_buffers(self, flat: np.ndarray) -> None:
+        self._scatter(self.buffers, flat)
 
     def momentum(self, opt: torch.optim.Optimizer, out: np.ndarray | None = None) -> np.ndarray:
         """SGD momentum buffers as float32[n_params]; zeros before the first step, which

@@ -1,10 +1,17 @@
 """One JSON-lines metrics file per run, written by one rank (the server, or rank 0 in sync mode).
 
 Record types (field `type`):
-    commit  one mini-epoch pushed by a group: group, round, samples, seconds, train_loss,
-            train_acc, lr, resolution, batch, epoch (commits / n_groups), commit, wall
+    commit  one mini-epoch pushed by a group: group, round, samples, seconds (training),
+            wait (seconds in the task's mid-task exchanges), train_loss, train_acc, lr,
+            resolution, batch, epoch (commits / n_groups), commit, wall; on the server also
+            the push's merge diagnostics: merge (merges so far), staleness (merges by other
+            pushes since the group's pull), distance (||pushed - global|| of the parameters
+            before the merge), scale (the weight the merge gave the push)
+    merge   a push inside a task (server.push_every): group, round, merge, staleness,
+            distance, scale, wall
     eval    the global weights at an epoch boundary on the test split: epoch, test_loss,
-            test_acc, samples, seconds, resolution, wall (seconds of training since the start)
+            test_acc, samples, seconds, resolution, wall (seconds of training since the start);
+            on the server also bn (server.bn) and bn_seconds (recalibration before it)
     end     the run finished or was preempted: state, commits, wall
 Progress goes to stdout as plain lines (Slurm logs, mpirun output).
 """

@@ -8,13 +8,19 @@ Conversation of one group leader (L) with the server (S)::
 
     L -> S  TAG_REQ  header(kind=HELLO)                   first request of a run
     S -> L  TAG_REP  header(status=RUN|STOP, stage...)    the answer to every request
-    S -> L  TAG_W    float32[n_weights]                   the global weights after the merge
+    S -> L  TAG_W    float32[n_params]                    the global parameters
+    S -> L  TAG_BN   float32[n_buffers]                   BN buffers: global, or the group's own (bn: local)
     S -> L  TAG_OPT  float32[n_params]                    only if reply has_state (resume)
-    ... the group trains one mini-epoch ...
-    L -> S  TAG_REQ  header(kind=PUSH, stats...)
-    L -> S  TAG_W    float32[n_weights]                   the group's weights
-    S -> L  reply as above (RUN with the next stage, or STOP)
+    ... the group trains one mini-epoch (one task) in `pushes` parts; after each part but the last:
+    L -> S  TAG_REQ  header(kind=MERGE)
+    L -> S  TAG_W    float32[n_weights]                   the group's weights (parameters, then buffers)
+    S -> L  reply as above, status CONTINUE: same task, merged weights
+    ... after the last part:
+    L -> S  TAG_REQ  header(kind=PUSH, stats...)          the task's commit
+    L -> S  TAG_W    float32[n_weights]
+    S -> L  reply as above (RUN with the next task, or STOP)
     L -> S  TAG_REQ  header(kind=EVAL, ...)               after evaluating a reply's weights
+    L -> S  TAG_BN   float32[n_buffers]                   the BN buffers that evaluation used
                                                           (when the reply asked: eval_epoch >= 0)
 Checkpoint barrier (every `checkpoint.every_epochs`, and on SIGTERM/SIGUSR1)::
 
@@ -39,6 +45,7 @@ TAG_REQ = 11  # leader -> server header
 TAG_REP = 12  # server -> leader header
 TAG_W = 13  # weights, either way
 TAG_OPT = 14  # optimiser (momentum) state, either way
+TAG_BN = 15  # batch-norm buffers, either way
 
 HDR_LEN = 16
 
@@ -47,12 +54,14 @@ class Kind(IntEnum):  # request kinds, leader -> server
     HELLO = 1
     PUSH = 2
     EVAL = 3
+    MERGE = 4  # a push inside a task (server.push_every): merged, answered CONTINUE
 
 
 class Status(IntEnum):  # reply status, server -> leader
     RUN = 1
     STOP = 2
     SEND_STATE = 3
+    CONTINUE = 4  # reply to MERGE: keep training the same task from the merged weights
 
 
 class Req(IntEnum):  # field positions in a request header
@@ -70,6 +79,8 @@ class Req(IntEnum):  # field positions in a request header
     EVAL_SECONDS = 11
     PREEMPT = 12  # 1 when the group got SIGTERM/SIGUSR1: the server checkpoints and stops
     EVAL_RESOLUTION = 13  # px the evaluation ran at (the current training resolution)
+    EVAL_BN_SECONDS = 14  # wall seconds of the BN recalibration before the evaluation (0: none)
+    WAIT = 15  # wall seconds the task spent in MERGE exchanges (not in SECONDS)
 
 
 class Rep(IntEnum):  # field positions in a reply header
@@ -84,6 +95,7 @@ class Rep(IntEnum):  # field positions in a reply header
     DROPOUT = 8
     EVAL_EPOCH = 9  # >= 0: evaluate the weights of this reply and report them as this epoch
     HAS_STATE = 10  # 1: a TAG_OPT buffer follows (resume)
+    PUSHES = 11  # pushes in this task (MERGE x (PUSHES - 1), then PUSH)
 
 
 def request(kind: Kind, group: int) -> np.ndarray:

@@ -4,7 +4,9 @@ Runs are grouped into configurations by folder name without its seed suffix
 (`hybrid-ns2-s1` and `hybrid-ns2-s2` are two seeds of `hybrid-ns2`). For each
 configuration: mean and spread (sample standard deviation, and min..max) over
 seeds of the final test accuracy, the best test accuracy and the wall time,
-each against the baseline configuration as a difference and a ratio. Every
+each against the baseline configuration as a difference and a ratio, and the
+largest fall of test accuracy from one evaluation to the next after epoch 1
+(a global model that collapses mid-run shows here). Every
 number comes from the runs' metrics.jsonl; nothing is typed in.
 
 Writes `<out>/report.md`, `<out>/summary.json` and PNG plots (matplotlib):
@@ -39,6 +41,12 @@ class Run:
     evals: list[dict[str, Any]]
     commits: list[dict[str, Any]]
     command: str
+
+    @property
+    def max_drop(self) -> float:
+        """Largest fall of test accuracy between consecutive evaluations after epoch 1 (>= 0)."""
+        accs = [e["test_acc"] for e in self.evals if e["epoch"] >= 1]
+        return max([0.0] + [a - b for a, b in zip(accs, accs[1:])])
 
 
 def load_run(path: str) -> Run:
@@ -90,6 +98,7 @@ def summarize(runs: list[Run], baseline: str | None) -> dict[str, Any]:
             "best_acc": _stats([r.best_acc for r in rs]),
             "final_loss": _stats([r.final_loss for r in rs]),
             "wall": _stats([r.wall for r in rs]),
+            "max_drop": _stats([r.max_drop for r in rs]),
         }
     if baseline:
         if baseline not in out:
@@ -112,9 +121,9 @@ def markdown(summary: dict[str, Any], baseline: str | None, order: list[str]) ->
 
     head = (
         "| configuration | seeds | final test acc % (mean ± sd, min..max) | best test acc % "
-        "| wall s (mean ± sd) |"
+        "| wall s (mean ± sd) | largest fall after epoch 1 (points, worst seed) |"
     )
-    sep = "|---|---|---|---|---|"
+    sep = "|---|---|---|---|---|---|"
     if baseline:
         head += f" final acc vs {baseline} (points) | best acc vs {baseline} | wall time / {baseline} |"
         sep += "---|---|---|"
@@ -123,7 +132,7 @@ def markdown(summary: dict[str, Any], baseline: str | None, order: list[str]) ->
         s = summary[name]
         row = (
             f"| {name} | {len(s['seeds'])} | {pct(s['final_acc'])} | {pct(s['best_acc'])} | "
-            f"{s['wall']['mean']:.1f} ± {s['wall']['std']:.1f} |"
+            f"{s['wall']['mean']:.1f} ± {s['wall']['std']:.1f} | {100 * s['max_drop']['max']:.2f} |"
         )
         if baseline:
             v = s["vs_baseline"]

@@ -3,13 +3,17 @@
 It holds the global weights as one flat float32 buffer and serves the group
 leaders' requests (protocol in `protocol.py`) as they arrive (`order:
 arrival`), or in the fixed order 0, 1, ..., n-1, 0, ... (`order:
-round_robin`, bit-for-bit reproducible). Each push is merged on arrival,
+round_robin`, bit-for-bit reproducible).
 
-    w <- (w + f * w_i) / (1 + f)        (f = 1 for a large group, d_S/d_L, sqrt(d_S/d_L) or 1 for a small one)
-
-and counted as one commit; n_groups commits make one epoch, and the learning
-rate, resolution, batch size and dropout of the next task follow from the
-commit count (`schedule.stage_for_commit`). Tasks are handed out until
+A task is one mini-epoch of a group. The group pushes its weights
+`pushes` times per task (`server.push_every`; once in the method); each push is
+merged on arrival by the rule of `server.merge` (`merge.py`: the method's
+`w <- (w + f*w_i)/(1 + f)`, or the group's own update since its pull), and the
+batch-norm buffers by the rule of `server.bn`. A push that ends a task is a
+commit; n_groups commits make one epoch, and the learning rate, resolution,
+batch size and dropout of the next task follow from the commit count
+(`schedule.stage_for_commit`). Pushes inside a task are answered CONTINUE with
+the merged weights. Tasks are handed out until
 epochs * n_groups have been issued, so every task issued is committed and no
 work is thrown away; every later request is answered STOP.
 
@@ -22,6 +26,7 @@ resumed `round_robin` run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 import resource
 import signal
 import time
@@ -29,24 +34,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from mpi4py import MPI
 
 from . import checkpoint as C
 from . import protocol as P
 from .config import Config
+from .merge import delta_weight, distance, merge_delta, merge_paper
 from .metrics import MetricsLog, Progress
 from .schedule import lr_at, stage_for_commit
 
 
-def merge(w: np.ndarray, wi: np.ndarray, f: float) -> None:
-    """w <- (w + f*wi) / (1 + f), in place.
+def pushes_per_task(share_L: int, batch_L: int, push_every: int) -> int:
+    """Pushes in one task: the large group's steps per mini-epoch / push_every, at least 1.
 
-    Written as w + t*(wi - w) with t = f/(1+f): torch's lerp_ does that in one multi-threaded
-    pass over both buffers, where the literal formula costs three numpy passes (the merge was
-    the server's largest cost per push, see docs/scaling.md).
+    Every group pushes this many times per task, whatever its batch, so that groups push at
+    the same pace (the plan gives small and large mini-epochs equal time) and a small group's
+    push weight f means what it means in the method. 0 = one push per task (the method).
     """
-    torch.from_numpy(w).lerp_(torch.from_numpy(wi), f / (1.0 + f))
+    if push_every <= 0:
+        return 1
+    return max(1, round(math.ceil(share_L / batch_L) / push_every))
 
 
 @dataclass
@@ -59,9 +66,11 @@ class GroupSpec:
 
 @dataclass
 class ServerState:
-    weights: np.ndarray
+    weights: np.ndarray  # parameters, then batch-norm buffers (flat.py)
     momentum: np.ndarray  # (n_groups, n_params), sent to the groups on resume
+    group_buffers: np.ndarray  # (n_groups, n_buffers): each group's own BN buffers (bn: local)
     commits: int = 0
+    merges: int = 0  # pushes merged, commits included (staleness is counted in merges)
     rounds: list[int] = field(default_factory=list)  # mini-epochs handed to each group
     elapsed: float = 0.0  # training seconds before this process started (resume)
     pending_evals: dict[int, float] = field(default_factory=dict)  # group -> epoch to evaluate
@@ -78,6 +87,17 @@ class Server:
         self.back = P.Backoff(cfg.server.poll_min_s, cfg.server.poll_max_s)
         self.hdr = np.zeros(P.HDR_LEN, np.float64)
         self.wbuf = np.empty_like(state.weights)
+        self.n_params = state.momentum.shape[1]
+        self.f_sum = sum(g.factor for g in groups)
+        self.ref = next((g for g in groups if not g.small), groups[0])  # push pace: a large group
+        # delta rule: the parameters each group last pulled, and the merge count at that pull
+        self.pulled = (
+            np.repeat(state.weights[None, : self.n_params], self.n, 0)
+            if cfg.server.merge == "delta"
+            else None
+        )
+        self.pulled_at = [state.merges] * self.n
+        self.final_buffers: np.ndarray | None = None  # BN buffers the final evaluation used
         self.stopped: set[int] = set()
         self.parked: list[int] = []  # groups waiting at a checkpoint barrier (merged, not answered)
         self.evals_due = 0  # STOP replies that asked for an evaluation not yet received
@@ -111,6 +131,9 @@ class Server:
             rep[P.Rep.ROUND] = s.rounds[g]
             s.rounds[g] += 1
             self.task_stage[g] = (lr, stage.resolution, spec.batch[stage.resolution])
+        rep[P.Rep.PUSHES] = pushes_per_task(
+            self.ref.share, self.ref.batch[stage.resolution], self.cfg.server.push_every
+        )
         if g in s.pending_evals and not self.preempt:
             rep[P.Rep.EVAL_EPOCH] = s.pending_evals.pop(g)
             if status == P.Status.STOP:
@@ -119,23 +142,66 @@ class Server:
         rep[P.Rep.HAS_STATE] = 1 if has_state else 0
         dest = self.topo.leaders[g]
         world = self.topo.world
-        world.Send(rep, dest=dest, tag=P.TAG_REP)  # PS: reply header
-        world.Send(s.weights, dest=dest, tag=P.TAG_W)  # PS: global weights
+        self._send_weights(g, rep)
         if has_state:
             world.Send(s.momentum[g], dest=dest, tag=P.TAG_OPT)  # PS: the group's momentum (resume)
             self.send_state.discard(g)
         if status == P.Status.STOP:
             self.stopped.add(g)
 
+    def _send_weights(self, g: int, rep: np.ndarray) -> None:
+        s, world, dest, n_p = self.s, self.topo.world, self.topo.leaders[g], self.n_params
+        bufs = s.group_buffers[g] if self.cfg.server.bn == "local" else s.weights[n_p:]
+        world.Send(rep, dest=dest, tag=P.TAG_REP)  # PS: reply header
+        world.Send(s.weights[:n_p], dest=dest, tag=P.TAG_W)  # PS: global parameters
+        world.Send(bufs, dest=dest, tag=P.TAG_BN)  # PS: BN buffers
+        if rep[P.Rep.STATUS] != P.Status.STOP:
+            self.pulled_at[g] = s.merges
+            if self.pulled is not None:
+                self.pulled[g] = s.weights[:n_p]
+
     def _answer(self, g: int) -> None:
         issued = sum(self.s.rounds)
         self._reply(g, P.Status.RUN if issued < self.total and not self.preempt else P.Status.STOP)
 
     # --- requests ------------------------------------------------------------
+    def _merge(self, g: int, src: int) -> dict[str, float]:
+        """Receive group g's weights and fold them into the global ones; returns diagnostics."""
+        s, n_p, cfg = self.s, self.n_params, self.cfg.server
+        P.recv(self.topo.world, self.wbuf, src, P.TAG_W, self.back)  # PS: the group's weights
+        w, wi, f = s.weights[:n_p], self.wbuf[:n_p], self.groups[g].factor
+        staleness = s.merges - self.pulled_at[g]
+        dist = distance(wi, w)
+        if cfg.merge == "delta":
+            a = delta_weight(f, self.f_sum, self.n, staleness)
+            merge_delta(w, wi, self.pulled[g], a)
+        else:
+            a = f / (1.0 + f)
+            merge_paper(w, wi, f)
+        if cfg.bn == "local":
+            s.group_buffers[g] = self.wbuf[n_p:]
+        else:
+            merge_paper(s.weights[n_p:], self.wbuf[n_p:], f)
+        s.merges += 1
+        return {"merge": s.merges, "staleness": staleness, "distance": round(dist, 6), "scale": round(a, 6)}
+
+    def _on_merge(self, g: int, src: int) -> None:
+        """A push inside a task: merge, log, answer CONTINUE with the merged weights."""
+        d = self._merge(g, src)
+        self.log.write(
+            {
+                "type": "merge",
+                "group": g,
+                "round": int(self.hdr[P.Req.ROUND]),
+                **d,
+                "wall": round(self.wall(), 3),
+            }
+        )
+        self._send_weights(g, P.reply(P.Status.CONTINUE))
+
     def _on_push(self, g: int, src: int) -> None:
         s = self.s
-        P.recv(self.topo.world, self.wbuf, src, P.TAG_W, self.back)  # PS: the group's weights
-        merge(s.weights, self.wbuf, self.groups[g].factor)
+        d = self._merge(g, src)
         s.commits += 1
         h = self.hdr
         if h[P.Req.PREEMPT] and not self.preempt:
@@ -150,11 +216,13 @@ class Server:
             "small": self.groups[g].small,
             "samples": int(h[P.Req.SAMPLES]),
             "seconds": round(float(h[P.Req.SECONDS]), 4),
+            "wait": round(float(h[P.Req.WAIT]), 4),
             "train_loss": float(h[P.Req.LOSS]),
             "train_acc": float(h[P.Req.ACC]),
             "lr": lr,
             "resolution": res,
             "batch": batch,
+            **d,
             "wall": round(self.wall(), 3),
         }
         self.log.write(rec)
@@ -174,8 +242,12 @@ class Server:
         else:
             self._answer(g)
 
-    def _on_eval(self, g: int) -> None:
+    def _on_eval(self, g: int, src: int) -> None:
         h = self.hdr
+        bufs = np.empty(self.s.weights.size - self.n_params, np.float32)
+        P.recv(self.topo.world, bufs, src, P.TAG_BN, self.back)  # PS: the BN buffers it evaluated with
+        if float(h[P.Req.EVAL_EPOCH]) == self.cfg.schedule.epochs:
+            self.final_buffers = bufs
         if g in self.stopped:
             self.evals_due -= 1
         rec = {
@@ -187,6 +259,8 @@ class Server:
             "samples": int(h[P.Req.EVAL_SAMPLES]),
             "seconds": round(float(h[P.Req.EVAL_SECONDS]), 4),
             "resolution": int(h[P.Req.EVAL_RESOLUTION]),
+            "bn": self.cfg.server.bn,
+            "bn_seconds": round(float(h[P.Req.EVAL_BN_SECONDS]), 4),
             "wall": round(self.wall(), 3),
         }
         self.log.write(rec)
@@ -210,19 +284,27 @@ class Server:
         # A resumed run restarts with HELLOs from groups 0, 1, ...: so does the round-robin order here.
         self.next_rr = 0
 
-    def save(self) -> str:
+    def save(self, final: bool = False) -> str:
+        """Write a checkpoint of the training state. `final`: the run is done, so the saved
+        model carries the BN buffers its final evaluation used (recalibrated, or the evaluating
+        group's own under bn: local); training never reads them back."""
         s = self.s
+        weights = s.weights
+        if final and self.final_buffers is not None:
+            weights = s.weights.copy()
+            weights[self.n_params :] = self.final_buffers
         return C.save(
             self.cfg.out,
             C.Checkpoint(
-                s.weights,
+                weights,
                 s.momentum,
                 s.commits,
                 list(s.rounds),
                 self.wall(),
                 self.log.offset(),
                 self.cfg.to_dict(),
-                {"pending_evals": {str(g): e for g, e in s.pending_evals.items()}},
+                {"pending_evals": {str(g): e for g, e in s.pending_evals.items()}, "merges": s.merges},
+                s.group_buffers,
             ),
             keep=self.cfg.checkpoint.keep,
         )
@@ -248,12 +330,14 @@ class Server:
             g = int(self.hdr[P.Req.GROUP])
             kind = int(self.hdr[P.Req.KIND])
             if kind == P.Kind.EVAL:
-                self._on_eval(g)
+                self._on_eval(g, status.Get_source())
                 continue
             if self.cfg.server.order == "round_robin":
                 self.next_rr = (g + 1) % self.n
             if kind == P.Kind.HELLO:
                 self._answer(g)
+            elif kind == P.Kind.MERGE:
+                self._on_merge(g, status.Get_source())
             elif kind == P.Kind.PUSH:
                 self._on_push(g, status.Get_source())
             else:

@@ -14,13 +14,12 @@ import time
 from typing import Any
 
 import numpy as np
-from mpi4py import MPI
 
 from . import checkpoint as C
 from .metrics import MetricsLog, Progress
 from .schedule import stage_at
 from .topology import Topology, init_horovod
-from .worker import GroupTrainer, SignalFlag
+from .worker import GroupTrainer, SignalFlag, reduce_stats
 
 
 def run_sync(st: Any, topo: Topology) -> None:
@@ -73,7 +72,11 @@ def run_sync(st: Any, topo: Topology) -> None:
     for epoch in range(start, cfg.schedule.epochs):
         stage = stage_at(epoch, cfg.schedule)
         batch = st.plan.at(stage.resolution).B_L * topo.group_size
-        s = trainer.train_mini_epoch(epoch, [d], stage.resolution, batch, stage.lr, stage.dropout)
+        s, stop = reduce_stats(
+            comm,
+            trainer.train_mini_epoch(epoch, [d], stage.resolution, batch, stage.lr, stage.dropout),
+            flag.raised,
+        )
         loss, acc, n, secs = trainer.evaluate(stage.resolution)
         wall = elapsed + time.perf_counter() - t0
         if log is not None:
@@ -112,8 +115,7 @@ def run_sync(st: Any, topo: Topology) -> None:
                 f"epoch {epoch + 1}/{cfg.schedule.epochs} {stage.resolution}px batch {batch} "
                 f"train loss {s.loss_sum / max(s.samples, 1):.3f} test acc {acc:.4f} wall {wall:.0f}s"
             )
-        # MPI: a signal on any rank stops all of them after this epoch's checkpoint.
-        stop = comm.allreduce(1 if flag.raised else 0, op=MPI.MAX)
+        # A signal on any rank (reduced above) stops all of them after this epoch's checkpoint.
         every = cfg.checkpoint.every_epochs
         if stop or (every and (epoch + 1) % every == 0):
             save(epoch + 1)

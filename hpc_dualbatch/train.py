@@ -167,10 +167,16 @@ def run_server(st: Setup, topo: Any) -> str:
             raise CheckpointError(
                 f"checkpoint in {cfg.out} does not fit the model ({ck.weights.size} weights)"
             )
+        n_buf = weights.size - n_params
+        gb = ck.group_buffers
+        if gb is None or gb.shape != (cfg.n_groups, n_buf):
+            raise CheckpointError(f"checkpoint in {cfg.out} holds no BN buffers for {cfg.n_groups} groups")
         state = ServerState(
             ck.weights.copy(),
             ck.momentum.copy(),
+            gb.copy(),
             ck.commits,
+            int(ck.extra.get("merges", ck.commits)),
             list(ck.rounds),
             ck.elapsed,
             {int(g): e for g, e in ck.extra.get("pending_evals", {}).items()},
@@ -178,7 +184,10 @@ def run_server(st: Setup, topo: Any) -> str:
         )
     else:
         state = ServerState(
-            weights, np.zeros((cfg.n_groups, n_params), np.float32), rounds=[0] * cfg.n_groups
+            weights,
+            np.zeros((cfg.n_groups, n_params), np.float32),
+            np.repeat(weights[None, n_params:], cfg.n_groups, 0),
+            rounds=[0] * cfg.n_groups,
         )
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None)
     server = Server(cfg, topo, st.groups, state, log)
@@ -186,7 +195,7 @@ def run_server(st: Setup, topo: Any) -> str:
     # The state is consistent in both outcomes: a preemption ends after a checkpoint barrier,
     # and a finished run has committed every task. Saving also covers a signal that came
     # before any commit, so a requeued job always finds a checkpoint to resume from.
-    path = server.save()
+    path = server.save(final=outcome == "done")
     log.write(
         {
             "type": "end",

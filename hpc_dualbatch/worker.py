@@ -2,7 +2,8 @@
 
 `GroupTrainer` is one rank's model, optimiser and data: it trains one
 mini-epoch (the group's share of samples at the group's batch, split across
-its ranks) and evaluates. The synchronous baseline uses it too.
+its ranks) in `pushes` parts, recalibrates batch-norm statistics and
+evaluates. The synchronous baseline uses it too.
 
 `run_worker` is the group's side of the protocol in `protocol.py`: the leader
 talks to the server, the other ranks of the group receive what it got by a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,7 @@ from mpi4py import MPI
 from . import protocol as P
 from .config import Config
 from .data.loader import EvalLoader, TrainLoader, eval_indices, shard_indices
-from .engine import evaluate, make_optimizer, pick_device, set_lr, train_step
+from .engine import evaluate, make_optimizer, pick_device, recalibrate_bn, set_lr, train_step
 from .flat import FlatModel
 from .model import build_model, set_dropout
 from .topology import Topology
@@ -38,10 +40,27 @@ def derive_seed(*parts: int) -> int:
 
 @dataclass
 class MiniEpochStats:
+    """One rank's sums over a mini-epoch (the drivers reduce them over the group)."""
+
     samples: int
-    seconds: float
+    seconds: float  # wall seconds training, exchanges inside the task excluded
     loss_sum: float
     correct: int
+    wait: float = 0.0  # wall seconds in the exchanges between the task's parts
+
+
+def part_ends(steps: int, parts: int) -> list[int]:
+    """Step counts after which each of `parts` near-equal parts of `steps` steps ends.
+
+    At most one part per step; the last end is always `steps` (the task's commit)."""
+    parts = max(1, min(parts, steps))
+    return [round((i + 1) * steps / parts) for i in range(parts)]
+
+
+def bn_indices(n_train: int, samples: int, seed: int) -> np.ndarray:
+    """The fixed training samples every BN recalibration of a run uses (seeded by the run's seed)."""
+    rng = np.random.default_rng(derive_seed(seed, 0xB2))
+    return np.sort(rng.choice(n_train, min(samples, n_train), replace=False))
 
 
 def rank_batches(
@@ -81,8 +100,18 @@ class GroupTrainer:
         self.n_test = staged.num_samples("test")
 
     def train_mini_epoch(
-        self, round_idx: int, shares: list[int], resolution: int, batch: int, lr: float, dropout: float
+        self,
+        round_idx: int,
+        shares: list[int],
+        resolution: int,
+        batch: int,
+        lr: float,
+        dropout: float,
+        pushes: int = 1,
+        exchange: Callable[[], None] | None = None,
     ) -> MiniEpochStats:
+        """Train this rank's part of the group's mini-epoch; after each of the first
+        `pushes - 1` parts call `exchange` (the driver's push and pull). Returns local sums."""
         cfg = self.cfg
         order = shard_indices(
             self.n_train, shares, self.group, 0, 1, round_idx, cfg.seed, cfg.data.assignment
@@ -93,7 +122,7 @@ class GroupTrainer:
         set_lr(self.opt, lr)
         set_dropout(self.model, dropout)
         self.model.train()
-        loss_sum, correct, n = 0.0, 0, 0
+        loss_sum, correct, n, wait = 0.0, 0, 0, 0.0
         t0 = time.perf_counter()
         if len(mine):
             loader = TrainLoader(
@@ -111,13 +140,33 @@ class GroupTrainer:
                 in_memory=cfg.data.in_memory,
                 in_memory_max_mb=cfg.data.in_memory_max_mb,
             )
-            for x, y in loader:
+            ends = set(part_ends(len(loader), pushes)[:-1]) if exchange else set()
+            for step, (x, y) in enumerate(loader, 1):
                 ls, c = train_step(self.model, self.opt, x, y)
                 loss_sum, correct, n = loss_sum + ls, correct + c, n + len(y)
-        seconds = time.perf_counter() - t0
-        tot = np.array([loss_sum, correct, n], np.float64)
-        self.comm.Allreduce(MPI.IN_PLACE, tot)  # MPI: group sums of loss, correct, samples
-        return MiniEpochStats(int(tot[2]), seconds, float(tot[0]), int(tot[1]))
+                if step in ends:
+                    t1 = time.perf_counter()
+                    exchange()
+                    self.model.train()
+                    wait += time.perf_counter() - t1
+        seconds = time.perf_counter() - t0 - wait
+        return MiniEpochStats(n, seconds, loss_sum, correct, wait)
+
+    def recalibrate(self, resolution: int) -> float:
+        """Recompute the BN statistics of the current weights on the run's fixed training samples
+        (each rank a part, then the group's mean); returns wall seconds."""
+        t0 = time.perf_counter()
+        idx = np.array_split(bn_indices(self.n_train, self.cfg.server.bn_samples, self.cfg.seed), self.size)
+        mine = idx[self.rank]
+        batch = max(1, math.ceil(len(mine) / max(1, math.ceil(len(mine) / self.cfg.data.eval_batch))))
+        recalibrate_bn(
+            self.model, EvalLoader(self.staged, resolution, mine, batch, self.device, split="train")
+        )
+        if self.size > 1:
+            bufs = self.flat.buffers_flat()
+            self.comm.Allreduce(MPI.IN_PLACE, bufs)  # MPI: group sum of the ranks' statistics
+            self.flat.load_buffers(bufs / self.size)
+        return time.perf_counter() - t0
 
     def evaluate(self, resolution: int) -> tuple[float, float, int, float]:
         """Test loss and accuracy of the current weights, summed over the group's ranks."""
@@ -129,6 +178,14 @@ class GroupTrainer:
         tot = np.array([loss_sum, correct, n], np.float64)
         self.comm.Allreduce(MPI.IN_PLACE, tot)  # MPI: group sums
         return tot[0] / max(tot[2], 1), tot[1] / max(tot[2], 1), int(tot[2]), time.perf_counter() - t0
+
+
+def reduce_stats(comm: Any, st: MiniEpochStats, flag: int) -> tuple[MiniEpochStats, bool]:
+    """Group sums of a mini-epoch's stats, slowest rank's seconds, and whether any rank was
+    signalled (SIGTERM/SIGUSR1 reach any rank; the leader must learn of it)."""
+    tot = np.array([st.loss_sum, st.correct, st.samples, 1 if flag else 0], np.float64)
+    comm.Allreduce(MPI.IN_PLACE, tot)  # MPI: group sums of loss, correct, samples, signals
+    return MiniEpochStats(int(tot[2]), st.seconds, float(tot[0]), int(tot[1]), st.wait), bool(tot[3])
 
 
 class SignalFlag:
@@ -147,17 +204,17 @@ class SignalFlag:
 
 
 def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> None:
-    """The group's loop: pull, (evaluate,) train, push, until the server says STOP."""
+    """The group's loop: pull, (evaluate,) train in parts with a push after each, until STOP."""
     from .topology import init_horovod
 
     hvd = init_horovod(topo)
     flag = SignalFlag()
     trainer = GroupTrainer(cfg, staged, hvd, topo, topo.group_comm)
     back = P.Backoff(cfg.server.poll_min_s, cfg.server.poll_max_s)
-    world, gcomm = topo.world, topo.group_comm
+    world, gcomm, n_p = topo.world, topo.group_comm, trainer.flat.n_params
     rep = np.zeros(P.HDR_LEN, np.float64)
     w = np.empty(trainer.flat.n_weights, np.float32)
-    state = np.empty(trainer.flat.n_params, np.float32)
+    state = np.empty(n_p, np.float32)
 
     def exchange(req: np.ndarray, push: bool) -> None:
         """Leader: send a request (and weights), wait for the reply; answer state requests."""
@@ -169,7 +226,8 @@ def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> N
             if rep[P.Rep.STATUS] != P.Status.SEND_STATE:
                 break
             world.Send(trainer.flat.momentum(trainer.opt, state), dest=0, tag=P.TAG_OPT)  # PS: checkpoint
-        P.recv(world, w, 0, P.TAG_W, back)  # PS: merged weights
+        P.recv(world, w[:n_p], 0, P.TAG_W, back)  # PS: merged parameters
+        P.recv(world, w[n_p:], 0, P.TAG_BN, back)  # PS: BN buffers
         if rep[P.Rep.HAS_STATE]:
             P.recv(world, state, 0, P.TAG_OPT, back)  # PS: momentum on resume
 
@@ -178,6 +236,15 @@ def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> N
         P.bcast(gcomm, w, back)  # MPI
         if rep[P.Rep.HAS_STATE]:
             P.bcast(gcomm, state, back)  # MPI
+
+    def mid_task_push() -> None:
+        """All ranks: the leader pushes the weights so far and pulls the merged ones."""
+        if topo.is_leader:
+            req = P.request(P.Kind.MERGE, topo.group)
+            req[P.Req.ROUND] = round_idx
+            exchange(req, push=True)
+        share_reply()
+        trainer.flat.load_weights(w)
 
     if topo.is_leader:
         exchange(P.request(P.Kind.HELLO, topo.group), push=False)
@@ -188,6 +255,7 @@ def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> N
             trainer.flat.load_momentum(trainer.opt, state)
         resolution = int(rep[P.Rep.RESOLUTION])
         if rep[P.Rep.EVAL_EPOCH] >= 0:
+            bn_secs = trainer.recalibrate(resolution) if cfg.server.bn == "recalibrate" else 0.0
             loss, acc, n, secs = trainer.evaluate(resolution)
             if topo.is_leader:
                 req = P.request(P.Kind.EVAL, topo.group)
@@ -198,29 +266,44 @@ def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> N
                     P.Req.EVAL_SAMPLES,
                     P.Req.EVAL_SECONDS,
                     P.Req.EVAL_RESOLUTION,
+                    P.Req.EVAL_BN_SECONDS,
                 ]
-                req[fields] = (rep[P.Rep.EVAL_EPOCH], loss, acc, n, secs, resolution)
+                req[fields] = (rep[P.Rep.EVAL_EPOCH], loss, acc, n, secs, resolution, bn_secs)
                 world.Send(req, dest=0, tag=P.TAG_REQ)  # PS: evaluation result, no reply
+                world.Send(trainer.flat.buffers_flat(), dest=0, tag=P.TAG_BN)  # PS: the BN buffers used
         if rep[P.Rep.STATUS] == P.Status.STOP:
             break
         round_idx = int(rep[P.Rep.ROUND])
-        st = trainer.train_mini_epoch(
+        local = trainer.train_mini_epoch(
             round_idx,
             shares,
             resolution,
             int(rep[P.Rep.BATCH]),
             float(rep[P.Rep.LR]),
             float(rep[P.Rep.DROPOUT]),
+            int(rep[P.Rep.PUSHES]),
+            mid_task_push,
         )
+        st, signalled = reduce_stats(gcomm, local, flag.raised)
         if topo.is_leader:
             req = P.request(P.Kind.PUSH, topo.group)
-            req[[P.Req.ROUND, P.Req.SAMPLES, P.Req.SECONDS, P.Req.LOSS, P.Req.ACC, P.Req.PREEMPT]] = (
+            fields = [
+                P.Req.ROUND,
+                P.Req.SAMPLES,
+                P.Req.SECONDS,
+                P.Req.LOSS,
+                P.Req.ACC,
+                P.Req.PREEMPT,
+                P.Req.WAIT,
+            ]
+            req[fields] = (
                 round_idx,
                 st.samples,
                 st.seconds,
                 st.loss_sum / max(st.samples, 1),
                 st.correct / max(st.samples, 1),
-                1 if flag.raised else 0,
+                1 if signalled else 0,
+                st.wait,
             )
             exchange(req, push=True)
         share_reply()

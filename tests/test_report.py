@@ -52,8 +52,12 @@ def test_report_means_spreads_and_baseline_ratios(tmp_path):
     assert s["new"]["best_acc"]["mean"] == pytest.approx(0.825)  # best of each seed: 0.9 and 0.75
     assert s["new"]["vs_baseline"]["final_acc_diff"] == pytest.approx(0.05)
     assert s["new"]["vs_baseline"]["wall_ratio"] == pytest.approx(0.5)
+    # largest fall after epoch 1: base none; new 0.05 (s1: 0.9 -> 0.85), s2 none
+    assert s["base"]["max_drop"]["max"] == 0.0
+    assert s["new"]["max_drop"]["max"] == pytest.approx(0.05)
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| new | 2 | 80.00 ± 7.07 (75.00..85.00)" in md
+    assert "| 5.00 |" in md
     for png in ("acc_vs_time.png", "acc_vs_epoch.png", "group_throughput.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
 

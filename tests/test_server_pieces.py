@@ -10,8 +10,11 @@ import pytest
 from hpc_dualbatch import checkpoint as C
 from hpc_dualbatch.errors import CheckpointError
 from hpc_dualbatch.plan import contribution_factor
-from hpc_dualbatch.server import merge
-from hpc_dualbatch.worker import rank_batches
+from hpc_dualbatch.engine import recalibrate_bn
+from hpc_dualbatch.merge import delta_weight, distance, merge_delta
+from hpc_dualbatch.merge import merge_paper as merge
+from hpc_dualbatch.server import pushes_per_task
+from hpc_dualbatch.worker import bn_indices, part_ends, rank_batches
 
 
 @pytest.mark.parametrize(
@@ -31,6 +34,86 @@ def test_merge_with_f_one_is_the_exact_mean():
     w = np.array([1.0, 2.0, 3.0], np.float32)
     merge(w, np.array([3.0, 4.0, 5.0], np.float32), 1.0)
     assert w.tolist() == [2.0, 3.0, 4.0]
+
+
+def test_delta_merge_applies_the_scaled_update_since_the_pull():
+    w = np.array([1.0, 2.0, 3.0], np.float32)
+    pulled = np.array([0.0, 2.0, 2.0], np.float32)
+    wi = np.array([0.5, 4.0, 2.0], np.float32)  # update since the pull: [0.5, 2, 0]
+    merge_delta(w, wi, pulled, 0.25)
+    assert w.tolist() == [1.125, 2.5, 3.0]
+    assert wi.tolist() == [0.5, 2.0, 0.0]  # the receive buffer now holds the update
+
+
+@pytest.mark.parametrize(
+    "f, f_sum, n, staleness, a",
+    [
+        (1.0, 4.0, 4, 0, 0.25),  # fresh push: 1/n
+        (1.0, 4.0, 4, 3, 0.25),  # one round old (each other group pushed once): still 1/n
+        (1.0, 4.0, 4, 7, 0.125),  # two rounds old: halved
+        (0.5, 3.0, 4, 3, 0.5 / 3.0),  # a small group (f = d_S/d_L = 0.5) among 2 large + 2 small
+        (1.0, 1.0, 1, 0, 1.0),  # one group: its whole update (plain local training)
+    ],
+)
+def test_delta_weight_table(f, f_sum, n, staleness, a):
+    assert delta_weight(f, f_sum, n, staleness) == pytest.approx(a)
+
+
+def test_delta_weight_rejects_impossible_inputs():
+    with pytest.raises(ValueError, match="staleness"):
+        delta_weight(1.0, 4.0, 4, -1)
+
+
+def test_one_round_of_delta_pushes_is_the_mean_of_the_groups_updates():
+    """n groups pull the same weights and push in turn: the result is their mean, as in
+    synchronous local SGD (what the paper's rule does not keep, see merge.py)."""
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal(50).astype(np.float32)
+    pushed = [w0 + rng.standard_normal(50).astype(np.float32) for _ in range(4)]
+    w = w0.copy()
+    for k, wi in enumerate(pushed):
+        merge_delta(w, wi.copy(), w0, delta_weight(1.0, 4.0, 4, staleness=k))
+    np.testing.assert_allclose(w, np.mean(pushed, axis=0), atol=1e-5)
+    assert distance(w, w0) == pytest.approx(float(np.linalg.norm(w - w0)), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "share, batch, every, pushes",
+    [(4500, 64, 0, 1), (4500, 64, 16, 4), (4500, 64, 100, 1), (1000, 100, 1, 10), (13125, 560, 21, 1)],
+)
+def test_pushes_per_task(share, batch, every, pushes):
+    assert pushes_per_task(share, batch, every) == pushes
+
+
+@pytest.mark.parametrize(
+    "steps, parts, ends", [(10, 1, [10]), (10, 4, [2, 5, 8, 10]), (3, 5, [1, 2, 3]), (0, 3, [0])]
+)
+def test_part_ends(steps, parts, ends):
+    assert part_ends(steps, parts) == ends
+
+
+def test_bn_samples_are_fixed_by_the_seed_and_inside_the_training_split():
+    a, b, c = bn_indices(1000, 256, 1), bn_indices(1000, 256, 1), bn_indices(1000, 256, 2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert len(set(a.tolist())) == 256 and a.min() >= 0 and a.max() < 1000
+    assert len(bn_indices(100, 256, 1)) == 100
+
+
+def test_recalibration_recovers_the_statistics_of_the_data():
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4))
+    x = torch.randn(512, 1, 3, 3) * 3 + 5
+    model[1].running_mean.fill_(100.0)  # stale statistics, e.g. averaged from other models
+    batches = [(x[i : i + 128], None) for i in range(0, 512, 128)]
+    assert recalibrate_bn(model, batches) == 512
+    with torch.no_grad():
+        h = model[0](x)
+    torch.testing.assert_close(model[1].running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model[1].running_var, h.var((0, 2, 3)), rtol=2e-2, atol=1e-3)
+    assert model[1].momentum == 0.1 and not model.training
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ def _server(world, variant: str, iters: int, w: np.ndarray, wbuf: np.ndarray, ba
     from mpi4py import MPI
 
     from .. import protocol as P
-    from ..server import merge
+    from ..merge import merge_paper as merge
 
     hdr = np.zeros(P.HDR_LEN, np.float64)
     merge_s = 0.0
