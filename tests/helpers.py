@@ -66,7 +66,7 @@ def tiny_config(data: str, out: Path, **over) -> dict:
             "resolutions": [12, 16],
             "dropout": {12: 0.0, 16: 0.1},
         },
-        "server": {"order": "round_robin"},
+        "server": {"order": "round_robin", "push_every": 4},  # ~16 large steps a task: 4 pushes
         "checkpoint": {"every_epochs": 1},
     }
     for key, value in over.items():

@@ -77,6 +77,50 @@ def test_round_robin_runs_are_bit_identical_and_resume_exactly(tmp_path, synthet
     assert evals == [float(e) for e in range(1, 7)]
 
 
+@pytest.mark.parametrize(
+    "merge, bn, push_every", [("paper", "average", 0), ("delta", "local", 4), ("delta", "average", 2)]
+)
+def test_every_server_mode_learns_logs_its_pushes_and_resumes_exactly(
+    tmp_path, synthetic_h5, merge, bn, push_every
+):
+    """The default mode (delta, recalibrate, 4 pushes) is covered by the test above."""
+    over = dict(schedule__epochs=4, server__merge=merge, server__bn=bn, server__push_every=push_every)
+    r1, out1 = train(tmp_path, synthetic_h5, name="a", **over)
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    status = json.loads((out1 / "status.json").read_text())
+    assert status["final_test_acc"] > 0.5  # 10 classes: chance is 0.1
+    recs = read_metrics(str(out1 / "metrics.jsonl"))
+    merges = [r for r in recs if r["type"] == "merge"]
+    commits = [r for r in recs if r["type"] == "commit"]
+    assert (len(merges) > 0) == (push_every > 0)
+    # Round robin between 2 groups: one merge by the other group since the pull, or none (the
+    # first push, and group 0's first push after a checkpoint barrier answered both groups).
+    pushes = sorted(merges + commits, key=lambda r: r["merge"])
+    assert [r["merge"] for r in pushes] == list(range(1, len(pushes) + 1))
+    assert {r["staleness"] for r in pushes[1:]} == {0, 1} and pushes[0]["staleness"] == 0
+    assert all(r["distance"] > 0 for r in merges + commits)
+    plan = json.loads((out1 / "plan.json").read_text())
+    f = plan["d_S"] / plan["d_L"]  # the small group's contribution factor (group 1 is small)
+    # paper: f/(1+f) with f = 1 or d_S/d_L; delta: f/sum(f), staleness 1 is within one round
+    want = {0: 0.5, 1: f / (1 + f)} if merge == "paper" else {0: 1 / (1 + f), 1: f / (1 + f)}
+    for r in merges + commits:
+        assert r["scale"] == pytest.approx(want[r["group"]], abs=1e-6), r
+    assert all(e["bn"] == bn for e in recs if e["type"] == "eval")
+
+    # Kill after the first checkpoint, resume, and end with the same weights.
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(synthetic_h5, tmp_path / "c", **over))
+    job = start(3, "train", "--config", cfg)
+    ckdir = tmp_path / "c" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckdir.exists() and any(ckdir.glob("ckpt-*.npz"))):
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    r3 = hdb(3, "train", "--resume", str(tmp_path / "c"))
+    assert r3.returncode == 0, r3.stdout + r3.stderr
+    assert np.array_equal(final_weights(out1), final_weights(tmp_path / "c"))
+
+
 def test_sigusr1_checkpoints_stops_and_resumes(tmp_path, synthetic_h5):
     cfg = write_config(
         tmp_path / "p.yaml",
