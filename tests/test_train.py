@@ -13,7 +13,7 @@ import pytest
 
 from hpc_dualbatch.metrics import read_metrics
 
-from .helpers import final_weights, hdb, start, tiny_config, write_config
+from .helpers import final_weights, hdb, kill_job, rank_pids, start, tiny_config, write_config
 
 pytestmark = pytest.mark.skipif(
     pytest.importorskip("horovod.torch", reason="Horovod not installed") is None, reason="no Horovod"
@@ -142,6 +142,40 @@ def test_sigusr1_checkpoints_stops_and_resumes(tmp_path, synthetic_h5):
     commits, evals = commits_and_evals(tmp_path / "p")
     assert commits == list(range(1, 17))
     assert evals == [float(e) for e in range(1, 9)]
+
+
+def test_sigterm_to_a_non_leader_rank_checkpoints_and_stops_the_run(tmp_path, synthetic_h5):
+    """Only a group's leader talks to the server; a signal that reaches another rank of the
+    group (a node-local kill, an out-of-memory watchdog) must still stop the run cleanly."""
+    cfg = write_config(
+        tmp_path / "t.yaml",
+        tiny_config(
+            synthetic_h5,
+            tmp_path / "t",
+            schedule__epochs=8,
+            checkpoint__every_epochs=0,
+            workers__groups=[2, 1],
+        ),
+    )
+    job = start(4, "train", "--config", cfg)
+    try:
+        pids = rank_pids(job, 4)
+        metrics = tmp_path / "t" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and '"commit"' in metrics.read_text()):
+            time.sleep(0.05)
+        os.kill(pids[2], signal.SIGTERM)  # world rank 2: the second rank of group 0, not its leader
+        out, _ = job.communicate(timeout=120)
+    except BaseException:
+        kill_job(job)
+        raise
+    assert job.returncode == 0, out
+    status = json.loads((tmp_path / "t" / "status.json").read_text())
+    assert status["state"] == "preempted" and status["commits"] < 16, status
+    r = hdb(4, "train", "--resume", str(tmp_path / "t"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    commits, _ = commits_and_evals(tmp_path / "t")
+    assert commits == list(range(1, 17))
 
 
 def test_sync_baseline_learns_with_the_same_metrics(tmp_path, synthetic_h5):
