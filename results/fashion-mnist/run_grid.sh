@@ -47,6 +47,9 @@ run() {  # run PART NAME NP SEED overrides...
   rm -rf "$dir"
   mkdir -p "$OUT/runs/$part"
   echo "== $part/$name seed $seed ($(date +%H:%M:%S))"
+  mkdir -p "$dir"  # the code that ran: commit, and whether the checkout had local changes
+  { git rev-parse HEAD; git status --porcelain --untracked-files=no | sed 's/^/changed: /'; } \
+    > "$dir/code.txt" 2>/dev/null || true
   scripts/mpirun_local.sh -np "$np" $PY -m hpc_dualbatch train "${COMMON[@]}" --set "seed=$seed" \
     --set "out=$dir" "$@" > "$dir.log" 2>&1
   tail -n 1 "$dir.log"
