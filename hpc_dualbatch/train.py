@@ -5,8 +5,9 @@
 
 Output folder (`out`): config.yaml (resolved), plan.json, command.txt, metrics.jsonl,
 checkpoints/ckpt-<commits>.npz, status.json (state done | preempted, final and best test
-accuracy). A folder that already holds a run is refused unless `--resume` names it, and a
-lock file keeps two jobs out of one folder.
+accuracy). A folder holding a checkpoint is refused unless `--resume` names it; one whose
+run stopped before its first checkpoint starts over at commit 0 (see `_prepare_out`); a lock
+file keeps two jobs out of one folder.
 """
 
 from __future__ import annotations
