@@ -669,3 +669,26 @@ def test_config_file_that_is_not_text_is_a_message(tmp_path):
     path.write_bytes(bytes(range(128, 256)))
     with pytest.raises(ConfigError, match=r"binary.yaml' is not (UTF-8 text|valid YAML)"):
         load_config(str(path))
+
+
+@mpi
+def test_resume_with_moved_data_and_other_operational_keys_continues(tmp_path, synthetic_h5):
+    """A requeued job on another node: the data copied elsewhere, other threads and prefetch."""
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(synthetic_h5, tmp_path / "run", schedule__epochs=3, schedule__milestones=[2]),
+    )
+    out = tmp_path / "run"
+    r = hdb(3, "train", "--config", cfg, timeout=JOB_S)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sorted((out / "checkpoints").glob("ckpt-*.npz"))[-1].unlink()  # back to a checkpoint mid-run
+    resumed_at = C.load(C.latest(str(out))).commits
+    moved = tmp_path / "node-local" / "copy.h5"
+    moved.parent.mkdir()
+    shutil.copy(synthetic_h5, moved)
+    sets = ["--set", f"data.path={moved}", "--set", "threads=2", "--set", "data.prefetch=1"]
+    r = hdb(3, "train", "--resume", str(out), *sets, timeout=JOB_S)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert status(out)["state"] == "done"
+    commits = [x["commit"] for x in read_metrics(str(out / "metrics.jsonl")) if x["type"] == "commit"]
+    assert commits == list(range(1, 7)) and resumed_at < 6
