@@ -8,7 +8,7 @@ One `.npz` file per checkpoint under `<out>/checkpoints/`, loaded with
     group_buffers float32[n_groups, n_buffers]  each group's own BN buffers (server.bn: local);
                absent in sync runs
     meta       JSON: format, commits, rounds per group, elapsed seconds, metrics byte offset,
-               the resolved config
+               the resolved config, and the fingerprint of the staged data's content (`data`)
 
 Every random choice of a run derives from (seed, group, round, rank) counters,
 so the counters in `meta` replace RNG states. Written to a temporary name,
@@ -27,10 +27,40 @@ from typing import Any
 import numpy as np
 
 from .errors import CheckpointError
+from .yaml_safe import show
 
 FORMAT = 1
 PREFIX = "ckpt-"
-MAY_MOVE = ("out", "data.path")  # config keys a resume may change
+# Config keys a resume may change: where things are and how fast they run, never what is
+# computed. Every other key, including any key added later, is part of the run's identity and
+# must match the checkpoint. The staged data is compared by content (`data_fingerprint`), not
+# by `data.path`, so a requeued job may stage it to another node-local folder.
+OPERATIONAL = frozenset(
+    {
+        "out",  # the run folder itself
+        "data.path",  # a node-local copy of the same file
+        "data.in_memory",  # RAM or streamed reads: the same pixels either way
+        "data.in_memory_max_mb",
+        "data.prefetch",  # batches loaded ahead in a thread
+        "data.eval_batch",  # evaluation batch per rank (sums over the same samples)
+        "device",  # a requeued job may land on other hardware
+        "threads",
+        "server.poll_min_s",  # how often a waiting rank polls
+        "server.poll_max_s",
+        "checkpoint.every_epochs",  # when checkpoints are written, not what they hold
+        "checkpoint.keep",
+    }
+)
+
+# The staged data's fingerprint is kept with every checkpoint a process writes once the run's
+# data is bound (`bind_data`, called by `train` on the rank that writes checkpoints).
+_DATA: dict[str, Any] | None = None
+
+
+def bind_data(fingerprint: dict[str, Any] | None) -> None:
+    """Record the fingerprint of the run's staged data in every later checkpoint of this process."""
+    global _DATA
+    _DATA = fingerprint
 
 
 @dataclass
@@ -43,6 +73,7 @@ class Checkpoint:
     metrics_offset: int  # bytes of metrics.jsonl that belong to the work up to here
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] | None = None  # fingerprint of the staged data (None: older checkpoint)
     group_buffers: np.ndarray | None = None  # (n_groups, n_buffers)
 
 
@@ -63,6 +94,7 @@ def save(out: str, ck: Checkpoint, keep: int = 2) -> str:
         "metrics_offset": ck.metrics_offset,
         "config": ck.config,
         "extra": ck.extra,
+        "data": ck.data if ck.data is not None else _DATA,
     }
     try:
         with open(tmp, "wb") as f:
@@ -124,6 +156,7 @@ def load(path: str) -> Checkpoint:
             int(meta["metrics_offset"]),
             dict(meta["config"]),
             dict(meta.get("extra", {})),
+            dict(meta["data"]) if meta.get("data") is not None else None,
             group_buffers,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -144,18 +177,37 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_compatible(path: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A resume must use the config the checkpoint was made with. Only where things are may
-    differ: `out`, and `data.path` (a job may stage its data to another node-local folder)."""
+    """A resume must use the config the checkpoint was made with; only the OPERATIONAL keys
+    (where things are, how fast they run) may differ."""
     # A JSON round trip makes both sides alike (int dict keys become strings).
     a = _flatten(json.loads(json.dumps(saved)))
     b = _flatten(json.loads(json.dumps(current)))
     diffs = [
-        f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
+        f"{k}: checkpoint {show(a.get(k))}, now {show(b.get(k))}"
         for k in sorted(set(a) | set(b))
-        if k != "out" and a.get(k) != b.get(k)
+        if k not in OPERATIONAL and a.get(k) != b.get(k)
     ]
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was made with another config ({'; '.join(diffs[:3])}); "
-            f"resume with the same config, or start a new run in another output folder"
+            f"resume with the same config (only {', '.join(sorted(OPERATIONAL))} may change), "
+            f"or start a new run in another output folder"
         )
+
+
+def check_same_data(path: str, saved: dict[str, Any] | None, current: dict[str, Any], data_path: str) -> None:
+    """The staged data must hold what it held when the checkpoint was made (its path may move)."""
+    if saved is None or saved.get("digest") == current.get("digest"):
+        return  # a checkpoint from before fingerprints were kept, or the same content
+    first = ["train_samples", "test_samples", "classes", "channels", "resolutions", "encoding", "source"]
+    keys = first + sorted((set(saved) | set(current)) - set(first) - {"digest"})
+    diffs = [
+        f"{k}: checkpoint {show(saved.get(k))}, now {show(current.get(k))}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ] or [f"content digest: checkpoint {saved.get('digest')}, now {current.get('digest')}"]
+    raise CheckpointError(
+        f"checkpoint {path} was made with other data than the staged file '{data_path}' holds now "
+        f"({'; '.join(diffs[:3])}); resume with the file the run started with (it may be moved: "
+        f"--set data.path=...), or start a new run in another output folder"
+    )

@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .yaml_safe import clip, show
+from .yaml_safe import load as _load_yaml
 
 
 @dataclass
@@ -130,6 +132,9 @@ class Config:
         return workers + 1 if self.mode == "ps" else workers
 
 
+MAX_EPOCHS = 100_000  # schedule.epochs: far beyond any recipe; bounds the per-epoch work of `plan`
+MAX_POLL_S = 1.0  # server.poll_*_s: a longer sleep would add seconds of latency to every message
+
 _CHOICES = {
     "mode": ("ps", "sync"),
     "device": ("auto", "cpu", "cuda"),
@@ -148,35 +153,35 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping of its fields, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a mapping of its fields, got {show(value)}")
         return _build(tp, value, key + ".")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list of {item.__name__}, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a list of {item.__name__}, got {show(value)}")
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         kt, vt = typing.get_args(tp)
         if not isinstance(value, dict):
             raise ConfigError(
-                f"config key '{key}' must be a mapping {kt.__name__} -> {vt.__name__}, got {value!r}"
+                f"config key '{key}' must be a mapping {kt.__name__} -> {vt.__name__}, got {show(value)}"
             )
         return {_convert(k, kt, f"{key} key"): _convert(v, vt, f"{key}[{k}]") for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < 1e308:
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a number, got {show(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be an integer, got {show(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be true or false, got {show(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a string, got {show(value)}")
         return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module
 
@@ -187,7 +192,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(raw) - names, key=str)  # key=str: YAML keys may mix ints and strings
     if unknown:
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+            f"unknown config key '{clip(prefix + str(unknown[0]))}'; "
+            f"valid keys here: {', '.join(sorted(names))}"
         )
     kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in raw.items()}
     return cls(**kwargs)
@@ -206,12 +212,12 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """`key.sub=value` -> (key.sub, value parsed as YAML: 1.1 -> float, [1,2] -> list)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key.sub=value")
+        raise ConfigError(f"override '{clip(text)}' must look like key.sub=value")
     key, _, val = text.partition("=")
     try:
-        return key.strip(), yaml.safe_load(val) if val.strip() else ""
+        return key.strip(), _load_yaml(val, f"override '{clip(text)}'") if val.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+        raise ConfigError(f"override '{clip(text)}': value is not valid YAML ({e})") from None
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -222,9 +228,13 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file '{path}' does not exist")
         try:
             with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
+                raw = _load_yaml(f, f"config file '{path}'") or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     for ov in overrides:
@@ -247,13 +257,15 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 def validate(cfg: Config) -> None:
     """Value checks that need no data file or timing file (those come in the planner)."""
+    if not cfg.out.strip():
+        raise ConfigError("config key 'out' is empty; give the run folder, e.g. out: runs/demo")
     d = cfg.to_dict()
     for key, choices in _CHOICES.items():
         v: Any = d
         for p in key.split("."):
             v = v[p]
         if v not in choices:
-            raise ConfigError(f"config key '{key}' is {v!r}; valid: {', '.join(choices)}")
+            raise ConfigError(f"config key '{key}' is {show(v)}; valid: {', '.join(choices)}")
     w, s, p = cfg.workers, cfg.schedule, cfg.plan
     if not w.groups:
         raise ConfigError("config key 'workers.groups' must list at least one group size")
@@ -274,6 +286,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.seed < 2**63:  # numpy's SeedSequence needs >= 0, torch.manual_seed < 2**64
         raise ConfigError(f"config key 'seed' is {cfg.seed}; valid: 0 .. 2**63 - 1")
     _positive("schedule.epochs", s.epochs)
+    if s.epochs > MAX_EPOCHS:
+        raise ConfigError(f"config key 'schedule.epochs' is {s.epochs}; valid: 1..{MAX_EPOCHS}")
     if not s.lr:
         raise ConfigError("config key 'schedule.lr' must list at least one learning rate")
     for i, lr in enumerate(s.lr):
@@ -281,20 +295,20 @@ def validate(cfg: Config) -> None:
     if len(s.milestones) != len(s.lr) - 1:
         raise ConfigError(
             f"config key 'schedule.milestones' needs len(schedule.lr) - 1 = {len(s.lr) - 1} epochs, "
-            f"got {s.milestones}"
+            f"got {show(s.milestones)}"
         )
     prev = 0
     for m in s.milestones:
         if not prev < m < s.epochs:
             raise ConfigError(
                 f"config key 'schedule.milestones' must rise strictly inside (0, {s.epochs}), "
-                f"got {s.milestones}"
+                f"got {show(s.milestones)}"
             )
         prev = m
     if not s.resolutions or sorted(set(s.resolutions)) != list(s.resolutions):
         raise ConfigError(
             f"config key 'schedule.resolutions' must list distinct resolutions low -> high, "
-            f"got {s.resolutions}"
+            f"got {show(s.resolutions)}"
         )
     for r in s.resolutions:
         _positive("schedule.resolutions", r)
@@ -318,6 +332,12 @@ def validate(cfg: Config) -> None:
     _positive("server.poll_min_s", cfg.server.poll_min_s)
     _positive("server.push_every", cfg.server.push_every, allow_zero=True)
     _positive("server.bn_samples", cfg.server.bn_samples)
+    for key in ("poll_min_s", "poll_max_s"):
+        if getattr(cfg.server, key) > MAX_POLL_S:
+            raise ConfigError(
+                f"config key 'server.{key}' is {getattr(cfg.server, key)} s; valid: up to {MAX_POLL_S} s "
+                f"(it is a sleep between polls of a waiting rank, normally milliseconds)"
+            )
     if cfg.server.poll_max_s < cfg.server.poll_min_s:
         raise ConfigError("config key 'server.poll_max_s' must be >= server.poll_min_s")
     _positive("checkpoint.every_epochs", cfg.checkpoint.every_epochs, allow_zero=True)

@@ -27,3 +27,7 @@ class PlanError(HDBError):
 
 class CheckpointError(HDBError):
     """A checkpoint is missing, corrupt or belongs to another config."""
+
+
+class OutputError(HDBError):
+    """The output folder (run folder, report folder) cannot be created or written."""

@@ -13,7 +13,14 @@ Record types (field `type`):
             test_acc, samples, seconds, resolution, wall (seconds of training since the start);
             on the server also bn (server.bn) and bn_seconds (recalibration before it)
     end     the run finished or was preempted: state, commits, wall
+    gap     records of work that a checkpoint holds were lost (a crash lost the file's unsynced
+            tail, or the file was deleted): after_commit (the last commit still recorded),
+            up_to_commit (the checkpoint's), missing_bytes, reason. Nothing is made up for them.
 Progress goes to stdout as plain lines (Slurm logs, mpirun output).
+
+The checkpoint is fsynced, the metrics file is not: after a crash the file may be shorter than
+the checkpoint says, or end in NUL bytes or half a line. `repair` keeps the longest prefix of
+whole, valid records and marks what is missing with a gap record; it never pads the file.
 """
 
 from __future__ import annotations
@@ -23,19 +30,35 @@ import os
 import sys
 from typing import Any
 
+from .errors import DataError, OutputError
+
+
+def _write_failed(path: str, e: OSError) -> OutputError:
+    return OutputError(
+        f"could not write metrics file {path}: {e.strerror or e}; the newest checkpoint is intact: "
+        f"free space (or fix the folder), then continue with --resume {os.path.dirname(path) or '.'}"
+    )
+
 
 class MetricsLog:
     def __init__(self, path: str, truncate_to: int | None = None) -> None:
         self.path = path
-        if truncate_to is not None and os.path.exists(path):
-            # Resume: drop records of work done after the checkpoint (it is done again).
-            with open(path, "r+b") as f:
-                f.truncate(truncate_to)
-        self._f = open(path, "ab")
+        try:
+            if truncate_to is not None and os.path.exists(path) and os.path.getsize(path) > truncate_to:
+                # Resume: drop records of work done after the checkpoint (it is done again). Only
+                # ever shorten: a shorter file was repaired by `repair` (never padded with NULs).
+                with open(path, "r+b") as f:
+                    f.truncate(truncate_to)
+            self._f = open(path, "ab")
+        except OSError as e:
+            raise _write_failed(path, e) from None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write((json.dumps(record, separators=(",", ":")) + "\n").encode())
-        self._f.flush()
+        try:
+            self._f.write((json.dumps(record, separators=(",", ":")) + "\n").encode())
+            self._f.flush()
+        except OSError as e:
+            raise _write_failed(self.path, e) from None
 
     def offset(self) -> int:
         self._f.flush()
@@ -45,9 +68,121 @@ class MetricsLog:
         self._f.close()
 
 
+def _record(line: bytes) -> dict[str, Any] | None:
+    """One line as a record, or None when it is not a whole JSON object with a string `type`."""
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("type"), str) else None
+
+
+# Fields each record type must hold for `summarize` and `report` to use it.
+REQUIRED = {
+    "commit": ("commit", "group", "small", "samples", "seconds"),
+    "eval": ("epoch", "test_loss", "test_acc", "wall"),
+    "end": ("state", "wall"),
+}
+
+
+NUMERIC = {"commit", "group", "samples", "seconds", "epoch", "test_loss", "test_acc", "wall"}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Every record of a metrics file; a line that is not a valid record is a `DataError`
+    naming the file, the line and what is wrong (never a JSONDecodeError traceback)."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise DataError(f"metrics file {path} cannot be read: {e.strerror or e}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        rec = _record(line)
+        if rec is None:
+            raise DataError(
+                f"metrics file {path}, line {n}: not a metrics record (expected one JSON object with a "
+                f"'type' per line, got {line[:60]!r}); the file is damaged or not a metrics file"
+            )
+        need = REQUIRED.get(rec["type"], ())
+        missing = [k for k in need if k not in rec]
+        if missing:
+            raise DataError(
+                f"metrics file {path}, line {n}: a '{rec['type']}' record without {', '.join(missing)}; "
+                f"the file is damaged or not written by hpc_dualbatch"
+            )
+        bad = [
+            k
+            for k in need
+            if k in NUMERIC and (isinstance(rec[k], bool) or not isinstance(rec[k], (int, float)))
+        ]
+        if bad:
+            raise DataError(
+                f"metrics file {path}, line {n}: field '{bad[0]}' of a '{rec['type']}' record is "
+                f"{str(rec[bad[0]])[:40]!r}; expected a number"
+            )
+        out.append(rec)
+    return out
+
+
+def repair(path: str, offset: int, commits: int) -> tuple[int, dict[str, Any] | None]:
+    """Make `path` hold exactly the records a checkpoint at `offset` bytes and `commits` commits
+    accounts for, as far as they survive. Returns (the file's new size, the gap record written
+    when records are missing, else None).
+
+    The longest prefix of whole valid records within the first `offset` bytes is kept; what
+    follows is cut (records after the checkpoint are redone, and NUL bytes or a half line from a
+    crash are dropped). When the kept part is shorter than `offset`, a `gap` record says which
+    commits' records are lost; the file is never padded.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(offset)
+    except FileNotFoundError:
+        data = b""
+    except OSError as e:
+        raise DataError(f"metrics file {path} cannot be read: {e.strerror or e}") from None
+    kept, last_commit = 0, 0
+    while kept < len(data):
+        end = data.find(b"\n", kept)
+        if end < 0:
+            break  # a half line: the crash cut it
+        rec = _record(data[kept:end])
+        if rec is None:
+            break
+        if rec["type"] == "commit" and isinstance(rec.get("commit"), int):
+            last_commit = rec["commit"]
+        kept = end + 1
+    gap = None
+    if kept < offset:
+        reason = (
+            "metrics file missing"
+            if not os.path.exists(path)
+            else (
+                "metrics file shorter than the checkpoint" if len(data) < offset else "metrics file damaged"
+            )
+        )
+        gap = {
+            "type": "gap",
+            "after_commit": last_commit,
+            "up_to_commit": commits,
+            "missing_bytes": offset - kept,
+            "reason": reason,
+        }
+    try:
+        with open(path, "ab") as f:
+            f.truncate(kept)
+            if gap is not None:
+                f.write((json.dumps(gap, separators=(",", ":")) + "\n").encode())
+        return os.path.getsize(path), gap
+    except OSError as e:
+        raise _write_failed(path, e) from None
 
 
 class Progress:

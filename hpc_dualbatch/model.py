@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .yaml_safe import clip
 
 
 class BasicBlock(nn.Module):
@@ -63,13 +64,24 @@ class CifarResNet18(nn.Module):
 def _torchvision_model(arch: str, num_classes: int, in_channels: int) -> nn.Module:
     import torchvision
 
+    classifiers = sorted(torchvision.models.list_models(module=torchvision.models))
+    if arch not in classifiers:
+        kind = (
+            "a torchvision model, but not an image classifier (detection, segmentation, video or "
+            "optical flow models do not take num_classes this way)"
+            if arch in torchvision.models.list_models()
+            else "not resnet18_cifar nor a torchvision classification model"
+        )
+        raise ConfigError(
+            f"config key 'model.arch' is '{clip(arch)}': {kind}; valid: resnet18_cifar or a "
+            f"classification model such as {', '.join(classifiers[:12])}, ..."
+        )
     try:
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    except (ValueError, KeyError):
-        names = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models))[:12])
+    except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(
-            f"config key 'model.arch' is '{arch}': not resnet18_cifar nor a torchvision "
-            f"classification model (e.g. {names}, ...)"
+            f"config key 'model.arch' is '{arch}': torchvision cannot build it with num_classes="
+            f"{num_classes} ({e}); choose another classification model"
         ) from None
     if in_channels != 3:
         # Swap the first convolution for one that takes `in_channels` (grayscale data).
@@ -98,6 +110,28 @@ def build_model(arch: str, num_classes: int, in_channels: int, width: int = 64) 
     if arch == "resnet18_cifar":
         return CifarResNet18(num_classes, in_channels, width)
     return _torchvision_model(arch, num_classes, in_channels)
+
+
+def check_model(arch: str, num_classes: int, in_channels: int, width: int, resolutions: list[int]) -> None:
+    """Start-up check (every rank, inside `agree`): the model builds and takes one image at the
+    lowest and the highest resolution. Without it a bad `model.arch`, or a model that needs larger
+    images, would fail only inside the first mini-epoch."""
+    model = build_model(arch, num_classes, in_channels, width).eval()
+    for r in sorted({min(resolutions), max(resolutions)}):
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(1, in_channels, r, r))
+        except (RuntimeError, ValueError, AssertionError, TypeError) as e:
+            raise ConfigError(
+                f"config key 'model.arch' is '{arch}', which cannot take {r} px images "
+                f"({type(e).__name__}: {str(e)[:200]}); use resnet18_cifar or a model for small images, "
+                f"or stage larger resolutions"
+            ) from None
+        if tuple(out.shape) != (1, num_classes):
+            raise ConfigError(
+                f"config key 'model.arch' is '{arch}': it outputs shape {tuple(out.shape)} for one image, "
+                f"not (1, {num_classes}); choose an image classification model"
+            )
 
 
 def set_dropout(model: nn.Module, p: float) -> None:

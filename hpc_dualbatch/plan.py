@@ -319,7 +319,39 @@ def plan_from_config(cfg: Any, d: int) -> Plan:
                 "or give plan.small_batch for every resolution"
             )
         fits = load_timing(p.timing, res)
-    return plan_dual_batch(fits, large, cfg.n_groups, cfg.workers.small, p.k, d, small)
+    plan = plan_dual_batch(fits, large, cfg.n_groups, cfg.workers.small, p.k, d, small)
+    check_shares(plan, list(cfg.workers.groups), d)
+    return plan
+
+
+def _short_groups(plan: Plan, ranks: list[int]) -> list[int]:
+    return [g for g in range(plan.n) if plan.share(g) < ranks[g]]
+
+
+def check_shares(plan: Plan, ranks: list[int], d: int, search: int = 100_000) -> None:
+    """Every rank of every group must get at least one sample per mini-epoch; a group whose share
+    rounds below its rank count would train on nothing and commit unchanged weights."""
+    short = _short_groups(plan, ranks)
+    if not short:
+        return
+    g = short[0]
+    minimum = None
+    for cand in range(d + 1, d + search):  # the shares are rounded, so search the first d that works
+        try:
+            d_L, d_S = _shares(plan.n, plan.n_small, plan.k, cand)
+        except PlanError:
+            continue
+        trial = Plan(plan.n, plan.n_small, plan.k, cand, d_L, d_S)
+        if not _short_groups(trial, ranks):
+            minimum = cand
+            break
+    need = f"at least {minimum}" if minimum is not None else f"more than {d + search}"
+    raise PlanError(
+        f"plan.samples_per_epoch d = {d} gives group {g} ({ranks[g]} ranks, "
+        f"{'small' if plan.is_small(g) else 'large'}) {plan.share(g)} samples per epoch: every rank "
+        f"needs at least one, or the group trains on nothing; plan.samples_per_epoch must be {need} "
+        f"(0 = the whole training split)"
+    )
 
 
 def predicted_run_time(plan: Plan, sched: Any) -> float:
@@ -426,6 +458,9 @@ def run(args: argparse.Namespace) -> int:
             f"({cfg.schedule.epochs} epochs, compute only)"
         )
     out = args.out or os.path.join(cfg.out, "plan.json")
-    save_plan(plan, out)
+    try:
+        save_plan(plan, out)
+    except OSError as e:
+        raise PlanError(f"cannot write the plan to {out}: {e.strerror or e}; choose another --out") from None
     print(f"wrote {out}")
     return 0

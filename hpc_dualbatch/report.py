@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .atomic import write_json, write_text
-from .errors import DataError
+from .errors import DataError, OutputError
 from .metrics import read_metrics
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
@@ -54,6 +54,12 @@ def load_run(path: str) -> Run:
     if not os.path.isfile(metrics):
         raise DataError(f"{path} is not a run folder (no metrics.jsonl)")
     recs = read_metrics(metrics)
+    gaps = [r for r in recs if r["type"] == "gap"]
+    if gaps:
+        print(
+            f"warning: run {path} lost the records of some commits in a crash ({len(gaps)} gap "
+            f"record(s) in {metrics}); its accuracies come from the evaluations that remain"
+        )
     evals = [r for r in recs if r["type"] == "eval"]
     ends = [r for r in recs if r["type"] == "end"]
     if not evals or not ends or ends[-1]["state"] != "done":
@@ -204,12 +210,20 @@ def run(args: argparse.Namespace) -> int:
     runs = [load_run(p) for p in args.runs]
     order = list(dict.fromkeys(r.config for r in runs))
     summary = summarize(runs, args.baseline)
-    os.makedirs(args.out, exist_ok=True)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise OutputError(f"--out {args.out} is a file; report needs a folder for report.md and plots")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {args.out}: cannot create the folder ({e.strerror or e})") from None
     md = markdown(summary, args.baseline, order)
     figs = plots(runs, order, args.out)
     text = f"# Results\n\n{md}\n" + "".join(f"![{f}]({f})\n" for f in figs)
-    write_text(os.path.join(args.out, "report.md"), text)
-    write_json(os.path.join(args.out, "summary.json"), summary)
+    try:
+        write_text(os.path.join(args.out, "report.md"), text)
+        write_json(os.path.join(args.out, "summary.json"), summary)
+    except OSError as e:
+        raise OutputError(f"--out {args.out}: cannot write the report ({e.strerror or e})") from None
     print(md)
     return 0
 

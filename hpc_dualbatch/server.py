@@ -304,7 +304,7 @@ class Server:
                 self.log.offset(),
                 self.cfg.to_dict(),
                 {"pending_evals": {str(g): e for g, e in s.pending_evals.items()}, "merges": s.merges},
-                s.group_buffers,
+                group_buffers=s.group_buffers,
             ),
             keep=self.cfg.checkpoint.keep,
         )

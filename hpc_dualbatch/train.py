@@ -5,8 +5,9 @@
 
 Output folder (`out`): config.yaml (resolved), plan.json, command.txt, metrics.jsonl,
 checkpoints/ckpt-<commits>.npz, status.json (state done | preempted, final and best test
-accuracy). A folder that already holds a run is refused unless `--resume` names it, and a
-lock file keeps two jobs out of one folder.
+accuracy). A folder holding a checkpoint is refused unless `--resume` names it; one whose
+run stopped before its first checkpoint starts over at commit 0 (see `_prepare_out`); a lock
+file keeps two jobs out of one folder.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from .atomic import write_json
 from .config import Config, load_config, save_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, OutputError
 from .launch import agree
 
 
@@ -40,6 +41,11 @@ class Setup:
 
 def _config(args: argparse.Namespace) -> Config:
     path = args.config
+    if not path and not args.resume:
+        raise ConfigError(
+            "train needs --config CONFIG.yaml (a new run, e.g. --config "
+            "hpc_dualbatch/configs/fashion_mnist.yaml) or --resume RUN_DIR (continue a run)"
+        )
     if args.resume and not path:
         path = os.path.join(args.resume, "config.yaml")
         if not os.path.isfile(path):
@@ -73,30 +79,83 @@ def group_specs(cfg: Config, plan: Any) -> list:
     return specs
 
 
-def _prepare_out(cfg: Config, resume: bool) -> tuple[Any, Any]:
-    """Rank 0: lock the output folder, refuse to overwrite a run, find the checkpoint to resume."""
+def _write_failed(what: str, e: OSError) -> OutputError:
+    return OutputError(f"cannot write {what}: {e.strerror or e}; choose a writable folder with --set out=...")
+
+
+def _prepare_out(cfg: Config, resume: bool, staged: Any = None) -> tuple[Any, Any]:
+    """Rank 0: lock the output folder, refuse to overwrite a run, find the checkpoint to resume.
+
+    What a folder holds decides, for a fresh command and for --resume alike:
+      nothing (or only config.yaml)        start at commit 0
+      metrics, no checkpoint               the run stopped before its first checkpoint: start
+                                           over at commit 0 (old records kept aside), and say so
+      checkpoint (+ metrics)               --resume continues it; a fresh command is refused
+    """
     from . import checkpoint as C
 
-    os.makedirs(cfg.out, exist_ok=True)
-    lock = open(os.path.join(cfg.out, ".lock"), "w")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ConfigError(
+            f"config key 'out' is '{cfg.out}', which is a file; it must be a folder (new, or a run "
+            f"folder): choose another with --set out=..."
+        )
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        lock = open(os.path.join(cfg.out, ".lock"), "w")
+    except OSError as e:
+        raise _write_failed(f"output folder {cfg.out}", e) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         raise ConfigError(f"output folder {cfg.out} is in use by another run (lock {lock.name})") from None
     metrics = os.path.join(cfg.out, "metrics.jsonl")
+    path = C.latest(cfg.out)
+    if path is None:
+        if os.path.exists(metrics):
+            _set_aside(cfg.out, metrics)
+        elif resume:
+            print(
+                f"hpc-dualbatch: {cfg.out} has no checkpoint yet: starting the run from commit 0", flush=True
+            )
+        return lock, None
     if not resume:
         if os.path.exists(metrics):
             raise ConfigError(
                 f"output folder {cfg.out} already holds a run ({metrics}); continue it with "
                 f"--resume {cfg.out} or choose another folder (--set out=...)"
             )
-        return lock, None
-    path = C.latest(cfg.out)
-    if path is None:
-        raise CheckpointError(f"--resume {cfg.out}: no checkpoint in {C.checkpoint_dir(cfg.out)}")
+        raise ConfigError(
+            f"output folder {cfg.out} holds a run's checkpoints ({path}) but no metrics.jsonl; "
+            f"continue that run with --resume {cfg.out} (the lost records are marked as a gap), or "
+            f"choose another folder (--set out=...)"
+        )
     ck = C.load(path)
     C.check_compatible(path, ck.config, cfg.to_dict())
+    if staged is not None:
+        C.check_same_data(path, ck.data, staged.fingerprint(), cfg.data.path)
     return lock, ck
+
+
+def _set_aside(out: str, metrics: str) -> None:
+    """A folder with metrics but no checkpoint: the run stopped before its first checkpoint
+    (a crash, a full disk). Nothing can be continued, so it starts over; the old records are
+    kept under another name, where `report` does not read them."""
+    n = 1
+    while os.path.exists(os.path.join(out, f"metrics-stopped-{n}.jsonl")):
+        n += 1
+    aside = os.path.join(out, f"metrics-stopped-{n}.jsonl")
+    try:
+        os.replace(metrics, aside)
+        status = os.path.join(out, "status.json")
+        if os.path.exists(status):
+            os.replace(status, os.path.join(out, f"status-stopped-{n}.json"))
+    except OSError as e:
+        raise _write_failed(f"output folder {out}", e) from None
+    print(
+        f"hpc-dualbatch: {out} holds metrics but no checkpoint (the run stopped before its first "
+        f"checkpoint): starting it from commit 0; the old records are kept in {aside}",
+        flush=True,
+    )
 
 
 def setup(args: argparse.Namespace, world: Any) -> Setup:
@@ -110,33 +169,46 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
     check_hetjob(cfg.workers.groups, cfg.workers.small, cfg.mode == "ps")
     staged = open_staged(cfg.data.path)
     staged.check_resolutions(cfg.schedule.resolutions)
+    staged.check_trainable()
+    from .model import check_model
+
+    check_model(
+        cfg.model.arch, staged.num_classes, staged.channels, cfg.model.width, cfg.schedule.resolutions
+    )
     d = cfg.plan.samples_per_epoch or staged.num_samples("train")
     plan = plan_from_config(cfg, d)
     groups = group_specs(cfg, plan)
     lock = ck = None
     if world.Get_rank() == 0:
-        lock, ck = _prepare_out(cfg, bool(args.resume))
+        lock, ck = _prepare_out(cfg, bool(args.resume), staged)
         if ck is not None and ck.momentum.shape[0] != cfg.n_groups:
             raise CheckpointError(
                 f"checkpoint in {cfg.out} has {ck.momentum.shape[0]} groups, config {cfg.n_groups}"
             )
-        save_config(cfg, os.path.join(cfg.out, "config.yaml"))
-        write_json(os.path.join(cfg.out, "plan.json"), plan.to_dict())
-        with open(os.path.join(cfg.out, "command.txt"), "a", encoding="utf-8") as f:
-            f.write(
-                f"{time.strftime('%Y-%m-%dT%H:%M:%S')} np={world.Get_size()} "
-                f"{shlex.join(['hpc-dualbatch', *sys.argv[1:]])}\n"
-            )
+        try:
+            save_config(cfg, os.path.join(cfg.out, "config.yaml"))
+            write_json(os.path.join(cfg.out, "plan.json"), plan.to_dict())
+            with open(os.path.join(cfg.out, "command.txt"), "a", encoding="utf-8") as f:
+                f.write(
+                    f"{time.strftime('%Y-%m-%dT%H:%M:%S')} np={world.Get_size()} "
+                    f"{shlex.join(['hpc-dualbatch', *sys.argv[1:]])}\n"
+                )
+        except OSError as e:
+            raise _write_failed(f"the run's files in {cfg.out}", e) from None
     return Setup(cfg, staged, plan, groups, ck, lock)
 
 
 def summarize(metrics_path: str) -> dict[str, Any]:
     from .metrics import read_metrics
 
-    evals = [r for r in read_metrics(metrics_path) if r["type"] == "eval"]
+    recs = read_metrics(metrics_path)
+    evals = [r for r in recs if r["type"] == "eval"]
+    gaps = [r for r in recs if r["type"] == "gap"]
+    missing = {"metrics_gaps": len(gaps)} if gaps else {}  # records lost in a crash (see metrics.py)
     if not evals:
-        return {"final_test_acc": None, "best_test_acc": None}
+        return {"final_test_acc": None, "best_test_acc": None, **missing}
     return {
+        **missing,
         "final_test_acc": evals[-1]["test_acc"],
         "best_test_acc": max(e["test_acc"] for e in evals),
         "final_test_loss": evals[-1]["test_loss"],
@@ -219,7 +291,10 @@ def _finish(cfg: Config, outcome: str, commits: int, wall: float, ckpt_path: str
         "checkpoint": ckpt_path,
         **summary,
     }
-    write_json(os.path.join(cfg.out, "status.json"), status)
+    try:
+        write_json(os.path.join(cfg.out, "status.json"), status)
+    except OSError as e:
+        raise _write_failed(f"{cfg.out}/status.json", e) from None
     final, best = summary["final_test_acc"], summary["best_test_acc"]
     accs = "n/a" if final is None else f"{100 * final:.2f} % (best {100 * best:.2f} %)"
     print(
@@ -237,6 +312,8 @@ def run(args: argparse.Namespace) -> int:
 
     world = MPI.COMM_WORLD
     st = agree(world, lambda: setup(args, world))
+    if world.Get_rank() == 0:
+        _bind_run_files(st)
     topo = agree(world, lambda: build_topology(st.cfg.workers.groups, st.cfg.mode == "ps", world))
     if st.cfg.threads:
         import torch
@@ -256,6 +333,27 @@ def run(args: argparse.Namespace) -> int:
         run_worker(st.cfg, topo, st.staged, [g.share for g in st.groups])
     world.Barrier()  # MPI: all ranks leave together; the server has already written status.json
     return 0
+
+
+def _bind_run_files(st: Setup) -> None:
+    """Rank 0, after every rank agreed to start: checkpoints keep the data's fingerprint, and on a
+    resume metrics.jsonl is cut back to the checkpoint (records lost in a crash become a gap)."""
+    from . import checkpoint as C
+    from .metrics import repair
+
+    C.bind_data(st.staged.fingerprint())
+    ck = st.ckpt
+    if ck is None:
+        return
+    path = os.path.join(st.cfg.out, "metrics.jsonl")
+    ck.metrics_offset, gap = repair(path, ck.metrics_offset, ck.commits)
+    if gap is not None:
+        print(
+            f"hpc-dualbatch: warning: {path}: {gap['reason']} ({gap['missing_bytes']} bytes of records "
+            f"up to commit {gap['up_to_commit']} are lost, after commit {gap['after_commit']}); "
+            f"continuing from the checkpoint with a 'gap' record in their place",
+            flush=True,
+        )
 
 
 def _default_threads() -> None:

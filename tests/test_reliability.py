@@ -175,7 +175,7 @@ def test_resume_from_a_corrupt_checkpoint_is_refused(tmp_path, synthetic_h5):
     )
 
 
-def test_resume_needs_a_run_folder_with_a_checkpoint(tmp_path, synthetic_h5):
+def test_resume_needs_a_run_folder(tmp_path, synthetic_h5):
     """Start-up checks of `train` that need no MPI job (rank 0 runs them inside `agree`)."""
     from hpc_dualbatch import train as T
 
@@ -184,11 +184,8 @@ def test_resume_needs_a_run_folder_with_a_checkpoint(tmp_path, synthetic_h5):
 
     with pytest.raises(ConfigError, match=r"--resume .*empty: no config.yaml there; is it a run folder\?"):
         T._config(args(tmp_path / "empty"))
-    out = tmp_path / "run"
-    out.mkdir()
-    write_config(out / "config.yaml", tiny_config(synthetic_h5, out))
-    with pytest.raises(CheckpointError, match=r"--resume .*run: no checkpoint in .*run/checkpoints"):
-        T._prepare_out(T._config(args(out)), True)
+    # A run folder without a checkpoint is not refused: the run starts at commit 0 (issue 15,
+    # tests/test_reliability_round2.py::test_resume_of_a_folder_without_any_checkpoint_starts_at_commit_0).
 
 
 def test_group_with_more_ranks_than_its_batch_is_refused(synthetic_h5, tmp_path):

@@ -119,6 +119,7 @@ class _Pixels:
         if in_memory not in IN_MEMORY:
             raise ValueError(f"in_memory '{in_memory}' is not one of {IN_MEMORY}")
         self.staged, self.split, self.resolution = staged, split, resolution
+        staged.check_unchanged()  # every mini-epoch opens its loaders: a changed file stops the run here
         self.ds = staged.images(split, resolution)
         self.jpeg = staged.encoding == "jpeg"
         key = (staged.path, staged.signature, split, resolution)
@@ -135,6 +136,7 @@ class _Pixels:
                     self.memory = self.ds[()]  # one read of the whole resolution (object array for jpeg)
                 except OSError as e:
                     raise _read_error(staged, f"{split}/images/{resolution}", e) from None
+                staged.check_unchanged()  # the file did not change during the read
                 for stale in [k for k in _MEMORY if k[0] == staged.path and k[1] != staged.signature]:
                     del _MEMORY[stale]  # an older version of a re-staged file
                 _MEMORY[key] = self.memory
@@ -152,6 +154,9 @@ class _Pixels:
                     data = self.ds[uniq]
             except OSError as e:
                 raise _read_error(self.staged, f"{self.split}/images/{self.resolution}", e) from None
+            # A truncated file reads as zeros, not as an error: check after each read that it is
+            # still the file this run opened (one stat per batch).
+            self.staged.check_unchanged()
             data = data[inverse]
         if self.jpeg:
             data = np.stack([_decode(b, self.staged.channels, self.resolution, self.staged) for b in data])

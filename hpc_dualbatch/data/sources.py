@@ -164,6 +164,15 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _member_limit(name: str) -> int:
+    """Largest plausible size in bytes of a CIFAR archive member: 3072 bytes per image, plus
+    its labels and file name, plus 1 MiB (the official data_batch_1 is 31,035,704 bytes)."""
+    images = {"train": 50_000, "test": 10_000, "test_batch": 10_000}.get(name, 0)
+    if name.startswith("data_batch_"):
+        images = 10_000
+    return images * (3072 + 256) + (1 << 20)
+
+
 def _load_member(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name: str, archive: str) -> dict:
     if name not in members:
         raise DataError(
@@ -216,8 +225,19 @@ def read_cifar(path: str | None, kind: str) -> Source:
             f"CIFAR archive '{path}' is not a readable tar.gz ({e}); expected '{expected}'"
         ) from None
     with tar:
+        members: dict[str, tarfile.TarInfo] = {}
         try:
-            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            for m in tar:  # headers one by one: a member's size is checked before its bytes are read
+                if not m.isfile():
+                    continue
+                name, limit = os.path.basename(m.name), _member_limit(os.path.basename(m.name))
+                if m.size > limit:
+                    raise DataError(
+                        f"CIFAR archive '{path}': member '{m.name}' is {m.size} bytes; a member of the "
+                        f"official archive is at most {limit} bytes ({expected} holds 10,000 images "
+                        f"per batch): not the official archive, or a crafted one"
+                    )
+                members[name] = m
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise DataError(f"CIFAR archive '{path}' is corrupt: {e}") from None
         meta_name, names_key, label_key = (
@@ -292,6 +312,11 @@ def load_resized(path: str, resolutions: Sequence[int]) -> dict[int, np.ndarray]
                 r: np.asarray(im.resize((r, r), Image.Resampling.LANCZOS, box=box)).transpose(2, 0, 1)
                 for r in resolutions
             }
+    except Image.DecompressionBombError as e:
+        raise DataError(
+            f"image file '{path}' is too large to decode safely ({e}); shrink it below "
+            f"{Image.MAX_IMAGE_PIXELS} pixels or remove it from the image folder"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"image file '{path}' cannot be decoded: {e}") from None
 

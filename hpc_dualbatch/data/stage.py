@@ -16,6 +16,7 @@ before any use, so a crafted or truncated file gives a `DataError`, not an h5py 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -30,6 +31,7 @@ from ..errors import DataError
 from .sources import FASHION_MNIST_DIR, SOURCES, Source, SyntheticSpec, read_source
 
 FORMAT_VERSION = 1
+FINGERPRINT_SAMPLES = 16  # images per split and resolution hashed into the content fingerprint
 SPLITS = ("train", "test")
 ENCODINGS = ("raw", "jpeg")
 COMPRESSIONS = ("none", "gzip", "lzf")
@@ -378,6 +380,85 @@ class StagedData:
         self.source: str = header["source"]
         self._labels: dict[str, np.ndarray] = header["labels"]
         self._handle = handle
+        self._fingerprint: dict | None = None
+
+    def check_unchanged(self) -> None:
+        """Refuse to go on when the file on disk is no longer the version this handle opened.
+
+        An HDF5 file truncated or rewritten under an open handle reads as zeros past its new end
+        (no error): training would go on, on wrong data. The loaders call this at every open
+        and after every streamed read.
+        """
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            raise DataError(
+                f"staged data file '{self.path}' disappeared while the run was using it ({e.strerror}); "
+                f"a run needs its data file in place and unchanged until it ends: restore it, then "
+                f"continue with --resume"
+            ) from None
+        now = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if now != self.signature:
+            what = (
+                f"size {self.signature[1]} -> {st.st_size} bytes"
+                if st.st_size != self.signature[1]
+                else ("replaced by another file" if st.st_ino != self.signature[0] else "modified in place")
+            )
+            raise DataError(
+                f"staged data file '{self.path}' changed while the run was using it ({what}); a run "
+                f"needs its data file unchanged until it ends: restore the file the run started with "
+                f"and continue with --resume (a checkpoint refuses other data), or start a new run"
+            )
+
+    def check_trainable(self) -> None:
+        """A run needs test samples to evaluate on and at least two classes to learn."""
+        if self.num_samples("test") == 0:
+            raise DataError(
+                f"staged data file '{self.path}' has 0 test samples; a run evaluates on the test split "
+                f"every epoch: re-stage it with a non-empty test (val/) split"
+            )
+        present = np.unique(self._labels["train"])
+        if self.num_classes < 2 or len(present) < 2:
+            only = self.classes[int(present[0])] if len(present) else "none"
+            raise DataError(
+                f"staged data file '{self.path}' holds {self.num_classes} class(es), and its train split "
+                f"only class {only!r}; a classifier needs at least 2 classes: re-stage it with more"
+            )
+
+    def fingerprint(self) -> dict:
+        """What the file holds, independent of its path, name and compression: counts, classes,
+        resolutions, pixel statistics, a hash of all labels and of sampled images ("digest" covers
+        all of it). A checkpoint keeps it, so a resume refuses data whose content changed."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            fp: dict = {
+                "source": self.source,
+                "classes": self.num_classes,
+                "channels": self.channels,
+                "resolutions": list(self.resolutions),
+                "encoding": self.encoding,
+                "train_samples": self.num_samples("train"),
+                "test_samples": self.num_samples("test"),
+                "mean": [round(float(v), 9) for v in self.mean],
+                "std": [round(float(v), 9) for v in self.std],
+            }
+            for split in SPLITS:
+                lab = np.ascontiguousarray(self._labels[split], dtype="<i8")
+                fp[f"{split}_labels_sha256"] = hashlib.sha256(lab.tobytes()).hexdigest()[:16]
+            h.update(json.dumps(fp, sort_keys=True).encode())
+            h.update("\0".join(self.classes).encode())
+            try:
+                for split in SPLITS:
+                    n = self.num_samples(split)
+                    idx = np.unique(np.linspace(0, n - 1, FINGERPRINT_SAMPLES).astype(np.int64)) if n else []
+                    for r in self.resolutions:
+                        for i in idx:
+                            h.update(np.asarray(self._handle[f"{split}/images/{r}"][int(i)]).tobytes())
+            except (OSError, KeyError, ValueError) as e:
+                raise _fail(self.path, f"reading images failed ({type(e).__name__}: {e})") from None
+            fp["digest"] = h.hexdigest()[:32]
+            self._fingerprint = fp
+        return dict(self._fingerprint)
 
     def _split(self, split: str) -> str:
         if split not in SPLITS:

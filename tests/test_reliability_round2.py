@@ -1,0 +1,694 @@
+"""Reliability, round two (issue 15): no run folder left unusable, no silent wrong result, no
+runaway input, messages instead of tracebacks. Listed in docs/reliability.md as `R2::`.
+
+Unit tests where the behaviour lives in one function; a real `mpirun` job (under hard timeouts,
+as in tests/test_reliability.py) only where it needs MPI: start-up agreement of every rank, a
+rank killed before the first checkpoint, a data file truncated under a running job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from hpc_dualbatch import checkpoint as C
+from hpc_dualbatch import train as T
+from hpc_dualbatch.config import config_from_dict, load_config
+from hpc_dualbatch.data import SyntheticSpec, TrainLoader, open_staged, prepare
+from hpc_dualbatch.errors import CheckpointError, ConfigError, DataError, OutputError, PlanError
+from hpc_dualbatch.metrics import MetricsLog, read_metrics, repair
+
+from .helpers import ROOT, hdb, kill_job, rank_pids, start, tiny_config, wait_for, write_config
+from .test_reliability import HAVE_HOROVOD, JOB_S, QUICK_S, one_clean_error, status, timed
+
+mpi = pytest.mark.skipif(not HAVE_HOROVOD, reason="Horovod not installed")
+QUIET = {"log": lambda msg: None}
+TINY = SyntheticSpec(samples=60, test_samples=20, classes=4, channels=3, size=16, seed=3)
+
+
+def args(config=None, resume=None, sets=None) -> argparse.Namespace:
+    return argparse.Namespace(config=config, resume=resume, set=sets)
+
+
+def run_folder(tmp: Path, data: str, **over) -> tuple[Path, object]:
+    out = tmp / "run"
+    out.mkdir(exist_ok=True)
+    cfg_path = write_config(tmp / "run.yaml", tiny_config(data, out, **over))
+    return out, load_config(cfg_path)
+
+
+def fake_checkpoint(out: Path, cfg, commits: int = 2, offset: int = 0, data=None) -> str:
+    return C.save(
+        str(out),
+        C.Checkpoint(
+            np.zeros(4, np.float32),
+            np.zeros((2, 4), np.float32),
+            commits,
+            [1, 1],
+            1.0,
+            offset,
+            cfg.to_dict(),
+            data=data,
+        ),
+    )
+
+
+def commit(n: int) -> dict:
+    return {"type": "commit", "commit": n, "group": n % 2, "small": False, "samples": 8, "seconds": 0.1}
+
+
+def lines(*recs: dict) -> bytes:
+    return b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in recs)
+
+
+# --- 1, 3: every run folder can be started or resumed ------------------------------------------
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
+def test_folder_with_metrics_but_no_checkpoint_starts_over(tmp_path, synthetic_h5, capsys, resume):
+    """A crash (or a full disk) before the first checkpoint: both commands start at commit 0."""
+    out, cfg = run_folder(tmp_path, synthetic_h5)
+    (out / "metrics.jsonl").write_bytes(lines(commit(1), commit(2)) + b'{"type":"comm')
+    lock, ck = T._prepare_out(cfg, resume)
+    lock.close()
+    assert ck is None
+    said = capsys.readouterr().out
+    assert "holds metrics but no checkpoint" in said and "starting it from commit 0" in said
+    assert not (out / "metrics.jsonl").exists()  # the new run writes a new file
+    assert (out / "metrics-stopped-1.jsonl").read_bytes().startswith(lines(commit(1)))
+
+
+def test_resume_of_a_folder_without_any_checkpoint_starts_at_commit_0(tmp_path, synthetic_h5, capsys):
+    out, _ = run_folder(tmp_path, synthetic_h5)
+    write_config(out / "config.yaml", tiny_config(synthetic_h5, out))
+    lock, ck = T._prepare_out(T._config(args(resume=str(out))), True)
+    lock.close()
+    assert ck is None and "has no checkpoint yet: starting the run from commit 0" in capsys.readouterr().out
+
+
+def test_fresh_run_in_a_folder_with_checkpoints_but_no_metrics_is_refused(tmp_path, synthetic_h5):
+    out, cfg = run_folder(tmp_path, synthetic_h5)
+    path = fake_checkpoint(out, cfg)
+    with pytest.raises(ConfigError, match=rf"holds a run's checkpoints \({re.escape(path)}\) but no metrics"):
+        T._prepare_out(cfg, False)
+    assert os.listdir(out / "checkpoints") == [os.path.basename(path)]  # nothing touched
+
+
+# --- 2: metrics shorter than the checkpoint, or deleted ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["cut-mid-line", "nul-tail", "deleted", "longer"],
+)
+def test_metrics_are_cut_back_to_the_checkpoint_never_padded(tmp_path, damage):
+    path = tmp_path / "metrics.jsonl"
+    good = lines(
+        commit(1), commit(2), {"type": "eval", "epoch": 1.0, "test_loss": 1, "test_acc": 0.5, "wall": 1}
+    )
+    offset = len(good)
+    if damage == "cut-mid-line":
+        path.write_bytes(good[:-7])  # a crash lost the unsynced tail
+    elif damage == "nul-tail":
+        path.write_bytes(good[:20] + b"\0" * (offset - 20))  # a crash left the size, not the data
+    elif damage == "longer":
+        path.write_bytes(good + lines(commit(3)))  # records after the checkpoint: done again
+    size, gap = repair(str(path), offset, commits=2)
+    data = path.read_bytes()
+    assert b"\0" not in data and size == len(data)
+    recs = read_metrics(str(path))  # valid JSON lines only
+    if damage == "longer":
+        assert gap is None and data == good
+        return
+    assert gap is not None and recs[-1] == gap and gap["up_to_commit"] == 2
+    assert gap["after_commit"] == {"cut-mid-line": 2, "nul-tail": 0, "deleted": 0}[damage]
+    assert gap["missing_bytes"] == offset - (len(data) - len(json.dumps(gap, separators=(",", ":"))) - 1)
+    # The server then opens the log at the repaired size: nothing is cut, nothing padded.
+    log = MetricsLog(str(path), size)
+    log.write(commit(3))
+    log.close()
+    assert read_metrics(str(path))[-1]["commit"] == 3
+
+
+def test_metrics_log_never_pads_a_short_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(lines(commit(1)))
+    MetricsLog(str(path), 10_000).close()
+    assert path.read_bytes() == lines(commit(1))
+
+
+def test_status_counts_the_gaps(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b"")
+    repair(str(path), 100, commits=4)
+    with open(path, "ab") as f:
+        f.write(lines({"type": "eval", "epoch": 3.0, "test_loss": 1.0, "test_acc": 0.25, "wall": 2.0}))
+    assert T.summarize(str(path))["metrics_gaps"] == 1
+
+
+# --- 4: identity and operational keys; data compared by content --------------------------------
+
+
+def test_operational_keys_may_change_on_resume_identity_keys_may_not(tmp_path, synthetic_h5):
+    raw = tiny_config(synthetic_h5, tmp_path / "run")
+    saved = config_from_dict(raw).to_dict()
+    moved = tiny_config(
+        "/elsewhere/copy.h5",
+        tmp_path / "moved",
+        threads=2,
+        device="auto",
+        data__prefetch=4,
+        data__in_memory="never",
+        data__eval_batch=7,
+        server__poll_max_s=0.01,
+        checkpoint__keep=5,
+        checkpoint__every_epochs=3,
+    )
+    C.check_compatible("ck.npz", saved, config_from_dict(moved).to_dict())  # accepted
+    for key, value in [("server__order", "arrival"), ("data__augment", False), ("plan__k", 1.1)]:
+        with pytest.raises(CheckpointError, match=key.replace("__", ".")):
+            C.check_compatible(
+                "ck.npz", saved, config_from_dict({**raw, **_nested(key, value, raw)}).to_dict()
+            )
+    # A key this version does not know (added later) is identity too.
+    with pytest.raises(CheckpointError, match="server.new_key: checkpoint None, now 1"):
+        C.check_compatible("ck.npz", saved, {**saved, "server": {**saved["server"], "new_key": 1}})
+    assert "data.path" in C.OPERATIONAL and "seed" not in C.OPERATIONAL
+
+
+def _nested(key: str, value, raw: dict) -> dict:
+    section, leaf = key.split("__")
+    return {section: {**raw[section], leaf: value}}
+
+
+def test_data_is_compared_by_content_not_path(tmp_path, synthetic_h5):
+    moved = tmp_path / "node-local" / "copy.h5"
+    moved.parent.mkdir()
+    shutil.copy(synthetic_h5, moved)
+    before = open_staged(synthetic_h5).fingerprint()
+    C.check_same_data("ck.npz", before, open_staged(str(moved)).fingerprint(), str(moved))  # accepted
+    changed = edited(tmp_path, synthetic_h5, _shift_labels, "changed.h5")  # same shapes, other labels
+    with pytest.raises(CheckpointError, match=r"other data than the staged file .*changed.h5.*labels_sha256"):
+        C.check_same_data("ck.npz", before, open_staged(changed).fingerprint(), changed)
+    C.check_same_data("ck.npz", None, before, synthetic_h5)  # a checkpoint from before fingerprints
+
+
+def test_resume_checks_the_data_fingerprint_saved_with_the_checkpoint(tmp_path, synthetic_h5):
+    out, cfg = run_folder(tmp_path, synthetic_h5)
+    other = tmp_path / "other.h5"
+    prepare("synthetic", None, "12,16", str(other), synthetic=SyntheticSpec(samples=300, size=16), **QUIET)
+    C.bind_data(open_staged(str(other)).fingerprint())
+    try:
+        path = fake_checkpoint(out, cfg)  # a checkpoint of a run on other.h5
+    finally:
+        C.bind_data(None)
+    (out / "metrics.jsonl").write_bytes(b"")
+    assert C.load(path).data["train_samples"] == 300
+    with pytest.raises(CheckpointError, match="train_samples: checkpoint 300, now 2000"):
+        T._prepare_out(cfg, True, open_staged(synthetic_h5))
+
+
+# --- 5: the staged file changes under a running job ---------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["truncate", "rewrite", "remove"])
+def test_a_staged_file_that_changes_under_the_loader_stops_it(tmp_path, synthetic_h5, change):
+    path = tmp_path / "staged.h5"
+    shutil.copy(synthetic_h5, path)
+    staged = open_staged(str(path))
+    loader = TrainLoader(staged, "train", 12, np.arange(256), 32, in_memory="never", prefetch=0)
+    batches = iter(loader)
+    next(batches)
+    if change == "truncate":
+        os.truncate(path, os.path.getsize(path) // 2)
+    elif change == "rewrite":
+        time.sleep(0.01)
+        with open(path, "r+b") as f:  # same size, other bytes, new mtime
+            f.seek(os.path.getsize(path) - 16)
+            f.write(b"\xff" * 16)
+    else:
+        os.unlink(path)
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        next(batches)  # the next streamed batch
+    with pytest.raises(DataError, match=r"changed while the run was using it|disappeared"):
+        TrainLoader(staged, "train", 16, np.arange(8), 8, in_memory="auto")  # the next mini-epoch
+
+
+# --- 6, 7: data and plans that would record meaningless numbers ----------------------------------
+
+
+def _empty_test_split(f: h5py.File) -> None:
+    for name in list(f["test/images"]):
+        del f[f"test/images/{name}"]
+        r = int(name)
+        f.create_dataset(f"test/images/{name}", (0, int(f.attrs["channels"]), r, r), dtype=np.uint8)
+    del f["test/labels"]
+    f.create_dataset("test/labels", (0,), dtype=np.int64)
+
+
+def _shift_labels(f: h5py.File) -> None:
+    f["train/labels"][...] = (f["train/labels"][()] + 1) % int(f.attrs["num_classes"])
+
+
+def _one_class(f: h5py.File) -> None:
+    f["train/labels"][...] = 0
+
+
+def edited(tmp: Path, src: str, edit, name: str = "edited.h5") -> str:
+    dst = tmp / name
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        edit(f)
+    return str(dst)
+
+
+def test_data_without_test_samples_or_with_one_class_is_refused(tmp_path, synthetic_h5):
+    with pytest.raises(DataError, match=r"edited.h5' has 0 test samples.*non-empty test"):
+        open_staged(edited(tmp_path, synthetic_h5, _empty_test_split)).check_trainable()
+    with pytest.raises(DataError, match=r"only class 'class0'; a classifier needs at least 2"):
+        open_staged(edited(tmp_path, synthetic_h5, _one_class, "one.h5")).check_trainable()
+    open_staged(synthetic_h5).check_trainable()
+
+
+def test_a_group_whose_share_rounds_below_its_ranks_is_refused(synthetic_h5, tmp_path):
+    from hpc_dualbatch.plan import plan_from_config
+
+    raw = tiny_config(synthetic_h5, tmp_path, workers__groups=[2, 1], plan__samples_per_epoch=2)
+    cfg = config_from_dict(raw)
+    with pytest.raises(PlanError, match=r"plan.samples_per_epoch d = 2 gives group 0 \(2 ranks.*at least 3"):
+        plan_from_config(cfg, 2)
+    plan_from_config(cfg, 3)  # the minimum it names works
+
+
+# --- 9, 10, 11: runaway input ------------------------------------------------------------------
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi")
+)  # 9**9 = 387 million strings in about 500 bytes
+
+
+FLOW_BOMB = (
+    "[&a [x, x, x, x, x, x, x, x, x], "
+    + ", ".join(f"&{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi"))
+    + "]"
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "schedule:\n  lr: *i\n",
+        "plan:\n  large_batch: *i\n",
+        "seed: *i\n",
+    ],
+    ids=["list", "mapping", "scalar"],
+)
+def test_yaml_alias_bomb_is_refused_fast_with_a_short_message(tmp_path, text):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB + text)
+    t0 = time.time()
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert time.time() - t0 < 2
+    assert "bomb.yaml' expands to more than 100000 values" in str(e.value) and len(str(e.value)) < 400
+
+
+def test_yaml_bomb_in_an_override_recursion_and_depth_are_refused():
+    t0 = time.time()
+    with pytest.raises(ConfigError, match="override 'schedule.lr=.*expands to more than"):
+        load_config(None, ["schedule.lr=" + FLOW_BOMB])
+    with pytest.raises(ConfigError, match="refers to itself"):
+        load_config(None, ["schedule.lr=&a [1, *a]"])
+    with pytest.raises(ConfigError, match="nests"):
+        load_config(None, ["schedule.lr=" + "[" * 200 + "]" * 200])
+    assert time.time() - t0 < 2
+
+
+def test_long_values_are_cut_in_messages():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.width=" + "x" * 100_000])
+    assert len(str(e.value)) < 300 and "..." in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["schedule.resolutions=" + json.dumps(list(range(50_000, 0, -1)))])
+    assert len(str(e.value)) < 400
+
+
+@pytest.mark.parametrize("key", ["server.poll_min_s", "server.poll_max_s"])
+def test_poll_intervals_have_an_upper_bound(synthetic_h5, tmp_path, key):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(synthetic_h5, tmp_path / "run"))
+    with pytest.raises(ConfigError, match=rf"'{key}' is 100.0 s; valid: up to 1.0 s"):
+        load_config(cfg, ["server.poll_max_s=100", f"{key}=100"])
+
+
+def test_plan_epochs_are_bounded(synthetic_h5, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(synthetic_h5, tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"'schedule.epochs' is 1000000000; valid: 1..100000"):
+        load_config(cfg, ["schedule.epochs=1000000000"])
+
+
+def test_plan_command_at_the_epoch_bound_is_quick_and_small(synthetic_h5, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(synthetic_h5, tmp_path / "run"))
+    code = (
+        "import resource, sys; from hpc_dualbatch.cli import main; rc = main(sys.argv[1:]); "
+        "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+    )
+    sets = ["--set", "schedule.epochs=100000", "--set", "schedule.milestones=[50000]"]
+    t0 = time.time()
+    r = subprocess.run(
+        [sys.executable, "-c", code, "plan", "--config", cfg, *sets, "--out", str(tmp_path / "p.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    assert time.time() - t0 < 60
+    assert int(r.stdout.split("maxrss_kb")[1]) < 1_500_000  # KiB: torch alone is ~ 500 MB
+
+
+# --- 12: archives and images that would take the machine's memory -------------------------------
+
+
+def test_cifar_member_larger_than_the_format_is_refused_before_it_is_read(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        meta = pickle.dumps({b"label_names": [b"a", b"b"]}, protocol=2)
+        info = tarfile.TarInfo("cifar-10-batches-py/batches.meta")
+        info.size = len(meta)
+        tar.addfile(info, io.BytesIO(meta))
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = 40 << 20  # 40 MiB of zeros (compresses to ~40 KiB); a real batch is 31 MB
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    assert archive.stat().st_size < 1 << 20
+    with pytest.raises(
+        DataError, match=r"member 'cifar-10-batches-py/data_batch_1' is 41943040 bytes.*at most"
+    ):
+        prepare("cifar10", str(archive), "32", str(tmp_path / "o.h5"), **QUIET)
+
+
+def test_decompression_bomb_image_names_the_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from hpc_dualbatch.data import sources
+
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / c / "0.png")
+    Image.new("RGB", (64, 64)).save(root / "train" / "b" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4096 > 2 x 1000: a "bomb"
+    with pytest.raises(DataError, match=r"image file '.*train/b/huge.png' is too large to decode safely"):
+        sources.load_resized(str(root / "train" / "b" / "huge.png"), [8])
+    with pytest.raises(DataError, match="huge.png"):
+        prepare("imagefolder", str(root), "8", str(tmp_path / "o.h5"), **QUIET)
+
+
+# --- 13: messages, not tracebacks ----------------------------------------------------------------
+
+
+def test_train_without_arguments_asks_for_config_or_resume():
+    with pytest.raises(ConfigError, match=r"train needs --config CONFIG.yaml .* or --resume RUN_DIR"):
+        T._config(args())
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file", "read-only"])
+def test_unusable_output_folder_is_a_message(tmp_path, synthetic_h5, monkeypatch, kind):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    out = {"file": blocker, "under-a-file": blocker / "run", "read-only": tmp_path / "ro" / "run"}[kind]
+    cfg = config_from_dict(tiny_config(synthetic_h5, out))
+    if kind == "read-only":  # tests run as root, which ignores permissions: simulate the mount
+        real = os.makedirs
+
+        def makedirs(path, *a, **k):
+            if str(path).startswith(str(tmp_path / "ro")):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return real(path, *a, **k)
+
+        monkeypatch.setattr(os, "makedirs", makedirs)
+    err = {"file": ConfigError, "under-a-file": OutputError, "read-only": OutputError}[kind]
+    text = {
+        "file": "which is a file",
+        "under-a-file": "Not a directory",
+        "read-only": "Read-only file system",
+    }
+    with pytest.raises(err, match=text[kind]):
+        T._prepare_out(cfg, False)
+
+
+def test_empty_out_is_refused():
+    with pytest.raises(ConfigError, match="'out' is empty"):
+        load_config(None, ["out=''"])
+
+
+def test_disk_full_while_writing_metrics_is_a_message():
+    log = MetricsLog("/dev/full")  # every write fails with ENOSPC
+    with pytest.raises(OutputError, match=r"could not write metrics file /dev/full: No space left on device"):
+        log.write(commit(1))
+    with contextlib.suppress(OSError):
+        log.close()
+
+
+@pytest.mark.parametrize(
+    ("arch", "text"),
+    [
+        ("raft_small", "'raft_small': a torchvision model, but not an image classifier"),
+        ("resnet_nonexistent", "not resnet18_cifar nor a torchvision classification model"),
+        ("vit_b_16", "cannot take 12 px images"),
+    ],
+)
+def test_model_arch_that_cannot_work_is_a_config_error(arch, text):
+    from hpc_dualbatch.model import check_model
+
+    with pytest.raises(ConfigError, match=re.escape(text)):
+        check_model(arch, 10, 3, 8, [12, 16])
+
+
+def _report(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hpc_dualbatch", "report", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+REPORT_CASES = {
+    "bad-json": (b'{"type": "eval", "epoch": 1,\n', "line 1: not a metrics record"),
+    "no-type": (b'{"epoch": 1}\n', "line 1: not a metrics record"),
+    "no-test-acc": (b'{"type": "eval", "epoch": 1, "test_loss": 1, "wall": 1}\n', "without test_acc"),
+    "binary": (bytes(range(256)) * 4, "not a metrics record"),
+    "string-acc": (
+        b'{"type": "eval", "epoch": 1, "test_loss": 1, "test_acc": "high", "wall": 1}\n',
+        "field 'test_acc' of a 'eval' record is 'high'; expected a number",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REPORT_CASES))
+def test_report_on_a_bad_metrics_file_is_one_message(tmp_path, case):
+    data, text = REPORT_CASES[case]
+    run = tmp_path / "run-s1"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(data)
+    r = _report(str(run), "--out", str(tmp_path / "rep"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("hpc-dualbatch: error") == 1 and text in r.stderr and "metrics.jsonl" in r.stderr
+
+
+def test_report_out_that_is_a_file_is_one_message(tmp_path):
+    from .test_report import fake_run
+
+    run = fake_run(tmp_path / "run-s1", [0.5, 0.6], 10.0)
+    (tmp_path / "rep").write_text("a file")
+    r = _report(run, "--out", str(tmp_path / "rep"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--out " + str(tmp_path / "rep") + " is a file" in r.stderr
+
+
+# --- under MPI: start-up agreement and faults ----------------------------------------------------
+
+BAD_STARTS = {
+    "no-arguments": (lambda tmp, data: None, ["train needs --config"]),
+    "unknown-arch": (lambda tmp, data: {"model__arch": "resnet_nonexistent"}, ["'model.arch'", "valid"]),
+    "raft_small": (
+        lambda tmp, data: {"model__arch": "raft_small"},
+        ["'raft_small'", "not an image classifier"],
+    ),
+    "no-test-samples": (
+        lambda tmp, data: {"data__path": edited(tmp, data, _empty_test_split)},
+        ["edited.h5", "0 test samples"],
+    ),
+    "one-class": (
+        lambda tmp, data: {"data__path": edited(tmp, data, _one_class)},
+        ["edited.h5", "at least 2"],
+    ),
+    "out-is-a-file": (lambda tmp, data: {"out": "config.yaml"}, ["which is a file"]),
+    "poll-too-long": (
+        lambda tmp, data: {"server__poll_min_s": 100.0, "server__poll_max_s": 100.0},
+        ["up to 1.0 s"],
+    ),
+}
+
+
+@mpi
+@pytest.mark.parametrize("case", list(BAD_STARTS))
+def test_bad_start_ends_every_rank_with_one_message(tmp_path, synthetic_h5, case):
+    over, needles = BAD_STARTS[case]
+    over = over(tmp_path, synthetic_h5)
+    if over is None:
+        r, seconds = timed(3, "train")
+    else:
+        out = tmp_path / over.pop("out", "run")  # out-is-a-file: the config file itself
+        cfg = write_config(tmp_path / "config.yaml", tiny_config(synthetic_h5, out, **over))
+        r, seconds = timed(3, "train", "--config", cfg)
+    one_clean_error(r, seconds, *needles)
+
+
+@mpi
+def test_crash_before_the_first_checkpoint_then_the_same_command_and_resume_work(tmp_path, synthetic_h5):
+    """SIGKILL of a worker before any checkpoint; the fresh command (and --resume) start over."""
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(
+            synthetic_h5,
+            tmp_path / "run",
+            schedule__epochs=3,
+            schedule__milestones=[2],
+            checkpoint__every_epochs=0,
+        ),
+    )
+    out = tmp_path / "run"
+    job = start(3, "train", "--config", cfg)
+    try:
+        ranks = rank_pids(job, 3)
+        metrics = out / "metrics.jsonl"
+        wait_for(
+            lambda: (metrics.exists() and b"commit" in metrics.read_bytes()) or job.poll() is not None,
+            JOB_S,
+            "a commit",
+        )
+        assert job.poll() is None, "the run ended before the fault"
+        os.kill(ranks[2], signal.SIGKILL)
+        job.communicate(timeout=QUICK_S)
+    finally:
+        if job.poll() is None:
+            kill_job(job)
+    assert C.latest(str(out)) is None and metrics.exists()
+    r = hdb(3, "train", "--config", cfg, timeout=JOB_S)  # the same command, as a Slurm resubmission runs it
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "starting it from commit 0" in r.stdout
+    assert status(out)["state"] == "done"
+    commits = [x["commit"] for x in read_metrics(str(metrics)) if x["type"] == "commit"]
+    assert commits == list(range(1, 7))
+    assert (out / "metrics-stopped-1.jsonl").exists()
+
+
+@mpi
+def test_resume_after_the_metrics_lost_their_tail_records_a_gap(tmp_path, synthetic_h5):
+    """The checkpoint is fsynced, the metrics are not: cut them short, resume, report."""
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(synthetic_h5, tmp_path / "run-s1", schedule__epochs=3, schedule__milestones=[2]),
+    )
+    out = tmp_path / "run-s1"
+    r = hdb(3, "train", "--config", cfg, timeout=JOB_S)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ckpts = sorted((out / "checkpoints").glob("ckpt-*.npz"))
+    ckpts[-1].unlink()  # back to the checkpoint before the last, as if the run had stopped there
+    resumed_at = C.load(C.latest(str(out))).commits
+    metrics = out / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes()[:150])  # lost: most of what that checkpoint accounts for
+    r = hdb(3, "train", "--resume", str(out), timeout=JOB_S)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "metrics file shorter than the checkpoint" in r.stdout
+    st = status(out)
+    assert st["state"] == "done" and st["metrics_gaps"] == 1
+    recs = read_metrics(str(metrics))
+    gap = [x for x in recs if x["type"] == "gap"]
+    assert len(gap) == 1 and gap[0]["up_to_commit"] == resumed_at and gap[0]["after_commit"] == 0
+    assert [x["commit"] for x in recs if x["type"] == "commit"] == list(range(resumed_at + 1, 7))
+    rep = _report(str(out), "--out", str(tmp_path / "rep"))
+    assert rep.returncode == 0 and "gap record" in rep.stdout, rep.stderr
+
+
+@mpi
+def test_staged_file_truncated_under_a_running_job_stops_it(tmp_path, synthetic_h5):
+    data = tmp_path / "staged.h5"
+    shutil.copy(synthetic_h5, data)
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(
+            str(data), tmp_path / "run", schedule__epochs=8, schedule__milestones=[7], data__in_memory="never"
+        ),
+    )
+    out = tmp_path / "run"
+    job = start(3, "train", "--config", cfg)
+    try:
+        metrics = out / "metrics.jsonl"
+        wait_for(
+            lambda: (metrics.exists() and b"commit" in metrics.read_bytes()) or job.poll() is not None,
+            JOB_S,
+            "a commit",
+        )
+        assert job.poll() is None, "the run ended before the fault"
+        os.truncate(data, os.path.getsize(data) // 2)
+        t0 = time.time()
+        log, _ = job.communicate(timeout=QUICK_S)
+        assert time.time() - t0 < QUICK_S
+    finally:
+        if job.poll() is None:
+            kill_job(job)
+    assert job.returncode != 0, log
+    assert "hpc-dualbatch: error" in log and "staged.h5'" in log and "Traceback" not in log
+    assert not (out / "status.json").exists()  # no "done" on wrong data
+
+
+def test_config_file_that_is_not_text_is_a_message(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match=r"binary.yaml' is not (UTF-8 text|valid YAML)"):
+        load_config(str(path))
+
+
+@mpi
+def test_resume_with_moved_data_and_other_operational_keys_continues(tmp_path, synthetic_h5):
+    """A requeued job on another node: the data copied elsewhere, other threads and prefetch."""
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_config(synthetic_h5, tmp_path / "run", schedule__epochs=3, schedule__milestones=[2]),
+    )
+    out = tmp_path / "run"
+    r = hdb(3, "train", "--config", cfg, timeout=JOB_S)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sorted((out / "checkpoints").glob("ckpt-*.npz"))[-1].unlink()  # back to a checkpoint mid-run
+    resumed_at = C.load(C.latest(str(out))).commits
+    moved = tmp_path / "node-local" / "copy.h5"
+    moved.parent.mkdir()
+    shutil.copy(synthetic_h5, moved)
+    sets = ["--set", f"data.path={moved}", "--set", "threads=2", "--set", "data.prefetch=1"]
+    r = hdb(3, "train", "--resume", str(out), *sets, timeout=JOB_S)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert status(out)["state"] == "done"
+    commits = [x["commit"] for x in read_metrics(str(out / "metrics.jsonl")) if x["type"] == "commit"]
+    assert commits == list(range(1, 7)) and resumed_at < 6
