@@ -94,10 +94,16 @@ for seed in $SEEDS; do
   for part in $PARTS; do "${part}_part" "$seed"; done
 done
 
-for part in $PARTS; do  # one report per part, from every finished run of it
+# One report per part, from every finished run of it, configurations in this order.
+ORDER_server="sync ps-base ps-paper ps-base-bnavg ps-base-bnlocal ps-base-mergepaper ps-base-push0"
+ORDER_dualbatch="sync sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3 hybrid-ns3-nofactor"
+for part in $PARTS; do
+  order="ORDER_$part"
   dirs=()
-  for d in "$OUT/runs/$part"/*-s*/; do
-    [ -f "$d/status.json" ] && grep -q '"state": "done"' "$d/status.json" && dirs+=("${d%/}")
+  for name in ${!order}; do
+    for d in "$OUT/runs/$part/$name"-s[0-9]*/; do
+      [ -f "$d/status.json" ] && grep -q '"state": "done"' "$d/status.json" && dirs+=("${d%/}")
+    done
   done
   [ ${#dirs[@]} -gt 0 ] && $PY -m hpc_dualbatch report "${dirs[@]}" --baseline sync --out "$OUT/$part"
 done
