@@ -33,6 +33,17 @@ def commits_and_evals(out: Path) -> tuple[list[int], list[float]]:
     ]
 
 
+def kill_after_first_checkpoint(cfg: str, out: Path, np_: int = 3) -> None:
+    """Start a run and SIGKILL the whole job as soon as its first checkpoint exists."""
+    job = start(np_, "train", "--config", cfg)
+    ckdir = out / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckdir.exists() and any(ckdir.glob("ckpt-*.npz"))):
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+
+
 def test_hybrid_run_with_a_two_rank_group_learns(tmp_path, synthetic_h5):
     """1 server + a 2-rank Horovod group (large batch) + a 1-rank group (small batch), arrival order."""
     r, out = train(tmp_path, synthetic_h5, 4, workers__groups=[2, 1], server__order="arrival")
@@ -61,13 +72,7 @@ def test_round_robin_runs_are_bit_identical_and_resume_exactly(tmp_path, synthet
 
     # Kill (SIGKILL, the whole job) as soon as a checkpoint exists, then resume.
     cfg = write_config(tmp_path / "c.yaml", tiny_config(synthetic_h5, tmp_path / "c", schedule__epochs=6))
-    job = start(3, "train", "--config", cfg)
-    ckdir = tmp_path / "c" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckdir.exists() and any(ckdir.glob("ckpt-*.npz"))):
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(timeout=30)
+    kill_after_first_checkpoint(cfg, tmp_path / "c")
     assert not (tmp_path / "c" / "status.json").exists(), "the run finished before it could be killed"
     r3 = hdb(3, "train", "--resume", str(tmp_path / "c"))
     assert r3.returncode == 0, r3.stdout + r3.stderr
@@ -109,13 +114,7 @@ def test_every_server_mode_learns_logs_its_pushes_and_resumes_exactly(
 
     # Kill after the first checkpoint, resume, and end with the same weights.
     cfg = write_config(tmp_path / "c.yaml", tiny_config(synthetic_h5, tmp_path / "c", **over))
-    job = start(3, "train", "--config", cfg)
-    ckdir = tmp_path / "c" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckdir.exists() and any(ckdir.glob("ckpt-*.npz"))):
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(timeout=30)
+    kill_after_first_checkpoint(cfg, tmp_path / "c")
     r3 = hdb(3, "train", "--resume", str(tmp_path / "c"))
     assert r3.returncode == 0, r3.stdout + r3.stderr
     assert np.array_equal(final_weights(out1), final_weights(tmp_path / "c"))
