@@ -158,7 +158,8 @@ class GroupTrainer:
         t0 = time.perf_counter()
         idx = np.array_split(bn_indices(self.n_train, self.cfg.server.bn_samples, self.cfg.seed), self.size)
         mine = idx[self.rank]
-        batch = max(1, math.ceil(len(mine) / max(1, math.ceil(len(mine) / self.cfg.data.eval_batch))))
+        n_batches = max(1, math.ceil(len(mine) / self.cfg.data.eval_batch))
+        batch = max(1, math.ceil(len(mine) / n_batches))  # equal batches: each weighs the same
         recalibrate_bn(
             self.model, EvalLoader(self.staged, resolution, mine, batch, self.device, split="train")
         )
@@ -181,8 +182,8 @@ class GroupTrainer:
 
 
 def reduce_stats(comm: Any, st: MiniEpochStats, flag: int) -> tuple[MiniEpochStats, bool]:
-    """Group sums of a mini-epoch's stats, slowest rank's seconds, and whether any rank was
-    signalled (SIGTERM/SIGUSR1 reach any rank; the leader must learn of it)."""
+    """Group sums of a mini-epoch's stats (seconds and wait stay this rank's), and whether any
+    rank was signalled (SIGTERM/SIGUSR1 may reach any rank; the leader must learn of it)."""
     tot = np.array([st.loss_sum, st.correct, st.samples, 1 if flag else 0], np.float64)
     comm.Allreduce(MPI.IN_PLACE, tot)  # MPI: group sums of loss, correct, samples, signals
     return MiniEpochStats(int(tot[2]), st.seconds, float(tot[0]), int(tot[1]), st.wait), bool(tot[3])
