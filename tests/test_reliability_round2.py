@@ -604,19 +604,23 @@ def test_crash_before_the_first_checkpoint_then_the_same_command_and_resume_work
     assert (out / "metrics-stopped-1.jsonl").exists()
 
 
+def _finished_run_rolled_back(out: Path, data: str) -> tuple[Path, int]:
+    """Train a 3-epoch run, then delete its last checkpoint, as if it had stopped mid-run.
+    Returns the run folder and the commit its newest remaining checkpoint holds."""
+    cfg = write_config(
+        out.parent / f"{out.name}.yaml",
+        tiny_config(data, out, schedule__epochs=3, schedule__milestones=[2]),
+    )
+    r = hdb(3, "train", "--config", cfg, timeout=JOB_S)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sorted((out / "checkpoints").glob("ckpt-*.npz"))[-1].unlink()
+    return out, C.load(C.latest(str(out))).commits
+
+
 @mpi
 def test_resume_after_the_metrics_lost_their_tail_records_a_gap(tmp_path, synthetic_h5):
     """The checkpoint is fsynced, the metrics are not: cut them short, resume, report."""
-    cfg = write_config(
-        tmp_path / "run.yaml",
-        tiny_config(synthetic_h5, tmp_path / "run-s1", schedule__epochs=3, schedule__milestones=[2]),
-    )
-    out = tmp_path / "run-s1"
-    r = hdb(3, "train", "--config", cfg, timeout=JOB_S)
-    assert r.returncode == 0, r.stdout + r.stderr
-    ckpts = sorted((out / "checkpoints").glob("ckpt-*.npz"))
-    ckpts[-1].unlink()  # back to the checkpoint before the last, as if the run had stopped there
-    resumed_at = C.load(C.latest(str(out))).commits
+    out, resumed_at = _finished_run_rolled_back(tmp_path / "run-s1", synthetic_h5)
     metrics = out / "metrics.jsonl"
     metrics.write_bytes(metrics.read_bytes()[:150])  # lost: most of what that checkpoint accounts for
     r = hdb(3, "train", "--resume", str(out), timeout=JOB_S)
@@ -674,15 +678,7 @@ def test_config_file_that_is_not_text_is_a_message(tmp_path):
 @mpi
 def test_resume_with_moved_data_and_other_operational_keys_continues(tmp_path, synthetic_h5):
     """A requeued job on another node: the data copied elsewhere, other threads and prefetch."""
-    cfg = write_config(
-        tmp_path / "run.yaml",
-        tiny_config(synthetic_h5, tmp_path / "run", schedule__epochs=3, schedule__milestones=[2]),
-    )
-    out = tmp_path / "run"
-    r = hdb(3, "train", "--config", cfg, timeout=JOB_S)
-    assert r.returncode == 0, r.stdout + r.stderr
-    sorted((out / "checkpoints").glob("ckpt-*.npz"))[-1].unlink()  # back to a checkpoint mid-run
-    resumed_at = C.load(C.latest(str(out))).commits
+    out, resumed_at = _finished_run_rolled_back(tmp_path / "run", synthetic_h5)
     moved = tmp_path / "node-local" / "copy.h5"
     moved.parent.mkdir()
     shutil.copy(synthetic_h5, moved)
