@@ -38,6 +38,7 @@ from mpi4py import MPI
 
 from . import checkpoint as C
 from . import protocol as P
+from .adapt import Adapter, Obs
 from .config import Config
 from .merge import delta_weight, distance, merge_delta, merge_paper
 from .metrics import MetricsLog, Progress
@@ -79,9 +80,17 @@ class ServerState:
 
 class Server:
     def __init__(
-        self, cfg: Config, topo: Any, groups: list[GroupSpec], state: ServerState, log: MetricsLog
+        self,
+        cfg: Config,
+        topo: Any,
+        groups: list[GroupSpec],
+        state: ServerState,
+        log: MetricsLog,
+        adapter: Adapter | None = None,
     ) -> None:
         self.cfg, self.topo, self.groups, self.s, self.log = cfg, topo, groups, state, log
+        self.adapter = adapter if adapter is not None and adapter.active else None
+        self.started: set[int] = set()  # groups that committed in this process: warm-up is behind them
         self.n = len(groups)
         self.total = cfg.schedule.epochs * self.n
         self.back = P.Backoff(cfg.server.poll_min_s, cfg.server.poll_max_s)
@@ -105,7 +114,8 @@ class Server:
         self.preempt = 0  # signal number that asked for a checkpoint and stop
         self.send_state = set(range(self.n)) if state.resumed else set()
         self.next_rr = 0
-        self.task_stage: dict[int, tuple[float, int, int]] = {}  # (lr, px, batch) of each group's task
+        # (lr, px, batch, predicted seconds or None) of each group's current task
+        self.task_stage: dict[int, tuple[float, int, int, float | None]] = {}
         self.t0 = time.perf_counter()
         self.progress = Progress()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -124,13 +134,15 @@ class Server:
         stage = stage_for_commit(s.commits, self.n, self.cfg.schedule)
         # LR at the fractional epoch, so a warm-up ramps per commit, not per epoch.
         lr = lr_at(s.commits / self.n, self.cfg.schedule)
+        run = status == P.Status.RUN
+        predicted = self._adapt(g, stage.resolution) if run and self.adapter else None
         rep[P.Rep.LR], rep[P.Rep.RESOLUTION], rep[P.Rep.DROPOUT] = lr, stage.resolution, stage.dropout
         rep[P.Rep.BATCH], rep[P.Rep.SAMPLES] = spec.batch[stage.resolution], spec.share
         rep[P.Rep.EPOCH], rep[P.Rep.COMMITS] = s.commits / self.n, s.commits
-        if status == P.Status.RUN:
+        if run:
             rep[P.Rep.ROUND] = s.rounds[g]
             s.rounds[g] += 1
-            self.task_stage[g] = (lr, stage.resolution, spec.batch[stage.resolution])
+            self.task_stage[g] = (lr, stage.resolution, spec.batch[stage.resolution], predicted)
         rep[P.Rep.PUSHES] = pushes_per_task(
             self.ref.share, self.ref.batch[stage.resolution], self.cfg.server.push_every
         )
@@ -148,6 +160,32 @@ class Server:
             self.send_state.discard(g)
         if status == P.Status.STOP:
             self.stopped.add(g)
+
+    def _adapt(self, g: int, res: int) -> float | None:
+        """plan.adaptive: re-plan the small batches at `res` from the measured mini-epochs, set
+        the groups' batches, log a plan record when one changed; returns g's predicted seconds."""
+        ad = self.adapter
+        assert ad is not None
+        rp = ad.replan(res)
+        if rp is not None:
+            changed = {h: b for h, b in rp.batches.items() if self.groups[h].batch[res] != b}
+            for h, b in changed.items():
+                self.groups[h].batch[res] = b
+            if changed:
+                self.log.write(
+                    {
+                        "type": "plan",
+                        "epoch": self.s.commits / self.n,
+                        "resolution": res,
+                        "batches": {str(h): b for h, b in sorted(rp.batches.items())},
+                        "changed": sorted(changed),
+                        "target_seconds": round(rp.target, 4),
+                        "scales": {str(h): round(v, 4) for h, v in sorted(rp.scales.items())},
+                        "capped": list(rp.capped),
+                        "wall": round(self.wall(), 3),
+                    }
+                )
+        return ad.predicted(g, res, self.groups[g].share)
 
     def _send_weights(self, g: int, rep: np.ndarray) -> None:
         s, world, dest, n_p = self.s, self.topo.world, self.topo.leaders[g], self.n_params
@@ -206,7 +244,11 @@ class Server:
         h = self.hdr
         if h[P.Req.PREEMPT] and not self.preempt:
             self.preempt = signal.SIGTERM
-        lr, res, batch = self.task_stage.get(g, (0.0, 0, 0))
+        lr, res, batch, predicted = self.task_stage.get(g, (0.0, 0, 0, None))
+        if self.adapter is not None and res:
+            seconds = float(h[P.Req.SECONDS])
+            self.adapter.observe(g, res, Obs(batch, int(h[P.Req.SAMPLES]), seconds, g not in self.started))
+        self.started.add(g)
         rec = {
             "type": "commit",
             "commit": s.commits,
@@ -222,6 +264,7 @@ class Server:
             "lr": lr,
             "resolution": res,
             "batch": batch,
+            **({"predicted": round(predicted, 4)} if predicted is not None else {}),
             **d,
             "wall": round(self.wall(), 3),
         }
@@ -303,7 +346,11 @@ class Server:
                 self.wall(),
                 self.log.offset(),
                 self.cfg.to_dict(),
-                {"pending_evals": {str(g): e for g, e in s.pending_evals.items()}, "merges": s.merges},
+                {
+                    "pending_evals": {str(g): e for g, e in s.pending_evals.items()},
+                    "merges": s.merges,
+                    **({"adapt": self.adapter.state()} if self.adapter else {}),
+                },
                 group_buffers=s.group_buffers,
             ),
             keep=self.cfg.checkpoint.keep,

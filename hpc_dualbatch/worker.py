@@ -98,6 +98,7 @@ class GroupTrainer:
         self.opt = hvd.DistributedOptimizer(opt, named_parameters=self.model.named_parameters())
         self.n_train = staged.num_samples("train")
         self.n_test = staged.num_samples("test")
+        self.slowdown = cfg.workers.slowdown.get(self.group, 1.0)
 
     def train_mini_epoch(
         self,
@@ -142,7 +143,10 @@ class GroupTrainer:
             )
             ends = set(part_ends(len(loader), pushes)[:-1]) if exchange else set()
             for step, (x, y) in enumerate(loader, 1):
+                ts = time.perf_counter()
                 ls, c = train_step(self.model, self.opt, x, y)
+                if self.slowdown > 1:  # workers.slowdown: a simulated slower node
+                    time.sleep((self.slowdown - 1) * (time.perf_counter() - ts))
                 loss_sum, correct, n = loss_sum + ls, correct + c, n + len(y)
                 if step in ends:
                     t1 = time.perf_counter()
