@@ -94,6 +94,12 @@ class ServerConfig:
     #                and for the final model (as stochastic weight averaging does);
     #   local: never merged, each group keeps its own (as local SGD does).
     bn: str = "recalibrate"
+    # Which count a task's stage (LR, resolution, dropout) follows (docs/server.md):
+    #   task: its index among the tasks handed out (task t belongs to epoch t // n), so every
+    #         epoch's n tasks train at that epoch's stage;
+    #   commit: the commits merged when it is handed out (the method: "milestones fire at commit
+    #           counts"); with n tasks in flight this lags the schedule by up to one epoch.
+    stage_by: str = "task"
     bn_samples: int = 2560  # training samples (fixed, seeded, not augmented) a recalibration uses
     # Large-batch steps between pushes; 0 = one push per mini-epoch (the method). Every group
     # pushes the same number of times per mini-epoch, so a small group's push weight f keeps its
@@ -150,6 +156,7 @@ _CHOICES = {
     "plan.factor": ("data_ratio", "sqrt", "none"),
     "schedule.resolution_mode": ("cyclic", "progressive", "fixed"),
     "server.order": ("arrival", "round_robin"),
+    "server.stage_by": ("task", "commit"),
     "server.merge": ("paper", "delta"),
     "server.bn": ("average", "recalibrate", "local"),
 }

@@ -11,9 +11,10 @@ merged on arrival by the rule of `server.merge` (`merge.py`: the method's
 `w <- (w + f*w_i)/(1 + f)`, or the group's own update since its pull), and the
 batch-norm buffers by the rule of `server.bn`. A push that ends a task is a
 commit; n_groups commits make one epoch, and the learning rate, resolution,
-batch size and dropout of the next task follow from the commit count
-(`schedule.stage_for_commit`). Pushes inside a task are answered CONTINUE with
-the merged weights. Tasks are handed out until
+batch size and dropout of a task follow from its index among the tasks handed out
+(`server.stage_by: task`: task t is part of epoch t // n) or, as in the method, from the
+commit count when it is handed out (`commit`; `schedule.stage_for_commit` either way).
+Pushes inside a task are answered CONTINUE with the merged weights. Tasks are handed out until
 epochs * n_groups have been issued, so every task issued is committed and no
 work is thrown away; every later request is answered STOP.
 
@@ -131,9 +132,11 @@ class Server:
     def _reply(self, g: int, status: P.Status) -> None:
         s, spec = self.s, self.groups[g]
         rep = P.reply(status)
-        stage = stage_for_commit(s.commits, self.n, self.cfg.schedule)
-        # LR at the fractional epoch, so a warm-up ramps per commit, not per epoch.
-        lr = lr_at(s.commits / self.n, self.cfg.schedule)
+        # server.stage_by: the schedule position of this task: tasks handed out so far, or commits
+        at = sum(s.rounds) if self.cfg.server.stage_by == "task" else s.commits
+        stage = stage_for_commit(at, self.n, self.cfg.schedule)
+        # LR at the fractional epoch, so a warm-up ramps per task, not per epoch.
+        lr = lr_at(at / self.n, self.cfg.schedule)
         run = status == P.Status.RUN
         predicted = self._adapt(g, stage.resolution) if run and self.adapter else None
         rep[P.Rep.LR], rep[P.Rep.RESOLUTION], rep[P.Rep.DROPOUT] = lr, stage.resolution, stage.dropout
