@@ -122,8 +122,9 @@ def test_every_server_mode_learns_logs_its_pushes_and_resumes_exactly(
 
 def _adaptive_over(tmp: Path, **extra) -> dict:
     """Two single-rank groups (large, small) in arrival order, B_S planned from a hand-made time
-    fit (a = 0.2 ms/sample, b = 2 ms/step: the shape, not the level, of this model's cost), and
-    the large group slowed 2x: the static plan's small group would finish in about half its time."""
+    fit (a = 0.2 ms/sample at 12 px, b = 2 ms/step: the shape, not the level, of this model's
+    cost), and the large group slowed 3x: the static plan's small group finishes in about a
+    third of its time."""
     from hpc_dualbatch.timing import TimeFit, save_timing
 
     timing = tmp / "timing.json"
@@ -133,7 +134,7 @@ def _adaptive_over(tmp: Path, **extra) -> dict:
         server__order="arrival",
         plan__timing=str(timing),
         plan__small_batch={},
-        workers__slowdown={0: 2.0},
+        workers__slowdown={0: 3.0},
         schedule__epochs=8,
         schedule__milestones=[6],
     )
@@ -158,16 +159,28 @@ def test_adaptive_planning_makes_unequal_groups_finish_together(tmp_path, synthe
     static = json.loads((out / "plan.json").read_text())["resolutions"]
     assert first_small["batch"] == static[str(first_small["resolution"])]["B_S"]  # starts as planned
     late = [c for c in commits if c["epoch"] > 5]
-    # The static plan leaves the small group about half the large one's time; re-planned, the two
-    # finish together (to 25 %: 3 ranks share this machine's cores with whatever else runs).
-    assert ratio(late) == pytest.approx(1.0, abs=0.25), [(c["small"], c["batch"], c["seconds"]) for c in late]
+    # The static plan's first tasks: the small group ends in about a third of the large one's
+    # time. Re-planned, the two finish together: within 1.5x either way (3 ranks share 2 cores
+    # here, and the slowed group's sleeps free a core for the other), and much nearer than at
+    # the start.
+    upto = next(i for i, c in enumerate(commits) if not c["small"])  # the large group's first commit
+    first, end = ratio(commits[: upto + 1]), ratio(late)
+    trace = [(c["small"], c["batch"], c["seconds"]) for c in commits]
+    assert first < 0.6 and 1 / 1.5 < end < 1.5, (first, end, trace)
+    assert abs(np.log(end)) < 0.5 * abs(np.log(first)), (first, end, trace)
     last_small = [c for c in late if c["small"]][-1]
     assert last_small["batch"] < first_small["batch"]  # more time: a smaller B_S
-    # Once the small group has run at a resolution, the model predicts its next task there.
+    # Once the small group has run a batch at a resolution, the model predicts it there (a task
+    # at a new batch is predicted through the hand-made fit's shape, which is off by design).
     small = [c for c in commits if c["small"]]
-    for prev, c in zip(small, small[1:]):
-        if c["epoch"] > 5 and c["resolution"] == prev["resolution"]:
-            assert c["predicted"] == pytest.approx(c["seconds"], rel=0.3), (prev, c)
+    pairs = [
+        (p, c)
+        for p, c in zip(small, small[1:])
+        if (c["resolution"], c["batch"]) == (p["resolution"], p["batch"])
+    ]
+    assert pairs, [(c["resolution"], c["batch"]) for c in small]  # the batch settles
+    for prev, c in pairs:
+        assert c["predicted"] == pytest.approx(c["seconds"], rel=0.3), (prev, c)
 
 
 def test_adaptive_planning_resumes_with_the_plan_state_it_had(tmp_path, synthetic_h5):
