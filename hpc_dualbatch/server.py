@@ -169,19 +169,19 @@ class Server:
         the groups' batches, log a plan record when one changed; returns g's predicted seconds."""
         ad = self.adapter
         assert ad is not None
-        rp = ad.replan(res)
-        if rp is not None:
-            changed = {h: b for h, b in rp.batches.items() if self.groups[h].batch[res] != b}
-            for h, b in changed.items():
-                self.groups[h].batch[res] = b
-            if changed:
+        rp = ad.replan(res)  # None: nothing measured since the last re-plan here
+        if res in ad.fits:
+            changed = [h for h, spec in enumerate(self.groups) if spec.batch[res] != ad.batches[h][res]]
+            for h in changed:  # (after a resume the specs start from the static plan)
+                self.groups[h].batch[res] = ad.batches[h][res]
+            if changed and rp is not None:
                 self.log.write(
                     {
                         "type": "plan",
                         "epoch": self.s.commits / self.n,
                         "resolution": res,
                         "batches": {str(h): b for h, b in sorted(rp.batches.items())},
-                        "changed": sorted(changed),
+                        "changed": changed,
                         "target_seconds": round(rp.target, 4),
                         "scales": {str(h): round(v, 4) for h, v in sorted(rp.scales.items())},
                         "capped": list(rp.capped),
@@ -250,7 +250,7 @@ class Server:
         lr, res, batch, predicted = self.task_stage.get(g, (0.0, 0, 0, None))
         if self.adapter is not None and res:
             seconds = float(h[P.Req.SECONDS])
-            self.adapter.observe(g, res, Obs(batch, int(h[P.Req.SAMPLES]), seconds, g not in self.started))
+            self.adapter.observe(g, Obs(res, batch, int(h[P.Req.SAMPLES]), seconds, g not in self.started))
         self.started.add(g)
         rec = {
             "type": "commit",

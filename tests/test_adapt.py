@@ -19,22 +19,24 @@ D_L = 13_125
 TABLE6 = {1: (10_625, 130, 102), 2: (11_875, 230, 185), 3: (12_292, 294, 243)}
 
 
-def _obs(fit: TimeFit, batch: int, samples: int, scale: float, warm: bool = False) -> Obs:
-    return Obs(batch, samples, scale * per_sample(fit, batch) * samples, warm)
+def _obs(res: int, batch: int, samples: int, scale: float, warm: bool = False) -> Obs:
+    return Obs(res, batch, samples, scale * per_sample(FITS[res], batch) * samples, warm)
 
 
 def test_scale_is_measured_over_profiled_time() -> None:
-    f = FITS[32]
-    assert scale_of(f, [_obs(f, 100, 5000, 2.0)]) == pytest.approx(2.0)
-    # The median of three: one outlier (a checkpoint write, a neighbour's burst) is ignored.
-    assert scale_of(f, [_obs(f, 100, 5000, 1.1), _obs(f, 90, 5000, 5.0), _obs(f, 80, 5000, 1.3)]) == (
-        pytest.approx(1.3)
-    )
+    assert scale_of(FITS, [_obs(32, 100, 5000, 2.0)]) == pytest.approx(2.0)
+    # Each task against the fit of its own resolution; the median ignores an outlier (a task
+    # that overlapped another group's evaluation, a neighbour's burst).
+    win = [_obs(24, 100, 5000, 1.1), _obs(32, 90, 5000, 5.0), _obs(32, 80, 5000, 1.3)]
+    assert scale_of(FITS, win) == pytest.approx(1.3)
     # A warm-up task counts only while nothing else is known.
-    assert scale_of(f, [_obs(f, 100, 5000, 3.0, warm=True)]) == pytest.approx(3.0)
-    assert scale_of(f, [_obs(f, 100, 5000, 3.0, warm=True), _obs(f, 100, 5000, 1.5)]) == pytest.approx(1.5)
-    assert scale_of(f, []) is None
-    assert scale_of(f, [Obs(100, 0, 0.0)]) is None  # a task without samples says nothing
+    assert scale_of(FITS, [_obs(32, 100, 5000, 3.0, warm=True)]) == pytest.approx(3.0)
+    assert scale_of(FITS, [_obs(32, 100, 5000, 3.0, warm=True), _obs(24, 100, 5000, 1.5)]) == pytest.approx(
+        1.5
+    )
+    assert scale_of(FITS, []) is None
+    assert scale_of(FITS, [Obs(32, 100, 0, 0.0)]) is None  # a task without samples says nothing
+    assert scale_of(FITS, [Obs(20, 100, 10, 1.0)]) is None  # no fit at 20 px
 
 
 def test_small_batch_for_is_the_method_formula_per_group() -> None:
@@ -93,6 +95,14 @@ def test_a_small_group_slower_than_k_is_capped_at_B_L() -> None:
     assert rp.batches[3] == 600 and rp.capped == (3,)
 
 
+def test_a_replan_moves_b_s_by_at_most_damp() -> None:
+    scales = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}
+    free = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {})
+    assert free.batches[2] == 230
+    held = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}, previous={2: 100, 3: 400})
+    assert held.batches[2] == 150 and held.batches[3] == 267  # 100 * 1.5, ceil(400 / 1.5)
+
+
 def test_replan_needs_a_large_group() -> None:
     with pytest.raises(ValueError, match="large group"):
         replan(FITS[24], {0: 1.0}, [], [0], 600, D_L, 12_500, {})
@@ -137,7 +147,7 @@ def test_replanning_converges_to_equal_mini_epoch_times(
         ad.replan(32)
         for g, m in enumerate(machines):
             b, share = ad.batches[g][32], D_L if g < 2 else d_S
-            ad.observe(g, 32, Obs(b, share, m.seconds(b, share), warm=task == 0))
+            ad.observe(g, Obs(32, b, share, m.seconds(b, share), warm=task == 0))
     ad.replan(32)
     large_t = machines[0].seconds(560, D_L)
     for g in (2, 3):
@@ -151,11 +161,12 @@ def test_replanning_converges_to_equal_mini_epoch_times(
 def test_a_group_without_measurements_borrows_a_scale() -> None:
     planned = {g: {24: 600, 32: 560} for g in range(3)}
     ad = Adapter(FITS, B_L, planned, [False, False, True], (D_L, 11_875), [1, 1, 1])
-    assert ad.scale(0, 24) == 1.0  # nothing measured anywhere: the profile as is
-    ad.observe(1, 24, _obs(FITS[24], 600, D_L, 1.5))
-    assert ad.scale(0, 24) == pytest.approx(1.5)  # the mean of the groups measured here
-    ad.observe(0, 32, _obs(FITS[32], 560, D_L, 2.0))
-    assert ad.scale(0, 24) == pytest.approx(2.0)  # its own scale from where it last ran
+    assert ad.scale(0) == 1.0  # nothing measured anywhere: the profile as is
+    ad.observe(1, _obs(24, 600, D_L, 1.5))
+    ad.observe(2, _obs(32, 230, 11_875, 2.5))
+    assert ad.scale(0) == pytest.approx(2.0)  # the mean of the groups measured
+    ad.observe(0, _obs(32, 560, D_L, 1.2))
+    assert ad.scale(0) == pytest.approx(1.2)  # its own, from any resolution
 
 
 def test_only_small_beside_large_groups_is_adapted() -> None:
@@ -173,10 +184,13 @@ def test_state_round_trips_through_json_and_replans_identically() -> None:
     ad = Adapter(FITS, B_L, planned, small, (D_L, 11_875), [1, 1, 1, 1])
     for i, g in enumerate([0, 2, 1, 3, 0, 2]):
         res = 24 if i < 3 else 32
-        ad.observe(g, res, _obs(FITS[res], ad.batches[g][res], 9000, 1.0 + 0.1 * i, warm=i < 2))
+        ad.observe(g, _obs(res, ad.batches[g][res], 9000, 1.0 + 0.1 * i, warm=i < 2))
         ad.replan(res)
     again = Adapter(FITS, B_L, planned, small, (D_L, 11_875), [1, 1, 1, 1])
     again.load_state(json.loads(json.dumps(ad.state())))
     assert again.state() == ad.state()
+    assert again.replan(32) is None and ad.replan(32) is None  # nothing new since the last one
+    for a in (ad, again):
+        a.observe(3, _obs(32, a.batches[3][32], 9000, 1.9))
     for res in (24, 32):
-        assert again.replan(res) == ad.replan(res)
+        assert again.replan(res) == ad.replan(res) is not None
