@@ -23,10 +23,11 @@ The profile's shape is good only near its anchor, so:
 - a small group's B_S is re-planned only after the group has measured the batch it was given,
   and moves by at most a factor `DAMP` per re-plan.
 The median ignores outliers (a first task's warm-up, a task that overlapped another group's
-evaluation: on 2 shared cores single tasks ran 30 % off their neighbours). One scale per group
-over all resolutions: how much slower a node or a role runs than the profile is mostly a
-property of the group, and a cyclic schedule visits each resolution too rarely for a window of
-its own.
+evaluation: on 2 shared cores single tasks ran 30 % off their neighbours). The window holds a
+group's tasks at every resolution (a cyclic schedule visits each too rarely for a window of
+its own); the scale at a resolution comes from the tasks there, and from all of them while
+there are none (how much slower a node runs than the profile is mostly a property of the
+group; how resolutions compare, the profile's).
 
 Re-planning keeps the shares d_L, d_S (so the data assignment and the contribution factors stay
 those of the plan) and solves, for every small group h, the batch at which its mini-epoch takes
@@ -215,10 +216,14 @@ class Adapter:
         ]
         return close or win
 
-    def scale(self, g: int) -> float:
-        own = scale_of(self.role_fits(g), self.near(g))
-        if own is not None:
-            return own
+    def scale(self, g: int, res: int) -> float:
+        """s_g at `res`: from g's tasks there, else from all its tasks, else the mean of the
+        groups measured, else 1."""
+        fits, near = self.role_fits(g), self.near(g)
+        for pick in ([o for o in near if o.resolution == res], near):
+            own = scale_of(fits, pick)
+            if own is not None:
+                return own
         known = [s for h in range(len(self.small)) if (s := scale_of(self.role_fits(h), self.near(h)))]
         return statistics.fmean(known) if known else 1.0
 
@@ -237,7 +242,7 @@ class Adapter:
             self.planned_at[(h, res)] = self.seen.get(h, 0)
         out = replan(
             self.fits[res],
-            {g: self.scale(g) for g in range(n)},
+            {g: self.scale(g, res) for g in range(n)},
             [g for g in range(n) if not self.small[g]],
             [g for g in range(n) if self.small[g]],
             self.large_batch[res],
@@ -255,7 +260,7 @@ class Adapter:
         """Seconds the group's next task at `res` should take under the current model."""
         if res not in self.fits:
             return None
-        return self.scale(g) * per_sample(self.role_fits(g)[res], self.batches[g][res]) * share
+        return self.scale(g, res) * per_sample(self.role_fits(g)[res], self.batches[g][res]) * share
 
     # --- checkpoint ------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -161,12 +161,15 @@ def test_replanning_converges_to_equal_mini_epoch_times(
 def test_a_group_without_measurements_borrows_a_scale() -> None:
     planned = {g: {24: 600, 32: 560} for g in range(3)}
     ad = Adapter(FITS, B_L, planned, [False, False, True], (D_L, 11_875), [1, 1, 1])
-    assert ad.scale(0) == 1.0  # nothing measured anywhere: the profile as is
+    assert ad.scale(0, 24) == 1.0  # nothing measured anywhere: the profile as is
     ad.observe(1, _obs(24, 600, D_L, 1.5))
-    ad.observe(2, _obs(32, 230, 11_875, 2.5))
-    assert ad.scale(0) == pytest.approx(2.0)  # the mean of the groups measured
+    ad.observe(2, _obs(32, 560, 11_875, 2.5))
+    assert ad.scale(0, 24) == pytest.approx(2.0)  # the mean of the groups measured
     ad.observe(0, _obs(32, 560, D_L, 1.2))
-    assert ad.scale(0) == pytest.approx(1.2)  # its own, from any resolution
+    assert ad.scale(0, 24) == pytest.approx(1.2)  # its own, from another resolution
+    ad.observe(0, _obs(24, 600, D_L, 1.4))
+    assert ad.scale(0, 24) == pytest.approx(1.4)  # its own at this resolution
+    assert ad.scale(0, 32) == pytest.approx(1.2)
 
 
 def test_only_small_beside_large_groups_is_adapted() -> None:
