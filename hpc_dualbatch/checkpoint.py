@@ -45,6 +45,7 @@ OPERATIONAL = frozenset(
         "data.eval_batch",  # evaluation batch per rank (sums over the same samples)
         "device",  # a requeued job may land on other hardware
         "threads",
+        "workers.slowdown",  # a simulated slower node (benchmarks): how fast, not what
         "server.poll_min_s",  # how often a waiting rank polls
         "server.poll_max_s",
         "checkpoint.every_epochs",  # when checkpoints are written, not what they hold

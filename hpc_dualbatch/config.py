@@ -44,6 +44,9 @@ class ModelConfig:
 class WorkersConfig:
     groups: list[int] = field(default_factory=lambda: [1, 1, 1])  # ranks per worker group
     small: int = 1  # n_S: the last `small` groups train with the small batch B_S
+    # For benchmarks and tests of adaptive planning: group -> factor >= 1; that group's ranks
+    # sleep (factor - 1) times each training step's time, as on a slower or shared node.
+    slowdown: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,6 +57,10 @@ class PlanConfig:
     large_batch: dict[int, int] = field(default_factory=dict)  # B_L per resolution (px -> samples)
     small_batch: dict[int, int] = field(default_factory=dict)  # explicit B_S per resolution
     samples_per_epoch: int = 0  # d; 0 = the size of the training split
+    # Re-plan each small group's B_S from the mini-epoch times the run measures, so that small
+    # and large groups finish together on the machine the run is on (adapt.py; docs/planning.md).
+    # Applies where B_S is planned from plan.timing, not to explicit plan.small_batch.
+    adaptive: bool = True
 
 
 @dataclass
@@ -87,6 +94,12 @@ class ServerConfig:
     #                and for the final model (as stochastic weight averaging does);
     #   local: never merged, each group keeps its own (as local SGD does).
     bn: str = "recalibrate"
+    # Which count a task's stage (LR, resolution, dropout) follows (docs/server.md):
+    #   task: its index among the tasks handed out (task t belongs to epoch t // n), so every
+    #         epoch's n tasks train at that epoch's stage;
+    #   commit: the commits merged when it is handed out (the method: "milestones fire at commit
+    #           counts"); with n tasks in flight this lags the schedule by up to one epoch.
+    stage_by: str = "task"
     bn_samples: int = 2560  # training samples (fixed, seeded, not augmented) a recalibration uses
     # Large-batch steps between pushes; 0 = one push per mini-epoch (the method). Every group
     # pushes the same number of times per mini-epoch, so a small group's push weight f keeps its
@@ -143,6 +156,7 @@ _CHOICES = {
     "plan.factor": ("data_ratio", "sqrt", "none"),
     "schedule.resolution_mode": ("cyclic", "progressive", "fixed"),
     "server.order": ("arrival", "round_robin"),
+    "server.stage_by": ("task", "commit"),
     "server.merge": ("paper", "delta"),
     "server.bn": ("average", "recalibrate", "local"),
 }
@@ -276,6 +290,12 @@ def validate(cfg: Config) -> None:
             f"config key 'workers.small' (n_S) is {w.small}; valid: 0..{len(w.groups)} "
             f"(the number of groups in workers.groups)"
         )
+    for g, f in w.slowdown.items():
+        if not 0 <= g < len(w.groups) or not 1.0 <= f <= 100.0:
+            raise ConfigError(
+                f"config key 'workers.slowdown' has {g}: {f}; valid: group 0..{len(w.groups) - 1}: "
+                f"factor 1..100"
+            )
     if p.k < 1.0:
         raise ConfigError(f"config key 'plan.k' is {p.k}; the extra-time ratio must be >= 1 (1 = plain)")
     for res, b in p.large_batch.items():
@@ -342,6 +362,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'server.poll_max_s' must be >= server.poll_min_s")
     _positive("checkpoint.every_epochs", cfg.checkpoint.every_epochs, allow_zero=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
+    if (
+        cfg.server.order == "round_robin"
+        and p.adaptive
+        and cfg.mode == "ps"
+        and 0 < w.small < len(w.groups)
+        and any(r not in p.small_batch for r in s.resolutions)
+    ):
+        raise ConfigError(
+            "config key 'plan.adaptive' is true with server.order 'round_robin': round_robin promises "
+            "bit-for-bit reproducible runs, adaptive planning chooses B_S from measured wall times; set "
+            "plan.adaptive: false (the static plan) or server.order: arrival"
+        )
     if cfg.mode == "sync" and w.small:
         raise ConfigError("mode 'sync' trains one group at B_L: set workers.small to 0")
 

@@ -205,13 +205,15 @@ def plan_dual_batch(
     k: float,
     d: int,
     small_batch: Mapping[int, int] | None = None,
+    small_fits: Mapping[int, TimeFit] | None = None,
 ) -> Plan:
     """Plan B_S and the sample shares for every resolution in `large_batch`.
 
     `small_batch` gives explicit B_S for some resolutions (the shares still come
     from k); the others are solved from their time fit. A fit is needed only
     where B_S is solved; without one, the predicted times of that resolution
-    are None.
+    are None. `small_fits`: the small groups' own time model where it was measured
+    apart (an MPI-job profile); T0 always comes from `fits`.
     """
     _check_inputs(n, n_small, k, d)
     if not large_batch:
@@ -257,14 +259,16 @@ def plan_dual_batch(
             B_S = B_L
         elif solve:
             assert fit is not None and T0 is not None and d_S is not None
-            denom = k * T0 / d_S - fit.a  # s/sample left for the fixed costs of a small group
+            sfit = (small_fits or {}).get(res, fit)
+            _fit_ok(res, sfit)
+            denom = k * T0 / d_S - sfit.a  # s/sample left for the fixed costs of a small group
             if not denom > 0:
                 raise PlanError(
                     f"at {res} px a small group's time budget k*T0/d_S = {k * T0 / d_S:.4g} s/sample "
-                    f"does not exceed a = {fit.a:.4g} s/sample (non-positive denominator, B_S would be "
+                    f"does not exceed a = {sfit.a:.4g} s/sample (non-positive denominator, B_S would be "
                     "infinite); raise plan.k or use more small groups"
                 )
-            raw = fit.b / denom
+            raw = sfit.b / denom
             if not math.isfinite(raw):
                 raise PlanError(
                     f"B_S at {res} px is not finite ({raw}); raise plan.k or use more small groups"
@@ -278,7 +282,7 @@ def plan_dual_batch(
                     f"group(s) too little time for d_S = {d_S} samples; raise plan.k or use more small groups"
                 )
         if fit is not None and B_S is not None:
-            t_small = time_per_samples(fit, B_S, d_S)  # type: ignore[arg-type]
+            t_small = time_per_samples((small_fits or {}).get(res, fit), B_S, d_S)  # type: ignore[arg-type]
         if T0 is not None:
             if not dual:
                 epoch_time = T0
@@ -308,6 +312,7 @@ def plan_from_config(cfg: Any, d: int) -> Plan:
     large = {r: p.large_batch[r] for r in res}
     small = {r: p.small_batch[r] for r in res if r in p.small_batch}
     fits: dict[int, TimeFit] = {}
+    small_fits: dict[int, TimeFit] = {}
     need_fit = [r for r in res if r not in small] if cfg.workers.small > 0 else []
     if need_fit or p.timing:
         from .timing import load_timing
@@ -319,7 +324,8 @@ def plan_from_config(cfg: Any, d: int) -> Plan:
                 "or give plan.small_batch for every resolution"
             )
         fits = load_timing(p.timing, res)
-    plan = plan_dual_batch(fits, large, cfg.n_groups, cfg.workers.small, p.k, d, small)
+        small_fits = load_timing(p.timing, res, role="small")
+    plan = plan_dual_batch(fits, large, cfg.n_groups, cfg.workers.small, p.k, d, small, small_fits)
     check_shares(plan, list(cfg.workers.groups), d)
     return plan
 

@@ -11,9 +11,10 @@ merged on arrival by the rule of `server.merge` (`merge.py`: the method's
 `w <- (w + f*w_i)/(1 + f)`, or the group's own update since its pull), and the
 batch-norm buffers by the rule of `server.bn`. A push that ends a task is a
 commit; n_groups commits make one epoch, and the learning rate, resolution,
-batch size and dropout of the next task follow from the commit count
-(`schedule.stage_for_commit`). Pushes inside a task are answered CONTINUE with
-the merged weights. Tasks are handed out until
+batch size and dropout of a task follow from its index among the tasks handed out
+(`server.stage_by: task`: task t is part of epoch t // n) or, as in the method, from the
+commit count when it is handed out (`commit`; `schedule.stage_for_commit` either way).
+Pushes inside a task are answered CONTINUE with the merged weights. Tasks are handed out until
 epochs * n_groups have been issued, so every task issued is committed and no
 work is thrown away; every later request is answered STOP.
 
@@ -38,6 +39,7 @@ from mpi4py import MPI
 
 from . import checkpoint as C
 from . import protocol as P
+from .adapt import Adapter, Obs
 from .config import Config
 from .merge import delta_weight, distance, merge_delta, merge_paper
 from .metrics import MetricsLog, Progress
@@ -79,9 +81,17 @@ class ServerState:
 
 class Server:
     def __init__(
-        self, cfg: Config, topo: Any, groups: list[GroupSpec], state: ServerState, log: MetricsLog
+        self,
+        cfg: Config,
+        topo: Any,
+        groups: list[GroupSpec],
+        state: ServerState,
+        log: MetricsLog,
+        adapter: Adapter | None = None,
     ) -> None:
         self.cfg, self.topo, self.groups, self.s, self.log = cfg, topo, groups, state, log
+        self.adapter = adapter if adapter is not None and adapter.active else None
+        self.started: set[int] = set()  # groups that committed in this process: warm-up is behind them
         self.n = len(groups)
         self.total = cfg.schedule.epochs * self.n
         self.back = P.Backoff(cfg.server.poll_min_s, cfg.server.poll_max_s)
@@ -105,7 +115,8 @@ class Server:
         self.preempt = 0  # signal number that asked for a checkpoint and stop
         self.send_state = set(range(self.n)) if state.resumed else set()
         self.next_rr = 0
-        self.task_stage: dict[int, tuple[float, int, int]] = {}  # (lr, px, batch) of each group's task
+        # (lr, px, batch, predicted seconds or None) of each group's current task
+        self.task_stage: dict[int, tuple[float, int, int, float | None]] = {}
         self.t0 = time.perf_counter()
         self.progress = Progress()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -121,16 +132,20 @@ class Server:
     def _reply(self, g: int, status: P.Status) -> None:
         s, spec = self.s, self.groups[g]
         rep = P.reply(status)
-        stage = stage_for_commit(s.commits, self.n, self.cfg.schedule)
-        # LR at the fractional epoch, so a warm-up ramps per commit, not per epoch.
-        lr = lr_at(s.commits / self.n, self.cfg.schedule)
+        # server.stage_by: the schedule position of this task: tasks handed out so far, or commits
+        at = sum(s.rounds) if self.cfg.server.stage_by == "task" else s.commits
+        stage = stage_for_commit(at, self.n, self.cfg.schedule)
+        # LR at the fractional epoch, so a warm-up ramps per task, not per epoch.
+        lr = lr_at(at / self.n, self.cfg.schedule)
+        run = status == P.Status.RUN
+        predicted = self._adapt(g, stage.resolution) if run and self.adapter else None
         rep[P.Rep.LR], rep[P.Rep.RESOLUTION], rep[P.Rep.DROPOUT] = lr, stage.resolution, stage.dropout
         rep[P.Rep.BATCH], rep[P.Rep.SAMPLES] = spec.batch[stage.resolution], spec.share
         rep[P.Rep.EPOCH], rep[P.Rep.COMMITS] = s.commits / self.n, s.commits
-        if status == P.Status.RUN:
+        if run:
             rep[P.Rep.ROUND] = s.rounds[g]
             s.rounds[g] += 1
-            self.task_stage[g] = (lr, stage.resolution, spec.batch[stage.resolution])
+            self.task_stage[g] = (lr, stage.resolution, spec.batch[stage.resolution], predicted)
         rep[P.Rep.PUSHES] = pushes_per_task(
             self.ref.share, self.ref.batch[stage.resolution], self.cfg.server.push_every
         )
@@ -148,6 +163,32 @@ class Server:
             self.send_state.discard(g)
         if status == P.Status.STOP:
             self.stopped.add(g)
+
+    def _adapt(self, g: int, res: int) -> float | None:
+        """plan.adaptive: re-plan the small batches at `res` from the measured mini-epochs, set
+        the groups' batches, log a plan record when one changed; returns g's predicted seconds."""
+        ad = self.adapter
+        assert ad is not None
+        rp = ad.replan(res)  # None: nothing measured since the last re-plan here
+        if res in ad.fits:
+            changed = [h for h, spec in enumerate(self.groups) if spec.batch[res] != ad.batches[h][res]]
+            for h in changed:  # (after a resume the specs start from the static plan)
+                self.groups[h].batch[res] = ad.batches[h][res]
+            if changed and rp is not None:
+                self.log.write(
+                    {
+                        "type": "plan",
+                        "epoch": self.s.commits / self.n,
+                        "resolution": res,
+                        "batches": {str(h): b for h, b in sorted(rp.batches.items())},
+                        "changed": changed,
+                        "target_seconds": round(rp.target, 4),
+                        "scales": {str(h): round(v, 4) for h, v in sorted(rp.scales.items())},
+                        "capped": list(rp.capped),
+                        "wall": round(self.wall(), 3),
+                    }
+                )
+        return ad.predicted(g, res, self.groups[g].share)
 
     def _send_weights(self, g: int, rep: np.ndarray) -> None:
         s, world, dest, n_p = self.s, self.topo.world, self.topo.leaders[g], self.n_params
@@ -206,7 +247,11 @@ class Server:
         h = self.hdr
         if h[P.Req.PREEMPT] and not self.preempt:
             self.preempt = signal.SIGTERM
-        lr, res, batch = self.task_stage.get(g, (0.0, 0, 0))
+        lr, res, batch, predicted = self.task_stage.get(g, (0.0, 0, 0, None))
+        if self.adapter is not None and res:
+            seconds = float(h[P.Req.SECONDS])
+            self.adapter.observe(g, Obs(res, batch, int(h[P.Req.SAMPLES]), seconds, g not in self.started))
+        self.started.add(g)
         rec = {
             "type": "commit",
             "commit": s.commits,
@@ -222,6 +267,7 @@ class Server:
             "lr": lr,
             "resolution": res,
             "batch": batch,
+            **({"predicted": round(predicted, 4)} if predicted is not None else {}),
             **d,
             "wall": round(self.wall(), 3),
         }
@@ -303,7 +349,11 @@ class Server:
                 self.wall(),
                 self.log.offset(),
                 self.cfg.to_dict(),
-                {"pending_evals": {str(g): e for g, e in s.pending_evals.items()}, "merges": s.merges},
+                {
+                    "pending_evals": {str(g): e for g, e in s.pending_evals.items()},
+                    "merges": s.merges,
+                    **({"adapt": self.adapter.state()} if self.adapter else {}),
+                },
                 group_buffers=s.group_buffers,
             ),
             keep=self.cfg.checkpoint.keep,

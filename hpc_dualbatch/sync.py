@@ -17,7 +17,7 @@ import numpy as np
 
 from . import checkpoint as C
 from .metrics import MetricsLog, Progress
-from .schedule import stage_at
+from .schedule import lr_at, stage_at
 from .topology import Topology, init_horovod
 from .worker import GroupTrainer, SignalFlag, reduce_stats
 
@@ -69,12 +69,19 @@ def run_sync(st: Any, topo: Topology) -> None:
             keep=cfg.checkpoint.keep,
         )
 
+    def lr_in(epoch: int) -> Any:
+        """The LR at the fractional epoch, set per step inside a warm-up (as Horovod's ImageNet
+        example does); one rate per epoch elsewhere."""
+        if epoch >= cfg.schedule.warmup_epochs:
+            return stage_at(epoch, cfg.schedule).lr
+        return lambda frac: lr_at(epoch + frac, cfg.schedule)
+
     for epoch in range(start, cfg.schedule.epochs):
         stage = stage_at(epoch, cfg.schedule)
         batch = st.plan.at(stage.resolution).B_L * topo.group_size
         s, stop = reduce_stats(
             comm,
-            trainer.train_mini_epoch(epoch, [d], stage.resolution, batch, stage.lr, stage.dropout),
+            trainer.train_mini_epoch(epoch, [d], stage.resolution, batch, lr_in(epoch), stage.dropout),
             flag.raised,
         )
         loss, acc, n, secs = trainer.evaluate(stage.resolution)

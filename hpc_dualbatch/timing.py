@@ -91,24 +91,33 @@ def time_per_samples(fit: TimeFit, x: float, d: float) -> float:
 # Timing file
 
 
+def _fit_doc(f: TimeFit) -> dict[str, Any]:
+    return {
+        "a": f.a,  # s/sample
+        "b": f.b,  # s/step
+        "r2": f.r2 if math.isfinite(f.r2) else None,  # null: not measured (hand-entered fit)
+        "points": [[x, t] for x, t in f.points],  # [batch, median s/step]
+    }
+
+
 def save_timing(
     path: str,
     fits: Mapping[int, TimeFit],
     meta: Mapping[str, Any],
     large_batch: Mapping[int, int] | None = None,
+    small: Mapping[int, TimeFit] | None = None,
 ) -> None:
-    """Write fits (+ B_L per resolution, + free-form `meta`) as JSON, atomically."""
+    """Write fits (+ B_L per resolution, + the small groups' own fit where measured apart, +
+    free-form `meta`) as JSON, atomically."""
     doc = {
         "format": TIMING_FORMAT,
         "version": TIMING_VERSION,
         "meta": dict(meta),
         "resolutions": {
             str(r): {
-                "a": f.a,  # s/sample
-                "b": f.b,  # s/step
-                "r2": f.r2 if math.isfinite(f.r2) else None,  # null: not measured (hand-entered fit)
-                "points": [[x, t] for x, t in f.points],  # [batch, median s/step]
+                **_fit_doc(f),
                 **({"large_batch": int(large_batch[r])} if large_batch and r in large_batch else {}),
+                **({"small": _fit_doc(small[r])} if small and r in small else {}),
             }
             for r, f in sorted(fits.items())
         },
@@ -148,9 +157,11 @@ def _number(path: str, where: str, value: Any) -> float:
     return float(value)
 
 
-def load_timing(path: str, resolutions: Iterable[int]) -> dict[int, TimeFit]:
+def load_timing(path: str, resolutions: Iterable[int], role: str = "large") -> dict[int, TimeFit]:
     """Read the fits for `resolutions` from a timing file, validating every field's type.
 
+    role "large": the file's fit of every resolution (an error where one is missing); "small":
+    the small groups' own fits where the file has them (an MPI-job profile), else none.
     Whether a fit is usable (a > 0, b > 0) is the planner's check: a plain
     plan needs no fit at all.
     """
@@ -168,28 +179,39 @@ def load_timing(path: str, resolutions: Iterable[int]) -> dict[int, TimeFit]:
         if not isinstance(entry, dict):
             raise PlanError(f"timing file '{path}': resolutions[\"{r}\"] must be a mapping, got {entry!r}")
         where = f'resolutions["{r}"]'
-        a = _number(path, f"{where}.a (s/sample)", entry.get("a"))
-        b = _number(path, f"{where}.b (s/step)", entry.get("b"))
-        # r2 is informative; a hand-entered fit (e.g. the paper's) may leave it out.
-        r2 = float("nan") if entry.get("r2") is None else _number(path, f"{where}.r2", entry["r2"])
-        raw = entry.get("points", [])
-        if not isinstance(raw, list):
-            raise PlanError(f"timing file '{path}': {where}.points must be a list of [batch, seconds]")
-        pts = []
-        for i, p in enumerate(raw):
-            if (
-                not isinstance(p, list)
-                or len(p) != 2
-                or isinstance(p[0], bool)
-                or not isinstance(p[0], int)
-                or p[0] < 1
-            ):
-                raise PlanError(
-                    f"timing file '{path}': {where}.points[{i}] must be [batch >= 1, seconds], got {p!r}"
-                )
-            pts.append((p[0], _number(path, f"{where}.points[{i}] seconds", p[1])))
-        out[int(r)] = TimeFit(a=a, b=b, r2=r2, points=tuple(pts))
+        if role == "small":
+            entry = entry.get("small")
+            if entry is None:
+                continue  # no fit of its own: the small groups plan from the file's fit
+            where += ".small"
+            if not isinstance(entry, dict):
+                raise PlanError(f"timing file '{path}': {where} must be a mapping, got {entry!r}")
+        out[int(r)] = _read_fit(path, where, entry)
     return out
+
+
+def _read_fit(path: str, where: str, entry: dict[str, Any]) -> TimeFit:
+    a = _number(path, f"{where}.a (s/sample)", entry.get("a"))
+    b = _number(path, f"{where}.b (s/step)", entry.get("b"))
+    # r2 is informative; a hand-entered fit (e.g. the paper's) may leave it out.
+    r2 = float("nan") if entry.get("r2") is None else _number(path, f"{where}.r2", entry["r2"])
+    raw = entry.get("points", [])
+    if not isinstance(raw, list):
+        raise PlanError(f"timing file '{path}': {where}.points must be a list of [batch, seconds]")
+    pts = []
+    for i, p in enumerate(raw):
+        if (
+            not isinstance(p, list)
+            or len(p) != 2
+            or isinstance(p[0], bool)
+            or not isinstance(p[0], int)
+            or p[0] < 1
+        ):
+            raise PlanError(
+                f"timing file '{path}': {where}.points[{i}] must be [batch >= 1, seconds], got {p!r}"
+            )
+        pts.append((p[0], _number(path, f"{where}.points[{i}] seconds", p[1])))
+    return TimeFit(a=a, b=b, r2=r2, points=tuple(pts))
 
 
 def load_timing_meta(path: str) -> dict[str, Any]:
@@ -518,6 +540,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--channels", type=int, default=1, help="input channels when data.path does not exist")
     p.add_argument("--classes", type=int, default=10, help="classes when data.path does not exist")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=8,
+        help="under mpirun: training steps per timed measurement of each batch size (default 8)",
+    )
     p.add_argument("--out", required=True, help="timing JSON to write")
     p.set_defaults(func=run)
 
@@ -528,6 +556,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if args.repeats < 1 or args.warmup < 0:
         raise PlanError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_size() > 1:  # launched by mpirun: profile the way `train` runs
+        return _run_job(cfg, args, MPI.COMM_WORLD)
     fits, large, meta = profile(
         cfg,
         args.batches,
@@ -539,21 +571,63 @@ def run(args: argparse.Namespace) -> int:
         clock=args.clock,
         inputs=args.inputs,
     )
-    save_timing(args.out, fits, meta, large)
-    print(f"wrote {args.out}")
+    _report(args.out, fits, {}, meta, large)  # one process: one fit for both roles
+    return 0
+
+
+def _run_job(cfg: Any, args: argparse.Namespace, world: Any) -> int:
+    """`profile` under mpirun (profile_run.py): every rank runs this; rank 0 writes the file."""
+    from .launch import agree
+    from .profile_run import profile_job
+    from .topology import check_world_size
+
+    def check() -> dict[int, list[int]]:
+        check_world_size(world.Get_size(), cfg.workers.groups, True)
+        if not (cfg.data.path and os.path.isfile(cfg.data.path)):
+            raise PlanError(
+                f"profile as an MPI job trains on the staged data, but data.path = '{cfg.data.path}' "
+                "does not exist; stage it with `hpc-dualbatch prepare`"
+            )
+        sizes = {
+            r: [b for b in args.batches if b <= cfg.plan.large_batch[r]] for r in cfg.schedule.resolutions
+        }
+        short = [r for r, s in sizes.items() if len(s) < 2]
+        if short:
+            raise PlanError(f"--batches needs two or more sizes <= plan.large_batch at {short} px")
+        return sizes
+
+    sizes = agree(world, check)
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    out = profile_job(cfg, sizes, max(1, args.steps), args.repeats)
+    if out is not None:
+        fits, small, meta = out
+        _report(args.out, fits, small, meta, {r: cfg.plan.large_batch[r] for r in fits})
+    world.Barrier()  # MPI: every rank leaves once the file is written
+    return 0
+
+
+def _report(
+    path: str, fits: dict[int, TimeFit], small: dict[int, TimeFit], meta: dict, large: dict[int, int]
+) -> None:
+    save_timing(path, fits, meta, large, small)
+    print(f"wrote {path}")
     print(f"{'res px':>6} {'a s/sample':>12} {'b s/step':>12} {'R^2':>7} {'B_L':>6}")
     for r, f in fits.items():
         print(f"{r:6d} {f.a:12.4e} {f.b:12.4e} {f.r2:7.4f} {large[r]:6d}")
-    bad = [r for r, f in fits.items() if f.a <= 0 or f.b <= 0]
+    for r, f in small.items():
+        print(f"{r:6d} {f.a:12.4e} {f.b:12.4e} {f.r2:7.4f} {'small':>6}")
+    bad = [r for r, f in [*fits.items(), *small.items()] if f.a <= 0 or f.b <= 0]
     if bad:
         print(
             f"warning: a <= 0 or b <= 0 at {bad} px: the planner cannot solve B_S from such a fit; re-run "
             "with more --repeats and a wider --batches range"
         )
-    low = [r for r, f in fits.items() if f.r2 < 0.98]
+    low = sorted({r for r, f in [*fits.items(), *small.items()] if f.r2 < 0.98})
     if low:
         print(
             f"warning: R^2 < 0.98 at {low} px: the step time is noisy here; re-run with more --repeats, "
             "larger --batches, or pinned threads (config key 'threads') on an otherwise idle machine"
         )
-    return 0

@@ -79,6 +79,26 @@ def group_specs(cfg: Config, plan: Any) -> list:
     return specs
 
 
+def make_adapter(cfg: Config, plan: Any, groups: list) -> Any:
+    """The server's adaptive plan (plan.adaptive), or None where there is nothing to adapt: no
+    small groups beside large ones, or every B_S given explicitly."""
+    from .adapt import Adapter
+    from .timing import load_timing
+
+    planned = [r for r in cfg.schedule.resolutions if r not in cfg.plan.small_batch]
+    if not (cfg.plan.adaptive and cfg.mode == "ps" and 0 < plan.n_small < plan.n and planned):
+        return None
+    return Adapter(
+        load_timing(cfg.plan.timing, planned),
+        {r: cfg.plan.large_batch[r] for r in planned},
+        {g: dict(spec.batch) for g, spec in enumerate(groups)},
+        [spec.small for spec in groups],
+        (plan.d_L, plan.d_S),
+        cfg.workers.groups,
+        load_timing(cfg.plan.timing, planned, role="small"),
+    )
+
+
 def _write_failed(what: str, e: OSError) -> OutputError:
     return OutputError(f"cannot write {what}: {e.strerror or e}; choose a writable folder with --set out=...")
 
@@ -262,7 +282,10 @@ def run_server(st: Setup, topo: Any) -> str:
             rounds=[0] * cfg.n_groups,
         )
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None)
-    server = Server(cfg, topo, st.groups, state, log)
+    adapter = make_adapter(cfg, st.plan, st.groups)
+    if adapter is not None and ck is not None and "adapt" in ck.extra:
+        adapter.load_state(ck.extra["adapt"])  # continue with the batches and windows it had
+    server = Server(cfg, topo, st.groups, state, log, adapter)
     outcome = server.serve()
     # The state is consistent in both outcomes: a preemption ends after a checkpoint barrier,
     # and a finished run has committed every task. Saving also covers a signal that came

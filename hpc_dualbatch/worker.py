@@ -98,6 +98,7 @@ class GroupTrainer:
         self.opt = hvd.DistributedOptimizer(opt, named_parameters=self.model.named_parameters())
         self.n_train = staged.num_samples("train")
         self.n_test = staged.num_samples("test")
+        self.slowdown = cfg.workers.slowdown.get(self.group, 1.0)
 
     def train_mini_epoch(
         self,
@@ -105,13 +106,15 @@ class GroupTrainer:
         shares: list[int],
         resolution: int,
         batch: int,
-        lr: float,
+        lr: float | Callable[[float], float],
         dropout: float,
         pushes: int = 1,
         exchange: Callable[[], None] | None = None,
     ) -> MiniEpochStats:
         """Train this rank's part of the group's mini-epoch; after each of the first
-        `pushes - 1` parts call `exchange` (the driver's push and pull). Returns local sums."""
+        `pushes - 1` parts call `exchange` (the driver's push and pull). `lr`: one rate, or
+        the rate as a function of the fraction of the mini-epoch done (set before every step,
+        for a warm-up that ramps per step). Returns local sums."""
         cfg = self.cfg
         order = shard_indices(
             self.n_train, shares, self.group, 0, 1, round_idx, cfg.seed, cfg.data.assignment
@@ -119,7 +122,8 @@ class GroupTrainer:
         mine, per_rank_batch = rank_batches(order, batch, self.rank, self.size)
         seed = derive_seed(cfg.seed, self.group, round_idx, self.rank)
         torch.manual_seed(seed)  # dropout draws
-        set_lr(self.opt, lr)
+        lr_of = lr if callable(lr) else None
+        set_lr(self.opt, lr_of(0.0) if lr_of else lr)  # type: ignore[arg-type]
         set_dropout(self.model, dropout)
         self.model.train()
         loss_sum, correct, n, wait = 0.0, 0, 0, 0.0
@@ -141,8 +145,14 @@ class GroupTrainer:
                 in_memory_max_mb=cfg.data.in_memory_max_mb,
             )
             ends = set(part_ends(len(loader), pushes)[:-1]) if exchange else set()
+            steps = len(loader)
             for step, (x, y) in enumerate(loader, 1):
+                if lr_of is not None:
+                    set_lr(self.opt, lr_of((step - 1) / steps))
+                ts = time.perf_counter()
                 ls, c = train_step(self.model, self.opt, x, y)
+                if self.slowdown > 1:  # workers.slowdown: a simulated slower node
+                    time.sleep((self.slowdown - 1) * (time.perf_counter() - ts))
                 loss_sum, correct, n = loss_sum + ls, correct + c, n + len(y)
                 if step in ends:
                     t1 = time.perf_counter()

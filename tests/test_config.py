@@ -22,10 +22,16 @@ def test_dotted_overrides_parse_yaml_values():
             "plan.k=1.1",
             "workers.groups=[2, 1]",
             "server.order=round_robin",
+            "plan.adaptive=false",
             "data.augment=false",
         ],
     )
-    assert cfg.plan.k == 1.1 and cfg.workers.groups == [2, 1] and cfg.server.order == "round_robin"
+    assert (
+        cfg.plan.adaptive is False
+        and cfg.plan.k == 1.1
+        and cfg.workers.groups == [2, 1]
+        and cfg.server.order == "round_robin"
+    )
     assert cfg.data.augment is False and cfg.world_size == 4
 
 
@@ -48,6 +54,9 @@ def test_dotted_overrides_parse_yaml_values():
         ("plan.large_batch={20: 64}", "no B_L for resolution(s) [24, 28]"),
         ("schedule.dropout={20: 1.5}", "'schedule.dropout[20]' must be in [0, 1)"),
         ("noequals", "must look like key.sub=value"),
+        ("workers.slowdown={3: 2.0}", "'workers.slowdown' has 3: 2.0; valid: group 0..2"),
+        ("workers.slowdown={0: 0.5}", "factor 1..100"),
+        ("server.order=round_robin", "'plan.adaptive' is true with server.order 'round_robin'"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

@@ -71,6 +71,19 @@ def test_headline_b500_not_from_published_fit() -> None:
     assert got == [99, 178, 231, 269]
 
 
+def test_small_groups_plan_from_their_own_fit() -> None:
+    """With the small groups' fit measured apart (an MPI-job profile), T0 comes from the file's
+    fit and B_S from theirs: B_S = b_S / (k*T0/d_S - a_S)."""
+    small = {32: TimeFit(a=5.06e-4, b=0.0312, r2=float("nan"))}  # twice the per-step cost
+    plan = plan_dual_batch(FITS, B_L, 4, 2, 1.05, 50_000, small_fits=small)
+    rp, same = plan.resolutions[32], plan_dual_batch(FITS, B_L, 4, 2, 1.05, 50_000).resolutions[32]
+    assert rp.T0 == same.T0
+    raw = 0.0312 / (1.05 * rp.T0 / plan.d_S - 5.06e-4)
+    assert rp.B_S == math.floor(raw + 0.5) and rp.B_S > same.B_S
+    assert rp.t_small == pytest.approx(rp.epoch_time, rel=0.01)
+    assert plan.resolutions[24].B_S == 230  # no small fit at 24 px: Table 6
+
+
 def test_plain_training() -> None:
     plan = plan_dual_batch(FITS, B_L, n=4, n_small=0, k=1.0, d=50_000)
     assert plan.d_L == 12_500 and plan.d_S is None

@@ -124,7 +124,11 @@ BAD_CONFIGS = {
         ["edited.h5", "'train/labels' holds label 10", "valid labels are 0..9"],
     ),
     "timing-missing-resolution": (
-        lambda tmp, data: {"plan__small_batch": {}, "plan__timing": timing_without_16(tmp)},
+        lambda tmp, data: {
+            "plan__small_batch": {},
+            "plan__timing": timing_without_16(tmp),
+            "plan__adaptive": False,  # round_robin (the tiny config's) needs the static plan
+        },
         ["timing.json", "no fit for resolution 16 px (it has: 12)", "hpc-dualbatch profile"],
     ),
 }

@@ -70,6 +70,40 @@ def test_round_trip(tmp_path) -> None:
     assert os.listdir(tmp_path / "t") == ["timing.json"]  # the temp file was renamed away
 
 
+def test_small_role_fits_round_trip(tmp_path) -> None:
+    """An MPI-job profile writes the small groups' own fit beside the file's; a file without one
+    gives no small fits (the planner then uses the file's fit for both roles)."""
+    large = {24: TimeFit(3e-4, 0.01, 0.99, ((16, 0.0148), (64, 0.0292)))}
+    small = {24: TimeFit(3.2e-4, 0.014, 0.97, ((16, 0.0191), (64, 0.0345)))}
+    path = str(tmp_path / "timing.json")
+    save_timing(path, large, {"mode": "mpi"}, {24: 600}, small)
+    assert load_timing(path, [24]) == large
+    assert load_timing(path, [24], role="small") == small
+    save_timing(path, large, {}, {24: 600})
+    assert load_timing(path, [24], role="small") == {}
+    doc = json.load(open(path))
+    doc["resolutions"]["24"]["small"] = {"a": "x", "b": 0.01}
+    with pytest.raises(PlanError, match=r'resolutions\["24"\]\.small\.a'):
+        load_timing(_write(tmp_path, doc), [24], role="small")
+
+
+def test_profile_job_pieces() -> None:
+    from hpc_dualbatch.profile_run import role_fits, rotation
+
+    assert [rotation([8, 16, 32], g, 0) for g in range(3)] == [[8, 16, 32], [16, 32, 8], [32, 8, 16]]
+    assert rotation([8, 16, 32], 1, 1) == [32, 8, 16]
+    # seconds per step = a*x + b exactly: group 0 large (a=1e-3, b=0.01), groups 1, 2 small with
+    # twice the per-step cost; the small fit pools both small groups' points
+    line = {False: (1e-3, 0.01), True: (1e-3, 0.02)}
+    small = [False, True, True]
+    pts = {g: {12: {x: line[small[g]][0] * x + line[small[g]][1] for x in (8, 16, 32)}} for g in range(3)}
+    large_fits, small_fits = role_fits(pts, small)
+    assert large_fits[12].a == pytest.approx(1e-3) and large_fits[12].b == pytest.approx(0.01)
+    assert small_fits[12].a == pytest.approx(1e-3) and small_fits[12].b == pytest.approx(0.02)
+    assert len(small_fits[12].points) == 6
+    assert role_fits(pts, [False] * 3)[1] == {}
+
+
 def _write(tmp_path, doc) -> str:
     p = tmp_path / "bad.json"
     p.write_text(doc if isinstance(doc, str) else json.dumps(doc))

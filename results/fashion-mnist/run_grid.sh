@@ -4,12 +4,14 @@
 #
 #   server     B_L = 128/96/64 at 20/24/28 px, fixed 28 px, all groups large: sync, ps-base (the
 #              package's defaults), ps-paper (the method's server) and one ablation per server
-#              option (bn, merge, push_every).
+#              option (bn, merge, push_every, stage_by).
 #   dualbatch  B_L = 512/384/256, a regime where all-large training loses to small batches at this
 #              budget: sync at B_L and at the planned B_S, ps-base, dual-batch and hybrid at
-#              n_S = 2 and 3 (the paper's best n_S at k = 1.05), and the contribution-factor ablation.
+#              n_S = 2 and 3 (the paper's best n_S at k = 1.05), and the ablations of the
+#              contribution factor, of stage_by and of adaptive planning.
 #
-#   bash results/fashion-mnist/run_grid.sh                 # both parts, SEEDS="1 2 3"
+#   PARTS=dualbatch bash results/fashion-mnist/run_grid.sh   # one part, SEEDS="1 2 3"
+#   bash results/fashion-mnist/run_grid.sh                   # both parts
 #   PARTS=server SEEDS="1" bash results/fashion-mnist/run_grid.sh
 #
 # Finished runs are skipped, so the grid continues across sittings; seeds run in the outer loop,
@@ -38,7 +40,8 @@ COMMON=(--config hpc_dualbatch/configs/fashion_mnist.yaml --set "data.path=$DATA
 SYNC=(--set mode=sync --set "workers.groups=[4]" --set workers.small=0 --set plan.k=1.0)
 ALL_LARGE=(--set workers.small=0 --set plan.k=1.0)
 FIXED=(--set schedule.resolution_mode=fixed)
-PAPER_SERVER=(--set server.merge=paper --set server.bn=average --set server.push_every=0)
+PAPER_SERVER=(--set server.merge=paper --set server.bn=average --set server.push_every=0
+              --set server.stage_by=commit)
 
 run() {  # run PART NAME NP SEED overrides...
   local part=$1 name=$2 np=$3 seed=$4; shift 4
@@ -64,6 +67,7 @@ server_part() {  # server_part SEED
   run server ps-base-bnlocal 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}" --set server.bn=local
   run server ps-base-mergepaper 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}" --set server.merge=paper
   run server ps-base-push0 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}" --set server.push_every=0
+  run server ps-base-stagecommit 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}" --set server.stage_by=commit
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -92,6 +96,8 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
     run dualbatch hybrid-ns$ns 5 "$s" "${P[@]}" --set workers.small=$ns
   done
   run dualbatch hybrid-ns3-nofactor 5 "$s" "${P[@]}" --set workers.small=3 --set plan.factor=none
+  run dualbatch hybrid-ns3-stagecommit 5 "$s" "${P[@]}" --set workers.small=3 --set server.stage_by=commit
+  run dualbatch hybrid-ns3-static 5 "$s" "${P[@]}" --set workers.small=3 --set plan.adaptive=false
 }
 
 for seed in $SEEDS; do
@@ -99,8 +105,10 @@ for seed in $SEEDS; do
 done
 
 # One report per part, from every finished run of it, configurations in this order.
-ORDER_server="sync ps-base ps-paper ps-base-bnavg ps-base-bnlocal ps-base-mergepaper ps-base-push0"
-ORDER_dualbatch="sync sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3 hybrid-ns3-nofactor"
+ORDER_server="sync ps-base ps-paper ps-base-bnavg ps-base-bnlocal ps-base-mergepaper ps-base-push0
+              ps-base-stagecommit"
+ORDER_dualbatch="sync sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3 hybrid-ns3-nofactor
+                 hybrid-ns3-stagecommit hybrid-ns3-static"
 for part in $PARTS; do
   order="ORDER_$part"
   dirs=()

@@ -1,0 +1,285 @@
+"""Adaptive planning (`plan.adaptive`): re-plan B_S from the mini-epoch times the run measures.
+
+A plan made from a profile holds only where and how the profile ran. In a run, 4-5 ranks share
+the cores, a small group pays per step for its loader, Horovod's optimizer wrapper and more
+Python, and a neighbour's process may slow one group: the small groups' mini-epochs then end
+before or after the large groups', and an epoch takes more or less than k times an all-large one.
+
+The server therefore keeps the seconds per sample of each group's last `WINDOW` mini-epochs
+(training only: loading, forward/backward, allreduce, optimizer; the exchanges with the server
+excluded) and describes the group by the profile's model times a measured scale:
+
+    t_g(B) = s_g * (a_r + b_r/B)      s/sample of group g at batch B and resolution r (a_r, b_r:
+                                      the profile's fit there)
+    s_g    = median over the window of  measured s/sample / (a_r + b_r/B_used)   (each task at
+                                      its own resolution)
+
+A scale keeps the profile's shape (the ratio of per-step to per-sample cost) and is anchored
+at the batches the group ran, so repeated re-planning is a secant iteration on the measured
+times (with one or two distinct batches per group a two-parameter refit would be ill-posed).
+The profile's shape is good only near its anchor, so:
+- the scale comes from the window's tasks run within `DAMP` of the batch the group now has at
+  their resolution (the whole window when none is);
+- a small group's B_S is re-planned only after the group has measured the batch it was given,
+  and moves by at most a factor `DAMP` per re-plan.
+The median ignores outliers (a first task's warm-up, a task that overlapped another group's
+evaluation: on 2 shared cores single tasks ran 30 % off their neighbours). The window holds a
+group's tasks at every resolution (a cyclic schedule visits each too rarely for a window of
+its own); the scale at a resolution comes from the tasks there, and from all of them while
+there are none (how much slower a node runs than the profile is mostly a property of the
+group; how resolutions compare, the profile's).
+
+Re-planning keeps the shares d_L, d_S (so the data assignment and the contribution factors stay
+those of the plan) and solves, for every small group h, the batch at which its mini-epoch takes
+the large groups' measured mini-epoch time T:
+
+    T   = mean over large groups g of t_g(B_L) * d_L       = k * T0 as measured in this run
+    B_h = s_h * b / (T/d_S - s_h * a)                      the method's formula, per group
+
+within a factor DAMP of its previous B_S, and capped to [ranks of h, B_L]: a small group that
+is slower than the large ones even at B_L (a group slowed by more than k) runs at B_L and is
+reported as capped. A group without measurements borrows the mean scale of the groups that
+have them, else 1 (the profile as is).
+
+Everything here is a pure function of the observations, so it is table-tested, and its whole
+state (`Adapter.state`) is JSON stored with every checkpoint: a resumed run continues with the
+batches and windows it had.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .timing import TimeFit
+
+WINDOW = 5  # mini-epochs per group the scale is the median of
+DAMP = 1.5  # most a re-plan may multiply or divide a group's B_S by
+
+
+@dataclass(frozen=True)
+class Obs:
+    """One measured mini-epoch of a group."""
+
+    resolution: int  # px
+    batch: int  # samples per step the group ran
+    samples: int  # samples it trained
+    seconds: float  # wall seconds of training (exchanges excluded)
+    warm: bool = False  # the group's first task in this process: warm-up included
+
+
+def per_sample(fit: TimeFit, batch: float) -> float:
+    """Profile seconds per sample at `batch`: a + b/batch."""
+    return fit.a + fit.b / batch
+
+
+def scale_of(fits: Mapping[int, TimeFit], obs: Sequence[Obs]) -> float | None:
+    """Median of measured / profiled seconds per sample over `obs`, each against the fit of its
+    resolution (warm tasks only if nothing else). None when there is no usable observation."""
+    usable = [
+        o
+        for o in obs
+        if o.samples > 0 and o.seconds > 0 and math.isfinite(o.seconds) and o.resolution in fits
+    ]
+    cold = [o for o in usable if not o.warm]
+    pick = cold or usable
+    if not pick:
+        return None
+    return statistics.median(o.seconds / o.samples / per_sample(fits[o.resolution], o.batch) for o in pick)
+
+
+def small_batch_for(
+    fit: TimeFit, scale: float, target: float, share: int, lo: int, hi: int
+) -> tuple[int, bool]:
+    """The batch at which `share` samples take `target` seconds under t(B) = scale*(a + b/B).
+
+    Rounded half up and clipped to [lo, hi]; returns (batch, capped), capped when even `hi`
+    is too slow (the group cannot finish in time at any allowed batch)."""
+    denom = target / share - scale * fit.a  # s/sample left for the per-step cost
+    if denom <= 0:
+        return hi, True
+    raw = scale * fit.b / denom
+    if not math.isfinite(raw) or raw > hi:
+        return hi, raw > hi or not math.isfinite(raw)
+    return max(lo, int(math.floor(raw + 0.5))), False
+
+
+@dataclass(frozen=True)
+class Replan:
+    """The outcome of one re-plan at one resolution."""
+
+    batches: dict[int, int]  # group -> batch for its next task at this resolution
+    target: float  # s, T: the large groups' predicted mini-epoch time
+    scales: dict[int, float]  # group -> s_g used
+    capped: tuple[int, ...]  # small groups that cannot reach T even at B_L
+
+
+def replan(
+    fit: TimeFit,
+    scales: Mapping[int, float],
+    large: Sequence[int],
+    small: Sequence[int],
+    B_L: int,
+    d_L: int,
+    d_S: int,
+    min_batch: Mapping[int, int],
+    small_fit: TimeFit | None = None,
+    previous: Mapping[int, int] | None = None,
+    damp: float = DAMP,
+) -> Replan:
+    """B_S per small group so that its mini-epoch of d_S samples takes the large groups' time.
+
+    `scales` has a scale for every group; `min_batch[g]` is the group's rank count (every rank
+    needs a sample per step); `small_fit`: the small groups' own profile (default `fit`);
+    `previous[h]`: h's B_S so far, which the new one stays within a factor `damp` of. Large
+    groups keep B_L."""
+    if not large:
+        raise ValueError("re-planning needs at least one large group to set the pace")
+    target = statistics.fmean(scales[g] * per_sample(fit, B_L) * d_L for g in large)
+    batches = {g: B_L for g in large}
+    capped = []
+    for h in small:
+        b, cap = small_batch_for(small_fit or fit, scales[h], target, d_S, min_batch.get(h, 1), B_L)
+        if previous and h in previous:
+            prev = previous[h]
+            b = min(max(b, math.ceil(prev / damp)), math.floor(prev * damp))
+            b = min(max(b, min_batch.get(h, 1)), B_L)
+        batches[h] = b
+        if cap:
+            capped.append(h)
+    return Replan(batches, target, dict(scales), tuple(capped))
+
+
+class Adapter:
+    """The server's adaptive plan: observations in, the batch of each group's next task out.
+
+    Plain Python, no MPI: the server calls `observe` for every commit and `replan` when it hands
+    out a task; `state`/`load_state` go into and out of checkpoints.
+    """
+
+    def __init__(
+        self,
+        fits: Mapping[int, TimeFit],
+        large_batch: Mapping[int, int],
+        planned: Mapping[int, Mapping[int, int]],
+        small: Sequence[bool],
+        shares: tuple[int, int],
+        ranks: Sequence[int],
+        small_fits: Mapping[int, TimeFit] | None = None,
+        window: int = WINDOW,
+    ) -> None:
+        """fits, large_batch: per resolution; planned[g][res]: the static plan's batch (the
+        start, and what a resolution without a fit keeps); small[g]: the group's role;
+        shares: (d_L, d_S); ranks[g]: ranks of group g; small_fits: the small groups' own
+        profile where the timing file has one."""
+        self.fits, self.large_batch = dict(fits), dict(large_batch)
+        self.small_fits = dict(small_fits or {})
+        self.small = list(small)
+        self.d_L, self.d_S = shares
+        self.ranks = list(ranks)
+        self.window = window
+        self.batches = {g: dict(b) for g, b in planned.items()}
+        self.obs: dict[int, list[Obs]] = {}  # group -> its last `window` mini-epochs
+        self.seen: dict[int, int] = {}  # group -> mini-epochs of it observed
+        # (group, resolution) -> seen[group] when its batch there was last re-planned: a small
+        # group's B_S moves only after the group has measured the batch it was given
+        self.planned_at: dict[tuple[int, int], int] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether there is anything to re-plan: small groups next to large ones, and a fit."""
+        return any(self.small) and not all(self.small) and bool(self.fits)
+
+    def observe(self, g: int, obs: Obs) -> None:
+        win = self.obs.setdefault(g, [])
+        win.append(obs)
+        del win[: -self.window]
+        self.seen[g] = self.seen.get(g, 0) + 1
+
+    def role_fits(self, g: int) -> dict[int, TimeFit]:
+        """The profile group g is measured against, per resolution: its role's fits."""
+        return {**self.fits, **self.small_fits} if self.small[g] else self.fits
+
+    def near(self, g: int) -> list[Obs]:
+        """g's window, kept to the tasks run within DAMP of the batch it now has at their
+        resolution (all of it when none is): a profile's shape is right only near where it is
+        anchored, so the scale must come from batches near those it plans."""
+        win = self.obs.get(g, [])
+        cur = self.batches[g]
+        close = [
+            o
+            for o in win
+            if cur.get(o.resolution, o.batch) / DAMP <= o.batch <= cur.get(o.resolution, o.batch) * DAMP
+        ]
+        return close or win
+
+    def scale(self, g: int, res: int) -> float:
+        """s_g at `res`: from g's tasks there, else from all its tasks, else the mean of the
+        groups measured, else 1."""
+        fits, near = self.role_fits(g), self.near(g)
+        for pick in ([o for o in near if o.resolution == res], near):
+            own = scale_of(fits, pick)
+            if own is not None:
+                return own
+        known = [s for h in range(len(self.small)) if (s := scale_of(self.role_fits(h), self.near(h)))]
+        return statistics.fmean(known) if known else 1.0
+
+    def replan(self, res: int) -> Replan | None:
+        """Re-plan at `res` from the current observations and keep the result: the B_S of each
+        small group that has measured a task since its last re-plan here (the others keep
+        theirs). None when there is nothing to re-plan (no small groups, no large ones, no fit
+        at `res`, or no small group with a new measurement)."""
+        n = len(self.small)
+        fresh = [
+            h for h in range(n) if self.small[h] and self.planned_at.get((h, res), -1) != self.seen.get(h, 0)
+        ]
+        if not self.active or res not in self.fits or not fresh:
+            return None
+        for h in fresh:
+            self.planned_at[(h, res)] = self.seen.get(h, 0)
+        out = replan(
+            self.fits[res],
+            {g: self.scale(g, res) for g in range(n)},
+            [g for g in range(n) if not self.small[g]],
+            [g for g in range(n) if self.small[g]],
+            self.large_batch[res],
+            self.d_L,
+            self.d_S,
+            dict(enumerate(self.ranks)),
+            self.small_fits.get(res),
+            {g: self.batches[g][res] for g in range(n)},
+        )
+        for h in fresh:
+            self.batches[h][res] = out.batches[h]
+        return Replan({g: self.batches[g][res] for g in range(n)}, out.target, out.scales, out.capped)
+
+    def predicted(self, g: int, res: int, share: int) -> float | None:
+        """Seconds the group's next task at `res` should take under the current model."""
+        if res not in self.fits:
+            return None
+        return self.scale(g, res) * per_sample(self.role_fits(g)[res], self.batches[g][res]) * share
+
+    # --- checkpoint ------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "batches": {str(g): {str(r): b for r, b in bs.items()} for g, bs in self.batches.items()},
+            "obs": {
+                str(g): [[o.resolution, o.batch, o.samples, o.seconds, o.warm] for o in win]
+                for g, win in sorted(self.obs.items())
+            },
+            "seen": {str(g): k for g, k in sorted(self.seen.items())},
+            "planned_at": [[g, r, k] for (g, r), k in sorted(self.planned_at.items())],
+        }
+
+    def load_state(self, raw: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint's `state()`: the batches and windows it had."""
+        self.batches = {int(g): {int(r): int(b) for r, b in bs.items()} for g, bs in raw["batches"].items()}
+        self.obs = {
+            int(g): [Obs(int(r), int(b), int(s), float(t), bool(w)) for r, b, s, t, w in win]
+            for g, win in raw["obs"].items()
+        }
+        self.seen = {int(g): int(k) for g, k in raw["seen"].items()}
+        self.planned_at = {(int(g), int(r)): int(k) for g, r, k in raw["planned_at"]}

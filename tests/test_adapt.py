@@ -1,0 +1,199 @@
+"""Adaptive planning (adapt.py): scales, the per-group re-plan, convergence on simulated
+machines the profile does not describe, and the checkpointed state."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from hpc_dualbatch.adapt import Adapter, Obs, per_sample, replan, scale_of, small_batch_for
+from hpc_dualbatch.plan import plan_dual_batch
+from hpc_dualbatch.timing import TimeFit
+
+# The method's published CIFAR fits (GTX 1080) and Table 6 (k = 1.05, d = 50,000, n = 4).
+FITS = {24: TimeFit(a=3.53e-4, b=0.0148, r2=math.nan), 32: TimeFit(a=5.06e-4, b=0.0156, r2=math.nan)}
+B_L = {24: 600, 32: 560}
+D_L = 13_125
+TABLE6 = {1: (10_625, 130, 102), 2: (11_875, 230, 185), 3: (12_292, 294, 243)}
+
+
+def _obs(res: int, batch: int, samples: int, scale: float, warm: bool = False) -> Obs:
+    return Obs(res, batch, samples, scale * per_sample(FITS[res], batch) * samples, warm)
+
+
+def test_scale_is_measured_over_profiled_time() -> None:
+    assert scale_of(FITS, [_obs(32, 100, 5000, 2.0)]) == pytest.approx(2.0)
+    # Each task against the fit of its own resolution; the median ignores an outlier (a task
+    # that overlapped another group's evaluation, a neighbour's burst).
+    win = [_obs(24, 100, 5000, 1.1), _obs(32, 90, 5000, 5.0), _obs(32, 80, 5000, 1.3)]
+    assert scale_of(FITS, win) == pytest.approx(1.3)
+    # A warm-up task counts only while nothing else is known.
+    assert scale_of(FITS, [_obs(32, 100, 5000, 3.0, warm=True)]) == pytest.approx(3.0)
+    assert scale_of(FITS, [_obs(32, 100, 5000, 3.0, warm=True), _obs(24, 100, 5000, 1.5)]) == pytest.approx(
+        1.5
+    )
+    assert scale_of(FITS, []) is None
+    assert scale_of(FITS, [Obs(32, 100, 0, 0.0)]) is None  # a task without samples says nothing
+    assert scale_of(FITS, [Obs(20, 100, 10, 1.0)]) is None  # no fit at 20 px
+
+
+def test_small_batch_for_is_the_method_formula_per_group() -> None:
+    f, share = FITS[32], 7_000
+    for scale in (1.0, 1.4):  # B = s*b / (T/d - s*a), rounded half up
+        raw = scale * f.b / (20.0 / share - scale * f.a)
+        assert small_batch_for(f, scale, 20.0, share, 4, 560) == (int(math.floor(raw + 0.5)), False)
+
+
+@pytest.mark.parametrize(
+    ("scale", "target", "expect"),
+    [
+        (1.0, 5.06e-4 * 10_000, (560, True)),  # no time left for per-step costs: capped at hi
+        (2.0, 4.0, (560, True)),  # scale*a alone exceeds T/d: capped
+        (1.0, 10_000 * (5.06e-4 + 0.0156 / 600), (560, True)),  # it needs B = 600 > hi = 560
+        (1.0, 1e6, (4, False)),  # all the time in the world: clipped up to lo (the group's ranks)
+    ],
+)
+def test_small_batch_for_limits(scale: float, target: float, expect: tuple[int, bool]) -> None:
+    assert small_batch_for(FITS[32], scale, target, 10_000, 4, 560) == expect
+
+
+@pytest.mark.parametrize("n_small", sorted(TABLE6))
+def test_unit_scales_reproduce_the_static_plan(n_small: int) -> None:
+    """With every scale 1 the re-plan is the method's formula: Table 6 within the static
+    planner's 4-significant-figure rounding of a + b/B_L (at most one sample)."""
+    d_S = TABLE6[n_small][0]
+    large, small = list(range(4 - n_small)), list(range(4 - n_small, 4))
+    for res in (24, 32):
+        static = plan_dual_batch(FITS, B_L, 4, n_small, 1.05, 50_000).resolutions[res]
+        rp = replan(FITS[res], dict.fromkeys(range(4), 1.0), large, small, B_L[res], D_L, d_S, {})
+        assert all(abs(rp.batches[h] - static.B_S) <= 1 for h in small)
+        assert all(rp.batches[g] == B_L[res] for g in large)
+        assert rp.target == pytest.approx(static.epoch_time, rel=5e-4)
+        assert rp.capped == ()
+
+
+def test_a_uniform_slowdown_changes_nothing() -> None:
+    """Contention that slows every rank alike (4-5 ranks on 2 cores) leaves B_S as planned."""
+    base = replan(FITS[24], dict.fromkeys(range(4), 1.0), [0, 1], [2, 3], 600, D_L, 11_875, {})
+    slow = replan(FITS[24], dict.fromkeys(range(4), 2.3), [0, 1], [2, 3], 600, D_L, 11_875, {})
+    assert slow.batches == base.batches and slow.target == pytest.approx(2.3 * base.target)
+
+
+def test_a_slower_small_group_gets_a_larger_batch_and_meets_the_target() -> None:
+    scales = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.05}  # 1.05 * d_S < d_L: B_S <= B_L can absorb it
+    rp = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {})
+    assert rp.batches[3] > rp.batches[2]
+    for h in (2, 3):  # each small mini-epoch now takes T (B rounded: within 0.5 %)
+        t = scales[h] * per_sample(FITS[24], rp.batches[h]) * 11_875
+        assert t == pytest.approx(rp.target, rel=5e-3)
+
+
+def test_a_small_group_slower_than_k_is_capped_at_B_L() -> None:
+    rp = replan(FITS[24], {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.6}, [0, 1], [2, 3], 600, D_L, 11_875, {})
+    assert rp.batches[3] == 600 and rp.capped == (3,)
+
+
+def test_a_replan_moves_b_s_by_at_most_damp() -> None:
+    scales = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}
+    free = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {})
+    assert free.batches[2] == 230
+    held = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}, previous={2: 100, 3: 400})
+    assert held.batches[2] == 150 and held.batches[3] == 267  # 100 * 1.5, ceil(400 / 1.5)
+
+
+def test_replan_needs_a_large_group() -> None:
+    with pytest.raises(ValueError, match="large group"):
+        replan(FITS[24], {0: 1.0}, [], [0], 600, D_L, 12_500, {})
+
+
+class Machine:
+    """A simulated group: true seconds per sample a' + b'/B, unknown to the planner."""
+
+    def __init__(self, fit: TimeFit, a_mult: float, b_mult: float, slow: float = 1.0) -> None:
+        self.a, self.b, self.slow = fit.a * a_mult, fit.b * b_mult, slow
+
+    def seconds(self, batch: int, samples: int) -> float:
+        return self.slow * (self.a + self.b / batch) * samples
+
+
+@pytest.mark.parametrize(
+    ("small_a", "small_b", "slow_small", "slow_large"),
+    [
+        (1.0, 1.0, 1.0, 1.0),  # the profile is right
+        (1.0, 2.0, 1.0, 1.0),  # a small group pays twice the profiled per-step cost (loader, Python)
+        (1.05, 1.6, 1.0, 1.0),  # both costs off, as on another CPU (still feasible: below k)
+        (1.0, 1.0, 1.04, 1.0),  # one small group 4 % slower (below k: B_S can absorb it)
+        (1.0, 1.5, 1.0, 1.25),  # large groups 25 % slower than profiled
+    ],
+)
+def test_replanning_converges_to_equal_mini_epoch_times(
+    small_a: float, small_b: float, slow_small: float, slow_large: float
+) -> None:
+    """On a machine whose small groups' costs the profile gets wrong, a few tasks of measuring
+    and re-planning make every small mini-epoch take the large groups' time (within 1 %)."""
+    fit, d_S = FITS[32], 11_875
+    planned = {g: {32: 560} for g in range(4)}
+    static_bs = plan_dual_batch(FITS, B_L, 4, 2, 1.05, 50_000).resolutions[32].B_S
+    for g in (2, 3):
+        planned[g][32] = static_bs
+    ad = Adapter({32: fit}, {32: 560}, planned, [False, False, True, True], (D_L, d_S), [1, 1, 1, 1])
+    machines = [Machine(fit, 1.0, 1.0, slow_large)] * 2 + [
+        Machine(fit, small_a, small_b),
+        Machine(fit, small_a, small_b, slow_small),
+    ]
+    for task in range(8):
+        ad.replan(32)
+        for g, m in enumerate(machines):
+            b, share = ad.batches[g][32], D_L if g < 2 else d_S
+            ad.observe(g, Obs(32, b, share, m.seconds(b, share), warm=task == 0))
+    ad.replan(32)
+    large_t = machines[0].seconds(560, D_L)
+    for g in (2, 3):
+        assert machines[g].seconds(ad.batches[g][32], d_S) == pytest.approx(large_t, rel=0.01)
+        # and the model now predicts what the machine does
+        assert ad.predicted(g, 32, d_S) == pytest.approx(
+            machines[g].seconds(ad.batches[g][32], d_S), rel=0.01
+        )
+
+
+def test_a_group_without_measurements_borrows_a_scale() -> None:
+    planned = {g: {24: 600, 32: 560} for g in range(3)}
+    ad = Adapter(FITS, B_L, planned, [False, False, True], (D_L, 11_875), [1, 1, 1])
+    assert ad.scale(0, 24) == 1.0  # nothing measured anywhere: the profile as is
+    ad.observe(1, _obs(24, 600, D_L, 1.5))
+    ad.observe(2, _obs(32, 560, 11_875, 2.5))
+    assert ad.scale(0, 24) == pytest.approx(2.0)  # the mean of the groups measured
+    ad.observe(0, _obs(32, 560, D_L, 1.2))
+    assert ad.scale(0, 24) == pytest.approx(1.2)  # its own, from another resolution
+    ad.observe(0, _obs(24, 600, D_L, 1.4))
+    assert ad.scale(0, 24) == pytest.approx(1.4)  # its own at this resolution
+    assert ad.scale(0, 32) == pytest.approx(1.2)
+
+
+def test_only_small_beside_large_groups_is_adapted() -> None:
+    planned = {g: {32: 560} for g in range(2)}
+    assert not Adapter({32: FITS[32]}, {32: 560}, planned, [False, False], (D_L, D_L), [1, 1]).active
+    assert not Adapter({32: FITS[32]}, {32: 560}, planned, [True, True], (D_L, D_L), [1, 1]).active
+    assert not Adapter({}, {}, planned, [False, True], (D_L, 9_000), [1, 1]).active
+    ad = Adapter({32: FITS[32]}, {32: 560}, planned, [False, True], (D_L, 9_000), [1, 1])
+    assert ad.active and ad.replan(24) is None  # no fit at 24 px: its batches stay as planned
+
+
+def test_state_round_trips_through_json_and_replans_identically() -> None:
+    planned = {g: {24: 600, 32: 560} for g in range(4)}
+    small = [False, False, True, True]
+    ad = Adapter(FITS, B_L, planned, small, (D_L, 11_875), [1, 1, 1, 1])
+    for i, g in enumerate([0, 2, 1, 3, 0, 2]):
+        res = 24 if i < 3 else 32
+        ad.observe(g, _obs(res, ad.batches[g][res], 9000, 1.0 + 0.1 * i, warm=i < 2))
+        ad.replan(res)
+    again = Adapter(FITS, B_L, planned, small, (D_L, 11_875), [1, 1, 1, 1])
+    again.load_state(json.loads(json.dumps(ad.state())))
+    assert again.state() == ad.state()
+    assert again.replan(32) is None and ad.replan(32) is None  # nothing new since the last one
+    for a in (ad, again):
+        a.observe(3, _obs(32, a.batches[3][32], 9000, 1.9))
+    for res in (24, 32):
+        assert again.replan(res) == ad.replan(res) is not None
