@@ -102,8 +102,8 @@ def small_batch_for(
     if denom <= 0:
         return hi, True
     raw = scale * fit.b / denom
-    if not math.isfinite(raw) or raw > hi:
-        return hi, raw > hi or not math.isfinite(raw)
+    if not raw <= hi:  # also inf and nan
+        return hi, True
     return max(lo, int(math.floor(raw + 0.5))), False
 
 
