@@ -230,6 +230,7 @@ def plan_dual_batch(
         if isinstance(B_L, bool) or not isinstance(B_L, int) or B_L < 1:
             raise PlanError(f"B_L at {res} px is {B_L!r}; it must be an integer >= 1 (plan.large_batch)")
         fit = fits.get(res)
+        sfit = (small_fits or {}).get(res, fit)  # the small groups' model (their own where measured)
         explicit = dual and res in small_batch
         solve = dual and not explicit and d_S < d_L  # type: ignore[operator]
         if fit is None and solve:
@@ -259,7 +260,7 @@ def plan_dual_batch(
             B_S = B_L
         elif solve:
             assert fit is not None and T0 is not None and d_S is not None
-            sfit = (small_fits or {}).get(res, fit)
+            assert sfit is not None
             _fit_ok(res, sfit)
             denom = k * T0 / d_S - sfit.a  # s/sample left for the fixed costs of a small group
             if not denom > 0:
@@ -282,7 +283,7 @@ def plan_dual_batch(
                     f"group(s) too little time for d_S = {d_S} samples; raise plan.k or use more small groups"
                 )
         if fit is not None and B_S is not None:
-            t_small = time_per_samples((small_fits or {}).get(res, fit), B_S, d_S)  # type: ignore[arg-type]
+            t_small = time_per_samples(sfit, B_S, d_S)  # type: ignore[arg-type]
         if T0 is not None:
             if not dual:
                 epoch_time = T0
