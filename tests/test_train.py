@@ -177,6 +177,30 @@ def test_adaptive_planning_makes_unequal_groups_finish_together(tmp_path, synthe
     assert errs and float(np.median(errs)) < 0.4, errs
 
 
+def test_a_slowed_small_group_trains_a_cut_share(tmp_path, synthetic_h5):
+    """The small group slowed 3x cannot finish with the large one at any batch that still buys
+    time: the server cuts its share (plan records say so) and the worker trains exactly the
+    share it is handed, so the two groups' mini-epochs come together."""
+    over = _adaptive_over(tmp_path, checkpoint__every_epochs=0, workers__slowdown={1: 3.0})
+    r, out = train(tmp_path, synthetic_h5, **over)
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = read_metrics(str(out / "metrics.jsonl"))
+    commits = [c for c in recs if c["type"] == "commit"]
+    d_S = json.loads((out / "plan.json").read_text())["d_S"]
+    cut = [p for p in recs if p["type"] == "plan" and p["capped"] == [1]]
+    assert cut and all(p["shares"]["1"] < d_S for p in cut), cut
+    small = [c for c in commits if c["small"]]
+    assert small[0]["samples"] == d_S  # the first task as planned
+    # each task trained exactly a share the server handed out, the last a cut one
+    handed = {d_S} | {p["shares"]["1"] for p in recs if p["type"] == "plan"}
+    assert {c["samples"] for c in small} <= handed, ([c["samples"] for c in small], handed)
+    assert small[-1]["samples"] < 0.7 * d_S, [c["samples"] for c in small]
+    large = [c["seconds"] for c in commits if not c["small"]]
+    first, end = small[0]["seconds"] / large[0], small[-1]["seconds"] / float(np.median(large[-3:]))
+    trace = [(c["small"], c["batch"], c["samples"], c["seconds"]) for c in commits]
+    assert first > 2.0 and abs(np.log(end)) < 0.5 * abs(np.log(first)), (first, end, trace)
+
+
 def test_adaptive_planning_resumes_with_the_plan_state_it_had(tmp_path, synthetic_h5):
     from hpc_dualbatch import checkpoint
     from hpc_dualbatch.adapt import Adapter
