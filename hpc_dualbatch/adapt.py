@@ -44,9 +44,10 @@ per cent of noise in T or s_h moves the solved B_h by 2x:
 - a move is at most a factor DAMP per re-plan (and only after h measured what it was given);
 - B_h stays at or below `useful_batch`: the batch past which even B_L would save less than TOL
   of the mini-epoch time. Past it the method's small batch would be spent for nothing, so a
-  group that cannot reach T there (a slow node, a group slowed by more than k) keeps that batch
-  and trains fewer samples instead: its share is cut to what fits in T (never above d_S, never
-  below one step), and the group is reported as `capped`. The samples it leaves out are left
+  group that cannot reach T there (a slow node, a group slowed by more than k) climbs to that
+  batch (damped) and trains fewer samples instead: its share is cut to what fits in T (never
+  above d_S, never below one step; d_S again once it fits), and the group is reported as
+  `capped`. The samples it leaves out are left
   out of that epoch (the large groups' d_L, which set T, stay).
 The data assignment keeps each group's place in the partition (a cut share is a prefix of the
 group's slice) and the contribution factors stay the static plan's d_S / d_L. A group without
@@ -54,7 +55,7 @@ measurements borrows the mean scale of the groups that have them, else 1 (the pr
 
 Everything here is a pure function of the observations, so it is table-tested, and its whole
 state (`Adapter.state`) is JSON stored with every checkpoint: a resumed run continues with the
-batches and windows it had.
+batches, shares and windows it had.
 """
 
 from __future__ import annotations
@@ -192,10 +193,18 @@ def replan(
         hi = max(lo, min(B_L, ceiling or B_L))
         prev = previous.get(h) if previous else None
         share = shares.get(h, d_S) if shares else d_S
-        if prev is not None and abs(s * per_sample(sfit, prev) * share / target - 1) <= (tol or {}).get(
-            h, TOL
+        band = (tol or {}).get(h, TOL)
+        # within the noise: leave it, unless it is a cut group that may still climb to the ceiling
+        if (
+            prev is not None
+            and lo <= prev <= hi
+            and not (share < d_S and prev < hi)
+            and abs(s * per_sample(sfit, prev) * share / target - 1) <= band
         ):
-            b, cap = prev, share < d_S  # within the noise: leave it
+            b = prev
+            if share < d_S and s * per_sample(sfit, prev) * d_S / target - 1 <= band:
+                share = d_S  # the whole share fits again
+            cap = share < d_S
         else:
             b, cap = small_batch_for(sfit, s, target, d_S, lo, hi)
             if prev is not None:
@@ -366,9 +375,10 @@ class Adapter:
         }
 
     def load_state(self, raw: Mapping[str, Any]) -> None:
-        """Continue from a checkpoint's `state()`: the batches and windows it had."""
+        """Continue from a checkpoint's `state()`: the batches, shares and windows it had."""
         self.batches = {int(g): {int(r): int(b) for r, b in bs.items()} for g, bs in raw["batches"].items()}
-        self.shares = {int(g): {int(r): int(d) for r, d in ds.items()} for g, ds in raw["shares"].items()}
+        if "shares" in raw:  # (a state saved before shares were adapted has d_L / d_S throughout)
+            self.shares = {int(g): {int(r): int(d) for r, d in ds.items()} for g, ds in raw["shares"].items()}
         self.obs = {
             int(g): [Obs(int(r), int(b), int(s), float(t), bool(w)) for r, b, s, t, w in win]
             for g, win in raw["obs"].items()

