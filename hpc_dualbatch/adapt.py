@@ -1,4 +1,5 @@
-"""Adaptive planning (`plan.adaptive`): re-plan B_S from the mini-epoch times the run measures.
+"""Adaptive planning (`plan.adaptive`): re-plan B_S (and where that is not enough, a small
+group's share) from the mini-epoch times the run measures.
 
 A plan made from a profile holds only where and how the profile ran. In a run, 4-5 ranks share
 the cores, a small group pays per step for its loader, Horovod's optimizer wrapper and more
@@ -29,21 +30,32 @@ its own); the scale at a resolution comes from the tasks there, and from all of 
 there are none (how much slower a node runs than the profile is mostly a property of the
 group; how resolutions compare, the profile's).
 
-Re-planning keeps the shares d_L, d_S (so the data assignment and the contribution factors stay
-those of the plan) and solves, for every small group h, the batch at which its mini-epoch takes
-the large groups' measured mini-epoch time T:
+Re-planning solves, for every small group h, the batch at which its mini-epoch of d_S samples
+takes the large groups' measured mini-epoch time T (the method's formula, per group):
 
     T   = mean over large groups g of t_g(B_L) * d_L       = k * T0 as measured in this run
-    B_h = s_h * b / (T/d_S - s_h * a)                      the method's formula, per group
+    B_h = s_h * b / (T/d_S - s_h * a)
 
-within a factor DAMP of its previous B_S, and capped to [ranks of h, B_L]: a small group that
-is slower than the large ones even at B_L (a group slowed by more than k) runs at B_L and is
-reported as capped. A group without measurements borrows the mean scale of the groups that
-have them, else 1 (the profile as is).
+with three guards, because a time measured on shared cores is noisy and, where the per-step
+cost b is small against a*B (a CPU: b/a ~ 8 samples), the time barely depends on B, so a few
+per cent of noise in T or s_h moves the solved B_h by 2x:
+- a dead band: h keeps its batch and share while its predicted mini-epoch is within `tol` of
+  T, tol = max(TOL, the standard error of its and the large groups' window medians);
+- a move is at most a factor DAMP per re-plan (and only after h measured what it was given);
+- B_h stays at or below `useful_batch`: the batch past which even B_L would save less than TOL
+  of the mini-epoch time. Past it the method's small batch would be spent for nothing, so a
+  group that cannot reach T there (a slow node, a group slowed by more than k) climbs to that
+  batch (damped) and trains fewer samples instead: its share is cut to what fits in T (never
+  above d_S, never below one step; d_S again once it fits), and the group is reported as
+  `capped`. The samples it leaves out are left
+  out of that epoch (the large groups' d_L, which set T, stay).
+The data assignment keeps each group's place in the partition (a cut share is a prefix of the
+group's slice) and the contribution factors stay the static plan's d_S / d_L. A group without
+measurements borrows the mean scale of the groups that have them, else 1 (the profile as is).
 
 Everything here is a pure function of the observations, so it is table-tested, and its whole
 state (`Adapter.state`) is JSON stored with every checkpoint: a resumed run continues with the
-batches and windows it had.
+batches, shares and windows it had.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ from .timing import TimeFit
 
 WINDOW = 5  # mini-epochs per group the scale is the median of
 DAMP = 1.5  # most a re-plan may multiply or divide a group's B_S by
+TOL = 0.03  # relative time error left alone (bench promise's goal: +-3 % of k)
 
 
 @dataclass(frozen=True)
@@ -76,19 +89,46 @@ def per_sample(fit: TimeFit, batch: float) -> float:
     return fit.a + fit.b / batch
 
 
-def scale_of(fits: Mapping[int, TimeFit], obs: Sequence[Obs]) -> float | None:
-    """Median of measured / profiled seconds per sample over `obs`, each against the fit of its
-    resolution (warm tasks only if nothing else). None when there is no usable observation."""
+def _usable(fits: Mapping[int, TimeFit], obs: Sequence[Obs]) -> list[float]:
+    """measured / profiled seconds per sample of each usable task (warm tasks only if nothing
+    else): a task without samples or time, or at a resolution without a fit, says nothing."""
     usable = [
         o
         for o in obs
         if o.samples > 0 and o.seconds > 0 and math.isfinite(o.seconds) and o.resolution in fits
     ]
-    cold = [o for o in usable if not o.warm]
-    pick = cold or usable
-    if not pick:
-        return None
-    return statistics.median(o.seconds / o.samples / per_sample(fits[o.resolution], o.batch) for o in pick)
+    pick = [o for o in usable if not o.warm] or usable
+    return [o.seconds / o.samples / per_sample(fits[o.resolution], o.batch) for o in pick]
+
+
+def scale_of(fits: Mapping[int, TimeFit], obs: Sequence[Obs]) -> float | None:
+    """Median of measured / profiled seconds per sample over `obs`, each against the fit of its
+    resolution (warm tasks only if nothing else). None when there is no usable observation."""
+    ratios = _usable(fits, obs)
+    return statistics.median(ratios) if ratios else None
+
+
+def noise_of(fits: Mapping[int, TimeFit], obs: Sequence[Obs]) -> float:
+    """Relative standard error of `scale_of` over `obs`: 1.25 * sigma / sqrt(m), sigma from the
+    median absolute deviation (1.4826 * MAD, robust to the outliers the median ignores); 0 with
+    fewer than two tasks."""
+    ratios = _usable(fits, obs)
+    if len(ratios) < 2:
+        return 0.0
+    med = statistics.median(ratios)
+    mad = statistics.median(abs(r - med) for r in ratios)
+    return 1.2533 * 1.4826 * mad / med / math.sqrt(len(ratios))
+
+
+def useful_batch(fit: TimeFit, B_L: int, tol: float = TOL) -> int:
+    """The largest batch below which a larger one still saves time: past it even B_L would save
+    less than `tol` of the time per sample, (a + b/B) / (a + b/B_L) - 1 < tol. A scale
+    multiplies both sides, so this is a property of the profile's shape alone.
+    B = b / (tol*a + (1 + tol)*b/B_L); at least 1, at most B_L."""
+    if fit.b <= 0:  # no per-step cost: the batch buys no time at all
+        return 1
+    raw = fit.b / (tol * max(fit.a, 0.0) + (1 + tol) * fit.b / B_L)
+    return max(1, min(B_L, int(raw)))
 
 
 def small_batch_for(
@@ -112,9 +152,10 @@ class Replan:
     """The outcome of one re-plan at one resolution."""
 
     batches: dict[int, int]  # group -> batch for its next task at this resolution
+    shares: dict[int, int]  # group -> samples of its next task (d_L, d_S or a cut d_S)
     target: float  # s, T: the large groups' predicted mini-epoch time
     scales: dict[int, float]  # group -> s_g used
-    capped: tuple[int, ...]  # small groups that cannot reach T even at B_L
+    capped: tuple[int, ...]  # small groups that cannot reach T at d_S: their share is cut
 
 
 def replan(
@@ -129,28 +170,52 @@ def replan(
     small_fit: TimeFit | None = None,
     previous: Mapping[int, int] | None = None,
     damp: float = DAMP,
+    shares: Mapping[int, int] | None = None,
+    tol: Mapping[int, float] | None = None,
+    ceiling: int | None = None,
 ) -> Replan:
-    """B_S per small group so that its mini-epoch of d_S samples takes the large groups' time.
+    """B_S and share per small group so that its mini-epoch takes the large groups' time.
 
     `scales` has a scale for every group; `min_batch[g]` is the group's rank count (every rank
     needs a sample per step); `small_fit`: the small groups' own profile (default `fit`);
-    `previous[h]`: h's B_S so far, which the new one stays within a factor `damp` of. Large
-    groups keep B_L."""
+    `previous[h]`, `shares[h]`: h's batch and share so far (default: none, d_S); `tol[h]`: the
+    relative error h is left alone within while it has a previous batch (default TOL);
+    `ceiling`: the largest B_S (default B_L), past which a group that is still too slow has its
+    share cut instead. Large groups keep B_L and d_L."""
     if not large:
         raise ValueError("re-planning needs at least one large group to set the pace")
+    sfit = small_fit or fit
     target = statistics.fmean(scales[g] * per_sample(fit, B_L) * d_L for g in large)
-    batches = {g: B_L for g in large}
+    batches, out_shares = dict.fromkeys(large, B_L), dict.fromkeys(large, d_L)
     capped = []
     for h in small:
-        b, cap = small_batch_for(small_fit or fit, scales[h], target, d_S, min_batch.get(h, 1), B_L)
-        if previous and h in previous:
-            prev = previous[h]
-            b = min(max(b, math.ceil(prev / damp)), math.floor(prev * damp))
-            b = min(max(b, min_batch.get(h, 1)), B_L)
-        batches[h] = b
+        s, lo = scales[h], min_batch.get(h, 1)
+        hi = max(lo, min(B_L, ceiling or B_L))
+        prev = previous.get(h) if previous else None
+        share = shares.get(h, d_S) if shares else d_S
+        band = (tol or {}).get(h, TOL)
+        # within the noise: leave it, unless it is a cut group that may still climb to the ceiling
+        if (
+            prev is not None
+            and lo <= prev <= hi
+            and not (share < d_S and prev < hi)
+            and abs(s * per_sample(sfit, prev) * share / target - 1) <= band
+        ):
+            b = prev
+            if share < d_S and s * per_sample(sfit, prev) * d_S / target - 1 <= band:
+                share = d_S  # the whole share fits again
+            cap = share < d_S
+        else:
+            b, cap = small_batch_for(sfit, s, target, d_S, lo, hi)
+            if prev is not None:
+                b = min(max(b, math.ceil(prev / damp), lo), math.floor(prev * damp), hi)
+            share = d_S
+            if cap:  # too slow at d_S even at the ceiling: fewer samples, not a larger batch
+                share = max(b, min(d_S, int(target / (s * per_sample(sfit, b)))))
+        batches[h], out_shares[h] = b, share
         if cap:
             capped.append(h)
-    return Replan(batches, target, dict(scales), tuple(capped))
+    return Replan(batches, out_shares, target, dict(scales), tuple(capped))
 
 
 class Adapter:
@@ -181,7 +246,12 @@ class Adapter:
         self.d_L, self.d_S = shares
         self.ranks = list(ranks)
         self.window = window
+        self.planned = {g: dict(b) for g, b in planned.items()}
         self.batches = {g: dict(b) for g, b in planned.items()}
+        # group -> resolution -> samples of its next task there (a capped small group's is cut)
+        self.shares = {
+            g: dict.fromkeys(b, self.d_S if self.small[g] else self.d_L) for g, b in planned.items()
+        }
         self.obs: dict[int, list[Obs]] = {}  # group -> its last `window` mini-epochs
         self.seen: dict[int, int] = {}  # group -> mini-epochs of it observed
         # (group, resolution) -> seen[group] when its batch there was last re-planned: a small
@@ -216,16 +286,26 @@ class Adapter:
         ]
         return close or win
 
+    def _at(self, g: int, res: int) -> list[Obs]:
+        """The tasks g's scale at `res` comes from: its near tasks there, else all near ones."""
+        near = self.near(g)
+        return [o for o in near if o.resolution == res] or near
+
     def scale(self, g: int, res: int) -> float:
         """s_g at `res`: from g's tasks there, else from all its tasks, else the mean of the
         groups measured, else 1."""
-        fits, near = self.role_fits(g), self.near(g)
-        for pick in ([o for o in near if o.resolution == res], near):
-            own = scale_of(fits, pick)
-            if own is not None:
-                return own
+        own = scale_of(self.role_fits(g), self._at(g, res))
+        if own is not None:
+            return own
         known = [s for h in range(len(self.small)) if (s := scale_of(self.role_fits(h), self.near(h)))]
         return statistics.fmean(known) if known else 1.0
+
+    def tolerance(self, h: int, res: int) -> float:
+        """The relative time error small group h is left alone within at `res`: TOL, or the
+        standard error of its scale and of the large groups' mean scale where that is more."""
+        large = [g for g in range(len(self.small)) if not self.small[g]]
+        pace = math.sqrt(sum(noise_of(self.fits, self._at(g, res)) ** 2 for g in large)) / len(large)
+        return max(TOL, math.hypot(noise_of(self.role_fits(h), self._at(h, res)), pace))
 
     def replan(self, res: int) -> Replan | None:
         """Re-plan at `res` from the current observations and keep the result: the B_S of each
@@ -240,32 +320,52 @@ class Adapter:
             return None
         for h in fresh:
             self.planned_at[(h, res)] = self.seen.get(h, 0)
+        small = [g for g in range(n) if self.small[g]]
+        B_L, sfit = self.large_batch[res], self.small_fits.get(res) or self.fits[res]
+        # the plan's own B_S stays allowed where the profile puts it past the useful batch
+        ceiling = max([useful_batch(sfit, B_L)] + [self.planned[h][res] for h in small])
         out = replan(
             self.fits[res],
             {g: self.scale(g, res) for g in range(n)},
             [g for g in range(n) if not self.small[g]],
-            [g for g in range(n) if self.small[g]],
-            self.large_batch[res],
+            small,
+            B_L,
             self.d_L,
             self.d_S,
             dict(enumerate(self.ranks)),
-            self.small_fits.get(res),
+            sfit,
             {g: self.batches[g][res] for g in range(n)},
+            shares={g: self.shares[g][res] for g in range(n)},
+            tol={h: self.tolerance(h, res) for h in small},
+            ceiling=ceiling,
         )
         for h in fresh:
-            self.batches[h][res] = out.batches[h]
-        return Replan({g: self.batches[g][res] for g in range(n)}, out.target, out.scales, out.capped)
+            self.batches[h][res], self.shares[h][res] = out.batches[h], out.shares[h]
+        return Replan(
+            {g: self.batches[g][res] for g in range(n)},
+            {g: self.shares[g][res] for g in range(n)},
+            out.target,
+            out.scales,
+            tuple(h for h in small if self.shares[h][res] < self.d_S),
+        )
 
-    def predicted(self, g: int, res: int, share: int) -> float | None:
+    def share(self, g: int, res: int) -> int:
+        """Samples of g's next task at `res`."""
+        return self.shares[g].get(res, self.d_S if self.small[g] else self.d_L)
+
+    def predicted(self, g: int, res: int) -> float | None:
         """Seconds the group's next task at `res` should take under the current model."""
         if res not in self.fits:
             return None
-        return self.scale(g, res) * per_sample(self.role_fits(g)[res], self.batches[g][res]) * share
+        return (
+            self.scale(g, res) * per_sample(self.role_fits(g)[res], self.batches[g][res]) * self.share(g, res)
+        )
 
     # --- checkpoint ------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {
             "batches": {str(g): {str(r): b for r, b in bs.items()} for g, bs in self.batches.items()},
+            "shares": {str(g): {str(r): d for r, d in ds.items()} for g, ds in self.shares.items()},
             "obs": {
                 str(g): [[o.resolution, o.batch, o.samples, o.seconds, o.warm] for o in win]
                 for g, win in sorted(self.obs.items())
@@ -275,8 +375,10 @@ class Adapter:
         }
 
     def load_state(self, raw: Mapping[str, Any]) -> None:
-        """Continue from a checkpoint's `state()`: the batches and windows it had."""
+        """Continue from a checkpoint's `state()`: the batches, shares and windows it had."""
         self.batches = {int(g): {int(r): int(b) for r, b in bs.items()} for g, bs in raw["batches"].items()}
+        if "shares" in raw:  # (a state saved before shares were adapted has d_L / d_S throughout)
+            self.shares = {int(g): {int(r): int(d) for r, d in ds.items()} for g, ds in raw["shares"].items()}
         self.obs = {
             int(g): [Obs(int(r), int(b), int(s), float(t), bool(w)) for r, b, s, t, w in win]
             for g, win in raw["obs"].items()

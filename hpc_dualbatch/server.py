@@ -140,7 +140,8 @@ class Server:
         run = status == P.Status.RUN
         predicted = self._adapt(g, stage.resolution) if run and self.adapter else None
         rep[P.Rep.LR], rep[P.Rep.RESOLUTION], rep[P.Rep.DROPOUT] = lr, stage.resolution, stage.dropout
-        rep[P.Rep.BATCH], rep[P.Rep.SAMPLES] = spec.batch[stage.resolution], spec.share
+        share = self.adapter.share(g, stage.resolution) if self.adapter else spec.share
+        rep[P.Rep.BATCH], rep[P.Rep.SAMPLES] = spec.batch[stage.resolution], share
         rep[P.Rep.EPOCH], rep[P.Rep.COMMITS] = s.commits / self.n, s.commits
         if run:
             rep[P.Rep.ROUND] = s.rounds[g]
@@ -165,30 +166,34 @@ class Server:
             self.stopped.add(g)
 
     def _adapt(self, g: int, res: int) -> float | None:
-        """plan.adaptive: re-plan the small batches at `res` from the measured mini-epochs, set
-        the groups' batches, log a plan record when one changed; returns g's predicted seconds."""
+        """plan.adaptive: re-plan the small groups at `res` from the measured mini-epochs, set
+        the groups' batches, log a plan record when a batch or share changed; returns g's
+        predicted seconds (None: no fit at `res`)."""
         ad = self.adapter
         assert ad is not None
+        if res not in ad.fits:
+            return None
+        before = [(ad.batches[h][res], ad.share(h, res)) for h in range(self.n)]
         rp = ad.replan(res)  # None: nothing measured since the last re-plan here
-        if res in ad.fits:
-            changed = [h for h, spec in enumerate(self.groups) if spec.batch[res] != ad.batches[h][res]]
-            for h in changed:  # (after a resume the specs start from the static plan)
-                self.groups[h].batch[res] = ad.batches[h][res]
-            if changed and rp is not None:
-                self.log.write(
-                    {
-                        "type": "plan",
-                        "epoch": self.s.commits / self.n,
-                        "resolution": res,
-                        "batches": {str(h): b for h, b in sorted(rp.batches.items())},
-                        "changed": changed,
-                        "target_seconds": round(rp.target, 4),
-                        "scales": {str(h): round(v, 4) for h, v in sorted(rp.scales.items())},
-                        "capped": list(rp.capped),
-                        "wall": round(self.wall(), 3),
-                    }
-                )
-        return ad.predicted(g, res, self.groups[g].share)
+        for h, spec in enumerate(self.groups):  # (after a resume the specs start from the static plan)
+            spec.batch[res] = ad.batches[h][res]
+        changed = [h for h in range(self.n) if before[h] != (ad.batches[h][res], ad.share(h, res))]
+        if changed and rp is not None:
+            self.log.write(
+                {
+                    "type": "plan",
+                    "epoch": self.s.commits / self.n,
+                    "resolution": res,
+                    "batches": {str(h): b for h, b in sorted(rp.batches.items())},
+                    "shares": {str(h): d for h, d in sorted(rp.shares.items())},
+                    "changed": changed,
+                    "target_seconds": round(rp.target, 4),
+                    "scales": {str(h): round(v, 4) for h, v in sorted(rp.scales.items())},
+                    "capped": list(rp.capped),
+                    "wall": round(self.wall(), 3),
+                }
+            )
+        return ad.predicted(g, res)
 
     def _send_weights(self, g: int, rep: np.ndarray) -> None:
         s, world, dest, n_p = self.s, self.topo.world, self.topo.leaders[g], self.n_params

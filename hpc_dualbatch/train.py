@@ -284,7 +284,7 @@ def run_server(st: Setup, topo: Any) -> str:
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None)
     adapter = make_adapter(cfg, st.plan, st.groups)
     if adapter is not None and ck is not None and "adapt" in ck.extra:
-        adapter.load_state(ck.extra["adapt"])  # continue with the batches and windows it had
+        adapter.load_state(ck.extra["adapt"])  # continue with the batches, shares and windows it had
     server = Server(cfg, topo, st.groups, state, log, adapter)
     outcome = server.serve()
     # The state is consistent in both outcomes: a preemption ends after a checkpoint barrier,

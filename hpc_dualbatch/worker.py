@@ -285,9 +285,12 @@ def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> N
         if rep[P.Rep.STATUS] == P.Status.STOP:
             break
         round_idx = int(rep[P.Rep.ROUND])
+        # the server's share for this task (adaptive planning may cut a slow small group's):
+        # the group keeps its place in the partition and takes a prefix of its slice
+        task_shares = [*shares[: topo.group], int(rep[P.Rep.SAMPLES]), *shares[topo.group + 1 :]]
         local = trainer.train_mini_epoch(
             round_idx,
-            shares,
+            task_shares,
             resolution,
             int(rep[P.Rep.BATCH]),
             float(rep[P.Rep.LR]),

@@ -8,7 +8,17 @@ import math
 
 import pytest
 
-from hpc_dualbatch.adapt import Adapter, Obs, per_sample, replan, scale_of, small_batch_for
+from hpc_dualbatch.adapt import (
+    TOL,
+    Adapter,
+    Obs,
+    noise_of,
+    per_sample,
+    replan,
+    scale_of,
+    small_batch_for,
+    useful_batch,
+)
 from hpc_dualbatch.plan import plan_dual_batch
 from hpc_dualbatch.timing import TimeFit
 
@@ -90,9 +100,102 @@ def test_a_slower_small_group_gets_a_larger_batch_and_meets_the_target() -> None
         assert t == pytest.approx(rp.target, rel=5e-3)
 
 
-def test_a_small_group_slower_than_k_is_capped_at_B_L() -> None:
-    rp = replan(FITS[24], {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.6}, [0, 1], [2, 3], 600, D_L, 11_875, {})
-    assert rp.batches[3] == 600 and rp.capped == (3,)
+@pytest.mark.parametrize("ceiling", [None, 300])
+def test_a_small_group_slower_than_k_keeps_the_ceiling_and_trains_fewer_samples(ceiling) -> None:
+    """1.6x slower: no B_S <= B_L meets T with d_S samples. The group runs at the ceiling (B_L
+    without one) with the share that takes T there; the other small group is untouched."""
+    scales = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.6}
+    rp = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}, ceiling=ceiling)
+    top = ceiling or 600
+    assert rp.batches[3] == top and rp.capped == (3,)
+    assert rp.shares[3] == int(rp.target / (1.6 * per_sample(FITS[24], top)))
+    assert 0.5 * 11_875 < rp.shares[3] < 11_875
+    assert rp.shares[2] == 11_875 and rp.shares[0] == rp.shares[1] == D_L
+    # a share is never cut below one step
+    tiny = replan(FITS[24], {**scales, 3: 1e4}, [0, 1], [2, 3], 600, D_L, 11_875, {}, ceiling=ceiling)
+    assert tiny.shares[3] == top
+
+
+def test_useful_batch_is_where_b_l_would_save_less_than_tol() -> None:
+    # The paper's GTX 1080 fit, B_L = 560: b/a ~ 31 samples, so batches up to ~355 still buy time
+    # (Table 6's B_S at 32 px, 102-286, all below it).
+    f = FITS[32]
+    u = useful_batch(f, 560)
+    assert u == int(f.b / (TOL * f.a + (1 + TOL) * f.b / 560)) == 355
+    gain = per_sample(f, u) / per_sample(f, 560) - 1
+    assert gain >= TOL > per_sample(f, u + 1) / per_sample(f, 560) - 1
+    # A CPU-like fit, b/a = 8 samples, B_L = 256: past ~129 nothing is left to buy.
+    assert useful_batch(TimeFit(a=1e-3, b=8e-3, r2=math.nan), 256) == 128
+    assert useful_batch(TimeFit(a=1e-3, b=0.0, r2=math.nan), 256) == 1  # no per-step cost
+    assert useful_batch(TimeFit(a=0.0, b=1e-2, r2=math.nan), 256) == 248  # all per-step cost
+
+
+def test_a_group_within_the_noise_is_left_alone() -> None:
+    """A group whose predicted mini-epoch is within tol of T keeps its batch and share, even
+    where the formula would move B_S a long way (a flat time curve)."""
+    scales = {0: 1.0, 1: 1.0, 2: 1.02, 3: 1.02}
+    free = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {})
+    assert free.batches[2] > 250  # 2 % slower: the formula wants ~1.15x the plan's 230
+    kept = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}, previous={2: 230, 3: 230})
+    assert kept.batches == {0: 600, 1: 600, 2: 230, 3: 230} and kept.capped == ()
+    # an 8 % error: moved under the default band, left alone under a wider one (a noisy window)
+    slow = {**scales, 3: 1.08}
+    moved = replan(FITS[24], slow, [0, 1], [2, 3], 600, D_L, 11_875, {}, previous={2: 230, 3: 230})
+    assert moved.batches[3] == 345  # 230 * DAMP, on the way to what T needs
+    wide = replan(
+        FITS[24],
+        slow,
+        [0, 1],
+        [2, 3],
+        600,
+        D_L,
+        11_875,
+        {},
+        previous={2: 230, 3: 230},
+        tol={2: 0.03, 3: 0.10},
+    )
+    assert wide.batches[3] == 230 and wide.shares[3] == 11_875 and wide.capped == ()
+
+
+def test_a_cut_share_climbs_to_the_ceiling_and_comes_back_when_it_fits() -> None:
+    common = dict(previous={2: 230, 3: 230}, ceiling=300)
+    # cut at 230, below the ceiling: it climbs (damped, to the ceiling) and is cut anew there
+    rp = replan(
+        FITS[24],
+        {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.6},
+        [0, 1],
+        [2, 3],
+        600,
+        D_L,
+        11_875,
+        {},
+        shares={3: 7_000},
+        **common,
+    )
+    assert rp.batches[3] == 300 and rp.shares[3] == int(rp.target / (1.6 * per_sample(FITS[24], 300)))
+    # the group is fast again: within the band at its batch, and d_S fits too -> d_S
+    back = replan(
+        FITS[24],
+        dict.fromkeys(range(4), 1.0),
+        [0, 1],
+        [2, 3],
+        600,
+        D_L,
+        11_875,
+        {},
+        shares={3: 11_700},
+        **common,
+    )
+    assert back.batches[3] == 230 and back.shares[3] == 11_875 and back.capped == ()
+
+
+def test_noise_is_the_standard_error_of_the_median() -> None:
+    win = [_obs(32, 100, 5000, s) for s in (1.0, 1.1, 0.9, 1.0, 1.0)]
+    # MAD 0 (three of five equal): no spread the median sees
+    assert noise_of(FITS, win) == 0.0
+    win = [_obs(32, 100, 5000, s) for s in (1.0, 1.1, 0.9, 1.2, 0.8)]
+    assert noise_of(FITS, win) == pytest.approx(1.2533 * 1.4826 * 0.1 / math.sqrt(5))
+    assert noise_of(FITS, win[:1]) == 0.0
 
 
 def test_a_replan_moves_b_s_by_at_most_damp() -> None:
@@ -119,20 +222,22 @@ class Machine:
 
 
 @pytest.mark.parametrize(
-    ("small_a", "small_b", "slow_small", "slow_large"),
+    ("small_a", "small_b", "slow_small", "slow_large", "at_ceiling"),
     [
-        (1.0, 1.0, 1.0, 1.0),  # the profile is right
-        (1.0, 2.0, 1.0, 1.0),  # a small group pays twice the profiled per-step cost (loader, Python)
-        (1.05, 1.6, 1.0, 1.0),  # both costs off, as on another CPU (still feasible: below k)
-        (1.0, 1.0, 1.04, 1.0),  # one small group 4 % slower (below k: B_S can absorb it)
-        (1.0, 1.5, 1.0, 1.25),  # large groups 25 % slower than profiled
+        (1.0, 1.0, 1.0, 1.0, False),  # the profile is right
+        # a small group pays twice the profiled per-step cost (loader, Python): B_S stops at the
+        # useful batch (355), where the whole share is within TOL of T
+        (1.0, 2.0, 1.0, 1.0, True),
+        (1.05, 1.6, 1.0, 1.0, True),  # both costs off, as on another CPU
+        (1.0, 1.0, 1.04, 1.0, False),  # one small group 4 % slower (B_S can absorb it)
+        (1.0, 1.5, 1.0, 1.25, False),  # large groups 25 % slower than profiled
     ],
 )
 def test_replanning_converges_to_equal_mini_epoch_times(
-    small_a: float, small_b: float, slow_small: float, slow_large: float
+    small_a: float, small_b: float, slow_small: float, slow_large: float, at_ceiling: bool
 ) -> None:
     """On a machine whose small groups' costs the profile gets wrong, a few tasks of measuring
-    and re-planning make every small mini-epoch take the large groups' time (within 1 %)."""
+    and re-planning make every small mini-epoch take the large groups' time (within TOL)."""
     fit, d_S = FITS[32], 11_875
     planned = {g: {32: 560} for g in range(4)}
     static_bs = plan_dual_batch(FITS, B_L, 4, 2, 1.05, 50_000).resolutions[32].B_S
@@ -146,16 +251,40 @@ def test_replanning_converges_to_equal_mini_epoch_times(
     for task in range(8):
         ad.replan(32)
         for g, m in enumerate(machines):
-            b, share = ad.batches[g][32], D_L if g < 2 else d_S
+            b, share = ad.batches[g][32], ad.share(g, 32)
             ad.observe(g, Obs(32, b, share, m.seconds(b, share), warm=task == 0))
     ad.replan(32)
     large_t = machines[0].seconds(560, D_L)
     for g in (2, 3):
-        assert machines[g].seconds(ad.batches[g][32], d_S) == pytest.approx(large_t, rel=0.01)
+        b, share = ad.batches[g][32], ad.share(g, 32)
+        # within the dead band (a noiseless machine: TOL), B rounded
+        assert machines[g].seconds(b, share) == pytest.approx(large_t, rel=TOL + 0.005)
+        assert share == d_S and (b == useful_batch(fit, 560)) == at_ceiling, (b, share)
         # and the model now predicts what the machine does
-        assert ad.predicted(g, 32, d_S) == pytest.approx(
-            machines[g].seconds(ad.batches[g][32], d_S), rel=0.01
-        )
+        assert ad.predicted(g, 32) == pytest.approx(machines[g].seconds(b, share), rel=0.01)
+
+
+def test_a_slowed_small_group_converges_by_its_share() -> None:
+    """A small group 1.5x slower than the rest cannot finish with the large ones at any useful
+    batch: it climbs towards the ceiling and trains the share that takes T there; the other
+    keeps d_S and the plan's B_S."""
+    fit, d_S = FITS[32], 11_875
+    static_bs = plan_dual_batch(FITS, B_L, 4, 2, 1.05, 50_000).resolutions[32].B_S
+    planned = {g: {32: 560 if g < 2 else static_bs} for g in range(4)}
+    ad = Adapter({32: fit}, {32: 560}, planned, [False, False, True, True], (D_L, d_S), [1, 1, 1, 1])
+    machines = [Machine(fit, 1.0, 1.0)] * 3 + [Machine(fit, 1.0, 1.0, 1.5)]
+    for task in range(10):
+        ad.replan(32)
+        for g, m in enumerate(machines):
+            b, share = ad.batches[g][32], ad.share(g, 32)
+            ad.observe(g, Obs(32, b, share, m.seconds(b, share), warm=task == 0))
+    large_t = machines[0].seconds(560, D_L)
+    assert ad.batches[3][32] == useful_batch(fit, 560) and ad.share(3, 32) < d_S
+    assert machines[3].seconds(ad.batches[3][32], ad.share(3, 32)) == pytest.approx(large_t, rel=TOL)
+    assert ad.share(2, 32) == d_S and abs(ad.batches[2][32] - static_bs) <= 1
+    again = Adapter({32: fit}, {32: 560}, planned, [False, False, True, True], (D_L, d_S), [1, 1, 1, 1])
+    again.load_state(json.loads(json.dumps(ad.state())))
+    assert again.share(3, 32) == ad.share(3, 32) and again.predicted(3, 32) == ad.predicted(3, 32)
 
 
 def test_a_group_without_measurements_borrows_a_scale() -> None:

@@ -177,6 +177,37 @@ def test_adaptive_planning_makes_unequal_groups_finish_together(tmp_path, synthe
     assert errs and float(np.median(errs)) < 0.4, errs
 
 
+def test_a_slowed_small_group_trains_a_cut_share(tmp_path, synthetic_h5):
+    """The small group slowed 3x cannot finish with the large one at any batch that still buys
+    time: the server cuts its share (plan records say so) and the worker trains exactly the
+    share it is handed, so the two groups' mini-epochs come together."""
+    over = _adaptive_over(tmp_path, checkpoint__every_epochs=0, workers__slowdown={1: 3.0})
+    r, out = train(tmp_path, synthetic_h5, **over)
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = read_metrics(str(out / "metrics.jsonl"))
+    commits = [c for c in recs if c["type"] == "commit"]
+    d_S = json.loads((out / "plan.json").read_text())["d_S"]
+    assert any(p["capped"] == [1] for p in recs if p["type"] == "plan")
+    small = [c for c in commits if c["small"]]
+    assert small[0]["samples"] == d_S  # the first task as planned
+    # each task trained exactly a share the server handed out (single-rank groups: no step is
+    # dropped), the last a cut one
+    handed = {d_S} | {p["shares"]["1"] for p in recs if p["type"] == "plan"}
+    assert {c["samples"] for c in small} <= handed, ([c["samples"] for c in small], handed)
+    assert small[-1]["samples"] < 0.7 * d_S, [c["samples"] for c in small]
+
+    def ratio(cs: list) -> float:  # small / large mini-epoch seconds
+        return float(
+            np.median([c["seconds"] for c in cs if c["small"]])
+            / np.median([c["seconds"] for c in cs if not c["small"]])
+        )
+
+    cut_from = next(i for i, c in enumerate(commits) if c["small"] and c["samples"] < d_S)
+    first, end = ratio(commits[:cut_from]), ratio(commits[-6:])
+    trace = [(c["small"], c["batch"], c["samples"], c["seconds"]) for c in commits]
+    assert first > 1.5 and abs(np.log(end)) < 0.5 * abs(np.log(first)), (first, end, trace)
+
+
 def test_adaptive_planning_resumes_with_the_plan_state_it_had(tmp_path, synthetic_h5):
     from hpc_dualbatch import checkpoint
     from hpc_dualbatch.adapt import Adapter
@@ -210,6 +241,7 @@ def test_adaptive_planning_resumes_with_the_plan_state_it_had(tmp_path, syntheti
     after = [x for x in recs if x["type"] == "commit" and x["commit"] > ck.commits and x["small"]][0]
     ad.replan(after["resolution"])  # None when nothing was measured since the last re-plan there
     assert after["batch"] == ad.batches[1][after["resolution"]]
+    assert after["samples"] == ad.share(1, after["resolution"])
 
 
 def test_profile_as_an_mpi_job_fits_each_role(tmp_path, synthetic_h5):

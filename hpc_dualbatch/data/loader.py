@@ -45,7 +45,8 @@ def shard_indices(
 ) -> np.ndarray:
     """The sample indices rank `rank` of worker group `group` trains on in mini-epoch `round_idx`.
 
-    shares[g] is the number of samples group g processes per mini-epoch (d_L or d_S of the plan).
+    shares[g] is the number of samples group g processes per mini-epoch (d_L or d_S of the plan;
+    a group's own entry may be a share the server cut, which takes a prefix of its slice).
     partition: one permutation of all samples per (seed, round_idx); group g takes the consecutive
       slice after the shares of groups < g, wrapping around when the shares add up to more than
       num_samples (the slices are disjoint while they fit).
