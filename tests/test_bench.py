@@ -113,12 +113,13 @@ def test_all_rejects_an_unknown_suite(tmp_path):
 
 def test_promise_summary_of_a_job() -> None:
     """bench promise's numbers of one job, from hand-made records: 2 groups (0 large, 1 small),
-    3 epochs of d = 1000 samples."""
-    from hpc_dualbatch.bench.promise import epoch_seconds, job_summary
+    4 epochs of d = 1000 samples."""
+    from hpc_dualbatch.bench.promise import epoch_seconds, job_summary, rate_epoch_seconds
 
     def commit(i: int, wall: float, small: bool, seconds: float, batch: int, predicted=None) -> dict:
         rec = {"type": "commit", "commit": i, "wall": wall, "small": small, "seconds": seconds,
-               "samples": 450 if small else 550, "batch": batch, "resolution": 28}  # fmt: skip
+               "group": int(small), "samples": 450 if small else 550, "batch": batch,
+               "resolution": 28}  # fmt: skip
         return rec if predicted is None else {**rec, "predicted": predicted}
 
     recs = [
@@ -126,17 +127,22 @@ def test_promise_summary_of_a_job() -> None:
         commit(3, 10.0, True, 4.0, 24, 4.4), commit(4, 11.0, False, 4.0, 64, 4.0),
         {"type": "plan"},
         commit(5, 14.0, True, 4.2, 25, 4.2), commit(6, 15.5, False, 4.4, 64, 4.4),
+        commit(7, 20.0, True, 4.0, 25, 4.0), commit(8, 23.5, False, 4.4, 64, 4.4),
     ]  # fmt: skip
-    assert epoch_seconds([r for r in recs if r["type"] == "commit"], 2) == [5.0, 4.5]
+    assert epoch_seconds([r for r in recs if r["type"] == "commit"], 2) == [5.0, 4.5, 8.0]
     plan = {"n_small": 1, "d_S": 450, "resolutions": {"28": {"t_small": 4.0, "t_large": 4.0}}}
     s = job_summary(recs, plan, 2, 1000)
-    assert s["epoch_s_median"] == 4.75
-    assert s["small_over_large"] == pytest.approx(4.1 / 4.2, abs=1e-4)
+    # group cycles from the end of epoch 1: large 11.0, 15.5, 23.5 -> median 6.25 s; small 6.0,
+    # 10.0, 14.0, 20.0 -> 4.0 s; epoch at those rates: 2 / (1/6.25 + 1/4)
+    assert rate_epoch_seconds([r for r in recs if r["type"] == "commit"], 2) == pytest.approx(2 / 0.41)
+    assert s["epoch_s_rate"] == pytest.approx(2 / 0.41, abs=1e-3)
+    assert rate_epoch_seconds([r for r in recs if r["type"] == "commit"][:3], 2) is None  # one commit of g0
+    assert s["small_over_large"] == pytest.approx(4.0 / 4.4, abs=1e-4)
     assert s["small_sample_share"] == 0.45 and s["planned_small_share"] == 0.45
     assert s["batches_small"] == [24, 25] and s["plan_changes"] == 1
-    assert s["predicted_abs_err_median"] == pytest.approx(0.0)  # errors 0.1, 0, 0, 0
+    assert s["predicted_abs_err_median"] == pytest.approx(0.0)  # errors 0.1, 0, 0, 0, 0, 0
     static = job_summary([{k: v for k, v in r.items() if k != "predicted"} for r in recs], plan, 2, 1000)
-    # static: the plan's 4.0 s against 4.0, 4.0, 4.2, 4.4
+    # static: the plan's 4.0 s against 4.0, 4.0, 4.2, 4.4, 4.0, 4.4
     assert static["predicted_abs_err_median"] == pytest.approx((1 - 4.0 / 4.2 + 0) / 2, abs=1e-4)
 
 
