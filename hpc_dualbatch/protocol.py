@@ -88,7 +88,7 @@ class Rep(IntEnum):  # field positions in a reply header
     LR = 1
     RESOLUTION = 2
     BATCH = 3  # the group's batch (split across its ranks)
-    SAMPLES = 4  # the group's samples this mini-epoch
+    SAMPLES = 4  # the group's samples this mini-epoch: d_L, d_S or a share adaptive planning cut
     EPOCH = 5  # global progress, commits / n_groups
     COMMITS = 6
     ROUND = 7  # the group's mini-epoch counter for this task (seeds its data order)
