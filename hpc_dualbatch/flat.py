@@ -12,6 +12,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .model import build_model
+
+
+def initial_weights(arch: str, classes: int, channels: int, width: int, seed: int) -> tuple[np.ndarray, int]:
+    """A run's initial flat weights and their number of parameters, from its seed: the same for
+    the parameter server and the synchronous baseline, so both start from one model."""
+    torch.manual_seed(seed)
+    flat = FlatModel(build_model(arch, classes, channels, width))
+    return flat.weights(), flat.n_params
+
 
 class FlatModel:
     def __init__(self, model: nn.Module) -> None:

@@ -16,20 +16,23 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as C
+from .flat import initial_weights
 from .metrics import MetricsLog, Progress
+from .runfolder import finish
 from .schedule import lr_at, stage_at
 from .topology import Topology, init_horovod
 from .worker import GroupTrainer, SignalFlag, reduce_stats
 
 
 def run_sync(st: Any, topo: Topology) -> None:
-    from .train import _finish, initial_weights
 
     cfg, comm = st.cfg, topo.group_comm
     hvd = init_horovod(topo)
     flag = SignalFlag()
     trainer = GroupTrainer(cfg, st.staged, hvd, topo, comm)
-    weights, _ = initial_weights(cfg, st.staged)
+    weights, _ = initial_weights(
+        cfg.model.arch, st.staged.num_classes, st.staged.channels, cfg.model.width, cfg.seed
+    )
     momentum = np.zeros(trainer.flat.n_params, np.float32)
     counters = np.zeros(2, np.float64)  # epochs done, elapsed seconds
     ck = st.ckpt
@@ -138,4 +141,4 @@ def run_sync(st: Any, topo: Topology) -> None:
         wall = elapsed + time.perf_counter() - t0
         log.write({"type": "end", "state": state, "commits": epoch, "wall": round(wall, 3)})
         log.close()
-        _finish(cfg, state, epoch, wall, path)
+        finish(cfg, state, epoch, wall, path)

@@ -10,15 +10,13 @@ import pytest
 
 from hpc_dualbatch.config import load_config
 from hpc_dualbatch.errors import PlanError
+from hpc_dualbatch.profile import largest_fitting, measure_step_times, profile
 from hpc_dualbatch.timing import (
     TimeFit,
     fit_linear,
-    largest_fitting,
     load_timing,
     load_timing_large_batch,
     load_timing_meta,
-    measure_step_times,
-    profile,
     save_timing,
     step_time,
     time_per_samples,

@@ -83,11 +83,12 @@ def _limit_worker(config_path: str, result_path: str) -> int:
 
     from ..config import load_config
     from ..data import open_staged
+    from ..flat import initial_weights
     from ..plan import plan_from_config
     from ..protocol import Backoff
     from ..schedule import stage_for_commit
     from ..topology import build_topology, init_horovod
-    from ..train import group_specs, initial_weights
+    from ..train import group_specs
     from ..worker import GroupTrainer
 
     cfg = load_config(config_path)
@@ -102,7 +103,9 @@ def _limit_worker(config_path: str, result_path: str) -> int:
     t0 = time.perf_counter()
     hvd = init_horovod(topo)
     trainer = GroupTrainer(cfg, staged, hvd, topo, topo.group_comm)
-    weights, _ = initial_weights(cfg, staged)
+    weights, _ = initial_weights(
+        cfg.model.arch, staged.num_classes, staged.channels, cfg.model.width, cfg.seed
+    )
     trainer.flat.load_weights(weights)
     g, n = topo.group, cfg.n_groups
     shares = [s.share for s in specs]
