@@ -169,17 +169,10 @@ def _cpu_name() -> str:
 def _model_shape(cfg: Any, channels: int, classes: int) -> tuple[int, int, str]:
     """(channels, classes, source): from the staged data file when it exists, else the flags."""
     if cfg.data.path and os.path.isfile(cfg.data.path):
-        try:
-            from .data import open_staged  # written by the data engineer; optional here
-        except ImportError:
-            return channels, classes, "flags (hpc_dualbatch.data not available)"
+        from .data import open_staged
+
         ds = open_staged(cfg.data.path)
-        try:
-            return int(ds.channels), int(ds.num_classes), f"staged file {cfg.data.path}"
-        finally:
-            close = getattr(ds, "close", None)
-            if close:
-                close()
+        return int(ds.channels), int(ds.num_classes), f"staged file {cfg.data.path}"
     return channels, classes, "flags"
 
 
