@@ -25,6 +25,7 @@ whole, valid records and marks what is missing with a gap record; it never pads 
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import sys
@@ -86,6 +87,72 @@ REQUIRED = {
 
 
 NUMERIC = {"commit", "group", "samples", "seconds", "epoch", "test_loss", "test_acc", "wall"}
+
+
+def commit_record(
+    *,
+    commit: int,
+    epoch: float,
+    group: int,
+    round: int,
+    small: bool,
+    samples: int,
+    seconds: float,
+    train_loss: float,
+    train_acc: float,
+    lr: float,
+    resolution: int,
+    batch: int,
+    wall: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One mini-epoch's record (server and sync alike): what `report` and `summarize` read,
+    then what only one mode has (the server's wait, prediction and merge diagnostics), wall
+    last. Seconds are rounded to 0.1 ms, wall to 1 ms."""
+    return {
+        "type": "commit",
+        "commit": commit,
+        "epoch": epoch,
+        "group": group,
+        "round": round,  # the group's mini-epoch count (the builtin is shadowed here)
+        "small": small,
+        "samples": samples,
+        "seconds": builtins.round(seconds, 4),
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "lr": lr,
+        "resolution": resolution,
+        "batch": batch,
+        **extra,
+        "wall": builtins.round(wall, 3),
+    }
+
+
+def eval_record(
+    *,
+    epoch: float,
+    group: int,
+    test_loss: float,
+    test_acc: float,
+    samples: int,
+    seconds: float,
+    resolution: int,
+    wall: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One evaluation of the global model on the test split (server and sync alike)."""
+    return {
+        "type": "eval",
+        "epoch": epoch,
+        "group": group,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "samples": samples,
+        "seconds": round(seconds, 4),
+        "resolution": resolution,
+        **extra,
+        "wall": round(wall, 3),
+    }
 
 
 def _number(v: Any) -> bool:

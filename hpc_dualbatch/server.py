@@ -42,7 +42,7 @@ from . import protocol as P
 from .adapt import Adapter, Obs
 from .config import Config
 from .merge import delta_weight, distance, merge_delta, merge_paper
-from .metrics import MetricsLog, Progress
+from .metrics import MetricsLog, Progress, commit_record, eval_record
 from .schedule import lr_at, stage_for_commit
 
 
@@ -257,25 +257,24 @@ class Server:
             seconds = float(h[P.Req.SECONDS])
             self.adapter.observe(g, Obs(res, batch, int(h[P.Req.SAMPLES]), seconds, g not in self.started))
         self.started.add(g)
-        rec = {
-            "type": "commit",
-            "commit": s.commits,
-            "epoch": s.commits / self.n,
-            "group": g,
-            "round": int(h[P.Req.ROUND]),
-            "small": self.groups[g].small,
-            "samples": int(h[P.Req.SAMPLES]),
-            "seconds": round(float(h[P.Req.SECONDS]), 4),
-            "wait": round(float(h[P.Req.WAIT]), 4),
-            "train_loss": float(h[P.Req.LOSS]),
-            "train_acc": float(h[P.Req.ACC]),
-            "lr": lr,
-            "resolution": res,
-            "batch": batch,
+        rec = commit_record(
+            commit=s.commits,
+            epoch=s.commits / self.n,
+            group=g,
+            round=int(h[P.Req.ROUND]),
+            small=self.groups[g].small,
+            samples=int(h[P.Req.SAMPLES]),
+            seconds=float(h[P.Req.SECONDS]),
+            train_loss=float(h[P.Req.LOSS]),
+            train_acc=float(h[P.Req.ACC]),
+            lr=lr,
+            resolution=res,
+            batch=batch,
+            wall=self.wall(),
+            wait=round(float(h[P.Req.WAIT]), 4),
             **({"predicted": round(predicted, 4)} if predicted is not None else {}),
             **d,
-            "wall": round(self.wall(), 3),
-        }
+        )
         self.log.write(rec)
         self.progress.line(
             f"epoch {s.commits / self.n:7.2f}/{self.cfg.schedule.epochs} commit {s.commits}/{self.total} "
@@ -301,19 +300,18 @@ class Server:
             self.final_buffers = bufs
         if g in self.stopped:
             self.evals_due -= 1
-        rec = {
-            "type": "eval",
-            "epoch": float(h[P.Req.EVAL_EPOCH]),
-            "group": g,
-            "test_loss": float(h[P.Req.EVAL_LOSS]),
-            "test_acc": float(h[P.Req.EVAL_ACC]),
-            "samples": int(h[P.Req.EVAL_SAMPLES]),
-            "seconds": round(float(h[P.Req.EVAL_SECONDS]), 4),
-            "resolution": int(h[P.Req.EVAL_RESOLUTION]),
-            "bn": self.cfg.server.bn,
-            "bn_seconds": round(float(h[P.Req.EVAL_BN_SECONDS]), 4),
-            "wall": round(self.wall(), 3),
-        }
+        rec = eval_record(
+            epoch=float(h[P.Req.EVAL_EPOCH]),
+            group=g,
+            test_loss=float(h[P.Req.EVAL_LOSS]),
+            test_acc=float(h[P.Req.EVAL_ACC]),
+            samples=int(h[P.Req.EVAL_SAMPLES]),
+            seconds=float(h[P.Req.EVAL_SECONDS]),
+            resolution=int(h[P.Req.EVAL_RESOLUTION]),
+            wall=self.wall(),
+            bn=self.cfg.server.bn,
+            bn_seconds=round(float(h[P.Req.EVAL_BN_SECONDS]), 4),
+        )
         self.log.write(rec)
         self.progress.line(
             f"epoch {rec['epoch']:7.2f} test loss {rec['test_loss']:.4f} acc {rec['test_acc']:.4f} "

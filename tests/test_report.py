@@ -67,3 +67,24 @@ def test_unfinished_or_missing_runs_are_refused(tmp_path):
         load_run(str(tmp_path))
     with pytest.raises(DataError, match="has not finished"):
         load_run(fake_run(tmp_path / "x-s1", [0.5], 1.0, state="preempted"))
+
+
+def test_record_builders_round_once_and_pass_the_reader(tmp_path):
+    """The server and the sync loop build their records here; what they write, `report` reads."""
+    from hpc_dualbatch.metrics import commit_record, eval_record, read_metrics
+
+    c = commit_record(
+        commit=3, epoch=0.75, group=2, round=0, small=True, samples=7375, seconds=11.88891,
+        train_loss=1.09, train_acc=0.58, lr=0.055, resolution=20, batch=115, wall=15.43449,
+        wait=0.0, staleness=2,
+    )  # fmt: skip
+    assert c["seconds"] == 11.8889 and c["wall"] == 15.434
+    assert list(c)[0] == "type" and list(c)[-1] == "wall" and c["staleness"] == 2
+    e = eval_record(
+        epoch=1.0, group=2, test_loss=0.838, test_acc=0.6973, samples=10000, seconds=6.98684,
+        resolution=20, wall=24.7474, bn="recalibrate",
+    )  # fmt: skip
+    assert (e["type"], e["seconds"], e["wall"], e["bn"]) == ("eval", 6.9868, 24.747, "recalibrate")
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(c) + "\n" + json.dumps(e) + "\n")
+    assert read_metrics(str(path)) == [c, e]
