@@ -57,7 +57,7 @@ def profile_job(cfg: Any, sizes: dict[int, list[int]], steps: int, repeats: int)
 
     from .data import open_staged
     from .topology import build_topology, init_horovod
-    from .worker import GroupTrainer
+    from .worker import group_trainer
 
     world = MPI.COMM_WORLD
     topo = build_topology(cfg.workers.groups, True, world)
@@ -91,7 +91,7 @@ def profile_job(cfg: Any, sizes: dict[int, list[int]], steps: int, repeats: int)
         }
         return large_fits, small_fits, meta
     hvd = init_horovod(topo)
-    trainer = GroupTrainer(cfg, open_staged(cfg.data.path), hvd, topo, topo.group_comm)
+    trainer = group_trainer(cfg, open_staged(cfg.data.path), topo, hvd, topo.group_comm)
     times: dict[tuple[int, int], list[float]] = {}
     round_idx = 0
     for res in res_list:

@@ -21,7 +21,7 @@ from .metrics import MetricsLog, Progress, commit_record, eval_record
 from .runfolder import finish
 from .schedule import lr_at, stage_at
 from .topology import Topology, init_horovod
-from .worker import GroupTrainer, SignalFlag, reduce_stats
+from .worker import SignalFlag, group_trainer, reduce_stats
 
 
 def run_sync(st: Any, topo: Topology) -> None:
@@ -29,7 +29,7 @@ def run_sync(st: Any, topo: Topology) -> None:
     cfg, comm = st.cfg, topo.group_comm
     hvd = init_horovod(topo)
     flag = SignalFlag()
-    trainer = GroupTrainer(cfg, st.staged, hvd, topo, comm)
+    trainer = group_trainer(cfg, st.staged, topo, hvd, comm)
     weights, _ = initial_weights(
         cfg.model.arch, st.staged.num_classes, st.staged.channels, cfg.model.width, cfg.seed
     )

@@ -89,7 +89,7 @@ def _limit_worker(config_path: str, result_path: str) -> int:
     from ..schedule import stage_for_commit
     from ..topology import build_topology, init_horovod
     from ..train import group_specs
-    from ..worker import GroupTrainer
+    from ..worker import group_trainer
 
     cfg = load_config(config_path)
     world = MPI.COMM_WORLD
@@ -102,7 +102,7 @@ def _limit_worker(config_path: str, result_path: str) -> int:
     back.wait(world.Ibarrier())  # MPI: start together (the PS clock starts here too)
     t0 = time.perf_counter()
     hvd = init_horovod(topo)
-    trainer = GroupTrainer(cfg, staged, hvd, topo, topo.group_comm)
+    trainer = group_trainer(cfg, staged, topo, hvd, topo.group_comm)
     weights, _ = initial_weights(
         cfg.model.arch, staged.num_classes, staged.channels, cfg.model.width, cfg.seed
     )
