@@ -211,13 +211,3 @@ def load_timing_meta(path: str) -> dict[str, Any]:
     """The free-form `meta` block of a timing file (device, threads, clock, ...)."""
     meta = _read_doc(path).get("meta", {})
     return meta if isinstance(meta, dict) else {}
-
-
-def load_timing_large_batch(path: str) -> dict[int, int]:
-    """B_L per resolution as recorded by `profile` (informative; the planner uses the config's)."""
-    doc = _read_doc(path)
-    return {
-        int(r): int(e["large_batch"])
-        for r, e in doc["resolutions"].items()
-        if isinstance(e, dict) and isinstance(e.get("large_batch"), int)
-    }
