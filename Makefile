@@ -35,8 +35,8 @@ lint: setup
 	$(VENV)/bin/ruff check hpc_dualbatch tests
 	$(VENV)/bin/ruff format --check hpc_dualbatch tests
 
-# HDB_REQUIRE_GROUPS=1: a skipped Horovod, MPI or (where it can run) Slurm test fails the run
-# (tests/conftest.py), so "all passed" means every group ran.
+# HDB_REQUIRE_GROUPS=1: a test skipped for want of Horovod or mpi4py, or of a Slurm that was
+# installed before the run, counts as failed (tests/conftest.py): "all passed" means every group ran.
 test-serial: setup
 	HDB_REQUIRE_GROUPS=1 timeout -k 10 $(SERIAL_TIMEOUT) $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
 

@@ -91,7 +91,7 @@ def profile_job(cfg: Any, sizes: dict[int, list[int]], steps: int, repeats: int)
         }
         return large_fits, small_fits, meta
     hvd = init_horovod(topo)
-    trainer = group_trainer(cfg, open_staged(cfg.data.path), topo, hvd, topo.group_comm)
+    trainer = group_trainer(cfg, open_staged(cfg.data.path), topo, hvd)
     times: dict[tuple[int, int], list[float]] = {}
     round_idx = 0
     for res in res_list:

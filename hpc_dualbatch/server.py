@@ -261,7 +261,7 @@ class Server:
             commit=s.commits,
             epoch=s.commits / self.n,
             group=g,
-            round=int(h[P.Req.ROUND]),
+            round_idx=int(h[P.Req.ROUND]),
             small=self.groups[g].small,
             samples=int(h[P.Req.SAMPLES]),
             seconds=float(h[P.Req.SECONDS]),
@@ -271,8 +271,8 @@ class Server:
             resolution=res,
             batch=batch,
             wall=self.wall(),
-            wait=round(float(h[P.Req.WAIT]), 4),
-            **({"predicted": round(predicted, 4)} if predicted is not None else {}),
+            wait=float(h[P.Req.WAIT]),
+            predicted=predicted,
             **d,
         )
         self.log.write(rec)
@@ -310,7 +310,7 @@ class Server:
             resolution=int(h[P.Req.EVAL_RESOLUTION]),
             wall=self.wall(),
             bn=self.cfg.server.bn,
-            bn_seconds=round(float(h[P.Req.EVAL_BN_SECONDS]), 4),
+            bn_seconds=float(h[P.Req.EVAL_BN_SECONDS]),
         )
         self.log.write(rec)
         self.progress.line(

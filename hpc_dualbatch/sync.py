@@ -25,14 +25,11 @@ from .worker import SignalFlag, group_trainer, reduce_stats
 
 
 def run_sync(st: Any, topo: Topology) -> None:
-
     cfg, comm = st.cfg, topo.group_comm
     hvd = init_horovod(topo)
     flag = SignalFlag()
-    trainer = group_trainer(cfg, st.staged, topo, hvd, comm)
-    weights, _ = initial_weights(
-        cfg.model.arch, st.staged.num_classes, st.staged.channels, cfg.model.width, cfg.seed
-    )
+    trainer = group_trainer(cfg, st.staged, topo, hvd)
+    weights, _ = initial_weights(cfg, st.staged)
     momentum = np.zeros(trainer.flat.n_params, np.float32)
     counters = np.zeros(2, np.float64)  # epochs done, elapsed seconds
     ck = st.ckpt
@@ -95,7 +92,7 @@ def run_sync(st: Any, topo: Topology) -> None:
                     commit=epoch + 1,
                     epoch=epoch + 1,
                     group=0,
-                    round=epoch,
+                    round_idx=epoch,
                     small=False,
                     samples=s.samples,
                     seconds=s.seconds,

@@ -143,9 +143,7 @@ def run_server(st: Setup, topo: Any) -> str:
     from .server import Server, ServerState
 
     cfg, ck = st.cfg, st.ckpt
-    weights, n_params = initial_weights(
-        cfg.model.arch, st.staged.num_classes, st.staged.channels, cfg.model.width, cfg.seed
-    )
+    weights, n_params = initial_weights(cfg, st.staged)
     if ck is not None:
         if ck.weights.shape != weights.shape or ck.momentum.shape[1] != n_params:
             raise CheckpointError(

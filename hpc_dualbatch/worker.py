@@ -21,8 +21,10 @@ from .topology import Topology
 from .trainer import GroupTrainer, MiniEpochStats
 
 
-def group_trainer(cfg: Config, staged: Any, topo: Topology, hvd: Any, comm: Any) -> GroupTrainer:
-    """A GroupTrainer whose gradients Horovod averages over `comm` (hvd was initialised on it)."""
+def group_trainer(cfg: Config, staged: Any, topo: Topology, hvd: Any) -> GroupTrainer:
+    """A GroupTrainer whose gradients Horovod averages over the rank's group (hvd was
+    initialised on topo.group_comm: topology.init_horovod)."""
+    comm = topo.group_comm
 
     def wrap(opt: Any, named_parameters: Any) -> Any:
         return hvd.DistributedOptimizer(opt, named_parameters=named_parameters)  # Horovod: group allreduce
@@ -62,7 +64,7 @@ def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> N
 
     hvd = init_horovod(topo)
     flag = SignalFlag()
-    trainer = group_trainer(cfg, staged, topo, hvd, topo.group_comm)
+    trainer = group_trainer(cfg, staged, topo, hvd)
     back = P.Backoff(cfg.server.poll_min_s, cfg.server.poll_max_s)
     world, gcomm, n_p = topo.world, topo.group_comm, trainer.flat.n_params
     rep = np.zeros(P.HDR_LEN, np.float64)

@@ -102,10 +102,8 @@ def _limit_worker(config_path: str, result_path: str) -> int:
     back.wait(world.Ibarrier())  # MPI: start together (the PS clock starts here too)
     t0 = time.perf_counter()
     hvd = init_horovod(topo)
-    trainer = group_trainer(cfg, staged, topo, hvd, topo.group_comm)
-    weights, _ = initial_weights(
-        cfg.model.arch, staged.num_classes, staged.channels, cfg.model.width, cfg.seed
-    )
+    trainer = group_trainer(cfg, staged, topo, hvd)
+    weights, _ = initial_weights(cfg, staged)
     trainer.flat.load_weights(weights)
     g, n = topo.group, cfg.n_groups
     shares = [s.share for s in specs]
