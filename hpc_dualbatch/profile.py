@@ -380,10 +380,6 @@ def _run_job(cfg: Any, args: argparse.Namespace, world: Any) -> int:
         return sizes
 
     sizes = agree(world, check)
-    if cfg.threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
     out = profile_job(cfg, sizes, max(1, args.steps), args.repeats)
     if out is not None:
         fits, small, meta = out

@@ -36,7 +36,7 @@ class Topology:
     group_size: int
     leaders: tuple[int, ...]  # world rank of each group's leader
     local_rank: int  # rank among the processes on this node (GPU choice)
-    local_size: int  # processes on this node (torch threads per rank, train.py)
+    local_size: int  # processes on this node (threads_per_rank)
 
     @property
     def is_server(self) -> bool:
@@ -149,6 +149,12 @@ def build_topology(groups: list[int], with_server: bool, world: Any = None) -> T
         local_rank,
         local_size,
     )
+
+
+def threads_per_rank(topo: Topology, configured: int) -> int:
+    """Torch threads of this rank: config key `threads`, or (0) the cores this process may use
+    divided by the ranks on this node, at least 1, so that ranks do not oversubscribe cores."""
+    return configured if configured > 0 else max(1, len(os.sched_getaffinity(0)) // topo.local_size)
 
 
 def init_horovod(topo: Topology) -> Any:

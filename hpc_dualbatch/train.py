@@ -196,21 +196,17 @@ def run_server(st: Setup, topo: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from mpi4py import MPI
 
-    from .topology import build_topology
+    from .topology import build_topology, threads_per_rank
 
     world = MPI.COMM_WORLD
     st = agree(world, lambda: setup(args, world))
     if world.Get_rank() == 0:
         F.bind_run_files(st.cfg.out, st.staged, st.ckpt)
     topo = agree(world, lambda: build_topology(st.cfg.workers.groups, st.cfg.mode == "ps", world))
-    if st.cfg.threads:
-        import torch
-
-        torch.set_num_threads(st.cfg.threads)
-    else:
-        _default_threads(topo)
+    torch.set_num_threads(threads_per_rank(topo, st.cfg.threads))
     if st.cfg.mode == "sync":
         from .sync import run_sync
 
@@ -223,13 +219,6 @@ def run(args: argparse.Namespace) -> int:
         run_worker(st.cfg, topo, st.staged, [g.share for g in st.groups])
     world.Barrier()  # MPI: all ranks leave together; the server has already written status.json
     return 0
-
-
-def _default_threads(topo: Any) -> None:
-    """Torch threads per rank = cores / ranks on this node (at least 1): ranks must not oversubscribe."""
-    import torch
-
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // topo.local_size))
 
 
 def register(sub: Any) -> None:
