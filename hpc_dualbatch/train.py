@@ -140,7 +140,8 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
 def run_server(st: Setup, topo: Any) -> str:
     from .flat import initial_weights
     from .metrics import MetricsLog
-    from .server import Server, ServerState
+    from .server import ParameterServer, ServerState
+    from .server_loop import serve
 
     cfg, ck = st.cfg, st.ckpt
     weights, n_params = initial_weights(cfg, st.staged)
@@ -175,8 +176,8 @@ def run_server(st: Setup, topo: Any) -> str:
     adapter = make_adapter(cfg, st.plan, st.groups)
     if adapter is not None and ck is not None and "adapt" in ck.extra:
         adapter.load_state(ck.extra["adapt"])  # continue with the batches, shares and windows it had
-    server = Server(cfg, topo, st.groups, state, log, adapter)
-    outcome = server.serve()
+    server = ParameterServer(cfg, st.groups, state, log, adapter)
+    outcome = serve(server, topo)
     # The state is consistent in both outcomes: a preemption ends after a checkpoint barrier,
     # and a finished run has committed every task. Saving also covers a signal that came
     # before any commit, so a requeued job always finds a checkpoint to resume from.
