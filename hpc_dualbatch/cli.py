@@ -13,7 +13,7 @@ import sys
 COMMANDS = (
     "hpc_dualbatch.info",
     "hpc_dualbatch.data.stage",
-    "hpc_dualbatch.timing",
+    "hpc_dualbatch.profile",
     "hpc_dualbatch.plan",
     "hpc_dualbatch.train",
     "hpc_dualbatch.report",

@@ -8,9 +8,23 @@ is None. The momentum vector follows the parameters in the same order.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .model import build_model
+
+
+def initial_weights(cfg: Any, staged: Any) -> tuple[np.ndarray, int]:
+    """A run's initial flat weights and their number of parameters, from its seed (`cfg`: the
+    run's Config, `staged`: its StagedData): the same for the parameter server and the
+    synchronous baseline, so both start from one model."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.arch, staged.num_classes, staged.channels, cfg.model.width)
+    flat = FlatModel(model)
+    return flat.weights(), flat.n_params
 
 
 class FlatModel:

@@ -2,9 +2,10 @@
 
 Record types (field `type`):
     commit  one mini-epoch pushed by a group: group, round, samples, seconds (training),
-            wait (seconds in the task's mid-task exchanges), train_loss, train_acc, lr,
-            resolution, batch, epoch (commits / n_groups), commit, wall; on the server also
-            the push's merge diagnostics: merge (merges so far), staleness (merges by other
+            train_loss, train_acc, lr, resolution, batch, epoch (commits / n_groups), commit,
+            wall; on the server also wait (seconds in the task's mid-task exchanges),
+            predicted (the adaptive plan's seconds for the task, where it has a fit) and the
+            push's merge diagnostics: merge (merges so far), staleness (merges by other
             pushes since the group's pull), distance (||pushed - global|| of the parameters
             before the merge), scale (the weight the merge gave the push)
     merge   a push inside a task (server.push_every): group, round, merge, staleness,
@@ -86,6 +87,82 @@ REQUIRED = {
 
 
 NUMERIC = {"commit", "group", "samples", "seconds", "epoch", "test_loss", "test_acc", "wall"}
+
+
+def commit_record(
+    *,
+    commit: int,
+    epoch: float,
+    group: int,
+    round_idx: int,
+    small: bool,
+    samples: int,
+    seconds: float,
+    train_loss: float,
+    train_acc: float,
+    lr: float,
+    resolution: int,
+    batch: int,
+    wall: float,
+    wait: float | None = None,
+    predicted: float | None = None,
+    **merge: Any,
+) -> dict[str, Any]:
+    """One mini-epoch's record, for the server and the sync loop alike: the fields `report`
+    and `summarize` read, then the server's own (wait, predicted, the merge diagnostics), wall
+    last. Seconds are rounded to 0.1 ms, wall to 1 ms."""
+    rec = {
+        "type": "commit",
+        "commit": commit,
+        "epoch": epoch,
+        "group": group,
+        "round": round_idx,
+        "small": small,
+        "samples": samples,
+        "seconds": round(seconds, 4),
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "lr": lr,
+        "resolution": resolution,
+        "batch": batch,
+    }
+    if wait is not None:
+        rec["wait"] = round(wait, 4)
+    if predicted is not None:
+        rec["predicted"] = round(predicted, 4)
+    return {**rec, **merge, "wall": round(wall, 3)}
+
+
+def eval_record(
+    *,
+    epoch: float,
+    group: int,
+    test_loss: float,
+    test_acc: float,
+    samples: int,
+    seconds: float,
+    resolution: int,
+    wall: float,
+    bn: str | None = None,
+    bn_seconds: float | None = None,
+) -> dict[str, Any]:
+    """One evaluation of the global model on the test split (server and sync alike; the server
+    adds its `server.bn` mode and the seconds a recalibration took)."""
+    rec = {
+        "type": "eval",
+        "epoch": epoch,
+        "group": group,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "samples": samples,
+        "seconds": round(seconds, 4),
+        "resolution": resolution,
+    }
+    if bn is not None:
+        rec["bn"] = bn
+    if bn_seconds is not None:
+        rec["bn_seconds"] = round(bn_seconds, 4)
+    return {**rec, "wall": round(wall, 3)}
 
 
 def _number(v: Any) -> bool:

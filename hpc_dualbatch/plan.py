@@ -399,13 +399,7 @@ def samples_per_epoch(cfg: Any, override: int | None = None) -> int:
     if cfg.data.path and os.path.isfile(cfg.data.path):
         from .data import open_staged
 
-        ds = open_staged(cfg.data.path)
-        try:
-            return int(ds.num_samples("train"))
-        finally:
-            close = getattr(ds, "close", None)
-            if close:
-                close()
+        return int(open_staged(cfg.data.path).num_samples("train"))
     raise PlanError(
         f"samples per epoch unknown: data file '{cfg.data.path}' does not exist and "
         "plan.samples_per_epoch is 0; pass --samples D, set plan.samples_per_epoch, or stage the data"

@@ -53,14 +53,16 @@ def role_fits(points: dict[int, dict[int, dict[int, float]]], small: list[bool])
 
 def profile_job(cfg: Any, sizes: dict[int, list[int]], steps: int, repeats: int) -> Any:
     """Run on every rank of the job. Returns (large fits, small fits, meta) on rank 0, else None."""
+    import torch
     from mpi4py import MPI
 
     from .data import open_staged
-    from .topology import build_topology, init_horovod
-    from .worker import GroupTrainer
+    from .topology import build_topology, init_horovod, threads_per_rank
+    from .worker import group_trainer
 
     world = MPI.COMM_WORLD
     topo = build_topology(cfg.workers.groups, True, world)
+    torch.set_num_threads(threads_per_rank(topo, cfg.threads))  # as `train` sets them
     res_list = list(cfg.schedule.resolutions)
     n_points = sum(len(sizes[r]) for r in res_list)
     back = P.Backoff(cfg.server.poll_min_s, cfg.server.poll_max_s)
@@ -91,7 +93,7 @@ def profile_job(cfg: Any, sizes: dict[int, list[int]], steps: int, repeats: int)
         }
         return large_fits, small_fits, meta
     hvd = init_horovod(topo)
-    trainer = GroupTrainer(cfg, open_staged(cfg.data.path), hvd, topo, topo.group_comm)
+    trainer = group_trainer(cfg, open_staged(cfg.data.path), topo, hvd)
     times: dict[tuple[int, int], list[float]] = {}
     round_idx = 0
     for res in res_list:

@@ -1,6 +1,9 @@
-"""The asynchronous parameter server (rank 0).
+"""The asynchronous parameter server's state and decisions (rank 0), free of MPI.
 
-It holds the global weights as one flat float32 buffer and serves the group
+`ParameterServer` is told what arrived (a group's hello, push or evaluation, with its
+header and buffers) and answers with the replies to send (`Outgoing`); the driver
+(`server_loop.serve`) owns every receive and send, the signals and the wait. It holds
+the global weights as one flat float32 buffer and serves the group
 leaders' requests (protocol in `protocol.py`) as they arrive (`order:
 arrival`), or in the fixed order 0, 1, ..., n-1, 0, ... (`order:
 round_robin`, bit-for-bit reproducible).
@@ -28,21 +31,18 @@ resumed `round_robin` run ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import math
-import resource
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-from mpi4py import MPI
 
 from . import checkpoint as C
 from . import protocol as P
 from .adapt import Adapter, Obs
 from .config import Config
 from .merge import delta_weight, distance, merge_delta, merge_paper
-from .metrics import MetricsLog, Progress
+from .metrics import MetricsLog, Progress, commit_record, eval_record
 from .schedule import lr_at, stage_for_commit
 
 
@@ -79,24 +79,33 @@ class ServerState:
     resumed: bool = False
 
 
-class Server:
+@dataclass
+class Outgoing:
+    """One reply to a group's leader, sent in this order: header (P.Rep), the global
+    parameters, the BN buffers, then the group's momentum where the header says HAS_STATE.
+    The arrays are views of the server's state: send them before the next merge."""
+
+    group: int
+    header: np.ndarray
+    params: np.ndarray
+    buffers: np.ndarray
+    momentum: np.ndarray | None = None
+
+
+class ParameterServer:
     def __init__(
         self,
         cfg: Config,
-        topo: Any,
         groups: list[GroupSpec],
         state: ServerState,
         log: MetricsLog,
         adapter: Adapter | None = None,
     ) -> None:
-        self.cfg, self.topo, self.groups, self.s, self.log = cfg, topo, groups, state, log
+        self.cfg, self.groups, self.s, self.log = cfg, groups, state, log
         self.adapter = adapter if adapter is not None and adapter.active else None
         self.started: set[int] = set()  # groups that committed in this process: warm-up is behind them
         self.n = len(groups)
         self.total = cfg.schedule.epochs * self.n
-        self.back = P.Backoff(cfg.server.poll_min_s, cfg.server.poll_max_s)
-        self.hdr = np.zeros(P.HDR_LEN, np.float64)
-        self.wbuf = np.empty_like(state.weights)
         self.n_params = state.momentum.shape[1]
         self.f_sum = sum(g.factor for g in groups)
         self.ref = next((g for g in groups if not g.small), groups[0])  # push pace: a large group
@@ -119,17 +128,13 @@ class Server:
         self.task_stage: dict[int, tuple[float, int, int, float | None]] = {}
         self.t0 = time.perf_counter()
         self.progress = Progress()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.preempt = signum
+        self.cpu_seconds = self.serve_seconds = 0.0  # the driver's account of its serving (end record)
 
     def wall(self) -> float:
         return self.s.elapsed + time.perf_counter() - self.t0
 
     # --- replies -------------------------------------------------------------
-    def _reply(self, g: int, status: P.Status) -> None:
+    def _reply(self, g: int, status: P.Status) -> Outgoing:
         s, spec = self.s, self.groups[g]
         rep = P.reply(status)
         # server.stage_by: the schedule position of this task: tasks handed out so far, or commits
@@ -156,14 +161,13 @@ class Server:
                 self.evals_due += 1
         has_state = g in self.send_state
         rep[P.Rep.HAS_STATE] = 1 if has_state else 0
-        dest = self.topo.leaders[g]
-        world = self.topo.world
-        self._send_weights(g, rep)
+        out = self._with_weights(g, rep)
         if has_state:
-            world.Send(s.momentum[g], dest=dest, tag=P.TAG_OPT)  # PS: the group's momentum (resume)
+            out.momentum = s.momentum[g]  # the group's momentum (resume)
             self.send_state.discard(g)
         if status == P.Status.STOP:
             self.stopped.add(g)
+        return out
 
     def _adapt(self, g: int, res: int) -> float | None:
         """plan.adaptive: re-plan the small groups at `res` from the measured mini-epochs, set
@@ -195,27 +199,27 @@ class Server:
             )
         return ad.predicted(g, res)
 
-    def _send_weights(self, g: int, rep: np.ndarray) -> None:
-        s, world, dest, n_p = self.s, self.topo.world, self.topo.leaders[g], self.n_params
+    def _with_weights(self, g: int, rep: np.ndarray) -> Outgoing:
+        """A reply carrying the global weights (group g's own BN buffers under bn: local); a
+        reply that lets the group train records what it pulled (the delta rule's base)."""
+        s, n_p = self.s, self.n_params
         bufs = s.group_buffers[g] if self.cfg.server.bn == "local" else s.weights[n_p:]
-        world.Send(rep, dest=dest, tag=P.TAG_REP)  # PS: reply header
-        world.Send(s.weights[:n_p], dest=dest, tag=P.TAG_W)  # PS: global parameters
-        world.Send(bufs, dest=dest, tag=P.TAG_BN)  # PS: BN buffers
         if rep[P.Rep.STATUS] != P.Status.STOP:
             self.pulled_at[g] = s.merges
             if self.pulled is not None:
                 self.pulled[g] = s.weights[:n_p]
+        return Outgoing(g, rep, s.weights[:n_p], bufs)
 
-    def _answer(self, g: int) -> None:
+    def answer(self, g: int) -> Outgoing:
+        """The reply to a hello or a commit: the next task (RUN), or STOP once every task is out."""
         issued = sum(self.s.rounds)
-        self._reply(g, P.Status.RUN if issued < self.total and not self.preempt else P.Status.STOP)
+        return self._reply(g, P.Status.RUN if issued < self.total and not self.preempt else P.Status.STOP)
 
     # --- requests ------------------------------------------------------------
-    def _merge(self, g: int, src: int) -> dict[str, float]:
-        """Receive group g's weights and fold them into the global ones; returns diagnostics."""
+    def _merge(self, g: int, wbuf: np.ndarray) -> dict[str, float]:
+        """Fold group g's pushed weights `wbuf` into the global ones; returns diagnostics."""
         s, n_p, cfg = self.s, self.n_params, self.cfg.server
-        P.recv(self.topo.world, self.wbuf, src, P.TAG_W, self.back)  # PS: the group's weights
-        w, wi, f = s.weights[:n_p], self.wbuf[:n_p], self.groups[g].factor
+        w, wi, f = s.weights[:n_p], wbuf[:n_p], self.groups[g].factor
         staleness = s.merges - self.pulled_at[g]
         dist = distance(wi, w)
         if cfg.merge == "delta":
@@ -225,31 +229,33 @@ class Server:
             a = f / (1.0 + f)
             merge_paper(w, wi, f)
         if cfg.bn == "local":
-            s.group_buffers[g] = self.wbuf[n_p:]
+            s.group_buffers[g] = wbuf[n_p:]
         else:
-            merge_paper(s.weights[n_p:], self.wbuf[n_p:], f)
+            merge_paper(s.weights[n_p:], wbuf[n_p:], f)
         s.merges += 1
         return {"merge": s.merges, "staleness": staleness, "distance": round(dist, 6), "scale": round(a, 6)}
 
-    def _on_merge(self, g: int, src: int) -> None:
-        """A push inside a task: merge, log, answer CONTINUE with the merged weights."""
-        d = self._merge(g, src)
+    def on_merge(self, g: int, h: np.ndarray, wbuf: np.ndarray) -> Outgoing:
+        """A push inside a task (header h, weights wbuf): merge, log, answer CONTINUE with the
+        merged weights."""
+        d = self._merge(g, wbuf)
         self.log.write(
             {
                 "type": "merge",
                 "group": g,
-                "round": int(self.hdr[P.Req.ROUND]),
+                "round": int(h[P.Req.ROUND]),
                 **d,
                 "wall": round(self.wall(), 3),
             }
         )
-        self._send_weights(g, P.reply(P.Status.CONTINUE))
+        return self._with_weights(g, P.reply(P.Status.CONTINUE))
 
-    def _on_push(self, g: int, src: int) -> None:
+    def on_push(self, g: int, h: np.ndarray, wbuf: np.ndarray) -> list[Outgoing]:
+        """A push that ends a task (a commit): merge, log, then the reply, or none while the
+        group is parked at a checkpoint barrier (`barrier_full`, `checkpoint`)."""
         s = self.s
-        d = self._merge(g, src)
+        d = self._merge(g, wbuf)
         s.commits += 1
-        h = self.hdr
         if h[P.Req.PREEMPT] and not self.preempt:
             self.preempt = signal.SIGTERM
         lr, res, batch, predicted = self.task_stage.get(g, (0.0, 0, 0, None))
@@ -257,25 +263,24 @@ class Server:
             seconds = float(h[P.Req.SECONDS])
             self.adapter.observe(g, Obs(res, batch, int(h[P.Req.SAMPLES]), seconds, g not in self.started))
         self.started.add(g)
-        rec = {
-            "type": "commit",
-            "commit": s.commits,
-            "epoch": s.commits / self.n,
-            "group": g,
-            "round": int(h[P.Req.ROUND]),
-            "small": self.groups[g].small,
-            "samples": int(h[P.Req.SAMPLES]),
-            "seconds": round(float(h[P.Req.SECONDS]), 4),
-            "wait": round(float(h[P.Req.WAIT]), 4),
-            "train_loss": float(h[P.Req.LOSS]),
-            "train_acc": float(h[P.Req.ACC]),
-            "lr": lr,
-            "resolution": res,
-            "batch": batch,
-            **({"predicted": round(predicted, 4)} if predicted is not None else {}),
+        rec = commit_record(
+            commit=s.commits,
+            epoch=s.commits / self.n,
+            group=g,
+            round_idx=int(h[P.Req.ROUND]),
+            small=self.groups[g].small,
+            samples=int(h[P.Req.SAMPLES]),
+            seconds=float(h[P.Req.SECONDS]),
+            train_loss=float(h[P.Req.LOSS]),
+            train_acc=float(h[P.Req.ACC]),
+            lr=lr,
+            resolution=res,
+            batch=batch,
+            wall=self.wall(),
+            wait=float(h[P.Req.WAIT]),
+            predicted=predicted,
             **d,
-            "wall": round(self.wall(), 3),
-        }
+        )
         self.log.write(rec)
         self.progress.line(
             f"epoch {s.commits / self.n:7.2f}/{self.cfg.schedule.epochs} commit {s.commits}/{self.total} "
@@ -289,51 +294,47 @@ class Server:
             self.barrier = True
         if self.barrier:
             self.parked.append(g)
-            self._maybe_checkpoint()
-        else:
-            self._answer(g)
+            return []
+        return [self.answer(g)]
 
-    def _on_eval(self, g: int, src: int) -> None:
-        h = self.hdr
-        bufs = np.empty(self.s.weights.size - self.n_params, np.float32)
-        P.recv(self.topo.world, bufs, src, P.TAG_BN, self.back)  # PS: the BN buffers it evaluated with
+    def on_eval(self, g: int, h: np.ndarray, bufs: np.ndarray) -> None:
+        """An evaluation result (header h) and the BN buffers it was made with."""
         if float(h[P.Req.EVAL_EPOCH]) == self.cfg.schedule.epochs:
             self.final_buffers = bufs
         if g in self.stopped:
             self.evals_due -= 1
-        rec = {
-            "type": "eval",
-            "epoch": float(h[P.Req.EVAL_EPOCH]),
-            "group": g,
-            "test_loss": float(h[P.Req.EVAL_LOSS]),
-            "test_acc": float(h[P.Req.EVAL_ACC]),
-            "samples": int(h[P.Req.EVAL_SAMPLES]),
-            "seconds": round(float(h[P.Req.EVAL_SECONDS]), 4),
-            "resolution": int(h[P.Req.EVAL_RESOLUTION]),
-            "bn": self.cfg.server.bn,
-            "bn_seconds": round(float(h[P.Req.EVAL_BN_SECONDS]), 4),
-            "wall": round(self.wall(), 3),
-        }
+        rec = eval_record(
+            epoch=float(h[P.Req.EVAL_EPOCH]),
+            group=g,
+            test_loss=float(h[P.Req.EVAL_LOSS]),
+            test_acc=float(h[P.Req.EVAL_ACC]),
+            samples=int(h[P.Req.EVAL_SAMPLES]),
+            seconds=float(h[P.Req.EVAL_SECONDS]),
+            resolution=int(h[P.Req.EVAL_RESOLUTION]),
+            wall=self.wall(),
+            bn=self.cfg.server.bn,
+            bn_seconds=float(h[P.Req.EVAL_BN_SECONDS]),
+        )
         self.log.write(rec)
         self.progress.line(
             f"epoch {rec['epoch']:7.2f} test loss {rec['test_loss']:.4f} acc {rec['test_acc']:.4f} "
             f"({rec['resolution']}px, wall {rec['wall']:.0f}s)"
         )
 
-    def _maybe_checkpoint(self) -> None:
+    def barrier_full(self) -> bool:
+        """Every active group is parked at the barrier: collect their momentum into
+        `s.momentum[g]` for g in `parked`, then call `checkpoint`."""
         active = [g for g in range(self.n) if g not in self.stopped]
-        if sorted(self.parked) != sorted(active):
-            return
-        s, world = self.s, self.topo.world
-        for g in self.parked:  # every parked leader sends its group's momentum
-            world.Send(P.reply(P.Status.SEND_STATE), dest=self.topo.leaders[g], tag=P.TAG_REP)  # PS
-            P.recv(world, s.momentum[g], self.topo.leaders[g], P.TAG_OPT, self.back)  # PS: momentum
+        return bool(self.parked) and sorted(self.parked) == sorted(active)
+
+    def checkpoint(self) -> list[Outgoing]:
+        """Write the checkpoint of a full barrier and release the parked groups."""
         self.save()
         parked, self.parked, self.barrier = self.parked, [], False
-        for g in sorted(parked):
-            self._answer(g)
+        replies = [self.answer(g) for g in sorted(parked)]
         # A resumed run restarts with HELLOs from groups 0, 1, ...: so does the round-robin order here.
         self.next_rr = 0
+        return replies
 
     def save(self, final: bool = False) -> str:
         """Write a checkpoint of the training state. `final`: the run is done, so the saved
@@ -364,48 +365,25 @@ class Server:
             keep=self.cfg.checkpoint.keep,
         )
 
-    # --- main loop -------------------------------------------------------------
-    def serve(self) -> str:
-        """Serve until every group has been told STOP and its last evaluation is in.
+    # --- what the driver asks ----------------------------------------------------
+    def serving(self) -> bool:
+        """Until every group has been told STOP and its last evaluation is in."""
+        return len(self.stopped) < self.n or self.evals_due > 0
 
-        Returns "done" or "preempted".
-        """
-        world = self.topo.world
-        cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-        while len(self.stopped) < self.n or self.evals_due > 0:
-            if self.preempt and not self.barrier and len(self.stopped) < self.n:
-                self.barrier = True  # a signal: checkpoint at the next pushes, then stop
-            if self.cfg.server.order == "round_robin" and len(self.stopped) < self.n:
-                while self.next_rr in self.stopped or self.next_rr in self.parked:
-                    self.next_rr = (self.next_rr + 1) % self.n
-                src = self.topo.leaders[self.next_rr]
-            else:
-                src = MPI.ANY_SOURCE
-            status = P.recv(world, self.hdr, src, P.TAG_REQ, self.back)  # PS: next request header
-            g = int(self.hdr[P.Req.GROUP])
-            kind = int(self.hdr[P.Req.KIND])
-            if kind == P.Kind.EVAL:
-                self._on_eval(g, status.Get_source())
-                continue
-            if self.cfg.server.order == "round_robin":
-                self.next_rr = (g + 1) % self.n
-            if kind == P.Kind.HELLO:
-                self._answer(g)
-            elif kind == P.Kind.MERGE:
-                self._on_merge(g, status.Get_source())
-            elif kind == P.Kind.PUSH:
-                self._on_push(g, status.Get_source())
-            else:
-                raise RuntimeError(f"protocol error: request kind {kind} from rank {status.Get_source()}")
-        # The server's own CPU use while serving: it must sleep, not spin, while it waits.
-        self.cpu_seconds, self.serve_seconds = _cpu_seconds() - cpu0, time.perf_counter() - wall0
-        self.progress.line(
-            f"server: {self.s.commits} commits in {self.wall():.1f}s; server CPU "
-            f"{self.cpu_seconds / max(self.serve_seconds, 1e-9):.3f} s per wall second"
-        )
+    def next_group(self) -> int | None:
+        """Under `order: round_robin` the group whose request is served next; None: any."""
+        if self.preempt and not self.barrier and len(self.stopped) < self.n:
+            self.barrier = True  # a signal: checkpoint at the next pushes, then stop
+        if self.cfg.server.order != "round_robin" or len(self.stopped) == self.n:
+            return None
+        while self.next_rr in self.stopped or self.next_rr in self.parked:
+            self.next_rr = (self.next_rr + 1) % self.n
+        return self.next_rr
+
+    def served(self, g: int, kind: int) -> None:
+        """A request of group g of this kind is being served (round robin moves on past g)."""
+        if kind != P.Kind.EVAL and self.cfg.server.order == "round_robin":
+            self.next_rr = (g + 1) % self.n
+
+    def outcome(self) -> str:
         return "preempted" if self.preempt and self.s.commits < self.total else "done"
-
-
-def _cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime

@@ -16,19 +16,19 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as C
-from .metrics import MetricsLog, Progress
+from .flat import initial_weights
+from .metrics import MetricsLog, Progress, commit_record, eval_record
+from .runfolder import finish
 from .schedule import lr_at, stage_at
 from .topology import Topology, init_horovod
-from .worker import GroupTrainer, SignalFlag, reduce_stats
+from .worker import SignalFlag, group_trainer, reduce_stats
 
 
 def run_sync(st: Any, topo: Topology) -> None:
-    from .train import _finish, initial_weights
-
     cfg, comm = st.cfg, topo.group_comm
     hvd = init_horovod(topo)
     flag = SignalFlag()
-    trainer = GroupTrainer(cfg, st.staged, hvd, topo, comm)
+    trainer = group_trainer(cfg, st.staged, topo, hvd)
     weights, _ = initial_weights(cfg, st.staged)
     momentum = np.zeros(trainer.flat.n_params, np.float32)
     counters = np.zeros(2, np.float64)  # epochs done, elapsed seconds
@@ -88,35 +88,33 @@ def run_sync(st: Any, topo: Topology) -> None:
         wall = elapsed + time.perf_counter() - t0
         if log is not None:
             log.write(
-                {
-                    "type": "commit",
-                    "commit": epoch + 1,
-                    "epoch": epoch + 1,
-                    "group": 0,
-                    "round": epoch,
-                    "small": False,
-                    "samples": s.samples,
-                    "seconds": round(s.seconds, 4),
-                    "train_loss": s.loss_sum / max(s.samples, 1),
-                    "train_acc": s.correct / max(s.samples, 1),
-                    "lr": stage.lr,
-                    "resolution": stage.resolution,
-                    "batch": batch,
-                    "wall": round(wall, 3),
-                }
+                commit_record(
+                    commit=epoch + 1,
+                    epoch=epoch + 1,
+                    group=0,
+                    round_idx=epoch,
+                    small=False,
+                    samples=s.samples,
+                    seconds=s.seconds,
+                    train_loss=s.loss_sum / max(s.samples, 1),
+                    train_acc=s.correct / max(s.samples, 1),
+                    lr=stage.lr,
+                    resolution=stage.resolution,
+                    batch=batch,
+                    wall=wall,
+                )
             )
             log.write(
-                {
-                    "type": "eval",
-                    "epoch": epoch + 1,
-                    "group": 0,
-                    "test_loss": loss,
-                    "test_acc": acc,
-                    "samples": n,
-                    "seconds": round(secs, 4),
-                    "resolution": stage.resolution,
-                    "wall": round(wall, 3),
-                }
+                eval_record(
+                    epoch=epoch + 1,
+                    group=0,
+                    test_loss=loss,
+                    test_acc=acc,
+                    samples=n,
+                    seconds=secs,
+                    resolution=stage.resolution,
+                    wall=wall,
+                )
             )
             progress.line(
                 f"epoch {epoch + 1}/{cfg.schedule.epochs} {stage.resolution}px batch {batch} "
@@ -138,4 +136,4 @@ def run_sync(st: Any, topo: Topology) -> None:
         wall = elapsed + time.perf_counter() - t0
         log.write({"type": "end", "state": state, "commits": epoch, "wall": round(wall, 3)})
         log.close()
-        _finish(cfg, state, epoch, wall, path)
+        finish(cfg, state, epoch, wall, path)

@@ -36,6 +36,7 @@ class Topology:
     group_size: int
     leaders: tuple[int, ...]  # world rank of each group's leader
     local_rank: int  # rank among the processes on this node (GPU choice)
+    local_size: int  # processes on this node (threads_per_rank)
 
     @property
     def is_server(self) -> bool:
@@ -130,11 +131,11 @@ def build_topology(groups: list[int], with_server: bool, world: Any = None) -> T
     color = MPI.UNDEFINED if group < 0 else group
     group_comm = world.Split(color, rank)  # MPI: collective on COMM_WORLD
     local = world.Split_type(MPI.COMM_TYPE_SHARED, rank)  # MPI: ranks sharing this node
-    local_rank = local.Get_rank()
+    local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
     leaders = tuple(layout.index(g) for g in range(len(groups)))
     if group < 0:
-        return Topology(world, rank, size, "server", -1, None, 0, 0, leaders, local_rank)
+        return Topology(world, rank, size, "server", -1, None, 0, 0, leaders, local_rank, local_size)
     return Topology(
         world,
         rank,
@@ -146,7 +147,14 @@ def build_topology(groups: list[int], with_server: bool, world: Any = None) -> T
         group_comm.Get_size(),
         leaders,
         local_rank,
+        local_size,
     )
+
+
+def threads_per_rank(topo: Topology, configured: int) -> int:
+    """Torch threads of this rank: config key `threads`, or (0) the cores this process may use
+    divided by the ranks on this node, at least 1, so that ranks do not oversubscribe cores."""
+    return configured if configured > 0 else max(1, len(os.sched_getaffinity(0)) // topo.local_size)
 
 
 def init_horovod(topo: Topology) -> Any:

@@ -5,15 +5,12 @@
 
 Output folder (`out`): config.yaml (resolved), plan.json, command.txt, metrics.jsonl,
 checkpoints/ckpt-<commits>.npz, status.json (state done | preempted, final and best test
-accuracy). A folder holding a checkpoint is refused unless `--resume` names it; one whose
-run stopped before its first checkpoint starts over at commit 0 (see `_prepare_out`); a lock
-file keeps two jobs out of one folder.
+accuracy). What a folder may already hold: runfolder.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import shlex
 import sys
@@ -23,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from . import runfolder as F
 from .atomic import write_json
 from .config import Config, load_config, save_config
-from .errors import CheckpointError, ConfigError, OutputError
+from .errors import CheckpointError, ConfigError
 from .launch import agree
 
 
@@ -99,85 +97,6 @@ def make_adapter(cfg: Config, plan: Any, groups: list) -> Any:
     )
 
 
-def _write_failed(what: str, e: OSError) -> OutputError:
-    return OutputError(f"cannot write {what}: {e.strerror or e}; choose a writable folder with --set out=...")
-
-
-def _prepare_out(cfg: Config, resume: bool, staged: Any = None) -> tuple[Any, Any]:
-    """Rank 0: lock the output folder, refuse to overwrite a run, find the checkpoint to resume.
-
-    What a folder holds decides, for a fresh command and for --resume alike:
-      nothing (or only config.yaml)        start at commit 0
-      metrics, no checkpoint               the run stopped before its first checkpoint: start
-                                           over at commit 0 (old records kept aside), and say so
-      checkpoint (+ metrics)               --resume continues it; a fresh command is refused
-    """
-    from . import checkpoint as C
-
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise ConfigError(
-            f"config key 'out' is '{cfg.out}', which is a file; it must be a folder (new, or a run "
-            f"folder): choose another with --set out=..."
-        )
-    try:
-        os.makedirs(cfg.out, exist_ok=True)
-        lock = open(os.path.join(cfg.out, ".lock"), "w")
-    except OSError as e:
-        raise _write_failed(f"output folder {cfg.out}", e) from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise ConfigError(f"output folder {cfg.out} is in use by another run (lock {lock.name})") from None
-    metrics = os.path.join(cfg.out, "metrics.jsonl")
-    path = C.latest(cfg.out)
-    if path is None:
-        if os.path.exists(metrics):
-            _set_aside(cfg.out, metrics)
-        elif resume:
-            print(
-                f"hpc-dualbatch: {cfg.out} has no checkpoint yet: starting the run from commit 0", flush=True
-            )
-        return lock, None
-    if not resume:
-        if os.path.exists(metrics):
-            raise ConfigError(
-                f"output folder {cfg.out} already holds a run ({metrics}); continue it with "
-                f"--resume {cfg.out} or choose another folder (--set out=...)"
-            )
-        raise ConfigError(
-            f"output folder {cfg.out} holds a run's checkpoints ({path}) but no metrics.jsonl; "
-            f"continue that run with --resume {cfg.out} (the lost records are marked as a gap), or "
-            f"choose another folder (--set out=...)"
-        )
-    ck = C.load(path)
-    C.check_compatible(path, ck.config, cfg.to_dict())
-    if staged is not None:
-        C.check_same_data(path, ck.data, staged.fingerprint(), cfg.data.path)
-    return lock, ck
-
-
-def _set_aside(out: str, metrics: str) -> None:
-    """A folder with metrics but no checkpoint: the run stopped before its first checkpoint
-    (a crash, a full disk). Nothing can be continued, so it starts over; the old records are
-    kept under another name, where `report` does not read them."""
-    n = 1
-    while os.path.exists(os.path.join(out, f"metrics-stopped-{n}.jsonl")):
-        n += 1
-    aside = os.path.join(out, f"metrics-stopped-{n}.jsonl")
-    try:
-        os.replace(metrics, aside)
-        status = os.path.join(out, "status.json")
-        if os.path.exists(status):
-            os.replace(status, os.path.join(out, f"status-stopped-{n}.json"))
-    except OSError as e:
-        raise _write_failed(f"output folder {out}", e) from None
-    print(
-        f"hpc-dualbatch: {out} holds metrics but no checkpoint (the run stopped before its first "
-        f"checkpoint): starting it from commit 0; the old records are kept in {aside}",
-        flush=True,
-    )
-
-
 def setup(args: argparse.Namespace, world: Any) -> Setup:
     from .data import open_staged
     from .plan import plan_from_config
@@ -200,7 +119,7 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
     groups = group_specs(cfg, plan)
     lock = ck = None
     if world.Get_rank() == 0:
-        lock, ck = _prepare_out(cfg, bool(args.resume), staged)
+        lock, ck = F.prepare_out(cfg, bool(args.resume), staged)
         if ck is not None and ck.momentum.shape[0] != cfg.n_groups:
             raise CheckpointError(
                 f"checkpoint in {cfg.out} has {ck.momentum.shape[0]} groups, config {cfg.n_groups}"
@@ -214,43 +133,15 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
                     f"{shlex.join(['hpc-dualbatch', *sys.argv[1:]])}\n"
                 )
         except OSError as e:
-            raise _write_failed(f"the run's files in {cfg.out}", e) from None
+            raise F.write_failed(f"the run's files in {cfg.out}", e) from None
     return Setup(cfg, staged, plan, groups, ck, lock)
 
 
-def summarize(metrics_path: str) -> dict[str, Any]:
-    from .metrics import read_metrics
-
-    recs = read_metrics(metrics_path)
-    evals = [r for r in recs if r["type"] == "eval"]
-    gaps = [r for r in recs if r["type"] == "gap"]
-    missing = {"metrics_gaps": len(gaps)} if gaps else {}  # records lost in a crash (see metrics.py)
-    if not evals:
-        return {"final_test_acc": None, "best_test_acc": None, **missing}
-    return {
-        **missing,
-        "final_test_acc": evals[-1]["test_acc"],
-        "best_test_acc": max(e["test_acc"] for e in evals),
-        "final_test_loss": evals[-1]["test_loss"],
-        "epochs_evaluated": len(evals),
-    }
-
-
-def initial_weights(cfg: Config, staged: Any) -> tuple[np.ndarray, int]:
-    """The run's initial weights from its seed (identical for the PS and the sync baseline)."""
-    import torch
-
-    from .flat import FlatModel
-    from .model import build_model
-
-    torch.manual_seed(cfg.seed)
-    flat = FlatModel(build_model(cfg.model.arch, staged.num_classes, staged.channels, cfg.model.width))
-    return flat.weights(), flat.n_params
-
-
 def run_server(st: Setup, topo: Any) -> str:
+    from .flat import initial_weights
     from .metrics import MetricsLog
-    from .server import Server, ServerState
+    from .server import ParameterServer, ServerState
+    from .server_loop import serve
 
     cfg, ck = st.cfg, st.ckpt
     weights, n_params = initial_weights(cfg, st.staged)
@@ -285,8 +176,8 @@ def run_server(st: Setup, topo: Any) -> str:
     adapter = make_adapter(cfg, st.plan, st.groups)
     if adapter is not None and ck is not None and "adapt" in ck.extra:
         adapter.load_state(ck.extra["adapt"])  # continue with the batches, shares and windows it had
-    server = Server(cfg, topo, st.groups, state, log, adapter)
-    outcome = server.serve()
+    server = ParameterServer(cfg, st.groups, state, log, adapter)
+    outcome = serve(server, topo)
     # The state is consistent in both outcomes: a preemption ends after a checkpoint barrier,
     # and a finished run has committed every task. Saving also covers a signal that came
     # before any commit, so a requeued job always finds a checkpoint to resume from.
@@ -302,48 +193,21 @@ def run_server(st: Setup, topo: Any) -> str:
         }
     )
     log.close()
-    return _finish(cfg, outcome, state.commits, server.wall(), path)
-
-
-def _finish(cfg: Config, outcome: str, commits: int, wall: float, ckpt_path: str | None) -> str:
-    summary = summarize(os.path.join(cfg.out, "metrics.jsonl"))
-    status = {
-        "state": outcome,
-        "commits": commits,
-        "wall_seconds": round(wall, 3),
-        "checkpoint": ckpt_path,
-        **summary,
-    }
-    try:
-        write_json(os.path.join(cfg.out, "status.json"), status)
-    except OSError as e:
-        raise _write_failed(f"{cfg.out}/status.json", e) from None
-    final, best = summary["final_test_acc"], summary["best_test_acc"]
-    accs = "n/a" if final is None else f"{100 * final:.2f} % (best {100 * best:.2f} %)"
-    print(
-        f"run {outcome}: {commits} commits, {wall:.1f}s of training, final test accuracy {accs}; "
-        f"results in {cfg.out}",
-        flush=True,
-    )
-    return outcome
+    return F.finish(cfg, outcome, state.commits, server.wall(), path)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from mpi4py import MPI
 
-    from .topology import build_topology
+    from .topology import build_topology, threads_per_rank
 
     world = MPI.COMM_WORLD
     st = agree(world, lambda: setup(args, world))
     if world.Get_rank() == 0:
-        _bind_run_files(st)
+        F.bind_run_files(st.cfg.out, st.staged, st.ckpt)
     topo = agree(world, lambda: build_topology(st.cfg.workers.groups, st.cfg.mode == "ps", world))
-    if st.cfg.threads:
-        import torch
-
-        torch.set_num_threads(st.cfg.threads)
-    else:
-        _default_threads()
+    torch.set_num_threads(threads_per_rank(topo, st.cfg.threads))
     if st.cfg.mode == "sync":
         from .sync import run_sync
 
@@ -356,38 +220,6 @@ def run(args: argparse.Namespace) -> int:
         run_worker(st.cfg, topo, st.staged, [g.share for g in st.groups])
     world.Barrier()  # MPI: all ranks leave together; the server has already written status.json
     return 0
-
-
-def _bind_run_files(st: Setup) -> None:
-    """Rank 0, after every rank agreed to start: checkpoints keep the data's fingerprint, and on a
-    resume metrics.jsonl is cut back to the checkpoint (records lost in a crash become a gap)."""
-    from . import checkpoint as C
-    from .metrics import repair
-
-    C.bind_data(st.staged.fingerprint())
-    ck = st.ckpt
-    if ck is None:
-        return
-    path = os.path.join(st.cfg.out, "metrics.jsonl")
-    ck.metrics_offset, gap = repair(path, ck.metrics_offset, ck.commits)
-    if gap is not None:
-        print(
-            f"hpc-dualbatch: warning: {path}: {gap['reason']} ({gap['missing_bytes']} bytes of records "
-            f"up to commit {gap['up_to_commit']} are lost, after commit {gap['after_commit']}); "
-            f"continuing from the checkpoint with a 'gap' record in their place",
-            flush=True,
-        )
-
-
-def _default_threads() -> None:
-    """Torch threads per rank = cores / ranks on this node (at least 1): ranks must not oversubscribe."""
-    import torch
-    from mpi4py import MPI
-
-    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)  # MPI: ranks on this node
-    n_local = local.Get_size()
-    local.Free()
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // n_local))
 
 
 def register(sub: Any) -> None:

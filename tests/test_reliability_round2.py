@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from hpc_dualbatch import checkpoint as C
+from hpc_dualbatch import runfolder as F
 from hpc_dualbatch import train as T
 from hpc_dualbatch.config import config_from_dict, load_config
 from hpc_dualbatch.data import SyntheticSpec, TrainLoader, open_staged, prepare
@@ -86,7 +87,7 @@ def test_folder_with_metrics_but_no_checkpoint_starts_over(tmp_path, synthetic_h
     """A crash (or a full disk) before the first checkpoint: both commands start at commit 0."""
     out, cfg = run_folder(tmp_path, synthetic_h5)
     (out / "metrics.jsonl").write_bytes(lines(commit(1), commit(2)) + b'{"type":"comm')
-    lock, ck = T._prepare_out(cfg, resume)
+    lock, ck = F.prepare_out(cfg, resume)
     lock.close()
     assert ck is None
     said = capsys.readouterr().out
@@ -98,7 +99,7 @@ def test_folder_with_metrics_but_no_checkpoint_starts_over(tmp_path, synthetic_h
 def test_resume_of_a_folder_without_any_checkpoint_starts_at_commit_0(tmp_path, synthetic_h5, capsys):
     out, _ = run_folder(tmp_path, synthetic_h5)
     write_config(out / "config.yaml", tiny_config(synthetic_h5, out))
-    lock, ck = T._prepare_out(T._config(args(resume=str(out))), True)
+    lock, ck = F.prepare_out(T._config(args(resume=str(out))), True)
     lock.close()
     assert ck is None and "has no checkpoint yet: starting the run from commit 0" in capsys.readouterr().out
 
@@ -107,7 +108,7 @@ def test_fresh_run_in_a_folder_with_checkpoints_but_no_metrics_is_refused(tmp_pa
     out, cfg = run_folder(tmp_path, synthetic_h5)
     path = fake_checkpoint(out, cfg)
     with pytest.raises(ConfigError, match=rf"holds a run's checkpoints \({re.escape(path)}\) but no metrics"):
-        T._prepare_out(cfg, False)
+        F.prepare_out(cfg, False)
     assert os.listdir(out / "checkpoints") == [os.path.basename(path)]  # nothing touched
 
 
@@ -160,7 +161,7 @@ def test_status_counts_the_gaps(tmp_path):
     repair(str(path), 100, commits=4)
     with open(path, "ab") as f:
         f.write(lines({"type": "eval", "epoch": 3.0, "test_loss": 1.0, "test_acc": 0.25, "wall": 2.0}))
-    assert T.summarize(str(path))["metrics_gaps"] == 1
+    assert F.summarize(str(path))["metrics_gaps"] == 1
 
 
 # --- 4: identity and operational keys; data compared by content --------------------------------
@@ -222,7 +223,7 @@ def test_resume_checks_the_data_fingerprint_saved_with_the_checkpoint(tmp_path, 
     (out / "metrics.jsonl").write_bytes(b"")
     assert C.load(path).data["train_samples"] == 300
     with pytest.raises(CheckpointError, match="train_samples: checkpoint 300, now 2000"):
-        T._prepare_out(cfg, True, open_staged(synthetic_h5))
+        F.prepare_out(cfg, True, open_staged(synthetic_h5))
 
 
 # --- 5: the staged file changes under a running job ---------------------------------------------
@@ -452,7 +453,7 @@ def test_unusable_output_folder_is_a_message(tmp_path, synthetic_h5, monkeypatch
         "read-only": "Read-only file system",
     }
     with pytest.raises(err, match=text[kind]):
-        T._prepare_out(cfg, False)
+        F.prepare_out(cfg, False)
 
 
 def test_empty_out_is_refused():

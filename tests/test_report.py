@@ -67,3 +67,31 @@ def test_unfinished_or_missing_runs_are_refused(tmp_path):
         load_run(str(tmp_path))
     with pytest.raises(DataError, match="has not finished"):
         load_run(fake_run(tmp_path / "x-s1", [0.5], 1.0, state="preempted"))
+
+
+def test_record_builders_round_once_and_pass_the_reader(tmp_path):
+    """The server and the sync loop build their records here; what they write, `report` reads."""
+    from hpc_dualbatch.metrics import commit_record, eval_record, read_metrics
+
+    c = commit_record(
+        commit=3, epoch=0.75, group=2, round_idx=0, small=True, samples=7375, seconds=11.88891,
+        train_loss=1.09, train_acc=0.58, lr=0.055, resolution=20, batch=115, wall=15.43449,
+        wait=0.12345, predicted=7.05921, staleness=2,
+    )  # fmt: skip
+    assert (c["seconds"], c["wait"], c["predicted"], c["wall"]) == (11.8889, 0.1235, 7.0592, 15.434)
+    assert list(c)[0] == "type" and list(c)[-1] == "wall" and c["staleness"] == 2 and c["round"] == 0
+    sync = commit_record(
+        commit=1, epoch=1, group=0, round_idx=0, small=False, samples=100, seconds=1.0,
+        train_loss=1.0, train_acc=0.5, lr=0.1, resolution=28, batch=64, wall=2.0,
+    )  # fmt: skip
+    assert "wait" not in sync and "predicted" not in sync  # the server's own fields
+    e = eval_record(
+        epoch=1.0, group=2, test_loss=0.838, test_acc=0.6973, samples=10000, seconds=6.98684,
+        resolution=20, wall=24.7474, bn="recalibrate", bn_seconds=2.30981,
+    )  # fmt: skip
+    assert (e["type"], e["seconds"], e["wall"], e["bn"], e["bn_seconds"]) == (
+        "eval", 6.9868, 24.747, "recalibrate", 2.3098,
+    )  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(c) + "\n" + json.dumps(e) + "\n")
+    assert read_metrics(str(path)) == [c, e]

@@ -14,7 +14,7 @@ from hpc_dualbatch.merge import delta_weight, distance, merge_delta
 from hpc_dualbatch.merge import merge_paper as merge
 from hpc_dualbatch.plan import contribution_factor
 from hpc_dualbatch.server import pushes_per_task
-from hpc_dualbatch.worker import bn_indices, part_ends, rank_batches
+from hpc_dualbatch.trainer import bn_indices, part_ends, rank_batches
 
 
 @pytest.mark.parametrize(

@@ -10,15 +10,12 @@ import pytest
 
 from hpc_dualbatch.config import load_config
 from hpc_dualbatch.errors import PlanError
+from hpc_dualbatch.profile import largest_fitting, measure_step_times, profile
 from hpc_dualbatch.timing import (
     TimeFit,
     fit_linear,
-    largest_fitting,
     load_timing,
-    load_timing_large_batch,
     load_timing_meta,
-    measure_step_times,
-    profile,
     save_timing,
     step_time,
     time_per_samples,
@@ -64,8 +61,8 @@ def test_round_trip(tmp_path) -> None:
     got = load_timing(path, [24, 32])
     assert got[24] == fits[24]
     assert got[32].a == fits[32].a and got[32].b == fits[32].b and math.isnan(got[32].r2)
-    assert load_timing_large_batch(path) == {24: 600, 32: 560}
     raw = json.load(open(path))
+    assert {r: e["large_batch"] for r, e in raw["resolutions"].items()} == {"24": 600, "32": 560}
     assert raw["meta"]["device"] == "test" and raw["resolutions"]["32"]["r2"] is None
     assert os.listdir(tmp_path / "t") == ["timing.json"]  # the temp file was renamed away
 

@@ -83,12 +83,13 @@ def _limit_worker(config_path: str, result_path: str) -> int:
 
     from ..config import load_config
     from ..data import open_staged
+    from ..flat import initial_weights
     from ..plan import plan_from_config
     from ..protocol import Backoff
     from ..schedule import stage_for_commit
     from ..topology import build_topology, init_horovod
-    from ..train import group_specs, initial_weights
-    from ..worker import GroupTrainer
+    from ..train import group_specs
+    from ..worker import group_trainer
 
     cfg = load_config(config_path)
     world = MPI.COMM_WORLD
@@ -101,7 +102,7 @@ def _limit_worker(config_path: str, result_path: str) -> int:
     back.wait(world.Ibarrier())  # MPI: start together (the PS clock starts here too)
     t0 = time.perf_counter()
     hvd = init_horovod(topo)
-    trainer = GroupTrainer(cfg, staged, hvd, topo, topo.group_comm)
+    trainer = group_trainer(cfg, staged, topo, hvd)
     weights, _ = initial_weights(cfg, staged)
     trainer.flat.load_weights(weights)
     g, n = topo.group, cfg.n_groups

@@ -1,0 +1,128 @@
+"""The parameter server's decisions without MPI (`server.ParameterServer`): what a run's
+driver would send for a given sequence of requests, checked exactly. The MPI side
+(`server_loop.serve`) is exercised by the trainer's end-to-end tests (tests/test_train.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpc_dualbatch import checkpoint as C
+from hpc_dualbatch import protocol as P
+from hpc_dualbatch.config import config_from_dict
+from hpc_dualbatch.merge import delta_weight
+from hpc_dualbatch.metrics import MetricsLog, read_metrics
+from hpc_dualbatch.server import GroupSpec, ParameterServer, ServerState
+
+from .helpers import tiny_config
+
+N_P, N_B = 4, 2  # parameters and BN buffers of the toy model
+
+
+def make(tmp_path, **over) -> ParameterServer:
+    cfg = config_from_dict(tiny_config("unused.h5", tmp_path / "run", **over))
+    groups = [GroupSpec(100, {12: 64, 16: 64}, 1.0, False), GroupSpec(80, {12: 32, 16: 32}, 0.8, True)]
+    weights = np.zeros(N_P + N_B, np.float32)
+    state = ServerState(
+        weights, np.zeros((2, N_P), np.float32), np.zeros((2, N_B), np.float32), rounds=[0, 0]
+    )
+    return ParameterServer(cfg, groups, state, MetricsLog(str(tmp_path / "metrics.jsonl")))
+
+
+def push_header(kind: P.Kind, g: int, round_idx: int, samples: int) -> np.ndarray:
+    h = P.request(kind, g)
+    h[P.Req.ROUND], h[P.Req.SAMPLES], h[P.Req.SECONDS], h[P.Req.LOSS], h[P.Req.ACC] = (
+        round_idx, samples, 1.5, 0.7, 0.6,
+    )  # fmt: skip
+    return h
+
+
+def test_round_robin_run_with_barriers_evals_and_stop(tmp_path):
+    ps = make(tmp_path, server__merge="paper", server__bn="average")  # tiny: 4 epochs, ckpt each epoch
+    assert ps.next_group() == 0
+    hello = [ps.answer(g) for g in (0, 1)]
+    assert [int(o.header[P.Rep.STATUS]) for o in hello] == [P.Status.RUN] * 2
+    assert [int(o.header[P.Rep.ROUND]) for o in hello] == [0, 0]
+    assert [int(o.header[P.Rep.BATCH]) for o in hello] == [64, 32]  # each group's own batch
+    assert [int(o.header[P.Rep.SAMPLES]) for o in hello] == [100, 80]
+    rounds, stops, evals, checkpoints = [0, 0], set(), [], 0
+    while len(stops) < 2:
+        for g in (0, 1):
+            if g in stops:
+                continue
+            ps.served(g, P.Kind.PUSH)
+            wbuf = np.full(N_P + N_B, g + 1.0, np.float32)
+            replies = ps.on_push(g, push_header(P.Kind.PUSH, g, rounds[g], 100 - 20 * g), wbuf)
+            if ps.barrier_full():
+                assert sorted(ps.parked) == [0, 1]
+                replies = ps.checkpoint()
+                checkpoints += 1
+                assert [o.group for o in replies] == [0, 1]  # released in group order
+            for o in replies:
+                if o.header[P.Rep.EVAL_EPOCH] >= 0:
+                    evals.append((o.group, float(o.header[P.Rep.EVAL_EPOCH])))
+                if o.header[P.Rep.STATUS] == P.Status.STOP:
+                    stops.add(o.group)
+                else:
+                    rounds[o.group] = int(o.header[P.Rep.ROUND])  # the task it trains next
+    # 4 epochs x 2 groups: 8 tasks, every one committed; a barrier after each of epochs 1-3
+    assert ps.s.commits == 8 and sum(ps.s.rounds) == 8 and checkpoints == 3
+    assert C.latest(ps.cfg.out) is not None
+    commits = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["type"] == "commit"]
+    assert [r["commit"] for r in commits] == list(range(1, 9))
+    assert [r["round"] for r in commits if r["group"] == 0] == list(range(ps.s.rounds[0]))
+    # each epoch is evaluated once, by the group whose commit closed it; STOP replies that carry
+    # an evaluation keep the server serving until it is in
+    closed_by = [(r["group"], r["commit"] / 2) for r in commits if r["commit"] % 2 == 0]
+    assert evals == closed_by
+    assert ps.evals_due == 2 and ps.serving()  # epoch 3's eval came with group 1's STOP, epoch 4's with 0's
+    ps.on_eval(1, _eval_header(3.0), np.zeros(N_B, np.float32))
+    ps.on_eval(0, _eval_header(4.0), np.zeros(N_B, np.float32))
+    assert not ps.serving() and ps.outcome() == "done"
+
+
+def _eval_header(epoch: float) -> np.ndarray:
+    h = P.request(P.Kind.EVAL, 0)
+    h[P.Req.EVAL_EPOCH], h[P.Req.EVAL_LOSS], h[P.Req.EVAL_ACC], h[P.Req.EVAL_SAMPLES] = epoch, 0.5, 0.8, 400
+    h[P.Req.EVAL_SECONDS], h[P.Req.EVAL_RESOLUTION], h[P.Req.EVAL_BN_SECONDS] = 1.0, 16, 0.0
+    return h
+
+
+@pytest.mark.parametrize("merge", ["paper", "delta"])
+def test_merges_on_known_vectors(tmp_path, merge):
+    ps = make(tmp_path, server__merge=merge, server__bn="average")
+    ps.answer(0), ps.answer(1)  # both pull the zero weights
+    ps.on_push(0, push_header(P.Kind.PUSH, 0, 0, 100), np.full(N_P + N_B, 2.0, np.float32))
+    ps.on_merge(1, push_header(P.Kind.MERGE, 1, 0, 80), np.full(N_P + N_B, 4.0, np.float32))
+    w = ps.s.weights
+    if merge == "paper":  # w <- (w + f w_i) / (1 + f): f = 1, then f = 0.8
+        first = 2.0 / 2
+        expect = (first + 0.8 * 4.0) / 1.8
+    else:  # w <- w + a (w_i - pulled), a from f / sum f and staleness (1 merge since group 1 pulled)
+        first = delta_weight(1.0, 1.8, 2, 0) * 2.0
+        expect = first + delta_weight(0.8, 1.8, 2, 1) * 4.0
+    np.testing.assert_allclose(w[:N_P], expect, rtol=1e-6)
+    np.testing.assert_allclose(w[N_P:], (1.0 + 0.8 * 4.0) / 1.8, rtol=1e-6)  # BN: averaged (bn: average)
+    merges = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["type"] in ("commit", "merge")]
+    assert [(r["type"], r["staleness"]) for r in merges] == [("commit", 0), ("merge", 1)]
+
+
+def test_bn_local_keeps_each_groups_buffers_and_sends_them_back(tmp_path):
+    ps = make(tmp_path, server__bn="local")
+    ps.answer(0), ps.answer(1)
+    out = ps.on_push(0, push_header(P.Kind.PUSH, 0, 0, 100), np.arange(N_P + N_B, dtype=np.float32))
+    assert ps.s.weights[N_P:].tolist() == [0.0, 0.0]  # the global buffers are never merged
+    assert out[0].buffers.tolist() == [4.0, 5.0] and ps.s.group_buffers[1].tolist() == [0.0, 0.0]
+
+
+def test_a_preempt_flag_parks_every_group_then_stops(tmp_path):
+    ps = make(tmp_path)
+    ps.answer(0), ps.answer(1)
+    h = push_header(P.Kind.PUSH, 0, 0, 100)
+    h[P.Req.PREEMPT] = 1  # a rank of group 0 got SIGTERM
+    assert ps.on_push(0, h, np.zeros(N_P + N_B, np.float32)) == [] and not ps.barrier_full()
+    assert ps.on_push(1, push_header(P.Kind.PUSH, 1, 0, 80), np.zeros(N_P + N_B, np.float32)) == []
+    assert ps.barrier_full()
+    replies = ps.checkpoint()
+    assert [int(o.header[P.Rep.STATUS]) for o in replies] == [P.Status.STOP] * 2
+    assert not ps.serving() and ps.outcome() == "preempted" and C.latest(ps.cfg.out) is not None
