@@ -370,10 +370,14 @@ class ParameterServer:
         """Until every group has been told STOP and its last evaluation is in."""
         return len(self.stopped) < self.n or self.evals_due > 0
 
+    def check_preempt(self) -> None:
+        """Before each request: a signal (`preempt`, set by the driver) turns into a checkpoint
+        barrier at the next pushes, then STOP."""
+        if self.preempt and not self.barrier and len(self.stopped) < self.n:
+            self.barrier = True
+
     def next_group(self) -> int | None:
         """Under `order: round_robin` the group whose request is served next; None: any."""
-        if self.preempt and not self.barrier and len(self.stopped) < self.n:
-            self.barrier = True  # a signal: checkpoint at the next pushes, then stop
         if self.cfg.server.order != "round_robin" or len(self.stopped) == self.n:
             return None
         while self.next_rr in self.stopped or self.next_rr in self.parked:

@@ -46,6 +46,7 @@ def serve(ps: ParameterServer, topo: Any) -> str:
     n_p = ps.n_params
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     while ps.serving():
+        ps.check_preempt()
         g_next = ps.next_group()
         src = MPI.ANY_SOURCE if g_next is None else leaders[g_next]
         status = P.recv(world, hdr, src, P.TAG_REQ, back)  # PS: next request header
