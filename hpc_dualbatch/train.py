@@ -137,14 +137,14 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
     return Setup(cfg, staged, plan, groups, ck, lock)
 
 
-def run_server(st: Setup, topo: Any) -> str:
-    from .flat import initial_weights
+def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
+    """Rank 0 of a parameter-server run: the server's state (new from `weights`, the run's
+    initial flat weights with `n_params` parameters, or the checkpoint's), served until the end."""
     from .metrics import MetricsLog
     from .server import ParameterServer, ServerState
     from .server_loop import serve
 
     cfg, ck = st.cfg, st.ckpt
-    weights, n_params = initial_weights(cfg, st.staged)
     if ck is not None:
         if ck.weights.shape != weights.shape or ck.momentum.shape[1] != n_params:
             raise CheckpointError(
@@ -213,7 +213,9 @@ def run(args: argparse.Namespace) -> int:
 
         run_sync(st, topo)
     elif topo.is_server:
-        run_server(st, topo)
+        from .flat import initial_weights
+
+        run_server(st, topo, *initial_weights(st.cfg, st.staged))
     else:
         from .worker import run_worker
 

@@ -1,6 +1,6 @@
 """A worker group's driver: Horovod data-parallel training of mini-epochs, driven by the server.
 
-`run_worker` is the group's side of the protocol in `protocol.py`: the leader
+`worker_loop` is the group's side of the protocol in `protocol.py`: the leader
 talks to the server, the other ranks of the group receive what it got by a
 broadcast on the group communicator. The training itself is `trainer.GroupTrainer`,
 which knows no communicator; `group_trainer` builds it with Horovod's optimizer and
@@ -59,12 +59,20 @@ class SignalFlag:
 
 
 def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> None:
-    """The group's loop: pull, (evaluate,) train in parts with a push after each, until STOP."""
+    """A worker rank of a parameter-server run: Horovod on the group, the real trainer, the loop."""
     from .topology import init_horovod
 
     hvd = init_horovod(topo)
-    flag = SignalFlag()
-    trainer = group_trainer(cfg, staged, topo, hvd)
+    worker_loop(cfg, topo, group_trainer(cfg, staged, topo, hvd), shares, SignalFlag())
+    hvd.shutdown()
+
+
+def worker_loop(cfg: Config, topo: Topology, trainer: Any, shares: list[int], flag: Any) -> None:
+    """The group's loop: pull, (evaluate,) train in parts with a push after each, until STOP.
+
+    `trainer`: a GroupTrainer or anything with its interface (`flat`, `opt`,
+    `train_mini_epoch`, `recalibrate`, `evaluate`); `flag.raised`: a signal number, or 0.
+    """
     back = P.Backoff(cfg.server.poll_min_s, cfg.server.poll_max_s)
     world, gcomm, n_p = topo.world, topo.group_comm, trainer.flat.n_params
     rep = np.zeros(P.HDR_LEN, np.float64)
@@ -165,4 +173,3 @@ def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> N
             )
             exchange(req, push=True)
         share_reply()
-    hvd.shutdown()

@@ -11,18 +11,7 @@ import pytest
 
 mpi4py = pytest.importorskip("mpi4py")
 
-
-def groups_for(size: int) -> list[int]:
-    """1 server + the rest in groups of at most 2 ranks: 2 -> [1], 3 -> [2], 4 -> [2, 1]."""
-    rest, groups = size - 1, []
-    while rest:
-        groups.append(min(2, rest))
-        rest -= groups[-1]
-    return groups
-
-
-def all_true(comm, ok: bool) -> bool:
-    return bool(comm.allreduce(bool(ok), op=mpi4py.MPI.LAND))  # MPI: agree before asserting
+from .common import all_true, groups_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
