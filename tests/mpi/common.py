@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 
@@ -20,3 +22,15 @@ def all_true(comm: Any, ok: bool) -> bool:
     from mpi4py import MPI
 
     return bool(comm.allreduce(bool(ok), op=MPI.LAND))  # MPI: agree before asserting
+
+
+def agreed(comm: Any, check: Callable[[], tuple[bool, str]]) -> None:
+    """Run `check() -> (ok, why)` on this rank (an exception is a failed check) and assert on
+    every rank that it passed on every rank; the message names each failed rank and why."""
+    try:
+        ok, why = check()
+    except Exception:
+        ok, why = False, traceback.format_exc()
+    seen = comm.allgather((bool(ok), why))  # MPI: every rank learns every verdict
+    failed = [f"rank {r}: {w}" for r, (o, w) in enumerate(seen) if not o]
+    assert not failed, "\n".join(failed)

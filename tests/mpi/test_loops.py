@@ -19,7 +19,9 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import traceback
 
 import numpy as np
 import pytest
@@ -29,8 +31,10 @@ pytest.importorskip("mpi4py")
 import torch  # noqa: E402
 
 from hpc_dualbatch import checkpoint as C  # noqa: E402
+from hpc_dualbatch.atomic import write_json  # noqa: E402
 from hpc_dualbatch.config import config_from_dict  # noqa: E402
 from hpc_dualbatch.flat import FlatModel  # noqa: E402
+from hpc_dualbatch.merge import delta_weight  # noqa: E402
 from hpc_dualbatch.metrics import read_metrics  # noqa: E402
 from hpc_dualbatch.plan import plan_from_config  # noqa: E402
 from hpc_dualbatch.schedule import stage_at  # noqa: E402
@@ -39,10 +43,16 @@ from hpc_dualbatch.trainer import MiniEpochStats  # noqa: E402
 from hpc_dualbatch.worker import worker_loop  # noqa: E402
 
 from ..helpers import tiny_config  # noqa: E402
-from .common import all_true, groups_for  # noqa: E402
+from .common import agreed, groups_for  # noqa: E402
 
 EPOCHS = 4
 SAMPLES = 2000  # samples per epoch the plan splits into the groups' shares
+
+
+def step_fit(resolution: int) -> tuple[float, float]:
+    """(a s/sample, b s/step): the seconds a stub task reports are a*samples + b*steps, times the
+    group's workers.slowdown; the same line the adaptive tests' timing file holds."""
+    return 2e-4 * (resolution / 12) ** 2, 2e-3  # the cost grows with the pixels
 
 
 class Flag:
@@ -53,12 +63,13 @@ class StubTrainer:
     """GroupTrainer's interface (flat, opt, train_mini_epoch, recalibrate, evaluate) over a
     3 -> 2 linear layer with batch norm; records every task it was given."""
 
-    def __init__(self, topo, flag: Flag, preempt_round: int | None) -> None:
+    def __init__(self, topo, flag: Flag, preempt_round: int | None, slowdown: float = 1.0) -> None:
         torch.manual_seed(0)  # the same initial weights as the server's (initial_weights())
         self.model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
         self.flat = FlatModel(self.model)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
         self.topo, self.flag, self.preempt_round = topo, flag, preempt_round
+        self.slowdown = slowdown
         self.tasks: list[tuple[int, int, int, float, int, int]] = []
         self.evals = 0
 
@@ -80,7 +91,9 @@ class StubTrainer:
         if round_idx == self.preempt_round and g == 0:
             self.flag.raised = signal.SIGUSR1  # as if Slurm signalled this rank mid-task
         mine = len(np.array_split(np.arange(shares[g]), self.topo.group_size)[self.topo.group_rank])
-        return MiniEpochStats(mine, 0.01, loss.item() * mine, mine // 2)
+        a, b = step_fit(resolution)
+        seconds = self.slowdown * (a * shares[g] + b * -(-shares[g] // batch))  # a simulated clock
+        return MiniEpochStats(mine, seconds, loss.item() * mine, mine // 2)
 
     def recalibrate(self, resolution):
         return 0.0
@@ -90,11 +103,15 @@ class StubTrainer:
         return float(np.abs(self.flat.weights()).sum()), 0.5, 100, 0.01
 
 
+CAPTURE: list = []  # pytest's capture manager (run() prints a failing rank's traceback past it)
+
+
 @pytest.fixture
-def shared_dir():
+def shared_dir(pytestconfig):
     """One temporary folder for all ranks (rank 0 makes it; pytest's tmp_path differs per rank)."""
     from mpi4py import MPI
 
+    CAPTURE[:] = [pytestconfig.pluginmanager.getplugin("capturemanager")]
     world = MPI.COMM_WORLD
     path = world.bcast(tempfile.mkdtemp(prefix="hdb-loops-") if world.Get_rank() == 0 else None)  # MPI
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -108,28 +125,41 @@ def shared_dir():
 
 def run(out: str, preempt_round: int | None = None, resume: bool = False, **over):
     """One run of the real loops. Returns (outcome on rank 0 or None, this rank's trainer or None,
-    the config, the group specs)."""
+    the config, the group specs). An exception on any rank ends the whole job (as
+    `launch.fail` does in a real run): its peers would otherwise wait for it forever."""
+    from mpi4py import MPI
+
+    try:
+        return _run(out, preempt_round, resume, **over)
+    except BaseException:
+        with CAPTURE[0].global_and_fixture_disabled():  # pytest holds stderr; Abort would lose it
+            traceback.print_exc()
+            sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)  # MPI: ends every rank
+
+
+def _run(out: str, preempt_round: int | None, resume: bool, **over):
     from mpi4py import MPI
 
     from hpc_dualbatch.topology import build_topology
 
     world = MPI.COMM_WORLD
     groups = groups_for(world.Get_size())
+    over = {"schedule__epochs": EPOCHS, "plan__k": 1.05 if len(groups) > 1 else 1.0, **over}
     raw = tiny_config("unused.h5", out, workers__groups=groups, workers__small=len(groups) - 1, **over)
-    raw["schedule"]["epochs"] = EPOCHS
-    raw["plan"]["k"] = 1.05 if len(groups) > 1 else 1.0  # k > 1 buys time for small groups only
     cfg = config_from_dict(raw)
     plan = plan_from_config(cfg, SAMPLES)
     specs = group_specs(cfg, plan)
     topo = build_topology(groups, with_server=True, world=world)
     if topo.is_server:
         os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, "plan.json"), plan.to_dict())  # as train.setup does
         ck = C.load(C.latest(out)) if resume else None
         flat = StubTrainer(topo, Flag(), None).flat
         outcome = run_server(Setup(cfg, None, plan, specs, ck, None), topo, flat.weights(), flat.n_params)
         return outcome, None, cfg, specs
     flag = Flag()
-    trainer = StubTrainer(topo, flag, preempt_round)
+    trainer = StubTrainer(topo, flag, preempt_round, cfg.workers.slowdown.get(topo.group, 1.0))
     worker_loop(cfg, topo, trainer, [s.share for s in specs], flag)
     return None, trainer, cfg, specs
 
@@ -151,15 +181,18 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
     outcome, trainer, cfg, specs = run(out)
     n = len(specs)
     commits = world.bcast(records(out, "commit") if world.Get_rank() == 0 else None)  # MPI
-    ok, why = True, ""
-    if trainer is not None:  # each rank of a group trained exactly the tasks the server logged
-        g = trainer.topo.group
+
+    def check() -> tuple[bool, str]:
+        if trainer is None:
+            return server_side()
+        g = trainer.topo.group  # each rank of a group trained exactly the tasks the server logged
         logged = [(r["round"], r["resolution"], r["batch"], r["lr"]) for r in commits if r["group"] == g]
         got = [t[:4] for t in trainer.tasks]
         ok = got == logged and [t[0] for t in got] == list(range(len(got)))
         ok &= all(t[2] == specs[g].batch[t[1]] for t in got)  # the group's own batch
-        why = f"group {g}: trained {got}, server logged {logged}"
-    else:
+        return ok, f"group {g}: trained {got}, server logged {logged}"
+
+    def server_side() -> tuple[bool, str]:
         status = json.load(open(os.path.join(out, "status.json")))
         evals, merges = records(out, "eval"), records(out, "merge")
         # every epoch's stage is trained by n tasks (which group takes which task is the server's)
@@ -178,28 +211,67 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
             and len(merges) > 0  # push_every: pushes inside each task
             and C.load(C.latest(out)).commits == EPOCHS * n  # the final checkpoint
         )
-        why = f"status {status}, stages {stages}, evals {[r['epoch'] for r in evals]}"
-    assert all_true(world, ok), why
+        return ok, f"status {status}, stages {stages}, evals {[r['epoch'] for r in evals]}"
+
+    agreed(world, check)
+
+
+def mode_checks(out: str, specs, merge: str, bn: str, push_every: int) -> tuple[bool, str]:
+    """The merge records of a run follow its server mode exactly (rank 0)."""
+    recs = read_metrics(os.path.join(out, "metrics.jsonl"))
+    merges = [r for r in recs if r["type"] == "merge"]
+    pushes = sorted(merges + [r for r in recs if r["type"] == "commit"], key=lambda r: r["merge"])
+    f = [s.factor for s in specs]
+
+    def scale(r: dict) -> float:  # paper: f/(1+f); delta: f/sum(f) damped by staleness
+        g = r["group"]
+        return f[g] / (1 + f[g]) if merge == "paper" else delta_weight(f[g], sum(f), len(f), r["staleness"])
+
+    ok = (
+        (len(merges) > 0) == (push_every > 0)
+        and [r["merge"] for r in pushes] == list(range(1, len(pushes) + 1))
+        and all(abs(r["scale"] - scale(r)) < 1e-6 for r in pushes)
+        and all(r["distance"] > 0 for r in pushes)
+        and all(e["bn"] == bn for e in recs if e["type"] == "eval")
+    )
+    return ok, f"{merge}/{bn}/{push_every}: " + str(
+        [(r["group"], r["staleness"], r["scale"]) for r in pushes]
+    )
 
 
 @pytest.mark.mpi(min_size=2)
-def test_a_signal_checkpoints_at_a_barrier_and_the_resumed_run_ends_bit_identical(shared_dir):
+@pytest.mark.parametrize(
+    "merge, bn, push_every",
+    [("delta", "recalibrate", 4), ("paper", "average", 0), ("delta", "local", 4), ("delta", "average", 2)],
+)
+def test_every_server_mode_merges_by_its_rule_and_a_signalled_run_resumes_bit_identical(
+    shared_dir, merge, bn, push_every
+):
+    """A rank of group 0 is signalled during its 2nd task: the server checkpoints at a barrier
+    and stops every group; the resumed run ends with the uninterrupted run's weights, momentum
+    and order of commits."""
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
+    mode = dict(server__merge=merge, server__bn=bn, server__push_every=push_every)
     full, cut = os.path.join(shared_dir, "full"), os.path.join(shared_dir, "cut")
-    run(full)
-    first, _, _, specs = run(cut, preempt_round=1)  # group 0 signalled during its 2nd task
+    run(full, **mode)
+    first, _, _, specs = run(cut, preempt_round=1, **mode)
     if world.Get_rank() == 0:
         parked_at = C.load(C.latest(cut)).commits
         state = json.load(open(os.path.join(cut, "status.json")))["state"]
-    second, trainer, _, _ = run(cut, resume=True)
-    ok, why = True, ""
-    if world.Get_rank() == 0:
+    second, trainer, _, _ = run(cut, resume=True, **mode)
+
+    def check() -> tuple[bool, str]:
+        if world.Get_rank() != 0:  # a resumed group starts where the checkpoint left it
+            return trainer.topo.group != 0 or trainer.tasks[0][
+                0
+            ] >= 1, f"group 0 resumed at {trainer.tasks[0]}"
         n = len(specs)
         a, b = C.load(C.latest(full)), C.load(C.latest(cut))
         commits = [r["commit"] for r in records(cut, "commit")]
-        ok = (
+        ok, why = mode_checks(full, specs, merge, bn, push_every)
+        ok &= (
             first == "preempted"
             and state == "preempted"
             and n <= parked_at < EPOCHS * n  # stopped early, after group 0's first commit
@@ -209,7 +281,159 @@ def test_a_signal_checkpoints_at_a_barrier_and_the_resumed_run_ends_bit_identica
             and np.array_equal(a.weights, b.weights)  # bit-identical to the uninterrupted run
             and np.array_equal(a.momentum, b.momentum)
         )
-        why = f"outcomes {first}/{second}, parked at {parked_at}, commits {commits}"
-    elif trainer.topo.group == 0:  # the resumed group starts where the checkpoint left it
-        ok = trainer.tasks[0][0] >= 1
-    assert all_true(world, ok), why
+        return ok, why + f"; outcomes {first}/{second}, parked at {parked_at}, commits {commits}"
+
+    agreed(world, check)
+
+
+# --- adaptive planning (plan.adaptive): a large and a small group, so 4 ranks ---------------------
+
+
+def adaptive(shared_dir: str, **extra) -> dict:
+    """Overrides: B_S planned from a timing file holding the stub's own time line (step_fit),
+    8 epochs; rank 0 writes the file."""
+    from mpi4py import MPI
+
+    from hpc_dualbatch.timing import TimeFit, save_timing
+
+    path = os.path.join(shared_dir, "timing.json")
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        fits = {r: TimeFit(*step_fit(r), r2=float("nan")) for r in (12, 16)}
+        save_timing(path, fits, {"made": "for a test: the stub trainer's clock"})
+    MPI.COMM_WORLD.Barrier()  # MPI: the file exists before any rank plans from it
+    over = dict(
+        plan__timing=path,
+        plan__small_batch={},
+        schedule__epochs=8,
+        schedule__milestones=[6],
+        server__order="arrival",  # adaptive planning refuses round_robin (it re-plans from time)
+    )
+    return {**over, **extra}
+
+
+def ratio(cs: list[dict]) -> float:
+    """Median small / median large mini-epoch seconds of commit records."""
+    small = [c["seconds"] for c in cs if c["small"]]
+    return float(np.median(small) / np.median([c["seconds"] for c in cs if not c["small"]]))
+
+
+@pytest.mark.mpi(min_size=4)
+def test_adaptive_planning_makes_unequal_groups_finish_together(shared_dir):
+    """The large group 2x slower than its fit: the static plan's small group ends in about half
+    of its time; re-planned, the small group's B_S falls until the two end together."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    out = os.path.join(shared_dir, "a")
+    run(out, **adaptive(shared_dir, checkpoint__every_epochs=0, workers__slowdown={0: 2.0}))
+
+    def check() -> tuple[bool, str]:
+        if world.Get_rank() != 0:
+            return True, ""
+        recs = read_metrics(os.path.join(out, "metrics.jsonl"))
+        commits = [c for c in recs if c["type"] == "commit"]
+        plans = [p for p in recs if p["type"] == "plan"]
+        static = json.load(open(os.path.join(out, "plan.json")))["resolutions"]
+        small = [c for c in commits if c["small"]]
+        upto = next(i for i, c in enumerate(commits) if not c["small"])  # the large group's first commit
+        first, end = ratio(commits[: upto + 1]), ratio([c for c in commits if c["epoch"] > 5])
+        errs = [abs(c["predicted"] / c["seconds"] - 1) for c in small if c["epoch"] > 2]
+        ok = (
+            bool(plans)
+            and all(p["changed"] == [1] for p in plans)  # only the small group's batch moves
+            and small[0]["batch"] == static[str(small[0]["resolution"])]["B_S"]  # starts as planned
+            and first < 0.6
+            and abs(np.log(end)) < 0.5 * abs(np.log(first))  # at least twice as near on a log scale
+            and small[-1]["batch"] < small[0]["batch"]  # more time: a smaller B_S
+            and float(np.median(errs)) < 0.05  # the stub's clock is the fit's line: predicted well
+        )
+        return ok, f"ratio {first} -> {end}, errors {errs}, " + str(
+            [(c["small"], c["batch"]) for c in commits]
+        )
+
+    agreed(world, check)
+
+
+@pytest.mark.mpi(min_size=4)
+def test_a_slowed_small_group_trains_a_cut_share(shared_dir):
+    """The small group 3x slower: no batch that still buys time lets it finish with the large one;
+    the server cuts its share (plan records say so) and the group trains exactly what it is handed."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    out = os.path.join(shared_dir, "a")
+    _, trainer, _, _ = run(
+        out, **adaptive(shared_dir, checkpoint__every_epochs=0, workers__slowdown={1: 3.0})
+    )
+    recs = world.bcast(
+        read_metrics(os.path.join(out, "metrics.jsonl")) if world.Get_rank() == 0 else None
+    )  # MPI
+    small = [c for c in recs if c["type"] == "commit" and c["small"]]
+
+    def check() -> tuple[bool, str]:
+        why = str([c["samples"] for c in small])
+        if trainer is not None:  # the small group trained exactly what it was handed
+            return trainer.topo.group != 1 or [t[5] for t in trainer.tasks] == [
+                c["samples"] for c in small
+            ], why
+        commits = [c for c in recs if c["type"] == "commit"]
+        d_S = json.load(open(os.path.join(out, "plan.json")))["d_S"]
+        handed = {d_S} | {p["shares"]["1"] for p in recs if p["type"] == "plan"}
+        cut_from = next(i for i, c in enumerate(commits) if c["small"] and c["samples"] < d_S)
+        first, end = ratio(commits[:cut_from]), ratio(commits[-6:])
+        ok = (
+            any(p["capped"] == [1] for p in recs if p["type"] == "plan")
+            and small[0]["samples"] == d_S  # the first task as planned
+            and {c["samples"] for c in small} <= handed
+            and small[-1]["samples"] < 0.7 * d_S
+            and first > 1.5
+            and abs(np.log(end)) < 0.5 * abs(np.log(first))
+        )
+        return ok, why + f", handed {handed}, ratio {first} -> {end}"
+
+    agreed(world, check)
+
+
+@pytest.mark.mpi(min_size=4)
+def test_adaptive_planning_resumes_with_the_plan_state_it_had(shared_dir):
+    """Signalled mid-run and resumed, the server hands the small group the batch and share that
+    the saved plan state re-plans to: the plan state travels in the checkpoint."""
+    from mpi4py import MPI
+
+    from hpc_dualbatch.adapt import Adapter
+    from hpc_dualbatch.timing import load_timing
+
+    world = MPI.COMM_WORLD
+    cut = os.path.join(shared_dir, "cut")
+    over = adaptive(shared_dir, workers__slowdown={0: 3.0}, schedule__epochs=6, schedule__milestones=[5])
+    first, _, cfg, specs = run(cut, preempt_round=3, **over)
+    ck = C.load(C.latest(cut)) if world.Get_rank() == 0 else None  # before the resume replaces it
+    second, _, _, _ = run(cut, resume=True, **over)
+
+    def check() -> tuple[bool, str]:
+        if world.Get_rank() != 0:
+            return True, ""
+        res = cfg.schedule.resolutions
+        plan = json.load(open(os.path.join(cut, "plan.json")))
+        static = {g: dict(s.batch) for g, s in enumerate(specs)}
+        ad = Adapter(
+            load_timing(cfg.plan.timing, res),
+            cfg.plan.large_batch,
+            static,
+            [s.small for s in specs],
+            (plan["d_L"], plan["d_S"]),
+            cfg.workers.groups,
+        )
+        ad.load_state(ck.extra["adapt"])
+        after = [r for r in records(cut, "commit") if r["commit"] > ck.commits and r["small"]][0]
+        ad.replan(after["resolution"])  # None when nothing was measured since the last re-plan there
+        ok = (
+            first == "preempted"
+            and second == "done"
+            and bool(ck.extra["adapt"]["obs"])
+            and after["batch"] == ad.batches[1][after["resolution"]]
+            and after["samples"] == ad.share(1, after["resolution"])
+        )
+        return ok, f"{first}/{second}: resumed with {after}, saved state re-plans to {ad.batches[1]}"
+
+    agreed(world, check)
