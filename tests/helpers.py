@@ -140,3 +140,29 @@ def kill_job(job: subprocess.Popen) -> None:
             except OSError:
                 pass
     job.communicate()
+
+
+def start_up_error(args: list[str], np_: int = 3) -> str:
+    """The message `mpirun -np NP_ hpc-dualbatch train ARGS` stops with at start-up, found
+    in-process: the checks every rank runs inside `launch.agree` (`train.setup`), as rank 0 of
+    an NP_-rank job. Fails unless they raise the package's own error (no traceback: a bug would
+    carry one). That one agreed error ends every rank with one message is checked by a few real
+    jobs (tests/test_train.py, test_reliability*.py)."""
+    from hpc_dualbatch.cli import build_parser
+    from hpc_dualbatch.launch import AgreedError, agree
+    from hpc_dualbatch.train import setup
+
+    class World:  # the two questions setup asks of COMM_WORLD
+        def Get_size(self) -> int:
+            return np_
+
+        def Get_rank(self) -> int:
+            return 0
+
+    parsed = build_parser().parse_args(["train", *args])
+    try:
+        agree(None, lambda: setup(parsed, World()))
+    except AgreedError as e:
+        assert "Traceback" not in str(e), str(e)
+        return str(e)
+    raise AssertionError(f"train {' '.join(args)} started")

@@ -36,7 +36,17 @@ from hpc_dualbatch.data import SyntheticSpec, TrainLoader, open_staged, prepare
 from hpc_dualbatch.errors import CheckpointError, ConfigError, DataError, OutputError, PlanError
 from hpc_dualbatch.metrics import MetricsLog, read_metrics, repair
 
-from .helpers import ROOT, hdb, kill_job, rank_pids, start, tiny_config, wait_for, write_config
+from .helpers import (
+    ROOT,
+    hdb,
+    kill_job,
+    rank_pids,
+    start,
+    start_up_error,
+    tiny_config,
+    wait_for,
+    write_config,
+)
 from .test_reliability import HAVE_HOROVOD, JOB_S, QUICK_S, one_clean_error, status, timed
 
 mpi = pytest.mark.skipif(not HAVE_HOROVOD, reason="Horovod not installed")
@@ -557,13 +567,16 @@ BAD_STARTS = {
 def test_bad_start_ends_every_rank_with_one_message(tmp_path, synthetic_h5, case):
     over, needles = BAD_STARTS[case]
     over = over(tmp_path, synthetic_h5)
-    if over is None:
-        r, seconds = timed(3, "train")
-    else:
+    args = []
+    if over is not None:
         out = tmp_path / over.pop("out", "run")  # out-is-a-file: the config file itself
-        cfg = write_config(tmp_path / "config.yaml", tiny_config(synthetic_h5, out, **over))
-        r, seconds = timed(3, "train", "--config", cfg)
-    one_clean_error(r, seconds, *needles)
+        args = ["--config", write_config(tmp_path / "config.yaml", tiny_config(synthetic_h5, out, **over))]
+    if case == "out-is-a-file":  # fails on rank 0 alone (the run folder): a real job shows all end
+        r, seconds = timed(3, "train", *args)
+        one_clean_error(r, seconds, *needles)
+    else:  # the same checks in-process
+        err = start_up_error(args)
+        assert all(n in err for n in needles), (needles, err)
 
 
 @mpi
