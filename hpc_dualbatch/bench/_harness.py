@@ -1,13 +1,10 @@
-"""What every bench suite shares, so that a suite module holds only its own measurement.
+"""What every bench suite shares: options (--quick, --out), the result JSON (the exact command,
+params, machine; atomic), pairing, tables and launching under a hard limit (docs/bench.md).
 
-Options (`parser`, `start`: --quick, --out), the result JSON (`write_result`: bench, the exact
-command, params, machine, then the suite's keys; atomic), pairing (`alternate`, `median_ratio`),
-tables, and launching under a hard time limit (`launch`, `run`). Not tied to a checkout: paths
-are relative to the current folder. The MPI launcher is the first of $HDB_MPIRUN (a command
-line), scripts/mpirun_local.sh under the current folder (the repository root: what `make bench`
-uses, with --oversubscribe, --bind-to none and the root variables) and `mpirun` on PATH. The
-default data file is data/fashion-mnist.h5; the default config the package's fashion_mnist.yaml.
-More: docs/bench.md.
+Not tied to a checkout: paths are relative to the current folder. The MPI launcher is the first
+of $HDB_MPIRUN (a command line), scripts/mpirun_local.sh under the current folder (the repository
+root: what `make bench` uses, with --oversubscribe, --bind-to none and Open MPI's root variables)
+and `mpirun` on PATH. Default data: data/fashion-mnist.h5; config: the package's fashion_mnist.yaml.
 """
 
 from __future__ import annotations
@@ -26,8 +23,14 @@ from argparse import ArgumentParser, Namespace
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ..atomic import write_json
+from ..config import OptimConfig
+from ..engine import make_optimizer, train_step
 from ..errors import ConfigError
+from ..launch import run_main
+from ..model import build_model
 
 DATA = os.path.join("data", "fashion-mnist.h5")
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "fashion_mnist.yaml")
@@ -56,11 +59,10 @@ def parser(suite: str, doc: str, out: bool = True, **options: tuple) -> Argument
 
 def start(p: ArgumentParser, argv: list[str], positive: str = "", **quick: Any) -> Namespace:
     """Parse argv; --quick sets the given options; the options named in `positive` must be >= 1;
-    SIGTERM exits through SystemExit."""
+    SIGTERM (a `bench all` time limit) exits through SystemExit, so temporary folders go too."""
     args = p.parse_args(argv)
-    if args.quick:
-        for name, value in quick.items():
-            setattr(args, name, value)
+    for name, value in quick.items() if args.quick else ():
+        setattr(args, name, value)
     low = [f"--{n.replace('_', '-')} {getattr(args, n)}" for n in positive.split() if getattr(args, n) < 1]
     if low:
         raise ConfigError(f"{p.prog}: {', '.join(low)}: must be >= 1")
@@ -70,8 +72,6 @@ def start(p: ArgumentParser, argv: list[str], positive: str = "", **quick: Any) 
 
 def machine() -> dict[str, Any]:
     """Where a result was measured: host, cores, torch threads, versions, load at the time."""
-    import torch
-
     info: dict[str, Any] = {
         "host": platform.node(), "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -87,19 +87,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def command(suite: str, argv: list[str]) -> str:
-    """This process's command line as it was typed (led by the launcher when `launch` started it).
-    When argv is not its tail (a suite's main() called in-process), the equivalent command."""
-    if sys.argv[len(sys.argv) - len(argv) :] != argv:
-        return shlex.join(["python", "-m", "hpc_dualbatch", "bench", suite, *argv])
-    typed = getattr(sys, "orig_argv", [sys.executable, *sys.argv])  # Python < 3.10: argv[0] as resolved
-    return " ".join(filter(None, [os.environ.get(LAUNCHER_ENV), shlex.join(typed)]))
-
-
 def write_result(path: str, suite: str, args: Namespace, argv: list[str], **fields: Any) -> None:
-    """Write {bench, command, params, machine, **fields} atomically and say where."""
-    head = {"bench": suite, "command": command(suite, argv), "params": vars(args), "machine": machine()}
-    write_json(path, {**head, **fields})
+    """Write {bench, command, params, machine, **fields} atomically. The command is this process's
+    as it was typed, led by the launcher when `launch` started it; when argv is not its tail (a
+    suite's main() called in-process), the equivalent command."""
+    typed = getattr(sys, "orig_argv", [sys.executable, *sys.argv])  # Python < 3.10: argv[0] as resolved
+    command = " ".join(filter(None, [os.environ.get(LAUNCHER_ENV), shlex.join(typed)]))
+    if sys.argv[len(sys.argv) - len(argv) :] != argv:
+        command = shlex.join(["python", "-m", "hpc_dualbatch", "bench", suite, *argv])
+    write_json(
+        path, {"bench": suite, "command": command, "params": vars(args), "machine": machine(), **fields}
+    )
     print(f"wrote {path}")
 
 
@@ -122,12 +120,6 @@ def alternate(repeats: int, kinds: tuple[str, str], job: Callable[[str, int], di
 
 def resnet(width: int, classes: int = 10, channels: int = 1, lr: float = 0.01, device: Any = "cpu") -> tuple:
     """resnet18_cifar (torch seed 0) in training mode, with the package's default SGD: (model, optimizer)."""
-    import torch
-
-    from ..config import OptimConfig
-    from ..engine import make_optimizer
-    from ..model import build_model
-
     torch.manual_seed(0)
     model = build_model("resnet18_cifar", classes, channels, width).to(device).train()
     return model, make_optimizer(model, OptimConfig(), lr=lr)
@@ -136,8 +128,6 @@ def resnet(width: int, classes: int = 10, channels: int = 1, lr: float = 0.01, d
 def train_seconds(model: Any, opt: Any, batches: Any) -> tuple[float, int]:
     """Wall seconds and samples of `engine.train_step` over `batches` (a loader's start-up
     included); the loss's .item() in each step waits for it, on a GPU too."""
-    from ..engine import train_step
-
     t0, n = time.perf_counter(), 0
     for x, y in batches:
         train_step(model, opt, x, y)
@@ -172,47 +162,34 @@ def launcher() -> list[str]:
 
 
 def command_for(args: list[str], ranks: int = 0) -> tuple[list[str], dict[str, str]]:
-    """`python -m hpc_dualbatch ARGS`, under the MPI launcher on `ranks` ranks when > 0:
-    (the command, environment to add)."""
+    """`python -m hpc_dualbatch ARGS`, under the MPI launcher on `ranks` > 0 ranks: (command, env to add)."""
     cmd = [sys.executable, "-m", "hpc_dualbatch", *args]
-    if not ranks:
-        return cmd, {}
-    prefix = [*launcher(), "-np", str(ranks)]
-    return [*prefix, *cmd], {LAUNCHER_ENV: shlex.join(prefix)}
+    prefix = [*launcher(), "-np", str(ranks)] if ranks else []
+    return [*prefix, *cmd], {LAUNCHER_ENV: shlex.join(prefix)} if ranks else {}
 
 
 def launch(ranks: int, args: list[str], timeout: float) -> str:
-    """`python -m hpc_dualbatch ARGS` on `ranks` MPI ranks under a hard limit; returns stdout."""
+    """`python -m hpc_dualbatch ARGS` on `ranks` MPI ranks (0: a plain process) under a hard limit."""
     return run(*command_for(args, ranks), timeout)
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float, own_group: bool = False) -> str:
-    """Run `cmd` under a hard limit; returns stdout, raises RuntimeError with the output's tail.
-
-    Past the limit the child gets SIGTERM (mpirun passes it on to its ranks), 10 s to stop,
-    then SIGKILL. own_group: the child leads a new process group and the signals go to the
-    whole group (a suite and the MPI jobs it launched), so no stray rank keeps loading the machine.
-    """
+    """Run `cmd`; returns stdout, raises RuntimeError with the output's tail. Past the limit:
+    SIGTERM (mpirun passes it on to its ranks), 10 s, SIGKILL; with own_group to the child's whole
+    process group (a suite and the MPI jobs it launched), so no stray rank keeps loading the machine."""
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=own_group,
         env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
     )  # fmt: skip
-
-    def kill(sig: int) -> None:
-        try:
-            os.killpg(proc.pid, sig) if own_group else proc.send_signal(sig)  # the group made here only
-        except ProcessLookupError:
-            pass
-
     try:
         out, err = proc.communicate(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
-        kill(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        kill(signal.SIGKILL)  # what is left: the child, or ranks of its group that outlived it
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # SIGKILL: what is left, the child or its group
+            try:
+                os.killpg(proc.pid, sig) if own_group else proc.send_signal(sig)  # the group made here only
+                proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
         proc.communicate()
         raise RuntimeError(f"{shlex.join(cmd)}: no result after {timeout:.0f} s (stopped)") from None
     if proc.returncode != 0:
@@ -235,8 +212,6 @@ def staged_file(file: str, source: str, resolutions: str, tmp: str) -> str:
     return path
 
 
-def module_main(main: Any) -> None:
+def module_main(main: Callable[[list[str]], int]) -> None:
     """`python -m hpc_dualbatch.bench.SUITE ARGS`: as `hpc-dualbatch bench SUITE ARGS`."""
-    from ..launch import run_main
-
     sys.exit(run_main(main, sys.argv[1:]))

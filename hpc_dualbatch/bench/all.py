@@ -1,13 +1,11 @@
 """`hpc-dualbatch bench all`: every suite in turn, then one summary table (`make bench`).
 
-    python -m hpc_dualbatch bench all [--only exchange,overhead] [--quick] [--out-dir results/bench]
+    hpc-dualbatch bench all [--only exchange,overhead] [--quick] [--out-dir results/bench]
 
 Each suite runs as its own process (the MPI suites under the harness's launcher), so one
 suite's threads, memory or crash cannot touch the next; each writes <out-dir>/<suite>.json,
 from which the summary takes its headline numbers. A suite that fails or runs past its time
-limit is reported as such and the others still run. Every number is a ratio measured side by
-side inside one suite's run: absolute times on a shared machine drift, such ratios much less.
---quick runs every suite at its toy sizes (a smoke test of the harness, not a measurement).
+limit is reported as such and the others still run.
 """
 
 from __future__ import annotations
@@ -26,13 +24,9 @@ from . import _harness as H
 # Fashion-MNIST, to keep `make bench` inside its 15 min), loader 10 / 20, exchange 5 / 20,
 # overhead 140 / 300, allreduce 100 / 240, resolution 30 / 35.
 SUITES: dict[str, tuple[int, list[str], float]] = {
-    "plan": (0, ["--samples", "30000"], 300),
-    "loader": (0, [], 180),
-    "exchange": (2, [], 120),
-    "overhead": (0, [], 420),
-    "allreduce": (0, [], 360),
-    "resolution": (0, [], 180),
-}
+    "plan": (0, ["--samples", "30000"], 300), "loader": (0, [], 180), "exchange": (2, [], 120),
+    "overhead": (0, [], 420), "allreduce": (0, [], 360), "resolution": (0, [], 180),
+}  # fmt: skip
 
 
 def row(metric: str, value: float, goal: str = "-") -> dict[str, Any]:
@@ -68,9 +62,7 @@ def headline(suite: str, r: dict) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str]) -> int:
-    p = H.parser(
-        "all", __doc__, out=False, only=("", f"comma-separated suites (default: {', '.join(SUITES)})")
-    )
+    p = H.parser("all", __doc__, out=False, only=("", f"comma-separated suites of {', '.join(SUITES)}"))
     p.add_argument("--out-dir", default=os.path.join("results", "bench"), help="each suite's JSON, all.json")
     p.add_argument("--budget-s", type=float, default=840, help="s for all suites; each gets at most the rest")
     args = H.start(p, argv)
@@ -78,14 +70,16 @@ def main(argv: list[str]) -> int:
     unknown = [s for s in names if s not in SUITES]
     if unknown:
         raise ConfigError(f"bench all --only: unknown suite(s) {unknown}; valid: {', '.join(SUITES)}")
-    out_dir = os.path.abspath(args.out_dir)
     summary: list[dict[str, Any]] = []
     t_all = time.perf_counter()
     for name in names:
         ranks, opts, limit = SUITES[name]
-        out = os.path.join(out_dir, f"{name}.json")
-        t0, load0 = time.perf_counter(), os.getloadavg()[0]
-        left = args.budget_s - (t0 - t_all)
+        out = os.path.join(os.path.abspath(args.out_dir), f"{name}.json")
+        t0, load0, left = (
+            time.perf_counter(),
+            os.getloadavg()[0],
+            args.budget_s - (time.perf_counter() - t_all),
+        )
         entry: dict[str, Any] = {"suite": name, "command": "", "json": out}
         try:
             if os.path.exists(out):
@@ -99,22 +93,20 @@ def main(argv: list[str]) -> int:
             print(f"== {name}: {entry['command']}", flush=True)
             print(H.run(cmd, env, min(limit, left), own_group=True).rstrip(), flush=True)
             with open(out, encoding="utf-8") as f:
-                entry["rows"] = headline(name, json.load(f))
-            entry["status"] = "ok"
+                entry.update(rows=headline(name, json.load(f)), status="ok")
         except (RuntimeError, OSError, KeyError, ValueError, ConfigError) as e:
-            entry["status"], entry["error"] = "failed", str(e)
+            entry.update(status="failed", error=str(e))
             print(f"{name}: FAILED\n{e}", flush=True)
-        entry["seconds"] = round(time.perf_counter() - t0, 1)
         # Other people's jobs on this machine: the 1-minute load average before and after the suite.
-        entry["load"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
+        entry.update(
+            seconds=round(time.perf_counter() - t0, 1), load=[round(load0, 1), round(os.getloadavg()[0], 1)]
+        )
         summary.append(entry)
     total = time.perf_counter() - t_all
-    print()
-    print(summary_table(summary))
-    print(f"{len(names)} suites in {total:.0f} s" + (" (--quick: toy sizes, not measurements)" * args.quick))
-    H.write_result(
-        os.path.join(out_dir, "all.json"), "all", args, argv, seconds=round(total, 1), suites=summary
-    )
+    print(f"\n{summary_table(summary)}\n{len(names)} suites in {total:.0f} s", end="")
+    print(" (--quick: toy sizes, not measurements)" if args.quick else "")
+    all_json = os.path.join(os.path.abspath(args.out_dir), "all.json")
+    H.write_result(all_json, "all", args, argv, seconds=round(total, 1), suites=summary)
     return 0 if all(e["status"] == "ok" for e in summary) else 1
 
 
@@ -133,7 +125,3 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
             once = [e["suite"], secs, load] if i == 0 else ["", "", ""]  # on the first row only
             rows.append([once[0], r["metric"], r["value"], r["goal"], met, *once[1:]])
     return "\n".join([H.table("<suite|<metric|value:.3f|goal||s|load", rows), *failures])
-
-
-if __name__ == "__main__":
-    H.module_main(main)

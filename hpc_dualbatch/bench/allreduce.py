@@ -1,12 +1,10 @@
-"""Benchmark: the same training step in a 2-rank Horovod group vs one process with the same threads.
+"""Benchmark: one training step in a 2-rank Horovod group vs one process with the same 2 threads.
 
-    python -m hpc_dualbatch bench allreduce [--width 64] [--batch 64] [--repeats 4]
+    hpc-dualbatch bench allreduce [--width 64] [--batch 64] [--repeats 4]
 
-Alternated jobs: `horovod` (2 ranks, 1 thread and half the batch each, `hvd.DistributedOptimizer`)
-and `single` (one process, 2 threads). Separate jobs, not blocks of one job: Horovod's
-background thread keeps polling while its job is idle (0.98 CPU s per wall s on rank 1 of an
-idle 2-rank job, measured here), which would tax a variant running inside it. No goal: this is
-what a multi-rank group pays for its allreduce here. Method: docs/bench.md.
+Separate jobs, alternated, not blocks of one job: Horovod's background thread polls while its
+job idles (0.98 CPU s per wall s on rank 1 here) and would tax a variant run inside it. No goal:
+what a multi-rank group pays for its allreduce on this machine. Method: docs/bench.md.
 """
 
 from __future__ import annotations
@@ -79,11 +77,8 @@ def main(argv: list[str]) -> int:
 
         def job(role: str, i: int) -> dict:
             result = os.path.join(tmp, f"{role}{i}.json")
-            H.launch(
-                2 * (role == "horovod"),
-                ["bench", "allreduce", "--role", role, "--result", result, *shared],
-                args.timeout,
-            )
+            ranks = 2 if role == "horovod" else 0
+            H.launch(ranks, ["bench", "allreduce", "--role", role, "--result", result, *shared], args.timeout)
             with open(result, encoding="utf-8") as f:
                 return json.load(f)
 
@@ -95,17 +90,11 @@ def main(argv: list[str]) -> int:
         f"total batch {args.batch}, {args.res} px, {args.threads} threads in all; "
         f"{args.repeats} alternated pairs, median"
     )
-    cells = [
-        ["Horovod, 2 ranks x 1 thread", statistics.median(img["horovod"]), ratio],
-        ["1 process x 2 threads", statistics.median(img["single"]), 1.0],
-    ]
+    hvd_img, one_img = statistics.median(img["horovod"]), statistics.median(img["single"])
+    cells = [["Horovod, 2 ranks x 1 thread", hvd_img, ratio], ["1 process x 2 threads", one_img, 1.0]]
     print(H.table("variant|img/s:.1f|vs single:.3f", cells))
     H.write_result(
-        args.out, "allreduce", args, argv, model_params=params, runs=runs,
-        horovod_img_s=cells[0][1], single_img_s=cells[1][1], ratio=ratio,
+        args.out, "allreduce", args, argv, model_params=params, runs=runs, horovod_img_s=hvd_img,
+        single_img_s=one_img, ratio=ratio,
     )  # fmt: skip
     return 0
-
-
-if __name__ == "__main__":
-    H.module_main(main)

@@ -2,9 +2,8 @@
 
     mpirun -np 2 python -m hpc_dualbatch bench exchange [--floats 11200000] [--iters 8] [--repeats 5]
 
-Rank 1 plays a group leader, rank 0 the server, with the real `protocol.py` and merge; the
-variants raw, ps and ps_nomerge alternate in one job (blocks of --iters round trips, the order
-rotated each repeat). Goal: ps >= 0.8 x raw. Method: docs/bench.md.
+Rank 1 plays a group leader, rank 0 the server, with the real `protocol.py` and merge; raw, ps
+and ps_nomerge alternate in one job. Goal: ps >= 0.8 x raw. Method: docs/bench.md.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ def _server(world, variant: str, iters: int, w: np.ndarray, wbuf: np.ndarray, ba
 
 
 def _leader(world, variant: str, iters: int, w: np.ndarray, back) -> float:
-    """Rank 1's side; returns the wall seconds of the `iters` round trips."""
+    """Rank 1's side; returns the wall seconds of the `iters` round trips (what the ratios use)."""
     rep = np.zeros(P.HDR_LEN, np.float64)
     t0 = time.perf_counter()
     for _ in range(iters):
@@ -79,22 +78,21 @@ def main(argv: list[str]) -> int:
     back = P.Backoff(args.poll_min_s, args.poll_max_s)
     w = np.random.default_rng(rank).standard_normal(args.floats, dtype=np.float32)  # touched: no page faults
     wbuf = np.empty_like(w)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    merge_s: list[float] = []
-    schedule = [("warmup", v) for v in VARIANTS] + [
-        (i, VARIANTS[(j + i) % len(VARIANTS)]) for i in range(args.repeats) for j in range(len(VARIANTS))
-    ]
-    for rep_i, variant in schedule:
-        iters = 1 if rep_i == "warmup" else args.iters
+    # (repeat, variant) blocks; repeat None: one warm-up round trip of each variant, not timed
+    blocks = [(None, v) for v in VARIANTS]
+    for i in range(args.repeats):  # the order rotated each repeat
+        blocks += [(i, v) for v in VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]]
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}  # rank 0: merge s; rank 1: round-trip s
+    for i, variant in blocks:
+        iters = 1 if i is None else args.iters
         world.Barrier()  # MPI: both sides start a block together
         if rank == 0:
-            m = _server(world, variant, iters, w, wbuf, back)
-            if variant == "ps" and rep_i != "warmup":
-                merge_s.append(m / iters)
+            side = _server(world, variant, iters, w, wbuf, back)
         else:
-            t = _leader(world, variant, iters, w, back)
-            if rep_i != "warmup":
-                times[variant].append(t / iters)
+            side = _leader(world, variant, iters, w, back)
+        if i is not None:
+            times[variant].append(side / iters)
+    merge_s = times["ps"]
     times = world.bcast(times, root=1)  # MPI: the leader's timings to rank 0 (pickled, tiny)
     if rank != 0:
         return 0
@@ -106,16 +104,14 @@ def main(argv: list[str]) -> int:
         "seconds_per_trip_all": times[v],
     } for v in VARIANTS]  # fmt: skip
     merge_ms = 1e3 * statistics.median(merge_s)
+    cells = [[r["variant"], 1e3 * r["seconds_per_trip"], r["mb_per_s"], r["ratio"]] for r in rows]
     print(
         f"exchange: {args.floats:,} float32 each way, {args.iters} round trips x {args.repeats} blocks per "
-        f"variant, alternated; leader-side times, median"
-    )
-    cells = [[r["variant"], 1e3 * r["seconds_per_trip"], r["mb_per_s"], r["ratio"]] for r in rows]
-    print(H.table("variant|ms/round trip:.2f|MB/s (both ways):,.0f|vs raw:.2f", cells))
-    print(f"({nbytes / 1e6:.1f} MB per direction per round trip)")
-    print(
-        f"merge alone (server, f=1): {merge_ms:.2f} ms per push; ps / raw = {rows[1]['ratio']:.2f}x, "
-        f"without merge {rows[2]['ratio']:.2f}x (goal >= 0.8x)"
+        f"variant, alternated; leader-side times, median\n"
+        + H.table("variant|ms/round trip:.2f|MB/s (both ways):,.0f|vs raw:.2f", cells)
+        + f"\n({nbytes / 1e6:.1f} MB per direction per round trip; merge alone (server, f=1): "
+        f"{merge_ms:.2f} ms per push; ps / raw = {rows[1]['ratio']:.2f}x, without merge "
+        f"{rows[2]['ratio']:.2f}x, goal >= 0.8x)"
     )
     H.write_result(
         args.out, "exchange", args, argv, bytes_per_direction=nbytes, rows=rows,
@@ -124,7 +120,3 @@ def main(argv: list[str]) -> int:
         goal="ratio_ps >= 0.8",
     )  # fmt: skip
     return 0
-
-
-if __name__ == "__main__":
-    H.module_main(main)

@@ -2,11 +2,10 @@
 
     hpc-dualbatch bench overhead [--groups 2] [--repeats 4] [--out results/bench/overhead.json]
 
-Alternated jobs: `ps` (`train` on G+1 ranks: the server + G single-rank groups, a tiny synthetic
-config, every group large) and `limit` (G ranks, each one of those groups training its
-mini-epochs back to back with the exchange skipped). Goal: ps / limit images/s >= 0.95 and the
-server's CPU s per wall s <= 0.05; in each PS run, the workers' share of time spent training
-(`duty_cycle`) needs no second job, so drifting load does not skew it. Method: docs/bench.md.
+Alternated jobs: `ps` (`train`: the server + G single-rank groups, all large, tiny synthetic
+data) and `limit` (G ranks, each one of those groups, the exchange skipped). Goal: ps / limit
+images/s >= 0.95, server CPU s per wall s <= 0.05; `duty_cycle`, the workers' share of time
+spent training inside each PS run, needs no second job. Method: docs/bench.md.
 """
 
 from __future__ import annotations

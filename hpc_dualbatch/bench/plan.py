@@ -2,11 +2,9 @@
 
     python -m hpc_dualbatch.bench.plan [--config CONFIG] [--samples D] [--resolutions 20,28] [--data FILE]
 
-For two resolutions (default: the schedule's lowest and highest), one large-batch (d_L at B_L)
-and one small-batch (d_S at B_S) mini-epoch of the plan in one process, as a single-rank group
-steps through them, next to the timing file's (a + b/B) * d. Goal: within 5 % (the paper:
-+-3.5 %). Without --data: random tensors (the time model covers the step only); with --data,
-batches through `TrainLoader`, loading included. Default config: the package's fashion_mnist.yaml.
+One large-batch (d_L at B_L) and one small-batch (d_S at B_S) mini-epoch of the plan per
+resolution, in one process as a single-rank group steps through them, next to the timing
+file's (a + b/B) * d. Goal: within 5 % (the paper: +-3.5 %). Method: docs/bench.md.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from collections.abc import Iterator
 import torch
 
 from ..config import load_config
+from ..data import TrainLoader, open_staged, shard_indices
 from ..engine import make_optimizer, pick_device
 from ..errors import PlanError
 from ..model import build_model, set_dropout
@@ -27,17 +26,16 @@ from ..timing import load_timing, load_timing_meta, time_per_samples
 from . import _harness as H
 
 
-def _random_batches(
-    samples: int, batch: int, shape: tuple[int, int, int], classes: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _random_batches(samples: int, batch: int, shape: tuple, classes: int, device: torch.device) -> Iterator:
+    """`samples` samples of one random batch of `shape`, the last batch short as in a mini-epoch."""
     gen = torch.Generator().manual_seed(0)
-    full = (
+    x, y = (
         torch.randn(batch, *shape, generator=gen).to(device),
         torch.randint(0, classes, (batch,)).to(device),
     )
     for start in range(0, samples, batch):
         n = min(batch, samples - start)
-        yield full if n == batch else (full[0][:n].contiguous(), full[1][:n].contiguous())
+        yield (x, y) if n == batch else (x[:n].contiguous(), y[:n].contiguous())
 
 
 def main(argv: list[str]) -> int:
@@ -45,7 +43,7 @@ def main(argv: list[str]) -> int:
         "plan", __doc__, config=(H.CONFIG, "run config YAML"),
         samples=(0, "d, samples per epoch (default: config / data)"),
         resolutions=("", "px, comma-separated (default: lowest,highest)"),
-        data=("", "staged HDF5 file: train on real batches through TrainLoader"),
+        data=("", "staged HDF5 file: real batches through TrainLoader (default: random tensors)"),
         warmup=(3, "untimed steps per (resolution, role) first"),
         channels=(1, "input channels without --data"), classes=(10, "classes without --data"),
         set=([], "dotted config override"),
@@ -55,20 +53,17 @@ def main(argv: list[str]) -> int:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    staged = None
-    channels, classes = args.channels, args.classes
-    if args.data:
-        from ..data import TrainLoader, open_staged, shard_indices
-
-        staged = open_staged(args.data)
-        channels, classes = staged.channels, staged.num_classes
-    d = args.samples or (staged.num_samples("train") if staged is not None else samples_per_epoch(cfg))
-    plan = plan_from_config(cfg, d)
+    staged = open_staged(args.data) if args.data else None
+    channels, classes = (
+        (staged.channels, staged.num_classes) if staged is not None else (args.channels, args.classes)
+    )
+    plan = plan_from_config(
+        cfg, args.samples or (staged.num_samples("train") if staged is not None else samples_per_epoch(cfg))
+    )
     if plan.n_small == 0 or plan.n_large == 0:
         raise PlanError("bench plan needs a dual-batch plan (0 < workers.small < number of groups)")
-    res_list = [int(r) for r in args.resolutions.split(",") if r.strip()] or [
-        cfg.schedule.resolutions[0], cfg.schedule.resolutions[-1]
-    ]  # fmt: skip
+    res_list = [int(r) for r in args.resolutions.split(",") if r.strip()]
+    res_list = res_list or [cfg.schedule.resolutions[0], cfg.schedule.resolutions[-1]]
     fits = load_timing(cfg.plan.timing, res_list)
     rows: list[dict] = []
     balance: list[dict] = []
@@ -84,7 +79,8 @@ def main(argv: list[str]) -> int:
             opt = make_optimizer(model, cfg.optim, lr_at(0, cfg.schedule))
             shape = (channels, res, res)
             H.train_seconds(model, opt, _random_batches(args.warmup * batch, batch, shape, classes, device))
-            if staged is not None:
+            batches = _random_batches(share, batch, shape, classes, device)
+            if staged is not None:  # as the worker: this group's shard through TrainLoader
                 shares = [plan.share(g) for g in range(plan.n)]
                 idx = shard_indices(
                     staged.num_samples("train"), shares, group, 0, 1, 0, cfg.seed, cfg.data.assignment
@@ -94,8 +90,6 @@ def main(argv: list[str]) -> int:
                     pad=cfg.data.pad, seed=cfg.seed, device=device, prefetch=cfg.data.prefetch,
                     in_memory=cfg.data.in_memory, in_memory_max_mb=cfg.data.in_memory_max_mb,
                 )  # fmt: skip
-            else:
-                batches = _random_batches(share, batch, shape, classes, device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             c0 = time.process_time()
@@ -106,28 +100,24 @@ def main(argv: list[str]) -> int:
                 "resolution": res, "role": role, "batch": batch, "samples": seen,
                 "steps": math.ceil(share / batch), "predicted_s": round(predicted, 3),
                 "measured_s": round(measured, 3), "rel_error": round(measured / predicted - 1, 4),
-                "cpu_s": round(cpu, 3),
-                "cpu_rel_error": round(cpu / predicted - 1, 4),
+                "cpu_s": round(cpu, 3), "cpu_rel_error": round(cpu / predicted - 1, 4),
                 "budget_s": round(rp.epoch_time, 3) if rp.epoch_time is not None else None,
             })  # fmt: skip
         # The balance the plan is for: a small group should take as long as a large one. This
         # ratio, measured within one run, is robust to a machine that is uniformly slower.
         large, small = rows[-2], rows[-1]
-        balance.append({"resolution": res, **{
-            k: round(small[key] / large[key], 4)
-            for k, key in (("predicted", "predicted_s"), ("wall", "measured_s"), ("cpu", "cpu_s"))
-        }})  # fmt: skip
+        pairs = (("predicted", "predicted_s"), ("wall", "measured_s"), ("cpu", "cpu_s"))
+        balance.append({"resolution": res, **{k: round(small[key] / large[key], 4) for k, key in pairs}})
     worst = max(abs(r["rel_error"]) for r in rows)
     worst_cpu = max(abs(r["cpu_rel_error"]) for r in rows)
     print(
-        f"plan: n = {plan.n}, n_S = {plan.n_small}, k = {plan.k:g}, d = {d}; d_L = {plan.d_L}, "
+        f"plan: n = {plan.n}, n_S = {plan.n_small}, k = {plan.k:g}, d = {plan.d}; d_L = {plan.d_L}, "
         f"d_S = {plan.d_S}; device {device}, {torch.get_num_threads()} thread(s); "
         f"data: {args.data or 'random tensors'}"
     )
     keys = "resolution role batch samples steps predicted_s measured_s rel_error cpu_s cpu_rel_error".split()
-    cells = [[r[k] for k in keys] for r in rows]
     cols = "res px|role|batch|samples|steps|predicted s:.2f|measured s:.2f|error:+.1%|CPU s:.2f|error:+.1%"
-    print(H.table(cols, cells))
+    print(H.table(cols, [[r[k] for k in keys] for r in rows]))
     for b in balance:
         print(f"{b['resolution']} px small/large time: predicted {b['predicted']:.3f}, "
               f"measured {b['wall']:.3f} (wall), {b['cpu']:.3f} (CPU)")  # fmt: skip

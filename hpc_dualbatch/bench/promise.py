@@ -3,19 +3,15 @@
     hpc-dualbatch bench promise [--config CONFIG] [--data data/fashion-mnist.h5] [--k 1.05,1.10]
         [--small 1,2] [--epochs 4] [--samples 15000] [--slow GROUP:FACTOR]
 
-One after another, real `train` jobs: all-large, then static and adaptive dual-batch per k and
-n_S (again with group G slowed F x when --slow). Per job, after epoch 1, the epoch time at the
-groups' steady rates, n / sum_g 1/C_g (C_g: group g's median wall between its commits), and its
-ratio to all-large's (goal: k within +-3 %); not the wall between the commits that close epochs,
-which an asynchronous server's group phases swing (6 to 16 s in one job here). Method:
-docs/bench.md.
+Real `train` jobs one after another: all-large, then static and adaptive dual-batch per k and
+n_S. Per job, the epoch time at the groups' steady rates after epoch 1 against all-large's
+(goal: k within +-3 %). Method, and why not the wall between epochs: docs/bench.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import tempfile
 
@@ -114,7 +110,7 @@ def main(argv: list[str]) -> int:
     bad = [s for s in smalls if not 0 < s < n]
     if bad:
         raise ConfigError(
-            f"bench promise --small {bad}: n_S must be in 1..{n - 1} ({n} groups in {args.config})"
+            f"bench promise --small {bad}: n_S must be in 1..{n - 1} ({n} groups in the config)"
         )
     if not os.path.isfile(args.data):
         raise DataError(
@@ -128,9 +124,8 @@ def main(argv: list[str]) -> int:
         f"schedule.milestones=[{args.epochs - 1}]", "schedule.lr=[0.1, 0.01]",
         f"schedule.dropout={{{res}: 0.0}}", "checkpoint.every_epochs=0", "server.order=arrival",
     ]  # fmt: skip
-    tmp = tempfile.mkdtemp(prefix="bench-promise-")
     rows = []
-    try:
+    with tempfile.TemporaryDirectory(prefix="hdb-promise-") as tmp:
         for i, (name, k, slow, over) in enumerate(_jobs(ks, smalls, args.slow)):
             out = os.path.join(tmp, f"job{i}")
             sets = [x for kv in [*common, *over, f"out={out}"] for x in ("--set", kv)]
@@ -140,23 +135,15 @@ def main(argv: list[str]) -> int:
                 plan = json.load(f)
             summary = job_summary(read_metrics(os.path.join(out, "metrics.jsonl")), plan, n, args.samples)
             rows.append({"job": name, "k": k, "slow": slow, "overrides": over, **summary})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     base = {r["slow"]: r["epoch_s_rate"] for r in rows if r["k"] == 1.0}
     for r in rows:
         if r["k"] > 1.0 and r["epoch_s_rate"] and base[r["slow"]]:
             r["ratio"] = round(r["epoch_s_rate"] / base[r["slow"]], 4)
             r["ratio_over_k"] = round(r["ratio"] / r["k"] - 1, 4)
-    keys = ["job", "epoch_s_rate", "ratio", "ratio_over_k", "small_over_large", "small_sample_share"]
-    cells = [
-        [r.get(k) for k in keys] + [r["planned_small_share"], r["predicted_abs_err_median"]] for r in rows
-    ]
+    keys = "job epoch_s_rate ratio ratio_over_k small_over_large small_sample_share planned_small_share"
+    cells = [[r.get(k) for k in [*keys.split(), "predicted_abs_err_median"]] for r in rows]
     cols = "<job|epoch s:.2f|ratio:.3f|/k - 1:+.1%|S/L:.3f|S share:.3f|plan:.3f|pred err:.1%"
-    print("\n" + H.table(cols, cells))
-    print("goals: ratio within +-3 % of k; S/L (small/large mini-epoch s) near 1; |pred err| <= 3 %")
+    print(f"\n{H.table(cols, cells)}\ngoals: ratio within +-3 % of k; S/L (small/large mini-epoch s) near 1; "
+          "pred err (|predicted/measured - 1|) <= 3 %")  # fmt: skip
     H.write_result(args.out, "promise", args, argv, timing=cfg.plan.timing, rows=rows)
     return 0
-
-
-if __name__ == "__main__":
-    H.module_main(main)

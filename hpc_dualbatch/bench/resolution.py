@@ -1,11 +1,10 @@
 """Benchmark: does a lower resolution make an epoch as much cheaper as its pixel count says?
 
-    python -m hpc_dualbatch bench resolution [--file data/fashion-mnist.h5] [--samples 1536] [--repeats 3]
+    hpc-dualbatch bench resolution [--file data/fashion-mnist.h5] [--samples 1536] [--repeats 3]
 
-For every staged resolution r: --samples samples through `TrainLoader` and `resnet18_cifar` at
-the demo config's B_L for r, the resolutions alternated; time ratio t(r) / t(R) next to the
-pixel ratio r^2 / R^2 (R the highest), the limit when all cost is convolutions. Goal: time
-ratio <= 1.10 x pixel ratio. Method: docs/bench.md.
+Time ratio t(r) / t(R) of --samples samples through `TrainLoader` and `resnet18_cifar` at the
+demo config's B_L, resolutions alternated, next to the pixel ratio r^2 / R^2 (the limit when all
+cost is convolutions). Goal: time ratio <= 1.10 x pixel ratio. Method: docs/bench.md.
 """
 
 from __future__ import annotations
@@ -80,7 +79,3 @@ def main(argv: list[str]) -> int:
             goal="time_ratio <= 1.10 x pixel_ratio at every resolution",
         )  # fmt: skip
     return 0
-
-
-if __name__ == "__main__":
-    H.module_main(main)
