@@ -70,23 +70,18 @@ def main(argv: list[str]) -> int:
     unknown = [s for s in names if s not in SUITES]
     if unknown:
         raise ConfigError(f"bench all --only: unknown suite(s) {unknown}; valid: {', '.join(SUITES)}")
-    summary: list[dict[str, Any]] = []
-    t_all = time.perf_counter()
+    out_dir, summary, t_all = os.path.abspath(args.out_dir), [], time.perf_counter()
     for name in names:
         ranks, opts, limit = SUITES[name]
-        out = os.path.join(os.path.abspath(args.out_dir), f"{name}.json")
-        t0, load0, left = (
-            time.perf_counter(),
-            os.getloadavg()[0],
-            args.budget_s - (time.perf_counter() - t_all),
-        )
+        out = os.path.join(out_dir, f"{name}.json")
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
+        left = args.budget_s - (t0 - t_all)
         entry: dict[str, Any] = {"suite": name, "command": "", "json": out}
         try:
             if os.path.exists(out):
                 os.remove(out)  # a stale file must not pass for this run's result
-            cmd, env = H.command_for(
-                ["bench", name, *(["--quick"] if args.quick else opts), "--out", out], ranks
-            )
+            suite_args = ["--quick"] if args.quick else opts
+            cmd, env = H.command_for(["bench", name, *suite_args, "--out", out], ranks)
             entry["command"] = shlex.join(cmd)
             if left < 30:
                 raise RuntimeError(f"not run: {left:.0f} s left of --budget-s {args.budget_s:.0f}")
@@ -98,15 +93,15 @@ def main(argv: list[str]) -> int:
             entry.update(status="failed", error=str(e))
             print(f"{name}: FAILED\n{e}", flush=True)
         # Other people's jobs on this machine: the 1-minute load average before and after the suite.
-        entry.update(
-            seconds=round(time.perf_counter() - t0, 1), load=[round(load0, 1), round(os.getloadavg()[0], 1)]
-        )
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        entry["load"] = [round(load0, 1), round(os.getloadavg()[0], 1)]
         summary.append(entry)
     total = time.perf_counter() - t_all
     print(f"\n{summary_table(summary)}\n{len(names)} suites in {total:.0f} s", end="")
     print(" (--quick: toy sizes, not measurements)" if args.quick else "")
-    all_json = os.path.join(os.path.abspath(args.out_dir), "all.json")
-    H.write_result(all_json, "all", args, argv, seconds=round(total, 1), suites=summary)
+    H.write_result(
+        os.path.join(out_dir, "all.json"), "all", args, argv, seconds=round(total, 1), suites=summary
+    )
     return 0 if all(e["status"] == "ok" for e in summary) else 1
 
 
