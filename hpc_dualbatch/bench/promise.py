@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
         slow=("", "also run every job with group G slowed F x (G:F)"),
         timeout=(900.0, "seconds per job before it counts as hung"), set=([], "config override, every job"),
     )  # fmt: skip
-    args = H.start(p, argv, k="1.05", small="1", epochs=2, samples=2000)
+    args = H.start(p, argv, k="1.05", small="1", epochs=3, samples=1500)
     if args.epochs < 2:
         raise ConfigError(f"bench promise --epochs is {args.epochs}; it needs >= 2 (the first is not timed)")
     cfg = load_config(args.config, args.set)
