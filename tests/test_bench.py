@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark suites: each runs at toy sizes and writes well-formed JSON.
+"""The bench harness (exact command, atomic JSON, pairing, launcher, options) and smoke runs of
+the suites at toy sizes.
 
 No timing is asserted (timings on a shared machine are not test material); every launch runs
 under a hard timeout.
@@ -8,11 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from hpc_dualbatch.bench import _harness as H
+from hpc_dualbatch.bench.all import row as summary_row
+from hpc_dualbatch.bench.all import summary_table
+from hpc_dualbatch.errors import ConfigError
 
 from .helpers import ROOT, hdb
 
@@ -35,12 +43,114 @@ def load(path: Path) -> dict:
     return result
 
 
+def test_result_records_the_exact_command(tmp_path, monkeypatch):
+    args = H.parser("x", "doc", n=(3, "a count")).parse_args(["--n", "4"])
+    out = tmp_path / "x.json"
+    typed = ["/venv/bin/python", "-m", "hpc_dualbatch", "bench", "x", "--n", "4", "--out", "a b.json"]
+    monkeypatch.setattr(sys, "argv", ["/pkg/__main__.py", *typed[3:]])
+    monkeypatch.setattr(sys, "orig_argv", typed, raising=False)
+    monkeypatch.delenv(H.LAUNCHER_ENV, raising=False)
+    H.write_result(str(out), "x", args, typed[5:], extra=1)
+    res = json.loads(out.read_text())
+    assert res["command"] == shlex.join(typed)  # quoted so that it runs as it ran
+    assert res["bench"] == "x" and res["params"]["n"] == 4 and res["extra"] == 1
+    assert res["machine"]["cpus"] >= 1
+    monkeypatch.setenv(H.LAUNCHER_ENV, "mpirun -np 2")  # what `launch` tells the ranks it started
+    H.write_result(str(out), "x", args, typed[5:])
+    assert json.loads(out.read_text())["command"] == "mpirun -np 2 " + shlex.join(typed)
+    # main(argv) called in-process (argv is not this process's): the equivalent command
+    H.write_result(str(out), "x", args, ["--n", "5"])
+    assert json.loads(out.read_text())["command"] == "python -m hpc_dualbatch bench x --n 5"
+
+
+def test_result_is_written_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "x.json"
+    out.write_text('{"old": true}')
+    args = H.parser("x", "doc").parse_args([])
+    with pytest.raises(TypeError):
+        H.write_result(str(out), "x", args, [], bad=object())  # fails half-way through the JSON
+    assert json.loads(out.read_text()) == {"old": True} and os.listdir(tmp_path) == ["x.json"]
+
+
+def test_median_ratio_of_pairs():
+    assert H.median_ratio([2.0, 3.0, 10.0], [1.0, 2.0, 2.0]) == 2.0  # ratios 2, 1.5, 5
+    assert H.median_ratio([1.0, 3.0], [1.0, 1.0]) == 2.0
+
+
+def test_options_quick_sizes_and_positive_counts():
+    p = H.parser(
+        "x", "doc", n=(3, "count"), rate=(0.5, "s"), tag=("a", "t"), flag=(False, "f"), set=([], "kv")
+    )
+    args = H.start(p, ["--set", "a=1", "--set", "b=2"], "n", n=7)
+    assert (args.n, args.rate, args.tag, args.flag, args.set, args.quick) == (
+        3,
+        0.5,
+        "a",
+        False,
+        ["a=1", "b=2"],
+        False,
+    )
+    assert args.out == os.path.join("results", "bench", "x.json")
+    assert H.start(p, ["--quick"], "n", n=7).n == 7
+    with pytest.raises(ConfigError, match=r"--n 0: must be >= 1"):
+        H.start(p, ["--n", "0"], "n")
+
+
+def test_launcher_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("HDB_MPIRUN", "srun --mpi=pmix")
+    assert H.launcher() == ["srun", "--mpi=pmix"]
+    cmd, env = H.command_for(["bench", "exchange"], 2)
+    assert cmd[:4] == ["srun", "--mpi=pmix", "-np", "2"] and env == {H.LAUNCHER_ENV: "srun --mpi=pmix -np 2"}
+    monkeypatch.delenv("HDB_MPIRUN")
+    monkeypatch.chdir(ROOT)
+    assert H.launcher() == [str(ROOT / "scripts" / "mpirun_local.sh")]
+    monkeypatch.chdir(tmp_path)  # not a checkout, and no mpirun on PATH
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(
+        ConfigError, match=r"no MPI launcher: set HDB_MPIRUN.*mpirun.*scripts/mpirun_local.sh"
+    ):
+        H.launcher()
+    assert H.command_for(["info"])[0] == [sys.executable, "-m", "hpc_dualbatch", "info"]  # no MPI needed
+
+
+def test_table_and_summary_rows():
+    assert H.table("<name|v:.2f", [["a", 1.0], ["bcd", None]]).splitlines() == [
+        "name    v",
+        "a    1.00",
+        "bcd     -",
+    ]
+    assert [summary_row("m", v, g)["met"] for v, g in ((0.9, ">= 0.8"), (1.2, "<= 1.10"), (1.0, "-"))] == [
+        True,
+        False,
+        None,
+    ]
+    entry = {
+        "suite": "plan",
+        "status": "ok",
+        "seconds": 7.0,
+        "load": [1.0, 2.0],
+        "rows": [summary_row("worst", 0.01, "<= 0.05")],
+    }
+    failed = {
+        "suite": "loader",
+        "status": "failed",
+        "error": "boom\nlast line",
+        "seconds": 1.0,
+        "load": [2.0, 2.0],
+    }
+    lines = summary_table([entry, failed]).splitlines()
+    assert lines[1].split() == ["plan", "worst", "0.010", "<=", "0.05", "met", "7", "1.0->2.0"]
+    assert "FAILED" in lines[2] and lines[-1] == "loader: last line"
+
+
 def test_exchange_two_ranks(tmp_path):
     out = tmp_path / "exchange.json"
-    r = hdb(2, "bench", "exchange", "--floats", "50000", "--iters", "2", "--repeats", "2", "--out", str(out))
+    argv = ["--floats", "50000", "--iters", "2", "--repeats", "2", "--out", str(out)]
+    r = hdb(2, "bench", "exchange", *argv)
     assert r.returncode == 0, r.stdout + r.stderr
     res = load(out)
-    assert "mpirun_local.sh -np 2" in res["command"]
+    assert res["command"].endswith(shlex.join(["-m", "hpc_dualbatch", "bench", "exchange", *argv]))
+    assert res["machine"]["mpi_ranks"] == 2
     assert [row["variant"] for row in res["rows"]] == ["raw", "ps", "ps_nomerge"]
     for row in res["rows"]:
         assert row["mb_per_s"] > 0 and len(row["seconds_per_trip_all"]) == 2
@@ -99,10 +209,15 @@ def test_all_runs_suites_and_summarises(tmp_path):
     r = bench("all", "--quick", "--only", "resolution,exchange", "--out-dir", str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     summary = load(tmp_path / "all.json")
+    assert summary["command"].endswith(f"bench all --quick --only resolution,exchange --out-dir {tmp_path}")
     assert [s["suite"] for s in summary["suites"]] == ["resolution", "exchange"]
     for s in summary["suites"]:
         assert s["status"] == "ok" and s["rows"] and Path(s["json"]).exists()
         assert all({"metric", "value", "goal", "met"} <= set(row) for row in s["rows"])
+        assert load(Path(s["json"]))["command"] == s["command"]  # the suite's JSON: the command all ran
+    assert summary["suites"][1]["command"].startswith(str(ROOT / "scripts" / "mpirun_local.sh") + " -np 2 ")
+    worst = load(tmp_path / "resolution.json")["worst_excess"]
+    assert f"epoch-time ratio / pixel ratio, worst res {worst:.3f}" in " ".join(r.stdout.split())
     assert "PS push+pull / raw Send+Recv throughput" in r.stdout
 
 

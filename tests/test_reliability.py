@@ -441,7 +441,7 @@ def test_package_never_hands_paths_to_a_shell_or_an_unpickler():
     """A static check over the package: no shell, no eval, no object-building loader.
 
     Config values (paths included) reach the OS only as arguments of open/h5py/np.load;
-    the one subprocess call (`bench/all.py`) takes an argument list.
+    the one subprocess call (`bench/_harness.py`) takes an argument list.
     """
     found = []
     for path in sorted((ROOT / "hpc_dualbatch").rglob("*.py")):

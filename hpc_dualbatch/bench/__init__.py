@@ -1,9 +1,8 @@
 """`hpc-dualbatch bench SUITE [options]`: benchmarks that print ratios measured side by side.
 
-Each suite is a module `hpc_dualbatch.bench.<suite>` with `main(argv) -> int`;
-it prints a table and writes JSON under results/bench/. Benchmarks are commands,
-never timed tests: absolute times on a shared machine drift, ratios measured in
-one run do not.
+Each suite is a module `hpc_dualbatch.bench.<suite>` with `main(argv) -> int`; what they share
+is in `_harness.py`, what each measures and why in docs/bench.md. Benchmarks are commands, never
+timed tests: absolute times on a shared machine drift, ratios measured in one run do not.
 """
 
 from __future__ import annotations

@@ -1,57 +1,30 @@
 """Benchmark: one push + pull through the parameter-server protocol vs raw Send/Recv of the same bytes.
 
-    scripts/mpirun_local.sh -np 2 python -m hpc_dualbatch bench exchange [--floats 11200000]
-        [--iters 8] [--repeats 5] [--out results/bench/exchange.json]
+    mpirun -np 2 python -m hpc_dualbatch bench exchange [--floats 11200000] [--iters 8] [--repeats 5]
 
-Rank 1 plays a group leader, rank 0 the server, with the real pieces of `protocol.py` and
-`server.py`. One round trip of each variant, as the leader times it:
-
-    raw       leader Send(w) -> server Recv; server Send(w) -> leader Recv (blocking, same bytes)
-    ps        leader: request header (TAG_REQ) + weights (TAG_W); server: `protocol.recv` with
-              `Backoff` of both, `server.merge`, reply header (TAG_REP) + merged weights (TAG_W);
-              leader: `protocol.recv` with `Backoff` of both (what `worker.run_worker` does)
-    ps_nomerge  the same without the merge: the protocol's cost alone
-
-The variants alternate in one job (blocks of --iters round trips, the order rotated each
-repeat); the ratios are medians of per-repeat ratios. Throughput counts the bytes of both
-directions (2 x 4 x floats per round trip). Goal: ps >= 0.8 x raw.
+Rank 1 plays a group leader, rank 0 the server, with the real `protocol.py` and merge; raw, ps
+and ps_nomerge alternate in one job. Goal: ps >= 0.8 x raw. Method: docs/bench.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 
 import numpy as np
+from mpi4py import MPI
+
+from .. import protocol as P
+from ..errors import ConfigError
+from ..merge import merge_paper as merge
+from . import _harness as H
 
 VARIANTS = ("raw", "ps", "ps_nomerge")
 RESNET18_FLOATS = 11_200_000  # CIFAR ResNet-18 weights (11.17 M parameters + BN buffers)
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hpc-dualbatch bench exchange", description=__doc__.split("\n")[0])
-    p.add_argument("--floats", type=int, default=RESNET18_FLOATS, help="float32 values per weight buffer")
-    p.add_argument("--iters", type=int, default=8, help="round trips per timed block")
-    p.add_argument("--repeats", type=int, default=5, help="blocks per variant (alternated)")
-    p.add_argument(
-        "--poll-min-s", type=float, default=0.0002, help="Backoff first sleep, s (server.poll_min_s)"
-    )
-    p.add_argument(
-        "--poll-max-s", type=float, default=0.02, help="Backoff longest sleep, s (server.poll_max_s)"
-    )
-    p.add_argument("--out", default="results/bench/exchange.json")
-    return p.parse_args(argv)
-
-
 def _server(world, variant: str, iters: int, w: np.ndarray, wbuf: np.ndarray, back) -> float:
     """Rank 0's side of `iters` round trips; returns the seconds spent in `merge`."""
-    from mpi4py import MPI
-
-    from .. import protocol as P
-    from ..merge import merge_paper as merge
-
     hdr = np.zeros(P.HDR_LEN, np.float64)
     merge_s = 0.0
     for _ in range(iters):
@@ -72,9 +45,7 @@ def _server(world, variant: str, iters: int, w: np.ndarray, wbuf: np.ndarray, ba
 
 
 def _leader(world, variant: str, iters: int, w: np.ndarray, back) -> float:
-    """Rank 1's side; returns the wall seconds of the `iters` round trips."""
-    from .. import protocol as P
-
+    """Rank 1's side; returns the wall seconds of the `iters` round trips (what the ratios use)."""
     rep = np.zeros(P.HDR_LEN, np.float64)
     t0 = time.perf_counter()
     for _ in range(iters):
@@ -89,95 +60,63 @@ def _leader(world, variant: str, iters: int, w: np.ndarray, back) -> float:
     return time.perf_counter() - t0
 
 
-def _table(rows: list[dict], mb: float) -> str:
-    lines = [f"{'variant':>11} {'ms/round trip':>14} {'MB/s (both ways)':>17} {'vs raw':>7}"]
-    for r in rows:
-        ms = 1e3 * r["seconds_per_trip"]
-        lines.append(f"{r['variant']:>11} {ms:14.2f} {r['mb_per_s']:17,.0f} {r['ratio']:6.2f}x")
-    lines.append(f"({mb:.1f} MB per direction per round trip)")
-    return "\n".join(lines)
-
-
 def main(argv: list[str]) -> int:
-    from mpi4py import MPI
-
-    from .. import protocol as P
-    from ..errors import ConfigError
-    from .all import machine, median_ratio, write_result
-
-    args = _parse(argv)
+    p = H.parser(
+        "exchange", __doc__, floats=(RESNET18_FLOATS, "float32 values per weight buffer"),
+        iters=(8, "round trips per timed block"), repeats=(5, "blocks per variant (alternated)"),
+        poll_min_s=(0.0002, "Backoff first sleep, s (server.poll_min_s)"),
+        poll_max_s=(0.02, "Backoff longest sleep, s (server.poll_max_s)"),
+    )  # fmt: skip
+    args = H.start(p, argv, "floats iters repeats", floats=100_000, iters=2, repeats=2)
     world = MPI.COMM_WORLD
     if world.Get_size() != 2:
         raise ConfigError(
             f"bench exchange needs exactly 2 MPI ranks (server + leader), got {world.Get_size()}: "
-            "run scripts/mpirun_local.sh -np 2 python -m hpc_dualbatch bench exchange"
+            "run mpirun -np 2 python -m hpc_dualbatch bench exchange"
         )
-    if args.floats < 1 or args.iters < 1 or args.repeats < 1:
-        raise ConfigError("bench exchange: --floats, --iters and --repeats must be >= 1")
     rank = world.Get_rank()
     back = P.Backoff(args.poll_min_s, args.poll_max_s)
-    rng = np.random.default_rng(rank)
-    w = rng.standard_normal(args.floats, dtype=np.float32)  # touched: no page faults in the timing
+    w = np.random.default_rng(rank).standard_normal(args.floats, dtype=np.float32)  # touched: no page faults
     wbuf = np.empty_like(w)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    merge_s: list[float] = []
-    schedule = [("warmup", v) for v in VARIANTS] + [
-        (i, VARIANTS[(j + i) % len(VARIANTS)]) for i in range(args.repeats) for j in range(len(VARIANTS))
-    ]
-    for rep_i, variant in schedule:
-        iters = 1 if rep_i == "warmup" else args.iters
+    # (repeat, variant) blocks; repeat None: one warm-up round trip of each variant, not timed
+    blocks = [(None, v) for v in VARIANTS]
+    for i in range(args.repeats):  # the order rotated each repeat
+        blocks += [(i, v) for v in VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]]
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}  # rank 0: merge s; rank 1: round-trip s
+    for i, variant in blocks:
+        iters = 1 if i is None else args.iters
         world.Barrier()  # MPI: both sides start a block together
         if rank == 0:
-            m = _server(world, variant, iters, w, wbuf, back)
-            if variant == "ps" and rep_i != "warmup":
-                merge_s.append(m / iters)
+            side = _server(world, variant, iters, w, wbuf, back)
         else:
-            t = _leader(world, variant, iters, w, back)
-            if rep_i != "warmup":
-                times[variant].append(t / iters)
+            side = _leader(world, variant, iters, w, back)
+        if i is not None:
+            times[variant].append(side / iters)
+    merge_s = times["ps"]
     times = world.bcast(times, root=1)  # MPI: the leader's timings to rank 0 (pickled, tiny)
     if rank != 0:
         return 0
-
     nbytes = 4 * args.floats
-    rows = []
-    for v in VARIANTS:
-        per_trip = statistics.median(times[v])
-        rows.append(
-            {
-                "variant": v,
-                "seconds_per_trip": per_trip,
-                "mb_per_s": 2 * nbytes / per_trip / 1e6,
-                "ratio": median_ratio(times["raw"], times[v]),  # raw time / variant time = throughput ratio
-                "seconds_per_trip_all": times[v],
-            }
-        )
+    rows = [{
+        "variant": v, "seconds_per_trip": statistics.median(times[v]),
+        "mb_per_s": 2 * nbytes / statistics.median(times[v]) / 1e6,  # both directions
+        "ratio": H.median_ratio(times["raw"], times[v]),  # raw time / variant time = throughput ratio
+        "seconds_per_trip_all": times[v],
+    } for v in VARIANTS]  # fmt: skip
     merge_ms = 1e3 * statistics.median(merge_s)
-    result = {
-        "bench": "exchange",
-        "command": "scripts/mpirun_local.sh -np 2 python -m hpc_dualbatch bench exchange " + " ".join(argv),
-        "params": vars(args),
-        "machine": machine(),
-        "bytes_per_direction": nbytes,
-        "rows": rows,
-        "ratio_ps": rows[1]["ratio"],
-        "ratio_ps_nomerge": rows[2]["ratio"],
-        "merge_ms": merge_ms,
-        "merge_mb_per_s": 3 * nbytes / (merge_ms / 1e3) / 1e6,  # reads w, wi; writes w (+ wi scratch)
-        "goal": "ratio_ps >= 0.8",
-    }
+    cells = [[r["variant"], 1e3 * r["seconds_per_trip"], r["mb_per_s"], r["ratio"]] for r in rows]
     print(
         f"exchange: {args.floats:,} float32 each way, {args.iters} round trips x {args.repeats} blocks per "
-        f"variant, alternated; leader-side times, median"
+        f"variant, alternated; leader-side times, median\n"
+        + H.table("variant|ms/round trip:.2f|MB/s (both ways):,.0f|vs raw:.2f", cells)
+        + f"\n({nbytes / 1e6:.1f} MB per direction per round trip; merge alone (server, f=1): "
+        f"{merge_ms:.2f} ms per push; ps / raw = {rows[1]['ratio']:.2f}x, without merge "
+        f"{rows[2]['ratio']:.2f}x, goal >= 0.8x)"
     )
-    print(_table(rows, nbytes / 1e6))
-    print(
-        f"merge alone (server, f=1): {merge_ms:.2f} ms per push; ps / raw = {rows[1]['ratio']:.2f}x, "
-        f"without merge {rows[2]['ratio']:.2f}x (goal >= 0.8x)"
-    )
-    write_result(args.out, result)
+    H.write_result(
+        args.out, "exchange", args, argv, bytes_per_direction=nbytes, rows=rows,
+        ratio_ps=rows[1]["ratio"], ratio_ps_nomerge=rows[2]["ratio"], merge_ms=merge_ms,
+        merge_mb_per_s=3 * nbytes / (merge_ms / 1e3) / 1e6,  # reads w, wi; writes w (+ wi scratch)
+        goal="ratio_ps >= 0.8",
+    )  # fmt: skip
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
