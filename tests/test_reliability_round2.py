@@ -632,12 +632,18 @@ def _finished_run_rolled_back(out: Path, data: str) -> tuple[Path, int]:
 
 
 @mpi
-def test_resume_after_the_metrics_lost_their_tail_records_a_gap(tmp_path, synthetic_h5):
-    """The checkpoint is fsynced, the metrics are not: cut them short, resume, report."""
+def test_resume_on_another_node_after_the_metrics_lost_their_tail_records_a_gap(tmp_path, synthetic_h5):
+    """A requeued job on another node (the data copied elsewhere, other threads and prefetch)
+    whose metrics lost their tail: the checkpoint is fsynced, the metrics are not. The resume
+    continues from the checkpoint and reports the gap."""
     out, resumed_at = _finished_run_rolled_back(tmp_path / "run-s1", synthetic_h5)
     metrics = out / "metrics.jsonl"
     metrics.write_bytes(metrics.read_bytes()[:150])  # lost: most of what that checkpoint accounts for
-    r = hdb(3, "train", "--resume", str(out), timeout=JOB_S)
+    moved = tmp_path / "node-local" / "copy.h5"
+    moved.parent.mkdir()
+    shutil.copy(synthetic_h5, moved)
+    sets = ["--set", f"data.path={moved}", "--set", "threads=2", "--set", "data.prefetch=1"]
+    r = hdb(3, "train", "--resume", str(out), *sets, timeout=JOB_S)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "metrics file shorter than the checkpoint" in r.stdout
     st = status(out)
@@ -645,6 +651,7 @@ def test_resume_after_the_metrics_lost_their_tail_records_a_gap(tmp_path, synthe
     recs = read_metrics(str(metrics))
     gap = [x for x in recs if x["type"] == "gap"]
     assert len(gap) == 1 and gap[0]["up_to_commit"] == resumed_at and gap[0]["after_commit"] == 0
+    assert 0 < resumed_at < 6
     assert [x["commit"] for x in recs if x["type"] == "commit"] == list(range(resumed_at + 1, 7))
     rep = _report(str(out), "--out", str(tmp_path / "rep"))
     assert rep.returncode == 0 and "gap record" in rep.stdout, rep.stderr
@@ -687,18 +694,3 @@ def test_config_file_that_is_not_text_is_a_message(tmp_path):
     path.write_bytes(bytes(range(128, 256)))
     with pytest.raises(ConfigError, match=r"binary.yaml' is not (UTF-8 text|valid YAML)"):
         load_config(str(path))
-
-
-@mpi
-def test_resume_with_moved_data_and_other_operational_keys_continues(tmp_path, synthetic_h5):
-    """A requeued job on another node: the data copied elsewhere, other threads and prefetch."""
-    out, resumed_at = _finished_run_rolled_back(tmp_path / "run", synthetic_h5)
-    moved = tmp_path / "node-local" / "copy.h5"
-    moved.parent.mkdir()
-    shutil.copy(synthetic_h5, moved)
-    sets = ["--set", f"data.path={moved}", "--set", "threads=2", "--set", "data.prefetch=1"]
-    r = hdb(3, "train", "--resume", str(out), *sets, timeout=JOB_S)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert status(out)["state"] == "done"
-    commits = [x["commit"] for x in read_metrics(str(out / "metrics.jsonl")) if x["type"] == "commit"]
-    assert commits == list(range(1, 7)) and resumed_at < 6

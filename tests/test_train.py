@@ -66,11 +66,11 @@ def test_hybrid_run_with_a_two_rank_group_learns(tmp_path, synthetic_h5):
 
 
 def test_round_robin_runs_are_bit_identical_and_resume_exactly(tmp_path, synthetic_h5):
+    """The killed run's part before its checkpoint ran in another process than run a's, so equal
+    final weights show both that round-robin runs repeat bit for bit and that a resume is exact."""
     r1, out1 = train(tmp_path, synthetic_h5, name="a")
-    r2, out2 = train(tmp_path, synthetic_h5, name="b")
-    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    assert r1.returncode == 0, r1.stdout + r1.stderr
     w1 = final_weights(out1)
-    assert np.array_equal(w1, final_weights(out2))
 
     # Kill (SIGKILL, the whole job) as soon as a checkpoint exists, then resume.
     cfg = write_config(tmp_path / "c.yaml", tiny_config(synthetic_h5, tmp_path / "c"))
@@ -127,7 +127,7 @@ def test_sigterm_to_a_non_leader_rank_checkpoints_and_stops_the_run(tmp_path, sy
         tiny_config(
             synthetic_h5,
             tmp_path / "t",
-            schedule__epochs=8,
+            schedule__epochs=4,
             checkpoint__every_epochs=0,
             workers__groups=[2, 1],
         ),
@@ -146,11 +146,11 @@ def test_sigterm_to_a_non_leader_rank_checkpoints_and_stops_the_run(tmp_path, sy
         raise
     assert job.returncode == 0, out
     status = json.loads((tmp_path / "t" / "status.json").read_text())
-    assert status["state"] == "preempted" and status["commits"] < 16, status
+    assert status["state"] == "preempted" and status["commits"] < 8, status
     r = hdb(4, "train", "--resume", str(tmp_path / "t"))
     assert r.returncode == 0, r.stdout + r.stderr
     commits, _ = commits_and_evals(tmp_path / "t")
-    assert commits == list(range(1, 17))
+    assert commits == list(range(1, 9))
 
 
 def test_sync_baseline_learns_with_the_same_metrics(tmp_path, synthetic_h5):
@@ -207,9 +207,14 @@ def test_bad_input_ends_every_rank_quickly_with_one_message(tmp_path, synthetic_
 
 
 def test_existing_run_folder_is_refused_and_resume_checks_the_config(tmp_path, synthetic_h5):
-    r, out = train(tmp_path, synthetic_h5, name="x", schedule__epochs=2, schedule__milestones=[1])
-    assert r.returncode == 0, r.stderr
-    r2, _ = train(tmp_path, synthetic_h5, name="x", schedule__epochs=2, schedule__milestones=[1])
-    assert r2.returncode != 0 and "already holds a run" in r2.stderr
-    r3 = hdb(3, "train", "--resume", str(out), "--set", "optim.momentum=0.5")
-    assert r3.returncode != 0 and "another config" in r3.stderr and "optim.momentum" in r3.stderr
+    """Start-up checks on rank 0 (the run folder), in-process: a job's ending on them is
+    tests/test_reliability_round2.py's [out-is-a-file] job."""
+    from .test_reliability import fake_run_folder
+
+    out = tmp_path / "x"
+    fake_run_folder(out, synthetic_h5, tiny_config(synthetic_h5, out))
+    (out / "metrics.jsonl").write_text('{"type": "commit", "commit": 1}\n')
+    cfg = write_config(tmp_path / "x.yaml", tiny_config(synthetic_h5, out))
+    assert "already holds a run" in start_up_error(["--config", cfg])
+    err = start_up_error(["--resume", str(out), "--set", "optim.momentum=0.5"])
+    assert "another config" in err and "optim.momentum" in err
