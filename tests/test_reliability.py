@@ -281,7 +281,7 @@ def ends_within(job: subprocess.Popen, seconds: float) -> str:
 @pytest.mark.parametrize("victim", [2, 0], ids=["worker", "server"])
 def test_killed_rank_ends_the_job_and_the_run_resumes(tmp_path, synthetic_h5, victim):
     """SIGKILL of one rank (a worker group's leader, or the server) mid-run: no rank may wait for it."""
-    epochs = 5
+    epochs = 4
     job, out = start_run(tmp_path, synthetic_h5, epochs)
     try:
         ranks = rank_pids(job, 3)
@@ -306,7 +306,7 @@ def test_killed_rank_ends_the_job_and_the_run_resumes(tmp_path, synthetic_h5, vi
 @mpi
 def test_sigterm_to_every_rank_checkpoints_and_resumes(tmp_path, synthetic_h5):
     """SIGTERM (not through mpirun: to each rank, as a node's shutdown does) stops the run cleanly."""
-    epochs = 8
+    epochs = 4
     job, out = start_run(tmp_path, synthetic_h5, epochs)
     try:
         ranks = rank_pids(job, 3)
