@@ -74,7 +74,6 @@ class StubTrainer:
         self.topo, self.flag, self.preempt_round = topo, flag, preempt_round
         self.slowdown = slowdown
         self.tasks: list[tuple[int, int, int, float, int, int]] = []
-        self.evals = 0
 
     def train_mini_epoch(self, round_idx, shares, resolution, batch, lr, dropout, pushes, exchange):
         g = self.topo.group
@@ -103,7 +102,6 @@ class StubTrainer:
         return 0.0
 
     def evaluate(self, resolution):
-        self.evals += 1
         return float(np.abs(self.flat.weights()).sum()), 0.5, 100, 0.01
 
 
