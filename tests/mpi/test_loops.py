@@ -125,19 +125,25 @@ def shared_dir(pytestconfig):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run(out: str, preempt_round: int | None = None, resume: bool = False, **over):
-    """One run of the real loops. Returns (outcome on rank 0 or None, this rank's trainer or None,
-    the config, the group specs). An exception on any rank ends the whole job (as
-    `launch.fail` does in a real run): its peers would otherwise wait for it forever."""
+def or_abort(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on this rank; an exception ends the whole job with its traceback (as
+    `launch.fail` does in a real run): the peers would otherwise wait for this rank forever in
+    their next collective or receive."""
     from mpi4py import MPI
 
     try:
-        return _run(out, preempt_round, resume, **over)
+        return fn(*args, **kwargs)
     except BaseException:
         with CAPTURE[0].global_and_fixture_disabled():  # pytest holds stderr; Abort would lose it
             traceback.print_exc()
             sys.stderr.flush()
         MPI.COMM_WORLD.Abort(1)  # MPI: ends every rank
+
+
+def run(out: str, preempt_round: int | None = None, resume: bool = False, **over):
+    """One run of the real loops (under `or_abort`). Returns (outcome on rank 0 or None, this
+    rank's trainer or None, the config, the group specs)."""
+    return or_abort(_run, out, preempt_round, resume, **over)
 
 
 def _run(out: str, preempt_round: int | None, resume: bool, **over):
@@ -182,7 +188,7 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
     out = os.path.join(shared_dir, "a")
     outcome, trainer, cfg, specs = run(out)
     n = len(specs)
-    commits = world.bcast(records(out, "commit") if world.Get_rank() == 0 else None)  # MPI
+    commits = world.bcast(or_abort(records, out, "commit") if world.Get_rank() == 0 else None)  # MPI
 
     def check() -> tuple[bool, str]:
         if trainer is None:
@@ -260,8 +266,8 @@ def test_every_server_mode_merges_by_its_rule_and_a_signalled_run_resumes_bit_id
     run(full, **mode)
     first, _, _, specs = run(cut, preempt_round=1, **mode)
     if world.Get_rank() == 0:
-        parked_at = C.load(C.latest(cut)).commits
-        state = json.load(open(os.path.join(cut, "status.json")))["state"]
+        parked_at = or_abort(lambda: C.load(C.latest(cut)).commits)
+        state = or_abort(lambda: json.load(open(os.path.join(cut, "status.json")))["state"])
     second, trainer, _, _ = run(cut, resume=True, **mode)
 
     def check() -> tuple[bool, str]:
@@ -301,7 +307,7 @@ def adaptive(shared_dir: str, **extra) -> dict:
     path = os.path.join(shared_dir, "timing.json")
     if MPI.COMM_WORLD.Get_rank() == 0:
         fits = {r: TimeFit(*step_fit(r), r2=float("nan")) for r in (12, 16)}
-        save_timing(path, fits, {"made": "for a test: the stub trainer's clock"})
+        or_abort(save_timing, path, fits, {"made": "for a test: the stub trainer's clock"})
     MPI.COMM_WORLD.Barrier()  # MPI: the file exists before any rank plans from it
     over = dict(
         plan__timing=path,
@@ -376,7 +382,7 @@ def test_a_slowed_small_group_trains_a_cut_share(shared_dir):
         out, **adaptive(shared_dir, checkpoint__every_epochs=0, workers__slowdown={1: 3.0})
     )
     recs = world.bcast(
-        read_metrics(os.path.join(out, "metrics.jsonl")) if world.Get_rank() == 0 else None
+        or_abort(read_metrics, os.path.join(out, "metrics.jsonl")) if world.Get_rank() == 0 else None
     )  # MPI
     small = [c for c in recs if c["type"] == "commit" and c["small"]]
 
@@ -416,7 +422,7 @@ def test_adaptive_planning_resumes_with_the_plan_state_it_had(shared_dir):
     cut = os.path.join(shared_dir, "cut")
     over = adaptive(shared_dir, workers__slowdown={0: 3.0}, schedule__epochs=6, schedule__milestones=[5])
     first, _, cfg, specs = run(cut, preempt_round=3, **over)
-    ck = C.load(C.latest(cut)) if world.Get_rank() == 0 else None  # before the resume replaces it
+    ck = or_abort(lambda: C.load(C.latest(cut))) if world.Get_rank() == 0 else None  # before the resume
     second, _, _, _ = run(cut, resume=True, **over)
 
     def check() -> tuple[bool, str]:
