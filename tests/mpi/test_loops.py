@@ -299,7 +299,8 @@ def test_every_server_mode_merges_by_its_rule_and_a_signalled_run_resumes_bit_id
 
 def adaptive(shared_dir: str, **extra) -> dict:
     """Overrides: B_S planned from a timing file holding the stub's own time line (step_fit),
-    8 epochs; rank 0 writes the file."""
+    8 epochs at one resolution (the re-plans of one resolution converge within the run, whatever
+    the order of arrival); rank 0 writes the file."""
     from mpi4py import MPI
 
     from hpc_dualbatch.timing import TimeFit, save_timing
@@ -314,6 +315,10 @@ def adaptive(shared_dir: str, **extra) -> dict:
         plan__small_batch={},
         schedule__epochs=8,
         schedule__milestones=[6],
+        schedule__resolution_mode="fixed",
+        schedule__resolutions=[12],
+        schedule__dropout={12: 0.0},
+        plan__large_batch={12: 64},
         server__order="arrival",  # adaptive planning refuses round_robin (it re-plans from time)
     )
     return {**over, **extra}
