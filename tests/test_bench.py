@@ -258,3 +258,19 @@ def test_promise_summary_of_a_job() -> None:
 def test_promise_refuses_an_impossible_n_s(tmp_path):
     r = bench("promise", "--small", "3", "--out", str(tmp_path / "p.json"), timeout=60)
     assert r.returncode != 0 and "n_S must be in 1..2" in (r.stdout + r.stderr)
+
+
+def test_batchfloor_quick_and_its_rule(tmp_path):
+    """The floor is the smallest batch from which every larger one ends within tol of B_L's
+    continuation on its worst seed (a batch that trains well below a failing one does not count)."""
+    from hpc_dualbatch.bench.batchfloor import _floor
+
+    assert _floor([1, 4, 16, 64], {1: -60.0, 4: -9.0, 16: -1.2, 64: 0.0}, 2.0) == 16
+    assert _floor([1, 4, 16, 64], {1: -60.0, 4: 0.5, 16: -3.0, 64: 0.0}, 2.0) == 64
+    assert _floor([8, 64], {8: 1.0, 64: 0.0}, 2.0) == 8
+    out = tmp_path / "batchfloor.json"
+    r = bench("batchfloor", "--quick", "--out", str(out), timeout=200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = load(out)
+    assert set(res["rows"]) == {"2", "8"} and res["floor"] in (2, 8, None)
+    assert all(0.0 <= row["acc"] <= 100.0 for rows in res["rows"].values() for row in rows)
