@@ -56,6 +56,9 @@ class PlanConfig:
     timing: str = ""  # timing JSON from `hpc-dualbatch profile`; needed unless small_batch is set
     large_batch: dict[int, int] = field(default_factory=dict)  # B_L per resolution (px -> samples)
     small_batch: dict[int, int] = field(default_factory=dict)  # explicit B_S per resolution
+    # The floor of a planned B_S (static and adaptive), samples per step of a small group: below
+    # it a group cannot train at the schedule's learning rate (docs/planning.md, "The floor").
+    min_small_batch: int = 16
     samples_per_epoch: int = 0  # d; 0 = the size of the training split
     # Re-plan each small group's B_S from the mini-epoch times the run measures, so that small
     # and large groups finish together on the machine the run is on (adapt.py; docs/planning.md).
@@ -303,6 +306,7 @@ def validate(cfg: Config) -> None:
     for res, b in p.small_batch.items():
         _positive(f"plan.small_batch[{res}]", b)
     _positive("plan.samples_per_epoch", p.samples_per_epoch, allow_zero=True)
+    _positive("plan.min_small_batch", p.min_small_batch)
     if not 0 <= cfg.seed < 2**63:  # numpy's SeedSequence needs >= 0, torch.manual_seed < 2**64
         raise ConfigError(f"config key 'seed' is {cfg.seed}; valid: 0 .. 2**63 - 1")
     _positive("schedule.epochs", s.epochs)

@@ -40,7 +40,7 @@ from typing import Any
 
 from .atomic import write_json
 from .errors import PlanError
-from .timing import TimeFit, time_per_samples
+from .timing import TimeFit, per_sample_table
 
 FACTOR_MODES = ("data_ratio", "sqrt", "none")
 
@@ -76,7 +76,12 @@ class ResolutionPlan:
     epoch_time: float | None  # s, predicted epoch time: k*T0 (dual), T0 (plain)
     t_large: float | None  # s, predicted mini-epoch of a large group: (a + b/B_L) * d_L
     t_small: float | None  # s, predicted mini-epoch of a small group: (a + b/B_S) * d_S
-    small_source: str = "planned"  # planned (from the time model) | explicit (plan.small_batch)
+    # planned: the time model's formula | floor: raised to plan.min_small_batch | table: from the
+    # measured step times (a fit without a measurable fixed cost) | large: B_L, the small groups
+    # cannot keep k at any batch | explicit: plan.small_batch | none: no small groups
+    small_source: str = "planned"
+    note: str = ""  # what was chosen instead of the formula, and why ("" where the formula holds)
+    B_S_range: tuple[int, int] | None = None  # B_S the fit's 90 % intervals allow (None: no intervals)
 
 
 @dataclass(frozen=True)
@@ -184,17 +189,104 @@ def _shares(n: int, n_small: int, k: float, d: int) -> tuple[int, int | None]:
 def _fit_ok(res: int, fit: TimeFit) -> None:
     if not (math.isfinite(fit.a) and math.isfinite(fit.b)):
         raise PlanError(f"the time fit at {res} px is not finite (a = {fit.a}, b = {fit.b}); re-run profile")
-    if fit.a <= 0:
-        raise PlanError(
-            f"the time fit at {res} px has a = {fit.a:.3g} s/sample <= 0 (step time not growing with the "
-            "batch); re-run `hpc-dualbatch profile` with more repeats or larger batches"
+
+
+def _per_sample(fit: TimeFit, batch: int) -> float | None:
+    """Predicted s/sample at `batch`: a + b/batch where that is positive, else the measured
+    s/sample of the nearest measured batch (a degenerate fit still has its table), else None."""
+    p = fit.a + fit.b / batch
+    if p > 0:
+        return p
+    table = [(x, t / x) for x, t in fit.points if t > 0]
+    return min(table, key=lambda xt: abs(math.log(xt[0] / batch)))[1] if table else None
+
+
+def _formula(a: float, b: float, c: float, B_L: int) -> float:
+    """B_S = b / (k*T0/d_S - a) with T0 = (a + b/B_L) d/n written as c = k d / (n d_S):
+    b / (a (c - 1) + c b / B_L); inf where the denominator is not positive."""
+    denom = a * (c - 1) + c * b / B_L
+    return b / denom if denom > 0 else math.inf
+
+
+def small_batch_range(fit: TimeFit, c: float, B_L: int) -> tuple[int, int] | None:
+    """The B_S the fit's 90 % intervals allow: the formula at (a high, b low) and (a low, b high),
+    where B_S is smallest and largest (it rises with b and falls with a). Clipped to [0, B_L];
+    0 at the low end: the interval of b reaches 0, any B_S is within the measurement."""
+    if fit.a_ci is None or fit.b_ci is None:
+        return None
+    lo = 0.0 if fit.b_ci[0] <= 0 else _formula(fit.a_ci[1], fit.b_ci[0], c, B_L)
+    hi = _formula(max(fit.a_ci[0], 0.0), fit.b_ci[1], c, B_L) if fit.b_ci[1] > 0 else 0.0
+    return int(min(lo, B_L)), int(min(math.ceil(hi), B_L))
+
+
+def _small_batch(
+    res: int, sfit: TimeFit, budget: float, c: float, B_L: int, floor: int, ref: float
+) -> tuple[int, str, str]:
+    """B_S for a solved resolution: (batch, source, note). Never below `floor`, never above B_L.
+
+    budget: s/sample a small group may spend (k*T0/d_S); c = k d / (n d_S); ref: the large groups'
+    s/sample at B_L as measured (for the table). A sound fit gives the method's formula (raised to
+    the floor where it asks for less); a fit whose fixed cost is not distinguishable from zero
+    gives the smallest measured batch in [floor, B_L] whose measured s/sample keeps the budget,
+    or the floor when nothing was measured (the fit is then the only evidence, and says a smaller
+    batch costs no more)."""
+    if sfit.sound:
+        denom = budget - sfit.a  # s/sample left for the fixed costs of a small group
+        if not denom > 0:
+            return (
+                B_L,
+                "large",
+                (
+                    f"{res} px: even B_L takes more than the small groups' budget ({sfit.a:.4g} s/sample "
+                    f"per sample alone against {budget:.4g}): B_S = B_L, the epoch is longer than k*T0"
+                ),
+            )
+        raw = sfit.b / denom
+        B_S = min(_round_half_up(raw), B_L)
+        if B_S >= floor:
+            return B_S, "planned", ""
+        return (
+            floor,
+            "floor",
+            (
+                f"{res} px: the time model asks for B_S = {raw:.3g}; the floor plan.min_small_batch "
+                f"gives {floor} (the epoch ends before k*T0)"
+            ),
         )
-    if fit.b <= 0:
-        raise PlanError(
-            f"the time fit at {res} px has b = {fit.b:.3g} s/step <= 0: no fixed per-step cost was "
-            "measured, so every batch size runs equally fast per sample and the model cannot choose "
-            "B_S; re-run profile with smaller batches included, or give plan.small_batch explicitly"
+    why = (
+        f"b = {sfit.b:.3g} s/step"
+        + (f", 90 % interval [{sfit.b_ci[0]:.2g}, {sfit.b_ci[1]:.2g}]" if sfit.b_ci else "")
+        + (f", a = {sfit.a:.3g} s/sample" if sfit.a <= 0 else "")
+    )
+    table = [(x, p) for x, p in per_sample_table(sfit, B_L) if x >= floor]
+    fits_budget = [x for x, p in table if p <= c * ref]
+    if fits_budget:
+        return (
+            min(fits_budget),
+            "table",
+            (
+                f"{res} px: the fixed cost per step is not distinguishable from zero ({why}); B_S = "
+                f"{min(fits_budget)}, the smallest measured batch >= {floor} whose measured time keeps "
+                f"the epoch within k"
+            ),
         )
+    if table:
+        return (
+            B_L,
+            "table",
+            (
+                f"{res} px: the fixed cost per step is not distinguishable from zero ({why}) and no "
+                f"measured batch in [{floor}, {B_L}] keeps the epoch within k: B_S = B_L"
+            ),
+        )
+    return (
+        floor,
+        "floor",
+        (
+            f"{res} px: the fixed cost per step is not distinguishable from zero ({why}) and nothing "
+            f"was measured: a smaller batch costs no more per sample, B_S = the floor {floor}"
+        ),
+    )
 
 
 def plan_dual_batch(
@@ -206,6 +298,7 @@ def plan_dual_batch(
     d: int,
     small_batch: Mapping[int, int] | None = None,
     small_fits: Mapping[int, TimeFit] | None = None,
+    min_small: int = 1,
 ) -> Plan:
     """Plan B_S and the sample shares for every resolution in `large_batch`.
 
@@ -213,9 +306,17 @@ def plan_dual_batch(
     from k); the others are solved from their time fit. A fit is needed only
     where B_S is solved; without one, the predicted times of that resolution
     are None. `small_fits`: the small groups' own time model where it was measured
-    apart (an MPI-job profile); T0 always comes from `fits`.
+    apart (an MPI-job profile); T0 always comes from `fits`. `min_small`: the floor of a
+    solved B_S (plan.min_small_batch; 1 reproduces the paper's formula as it is), at most B_L.
+    A solved B_S always lies in [min(min_small, B_L), B_L]; where the fit cannot give it
+    (its fixed cost indistinguishable from zero) the plan says in the resolution's `note` what
+    it chose instead (`_small_batch`).
     """
     _check_inputs(n, n_small, k, d)
+    if isinstance(min_small, bool) or not isinstance(min_small, int) or min_small < 1:
+        raise PlanError(
+            f"the floor of B_S is {min_small!r}; it must be an integer >= 1 (plan.min_small_batch)"
+        )
     if not large_batch:
         raise PlanError(
             "no B_L given (plan.large_batch is empty); give one per resolution of schedule.resolutions"
@@ -240,13 +341,15 @@ def plan_dual_batch(
             )
         T0 = t_large = t_small = epoch_time = None
         B_S: int | None = None
+        source, note, span = ("planned" if dual else "none"), "", None
         if fit is not None:
             _fit_ok(res, fit)
-            per_sample = _sig4(fit.a + fit.b / B_L)  # s/sample at B_L
-            T0 = per_sample * d / n
-            t_large = time_per_samples(fit, B_L, d_L) if not all_small else None
+            p_L = _per_sample(fit, B_L)  # s/sample at B_L
+            if p_L is not None:
+                T0 = (_sig4(p_L) if fit.a + fit.b / B_L > 0 else p_L) * d / n
+                t_large = p_L * d_L if not all_small else None
         if dual and explicit:
-            B_S = small_batch[res]
+            B_S, source = small_batch[res], "explicit"
             if isinstance(B_S, bool) or not isinstance(B_S, int) or B_S < 1:
                 raise PlanError(f"explicit B_S at {res} px is {B_S!r}; it must be an integer >= 1")
             if B_S > B_L:
@@ -259,38 +362,31 @@ def plan_dual_batch(
             # large one, so B_S = B_L.
             B_S = B_L
         elif solve:
-            assert fit is not None and T0 is not None and d_S is not None
-            assert sfit is not None
+            assert fit is not None and sfit is not None and d_S is not None
             _fit_ok(res, sfit)
-            denom = k * T0 / d_S - sfit.a  # s/sample left for the fixed costs of a small group
-            if not denom > 0:
-                raise PlanError(
-                    f"at {res} px a small group's time budget k*T0/d_S = {k * T0 / d_S:.4g} s/sample "
-                    f"does not exceed a = {sfit.a:.4g} s/sample (non-positive denominator, B_S would be "
-                    "infinite); raise plan.k or use more small groups"
+            if T0 is None:  # no positive time anywhere in the fit: nothing to plan from
+                B_S, source = min(min_small, B_L), "floor"
+                note = (
+                    f"{res} px: the time fit predicts no positive time (a = {fit.a:.3g}, "
+                    f"b = {fit.b:.3g}) and has no measured points: B_S = the floor"
                 )
-            raw = sfit.b / denom
-            if not math.isfinite(raw):
-                raise PlanError(
-                    f"B_S at {res} px is not finite ({raw}); raise plan.k or use more small groups"
-                )
-            # k >= 1 gives d_S <= d_L and so B_S <= B_L; a value above B_L can only come from the
-            # rounding of the shares or of a + b/B_L, and is capped.
-            B_S = min(_round_half_up(raw), B_L)
-            if B_S < 1:
-                raise PlanError(
-                    f"B_S at {res} px comes out as {raw:.3g}, below 1 sample: k = {k} leaves the small "
-                    f"group(s) too little time for d_S = {d_S} samples; raise plan.k or use more small groups"
-                )
-        if fit is not None and B_S is not None:
-            t_small = time_per_samples(sfit, B_S, d_S)  # type: ignore[arg-type]
+            else:
+                c = k * d / (n * d_S)
+                table = per_sample_table(fit, B_L)
+                ref = table[-1][1] if table and not fit.sound else T0 * n / d
+                B_S, source, note = _small_batch(res, sfit, k * T0 / d_S, c, B_L, min(min_small, B_L), ref)
+                span = small_batch_range(sfit, c, B_L)
+        if B_S is not None and d_S is not None and sfit is not None:
+            p_S = _per_sample(sfit, B_S)
+            t_small = p_S * d_S if p_S is not None else None
         if T0 is not None:
             if not dual:
                 epoch_time = T0
-            elif not explicit:
+            elif source == "planned":
                 epoch_time = k * T0
-            else:  # explicit B_S: the slowest group sets the pace
-                epoch_time = max(t for t in (t_large, t_small) if t is not None)
+            else:  # explicit, raised to the floor, from the table: the slowest group sets the pace
+                known = [t for t in (t_large, t_small) if t is not None]
+                epoch_time = max(known) if known else None
         out[res] = ResolutionPlan(
             resolution=res,
             B_L=B_L,
@@ -299,7 +395,9 @@ def plan_dual_batch(
             epoch_time=epoch_time,
             t_large=t_large,
             t_small=t_small,
-            small_source="explicit" if explicit else ("planned" if dual else "none"),
+            small_source=source,
+            note=note,
+            B_S_range=span,
         )
     return Plan(n=n, n_small=n_small, k=k, d=d, d_L=d_L, d_S=d_S, resolutions=out)
 
@@ -326,9 +424,18 @@ def plan_from_config(cfg: Any, d: int) -> Plan:
             )
         fits = load_timing(p.timing, res)
         small_fits = load_timing(p.timing, res, role="small")
-    plan = plan_dual_batch(fits, large, cfg.n_groups, cfg.workers.small, p.k, d, small, small_fits)
+    plan = plan_dual_batch(
+        fits, large, cfg.n_groups, cfg.workers.small, p.k, d, small, small_fits, small_floor(cfg)
+    )
     check_shares(plan, list(cfg.workers.groups), d)
     return plan
+
+
+def small_floor(cfg: Any) -> int:
+    """The floor of a planned B_S: plan.min_small_batch, and at least one sample per rank of the
+    largest small group (`rank_batches` gives every rank a part of each step)."""
+    small_ranks = cfg.workers.groups[cfg.n_groups - cfg.workers.small :] if cfg.workers.small else []
+    return max([cfg.plan.min_small_batch, *small_ranks])
 
 
 def _short_groups(plan: Plan, ranks: list[int]) -> list[int]:
@@ -419,13 +526,23 @@ def format_plan(plan: Plan, factor_mode: str) -> str:
         f"{'res px':>6} {'B_L':>6} {'B_S':>6} {'d_L':>7} {'d_S':>7} {'factor':>7} {'T0 s':>9} {'epoch s':>9}",
     ]
     for r, rp in sorted(plan.resolutions.items()):
-        bs = f"{rp.B_S}" + ("*" if rp.small_source == "explicit" else "") if rp.B_S is not None else "-"
+        mark = {"explicit": "*", "floor": "^", "table": "~", "large": "!"}.get(rp.small_source, "")
+        bs = f"{rp.B_S}{mark}" if rp.B_S is not None else "-"
         lines.append(
             f"{r:6d} {rp.B_L:6d} {bs:>6} {plan.d_L:7d} {plan.d_S if plan.d_S is not None else '-':>7} "
             f"{f'{f:.4f}' if f is not None else '-':>7} {t(rp.T0)} {t(rp.epoch_time)}"
         )
     if any(rp.small_source == "explicit" for rp in plan.resolutions.values()):
         lines.append("* explicit plan.small_batch")
+    for r, rp in sorted(plan.resolutions.items()):
+        if rp.B_S_range is not None:
+            lo, hi = rp.B_S_range
+            lines.append(
+                f"{r} px: the profile's 90 % intervals allow B_S in [{lo}, {hi}] before the floor and B_L"
+                + (" (the fixed cost may be zero: any B_S keeps the time)" if lo == 0 else "")
+            )
+        if rp.note:
+            lines.append(rp.note)
     return "\n".join(lines)
 
 

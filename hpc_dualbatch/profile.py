@@ -15,13 +15,12 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import PlanError
-from .timing import TimeFit, fit_linear, save_timing
+from .timing import TimeFit, fit_robust, per_sample_table, save_timing
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int, cap: int) -> int:
@@ -121,13 +120,10 @@ def measure_step_times(
     warmup: int,
     repeats: int,
     sync: Callable[[], None] = lambda: None,
-    stat: str = "median",
     clock: Callable[[], float] = time.perf_counter,
     block: int = 1,
-) -> dict[int, float]:
-    """Seconds of one step per batch size: the median (or the minimum) of `repeats` timed steps
-    after `warmup` untimed ones. The minimum suits a node shared with other jobs, whose load can
-    only add time.
+) -> dict[int, list[float]]:
+    """Seconds of each of `repeats` timed steps per batch size, after `warmup` untimed ones.
 
     The sizes are interleaved: round r runs every batch size once, in a rotating
     order, so a burst of load from another process spreads over all sizes
@@ -151,8 +147,23 @@ def measure_step_times(
             steps[bsz]()
             sync()
             times[bsz].append(clock() - t)
-    reduce = min if stat == "min" else statistics.median
-    return {bsz: reduce(ts) for bsz, ts in times.items()}
+    return times
+
+
+LADDER = (1, 1.5)  # batch sizes per power of two: 16, 24, 32, 48, 64, ...
+
+
+def batch_ladder(lowest: int, largest: int) -> list[int]:
+    """The batch sizes a profile measures by default: 2^i and 1.5 * 2^i from `lowest` up to
+    `largest`, and `largest` itself (B_L: T0 is measured there). Where B_S can land (the floor
+    plan.min_small_batch up to B_L) the fit is then anchored at five or more sizes per
+    factor of four, not at the three of 16/32/64."""
+    out = {largest}
+    p = 1
+    while p <= largest:
+        out.update(int(p * m) for m in LADDER if lowest <= p * m <= largest and p * m == int(p * m))
+        p *= 2
+    return sorted(out)
 
 
 def _cpu_name() -> str:
@@ -178,7 +189,7 @@ def _model_shape(cfg: Any, channels: int, classes: int) -> tuple[int, int, str]:
 
 def profile(
     cfg: Any,
-    batches: list[int],
+    batches: list[int] | None,
     repeats: int,
     warmup: int,
     channels: int,
@@ -189,7 +200,8 @@ def profile(
     gpu_cap: int = 1 << 16,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[int, TimeFit], dict[int, int], dict[str, Any]]:
-    """Measure and fit every resolution of `cfg.schedule`; returns (fits, B_L, meta)."""
+    """Measure and fit every resolution of `cfg.schedule`; returns (fits, B_L, meta).
+    batches None: `batch_ladder` from the floor plan.min_small_batch (at most B_L / 4) to B_L."""
     import torch
 
     from .engine import pick_device
@@ -222,7 +234,7 @@ def profile(
     large: dict[int, int] = {}
     for res in cfg.schedule.resolutions:
         if on_gpu:
-            large[res] = _gpu_largest_batch(make, res, max(batches), gpu_cap)
+            large[res] = _gpu_largest_batch(make, res, max(batches or [256]), gpu_cap)
             if large[res] < 1:
                 raise PlanError(
                     f"not even batch 1 fits in GPU memory at {res} px with model {cfg.model.arch}"
@@ -232,21 +244,23 @@ def profile(
             large[res] = cfg.plan.large_batch[res]
         # Only batches the plan can use (<= B_L) shape the fit: the linear model is an
         # approximation, best where it is applied.
-        sizes = [bsz for bsz in batches if bsz <= large[res]]
+        if batches is None:
+            sizes = batch_ladder(max(1, min(cfg.plan.min_small_batch, large[res] // 4)), large[res])
+        else:
+            sizes = [bsz for bsz in batches if bsz <= large[res]]
         if len(sizes) < 2:
             raise PlanError(
                 f"at {res} px B_L is {large[res]} ({'GPU memory' if on_gpu else 'plan.large_batch'}); give "
                 f"--batches with two or more sizes <= {large[res]}"
             )
-        medians = measure_step_times(
-            {bsz: make(bsz, res) for bsz in sizes}, warmup, repeats, sync, stat, timer
-        )
-        points = sorted(medians.items())
-        for bsz, t in points:
-            log(f"{res} px  batch {bsz:5d}: {t * 1e3:9.2f} ms/step  {t / bsz * 1e3:7.3f} ms/sample")
-        fits[res] = fit_linear(points)
-        f = fits[res]
-        log(f"{res} px  fit: a = {f.a:.4e} s/sample, b = {f.b:.4e} s/step, R^2 = {f.r2:.4f}")
+        times = measure_step_times({bsz: make(bsz, res) for bsz in sizes}, warmup, repeats, sync, timer)
+        fits[res] = f = fit_robust(times, stat)
+        for bsz, t in f.points:
+            lo, hi = min(times[bsz]), max(times[bsz])
+            log(
+                f"{res} px  batch {bsz:5d}: {t * 1e3:9.2f} ms/step ({lo * 1e3:.2f}-{hi * 1e3:.2f})  "
+                f"{t / bsz * 1e3:7.3f} ms/sample"
+            )
     meta = {
         "device": torch.cuda.get_device_name(device)
         if on_gpu
@@ -261,7 +275,7 @@ def profile(
         "classes": classes,
         "shape_source": shape_src,
         "inputs": f"staged images from {cfg.data.path}" if staged is not None else "random tensors",
-        "batches": list(batches),
+        "batches": list(batches) if batches is not None else "ladder from plan.min_small_batch to B_L",
         "repeats": repeats,
         "warmup": warmup,
         "stat": stat,
@@ -298,10 +312,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
     p.add_argument(
-        "--batches", type=_int_list, default=[16, 32, 64, 128], help="batch sizes (default 16,32,64,128)"
+        "--batches",
+        type=_int_list,
+        default=None,
+        help="batch sizes (default: 16, 24, 32, 48, ... from plan.min_small_batch up to B_L, and B_L)",
     )
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per batch size; the median is kept")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing each batch size")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed steps per batch size, reduced by --stat, with a bootstrap interval (default 15; "
+        "under mpirun: timed rounds of --steps steps, default 3)",
+    )
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing each batch size")
     p.add_argument(
         "--stat",
         choices=("median", "min"),
@@ -337,11 +360,14 @@ def run(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.set)
-    if args.repeats < 1 or args.warmup < 0:
-        raise PlanError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     from mpi4py import MPI
 
-    if MPI.COMM_WORLD.Get_size() > 1:  # launched by mpirun: profile the way `train` runs
+    job = MPI.COMM_WORLD.Get_size() > 1  # launched by mpirun: profile the way `train` runs
+    if args.repeats is None:
+        args.repeats = 3 if job else 15
+    if args.repeats < 1 or args.warmup < 0:
+        raise PlanError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if job:
         return _run_job(cfg, args, MPI.COMM_WORLD)
     fits, large, meta = profile(
         cfg,
@@ -354,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
         clock=args.clock,
         inputs=args.inputs,
     )
-    _report(args.out, fits, {}, meta, large)  # one process: one fit for both roles
+    _report(args.out, cfg, fits, {}, meta, large)  # one process: one fit for both roles
     return 0
 
 
@@ -371,8 +397,12 @@ def _run_job(cfg: Any, args: argparse.Namespace, world: Any) -> int:
                 f"profile as an MPI job trains on the staged data, but data.path = '{cfg.data.path}' "
                 "does not exist; stage it with `hpc-dualbatch prepare`"
             )
+        large = cfg.plan.large_batch
         sizes = {
-            r: [b for b in args.batches if b <= cfg.plan.large_batch[r]] for r in cfg.schedule.resolutions
+            r: [b for b in args.batches if b <= large[r]]
+            if args.batches
+            else batch_ladder(max(1, min(cfg.plan.min_small_batch, large[r] // 4)), large[r])
+            for r in cfg.schedule.resolutions
         }
         short = [r for r, s in sizes.items() if len(s) < 2]
         if short:
@@ -383,30 +413,64 @@ def _run_job(cfg: Any, args: argparse.Namespace, world: Any) -> int:
     out = profile_job(cfg, sizes, max(1, args.steps), args.repeats)
     if out is not None:
         fits, small, meta = out
-        _report(args.out, fits, small, meta, {r: cfg.plan.large_batch[r] for r in fits})
+        _report(args.out, cfg, fits, small, meta, {r: cfg.plan.large_batch[r] for r in fits})
     world.Barrier()  # MPI: every rank leaves once the file is written
     return 0
 
 
 def _report(
-    path: str, fits: dict[int, TimeFit], small: dict[int, TimeFit], meta: dict, large: dict[int, int]
+    path: str,
+    cfg: Any,
+    fits: dict[int, TimeFit],
+    small: dict[int, TimeFit],
+    meta: dict,
+    large: dict[int, int],
 ) -> None:
+    """Write the timing file, then say what it means for the plan: the fit with its intervals,
+    where the fixed cost is not distinguishable from zero, and the B_S the config would get."""
     save_timing(path, fits, meta, large, small)
     print(f"wrote {path}")
-    print(f"{'res px':>6} {'a s/sample':>12} {'b s/step':>12} {'R^2':>7} {'B_L':>6}")
-    for r, f in fits.items():
-        print(f"{r:6d} {f.a:12.4e} {f.b:12.4e} {f.r2:7.4f} {large[r]:6d}")
-    for r, f in small.items():
-        print(f"{r:6d} {f.a:12.4e} {f.b:12.4e} {f.r2:7.4f} {'small':>6}")
-    bad = [r for r, f in [*fits.items(), *small.items()] if f.a <= 0 or f.b <= 0]
-    if bad:
-        print(
-            f"warning: a <= 0 or b <= 0 at {bad} px: the planner cannot solve B_S from such a fit; re-run "
-            "with more --repeats and a wider --batches range"
-        )
+
+    def ci(v: tuple[float, float] | None) -> str:
+        return f"[{v[0]:.2e}, {v[1]:.2e}]" if v else "-"
+
+    print(f"{'res px':>6} {'role':>5} {'a s/sample':>10} {'90 % interval':>20} {'b s/step':>10} "
+          f"{'90 % interval':>20} {'R^2':>6} {'B_L':>5}")  # fmt: skip
+    for role, table in (("", fits), ("small", small)):
+        for r, f in table.items():
+            print(f"{r:6d} {role or 'all':>5} {f.a:10.3e} {ci(f.a_ci):>20} {f.b:10.3e} {ci(f.b_ci):>20} "
+                  f"{f.r2:6.3f} {large[r]:5d}")  # fmt: skip
+    for r, f in [*fits.items(), *small.items()]:
+        if not f.fixed_cost_known:
+            p = per_sample_table(f, large[r])
+            ratio = f" (s/sample at batch {p[0][0]} / at {p[-1][0]}: {p[0][1] / p[-1][1]:.3f})" if p else ""
+            print(
+                f"{r} px: the fixed cost per step is not distinguishable from zero{ratio}: on this "
+                "hardware a smaller batch costs no more per sample: any B_S keeps the time promise; "
+                f"the planner takes the smallest measured batch >= plan.min_small_batch "
+                f"({cfg.plan.min_small_batch}) that keeps it"
+            )
+    if cfg.workers.small == 0:
+        return
+    from .plan import plan_dual_batch, samples_per_epoch, small_floor
+
+    try:
+        res = [r for r in cfg.schedule.resolutions if r in fits]
+        plan = plan_dual_batch(
+            fits, {r: large[r] for r in res}, cfg.n_groups, cfg.workers.small, cfg.plan.k,
+            samples_per_epoch(cfg), small_fits=small, min_small=small_floor(cfg),
+        )  # fmt: skip
+    except PlanError as e:
+        print(f"(no plan from this file with the config's groups and k: {e})")
+        return
+    print(f"the config's plan (k {cfg.plan.k:g}, n_S {cfg.workers.small} of {cfg.n_groups} groups):")
+    for r, rp in sorted(plan.resolutions.items()):
+        span = f", the intervals allow [{rp.B_S_range[0]}, {rp.B_S_range[1]}]" if rp.B_S_range else ""
+        print(f"  {r} px: B_S = {rp.B_S} ({rp.small_source}{span})")
     low = sorted({r for r, f in [*fits.items(), *small.items()] if f.r2 < 0.98})
     if low:
         print(
-            f"warning: R^2 < 0.98 at {low} px: the step time is noisy here; re-run with more --repeats, "
-            "larger --batches, or pinned threads (config key 'threads') on an otherwise idle machine"
+            f"note: R^2 < 0.98 at {low} px: the step time is not a straight line in the batch here (a "
+            "CPU's per-sample time can rise again past its cache); the intervals above say how much "
+            "that leaves B_S in doubt"
         )

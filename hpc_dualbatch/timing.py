@@ -19,8 +19,8 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .atomic import write_json
@@ -38,6 +38,22 @@ class TimeFit:
     b: float  # s per step (fixed cost: launch, optimiser step, Python)
     r2: float  # coefficient of determination of the fit
     points: tuple[tuple[int, float], ...] = ()  # measured (batch, median step time in s)
+    # 90 % bootstrap intervals of a and b (`fit_robust`); None: not measured (a hand-entered fit,
+    # e.g. the paper's, is taken as exact)
+    a_ci: tuple[float, float] | None = None
+    b_ci: tuple[float, float] | None = None
+
+    @property
+    def fixed_cost_known(self) -> bool:
+        """Whether the fixed cost per step is distinguishable from zero: b > 0 and, where it was
+        measured, its whole interval above 0. When it is not, a smaller batch costs no more per
+        sample as far as the measurement can tell, and the formula for B_S divides noise by noise."""
+        return self.b > 0 and (self.b_ci is None or self.b_ci[0] > 0)
+
+    @property
+    def sound(self) -> bool:
+        """a > 0 and the fixed cost known: B_S can be solved from this fit (plan.py)."""
+        return self.a > 0 and self.fixed_cost_known
 
 
 def fit_linear(points: Iterable[tuple[int, float]]) -> TimeFit:
@@ -70,9 +86,47 @@ def fit_linear(points: Iterable[tuple[int, float]]) -> TimeFit:
     return TimeFit(a=a, b=b, r2=r2, points=pts)
 
 
-def step_time(fit: TimeFit, x: float) -> float:
-    """Seconds of one step at batch x: a*x + b."""
-    return fit.a * x + fit.b
+CI_LEVEL = 0.90  # two-sided level of the bootstrap intervals
+RESAMPLES = 400  # bootstrap resamples (the interval's ends move < 1 % between seeds of the resampling)
+
+
+def fit_robust(
+    times: Mapping[int, Sequence[float]], stat: str = "median", resamples: int = RESAMPLES, seed: int = 0
+) -> TimeFit:
+    """The time fit of `fit_linear` through the median (or minimum) step time of each batch size,
+    with bootstrap intervals on a and b: each batch size's timed steps are resampled with
+    replacement, reduced, and refitted `resamples` times; the interval is the central CI_LEVEL of
+    those fits. Resampling is seeded: the same times give the same intervals.
+
+    The median ignores the steps that another process's burst of load slowed (a fit of the raw
+    steps would follow them); the interval says how much the repeats left the fit in doubt, which
+    for b on a CPU is often more than b itself."""
+    import numpy as np
+
+    sizes = sorted(times)
+    if any(len(times[x]) < 1 for x in sizes):
+        raise PlanError(f"a time fit needs at least one timed step per batch size, got {dict(times)}")
+    reduce = np.min if stat == "min" else np.median
+    point = fit_linear((x, float(reduce(times[x]))) for x in sizes)
+    rng = np.random.default_rng(seed)
+    xs = np.array(sizes, dtype=float)
+    ys = np.empty((resamples, len(sizes)))
+    for j, x in enumerate(sizes):
+        t = np.asarray(times[x], dtype=float)
+        ys[:, j] = reduce(t[rng.integers(0, len(t), (resamples, len(t)))], axis=1)
+    # least squares of every resample at once: a = cov(x, t) / var(x), b = mean(t) - a mean(x)
+    xc = xs - xs.mean()
+    a = (ys - ys.mean(axis=1, keepdims=True)) @ xc / (xc @ xc)
+    b = ys.mean(axis=1) - a * xs.mean()
+    q = [(1 - CI_LEVEL) / 2 * 100, (1 + CI_LEVEL) / 2 * 100]
+    a_lo, a_hi = (float(v) for v in np.percentile(a, q))
+    b_lo, b_hi = (float(v) for v in np.percentile(b, q))
+    return replace(point, a_ci=(a_lo, a_hi), b_ci=(b_lo, b_hi))
+
+
+def per_sample_table(fit: TimeFit, largest: int) -> list[tuple[int, float]]:
+    """The measured seconds per sample (batch, t/batch) of the fit's points at batches <= largest."""
+    return [(x, t / x) for x, t in sorted(fit.points) if x <= largest and t > 0]
 
 
 def time_per_samples(fit: TimeFit, x: float, d: float) -> float:
@@ -90,6 +144,8 @@ def _fit_doc(f: TimeFit) -> dict[str, Any]:
         "b": f.b,  # s/step
         "r2": f.r2 if math.isfinite(f.r2) else None,  # null: not measured (hand-entered fit)
         "points": [[x, t] for x, t in f.points],  # [batch, median s/step]
+        **({"a_ci": list(f.a_ci)} if f.a_ci else {}),  # s/sample, 90 % bootstrap interval
+        **({"b_ci": list(f.b_ci)} if f.b_ci else {}),  # s/step, 90 % bootstrap interval
     }
 
 
@@ -204,7 +260,18 @@ def _read_fit(path: str, where: str, entry: dict[str, Any]) -> TimeFit:
                 f"timing file '{path}': {where}.points[{i}] must be [batch >= 1, seconds], got {p!r}"
             )
         pts.append((p[0], _number(path, f"{where}.points[{i}] seconds", p[1])))
-    return TimeFit(a=a, b=b, r2=r2, points=tuple(pts))
+    cis = {}
+    for key, unit in (("a_ci", "s/sample"), ("b_ci", "s/step")):
+        raw = entry.get(key)
+        if raw is None:
+            continue
+        if not isinstance(raw, list) or len(raw) != 2:
+            raise PlanError(f"timing file '{path}': {where}.{key} must be [low, high] in {unit}, got {raw!r}")
+        lo, hi = (_number(path, f"{where}.{key}", v) for v in raw)
+        if lo > hi:
+            raise PlanError(f"timing file '{path}': {where}.{key} = {raw!r} has low > high")
+        cis[key] = (lo, hi)
+    return TimeFit(a=a, b=b, r2=r2, points=tuple(pts), **cis)
 
 
 def load_timing_meta(path: str) -> dict[str, Any]:

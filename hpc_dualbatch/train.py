@@ -81,6 +81,7 @@ def make_adapter(cfg: Config, plan: Any, groups: list) -> Any:
     """The server's adaptive plan (plan.adaptive), or None where there is nothing to adapt: no
     small groups beside large ones, or every B_S given explicitly."""
     from .adapt import Adapter
+    from .plan import small_floor
     from .timing import load_timing
 
     planned = [r for r in cfg.schedule.resolutions if r not in cfg.plan.small_batch]
@@ -94,6 +95,7 @@ def make_adapter(cfg: Config, plan: Any, groups: list) -> Any:
         (plan.d_L, plan.d_S),
         cfg.workers.groups,
         load_timing(cfg.plan.timing, planned, role="small"),
+        floor=small_floor(cfg),
     )
 
 
@@ -177,6 +179,14 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
     if adapter is not None and ck is not None and "adapt" in ck.extra:
         adapter.load_state(ck.extra["adapt"])  # continue with the batches, shares and windows it had
     server = ParameterServer(cfg, st.groups, state, log, adapter)
+    if st.plan.n_small:  # what the plan chose for the small groups, and why where not the formula
+        res = sorted(st.plan.resolutions.items())
+        print(
+            "plan: B_S "
+            + ", ".join(f"{rp.B_S} at {r} px ({rp.small_source})" for r, rp in res)
+            + "".join(f"\nplan: {rp.note}" for _, rp in res if rp.note),
+            flush=True,
+        )
     outcome = serve(server, topo)
     # The state is consistent in both outcomes: a preemption ends after a checkpoint barrier,
     # and a finished run has committed every task. Saving also covers a signal that came

@@ -22,7 +22,7 @@ from hpc_dualbatch.plan import (
     predicted_run_time,
     save_plan,
 )
-from hpc_dualbatch.timing import TimeFit, save_timing
+from hpc_dualbatch.timing import TimeFit, fit_robust, save_timing
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "hpc_dualbatch", "configs")
 
@@ -152,11 +152,10 @@ def test_factor_modes() -> None:
         ({"large_batch": {}}, "plan.large_batch is empty"),
         ({"large_batch": {24: 0, 32: 560}}, "integer >= 1"),
         ({"fits": {24: FITS[24]}}, "no time fit for 32 px"),
-        ({"fits": {**FITS, 24: TimeFit(-1e-4, 0.01, 1.0)}}, "a = -0.0001"),
-        ({"fits": {**FITS, 24: TimeFit(1e-4, 0.0, 1.0)}}, "b = 0"),
         ({"fits": {**FITS, 24: TimeFit(float("inf"), 0.01, 1.0)}}, "not finite"),
         ({"small_batch": {24: 601}}, "exceeds B_L"),
         ({"small_batch": {24: 0}}, "integer >= 1"),
+        ({"min_small": 0}, "plan.min_small_batch"),
     ],
 )
 def test_refusals(kwargs: dict, match: str) -> None:
@@ -166,19 +165,123 @@ def test_refusals(kwargs: dict, match: str) -> None:
         plan_dual_batch(**args)
 
 
-def test_refuse_b_s_below_one() -> None:
-    # A tiny fixed cost b leaves B_S < 0.5: too little time for the small group's share.
+def test_a_tiny_fixed_cost_gives_the_floor_not_a_refusal() -> None:
+    # b = 1e-7 s/step: the formula asks for B_S < 0.5; the plan trains at the floor instead.
     fits = {24: TimeFit(a=1e-3, b=1e-7, r2=1.0)}
-    with pytest.raises(PlanError, match="below 1 sample"):
-        plan_dual_batch(fits, {24: 600}, n=4, n_small=1, k=1.05, d=50_000)
+    plan = plan_dual_batch(fits, {24: 600}, n=4, n_small=1, k=1.05, d=50_000, min_small=16)
+    rp = plan.resolutions[24]
+    assert (rp.B_S, rp.small_source) == (16, "floor")
+    assert "asks for B_S = " in rp.note and "floor" in rp.note
+    assert rp.t_small <= rp.epoch_time == pytest.approx(max(rp.t_large, rp.t_small))
+    # without a floor (the paper's formula as it is) the batch cannot go below 1
+    assert plan_dual_batch(fits, {24: 600}, n=4, n_small=1, k=1.05, d=50_000).resolutions[24].B_S == 1
 
 
-def test_refuse_non_positive_denominator() -> None:
+def test_a_budget_below_a_gives_b_l_and_says_so() -> None:
     # b/B_L below the 4-figure rounding of a + b/B_L (1.00049e-3 -> 1.000e-3 s/sample): with k just
-    # above 1 the small group's budget k*T0/d_S falls below a.
+    # above 1 the small group's budget k*T0/d_S falls below a: no batch keeps k, B_S = B_L.
     fits = {24: TimeFit(a=1.00049e-3, b=1e-12, r2=1.0)}
-    with pytest.raises(PlanError, match="non-positive denominator"):
-        plan_dual_batch(fits, {24: 600}, n=2, n_small=1, k=1.0001, d=100_000)
+    rp = plan_dual_batch(fits, {24: 600}, n=2, n_small=1, k=1.0001, d=100_000).resolutions[24]
+    assert (rp.B_S, rp.small_source) == (600, "large") and "even B_L" in rp.note
+    assert rp.epoch_time == pytest.approx(max(rp.t_large, rp.t_small)) and rp.epoch_time > 1.0001 * rp.T0
+
+
+def _measured(a: float, b: float, batches: list[int], bump: dict[int, float] | None = None) -> TimeFit:
+    """A fit through step times a*x + b (times 1 + bump[x]) with its bootstrap intervals from
+    15 repeats of +-2 % noise (seeded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    times = {
+        x: list((a * x + b) * (1 + (bump or {}).get(x, 0.0)) * (1 + 0.02 * rng.standard_normal(15)))
+        for x in batches
+    }
+    return fit_robust(times)
+
+
+LADDER = [16, 24, 32, 48, 64]
+
+
+def _per_sample_points(*seconds: float) -> tuple[tuple[int, float], ...]:
+    """(batch, step seconds) at 16, 32, 64 from seconds per sample."""
+    return tuple((x, x * p) for x, p in zip((16, 32, 64), seconds))
+
+
+@pytest.mark.parametrize(
+    "fit, source, expect",
+    [
+        # b < 0 (the demo's first profile: b = -1.7e-3 s/step at 28 px): the table, never a refusal
+        (TimeFit(1.4e-3, -1.66e-3, 0.99, tuple((x, 1.4e-3 * x - 1.66e-3) for x in LADDER)), "table", 16),
+        # b ~ 0 with intervals spanning 0 (the second profile: b = 3.3e-4 s/step)
+        (_measured(1.4e-3, 3.3e-4, LADDER), "table", 16),
+        # b large against a*B: the method's formula, above the floor
+        (_measured(1.4e-3, 0.03, LADDER), "planned", None),
+        # a ~ 0: all cost per step; the formula, capped at B_L
+        (TimeFit(1e-9, 0.02, 1.0), "planned", None),
+        # noisy U-shaped per-sample times (1.6 / 1.35 / 1.5 ms at 16 / 32 / 64; a CPU's cache)
+        (TimeFit(1.4e-3, -2e-3, 0.9, _per_sample_points(1.6e-3, 1.35e-3, 1.5e-3)), "table", 16),
+        # ... and one where the smallest batch is too slow: the next measured one that keeps k
+        (TimeFit(1.4e-3, -2e-3, 0.9, _per_sample_points(1.9e-3, 1.35e-3, 1.5e-3)), "table", 32),
+    ],
+    ids=["b<0", "b~0", "b large", "a~0", "U-shaped", "U-shaped, 16 too slow"],
+)
+def test_bounded_planner(fit: TimeFit, source: str, expect: int | None) -> None:
+    """n = 3, n_S = 1, k = 1.05, d = 30,000 (the demo): d_S / d_L = 9,000 / 10,500, so a small group
+    may spend 1.1667x the s/sample of B_L."""
+    plan = plan_dual_batch({28: fit}, {28: 64}, n=3, n_small=1, k=1.05, d=30_000, min_small=16)
+    rp = plan.resolutions[28]
+    assert rp.small_source == source
+    assert 16 <= rp.B_S <= 64
+    if expect is not None:
+        assert rp.B_S == expect
+    if source == "table":
+        assert "not distinguishable from zero" in rp.note and f"B_S = {rp.B_S}" in rp.note
+        assert rp.epoch_time is not None
+    if source == "planned":
+        assert rp.note == "" and rp.epoch_time == pytest.approx(1.05 * rp.T0)
+
+
+def test_b_s_range_from_the_intervals() -> None:
+    sure = _measured(1.4e-3, 0.03, LADDER)
+    rp = plan_dual_batch({28: sure}, {28: 64}, 3, 1, 1.05, 30_000).resolutions[28]
+    lo, hi = rp.B_S_range
+    assert 0 < lo <= rp.B_S <= hi <= 64
+    unsure = _measured(1.4e-3, 3.3e-4, LADDER)
+    assert plan_dual_batch({28: unsure}, {28: 64}, 3, 1, 1.05, 30_000).resolutions[28].B_S_range[0] == 0
+    # a hand-entered fit has no intervals, and no range
+    assert plan_dual_batch(FITS, B_L, 4, 1, 1.05, 50_000).resolutions[24].B_S_range is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    a=st.floats(1e-7, 1e-1),
+    b=st.floats(-1.0, 1.0),
+    b_l=st.integers(1, 4096),
+    n=st.integers(2, 16),
+    data=st.data(),
+)
+def test_property_b_s_within_bounds_and_epoch_within_k(a: float, b: float, b_l: int, n: int, data) -> None:
+    """For any finite positive a, any b, k in [1, n/n_L) and valid shares: B_S in [floor, B_L],
+    and the small groups' predicted time at most k*T0 up to the rounding of B_S, or the plan says
+    why not."""
+    n_small = data.draw(st.integers(1, n - 1))
+    k = data.draw(st.floats(1.0, n / (n - n_small), exclude_max=True))
+    d = data.draw(st.integers(10 * n, 1_000_000))
+    floor = data.draw(st.integers(1, 64))
+    try:
+        plan = plan_dual_batch({24: TimeFit(a, b, 1.0)}, {24: b_l}, n, n_small, k, d, min_small=floor)
+    except PlanError as e:
+        assert "d_S <= 0" in str(e)  # k near n/n_L leaves the small groups nothing: truly invalid
+        return
+    rp = plan.resolutions[24]
+    assert min(floor, b_l) <= rp.B_S <= b_l
+    if rp.small_source == "planned" and rp.B_S < b_l:
+        # round half up: B_S + 1 would keep k*T0 (B_S itself may be at most half a sample short)
+        assert (a + b / (rp.B_S + 1)) * plan.d_S <= k * rp.T0 * (1 + 1e-9)
+    elif rp.small_source in ("floor", "large", "table"):
+        assert rp.note  # said why
+    if rp.small_source in ("floor", "table") and b > 0 and rp.T0:
+        assert rp.t_small <= k * rp.T0 * (1 + 1e-3) or rp.B_S == min(floor, b_l)
 
 
 def test_k1_needs_no_fit() -> None:

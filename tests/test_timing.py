@@ -17,7 +17,6 @@ from hpc_dualbatch.timing import (
     load_timing,
     load_timing_meta,
     save_timing,
-    step_time,
     time_per_samples,
 )
 
@@ -48,10 +47,9 @@ def test_fit_needs_two_batch_sizes() -> None:
 
 def test_time_helpers() -> None:
     f = TimeFit(a=5.06e-4, b=0.0156, r2=1.0)
-    assert step_time(f, 560) == pytest.approx(5.06e-4 * 560 + 0.0156)
     assert time_per_samples(f, 560, 12_500) == pytest.approx((5.06e-4 + 0.0156 / 560) * 12_500)
-    # d samples in whole steps of x cost d/x steps: the two helpers agree.
-    assert time_per_samples(f, 100, 1000) == pytest.approx(10 * step_time(f, 100))
+    # d samples in whole steps of x cost d/x steps of a*x + b seconds.
+    assert time_per_samples(f, 100, 1000) == pytest.approx(10 * (5.06e-4 * 100 + 0.0156))
 
 
 def test_round_trip(tmp_path) -> None:
