@@ -71,6 +71,10 @@ from .timing import TimeFit
 WINDOW = 5  # mini-epochs per group the scale is the median of
 DAMP = 1.5  # most a re-plan may multiply or divide a group's B_S by
 TOL = 0.03  # relative time error left alone (bench promise's goal: +-3 % of k)
+# Relative s.d. of one mini-epoch's time assumed until a window holds MIN_SPREAD tasks to measure
+# it: single tasks on the shared 2-core machines ran ~10 % off their neighbours (docs/planning.md)
+TASK_NOISE = 0.10
+MIN_SPREAD = 3
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,23 @@ class Obs:
 def per_sample(fit: TimeFit, batch: float) -> float:
     """Profile seconds per sample at `batch`: a + b/batch."""
     return fit.a + fit.b / batch
+
+
+def positive_model(fit: TimeFit, B_L: int) -> TimeFit:
+    """The profile the adapter scales: the fit where a > 0 and b >= 0; else (a fit whose fixed
+    cost came out negative, or a <= 0) a flat one, a = the fit's s/sample at B_L (the measured
+    s/sample of its largest measured batch where that is not positive), b = 0: a smaller batch
+    costs no more per sample as far as the profile can tell, so re-plans keep B_S at the floor
+    unless a group is too slow, which cuts its share (`replan`)."""
+    if fit.a > 0 and fit.b >= 0:
+        return fit
+    p = fit.a + fit.b / B_L
+    if not p > 0:
+        table = [t / x for x, t in sorted(fit.points) if x <= B_L and t > 0] or [
+            t / x for x, t in sorted(fit.points) if t > 0
+        ]
+        p = table[-1] if table else 1.0  # 1 s/sample: only the measured scales will matter
+    return TimeFit(a=p, b=0.0, r2=fit.r2, points=fit.points)
 
 
 def _usable(fits: Mapping[int, TimeFit], obs: Sequence[Obs]) -> list[float]:
@@ -110,14 +131,15 @@ def scale_of(fits: Mapping[int, TimeFit], obs: Sequence[Obs]) -> float | None:
 
 def noise_of(fits: Mapping[int, TimeFit], obs: Sequence[Obs]) -> float:
     """Relative standard error of `scale_of` over `obs`: 1.25 * sigma / sqrt(m), sigma from the
-    median absolute deviation (1.4826 * MAD, robust to the outliers the median ignores); 0 with
-    fewer than two tasks."""
+    median absolute deviation (1.4826 * MAD, robust to the outliers the median ignores); with
+    fewer than MIN_SPREAD tasks, whose spread says nothing yet, sigma = TASK_NOISE."""
     ratios = _usable(fits, obs)
-    if len(ratios) < 2:
-        return 0.0
+    m = max(1, len(ratios))
+    if len(ratios) < MIN_SPREAD:
+        return 1.2533 * TASK_NOISE / math.sqrt(m)
     med = statistics.median(ratios)
     mad = statistics.median(abs(r - med) for r in ratios)
-    return 1.2533 * 1.4826 * mad / med / math.sqrt(len(ratios))
+    return 1.2533 * 1.4826 * mad / med / math.sqrt(m)
 
 
 def useful_batch(fit: TimeFit, B_L: int, tol: float = TOL) -> int:
@@ -206,10 +228,17 @@ def replan(
                 share = d_S  # the whole share fits again
             cap = share < d_S
         else:
-            b, cap = small_batch_for(sfit, s, target, d_S, lo, hi)
+            aim = target
+            if prev is not None and lo <= prev <= hi:
+                # outside the band: correct only the excess, to the band's near edge; a task's
+                # noise then moves B_S by what it exceeds the band by, not by all of it
+                err = s * per_sample(sfit, prev) * d_S / target - 1
+                aim = target * (1 + math.copysign(min(band, abs(err)), err))
+            b, cap = small_batch_for(sfit, s, aim, d_S, lo, hi)
             if prev is not None:
                 b = min(max(b, math.ceil(prev / damp), lo), math.floor(prev * damp), hi)
             share = d_S
+            cap = cap and b == hi  # on the way up a group keeps its whole share
             if cap:  # too slow at d_S even at the ceiling: fewer samples, not a larger batch
                 share = max(b, min(d_S, int(target / (s * per_sample(sfit, b)))))
         batches[h], out_shares[h] = b, share
@@ -235,13 +264,19 @@ class Adapter:
         ranks: Sequence[int],
         small_fits: Mapping[int, TimeFit] | None = None,
         window: int = WINDOW,
+        floor: int = 1,
     ) -> None:
         """fits, large_batch: per resolution; planned[g][res]: the static plan's batch (the
         start, and what a resolution without a fit keeps); small[g]: the group's role;
         shares: (d_L, d_S); ranks[g]: ranks of group g; small_fits: the small groups' own
-        profile where the timing file has one."""
-        self.fits, self.large_batch = dict(fits), dict(large_batch)
-        self.small_fits = dict(small_fits or {})
+        profile where the timing file has one; floor: no re-plan goes below it (the static
+        plan's floor, plan.min_small_batch; at most B_L)."""
+        self.large_batch = dict(large_batch)
+        self.fits, self.small_fits = (
+            {r: positive_model(f, self.large_batch.get(r, 1)) for r, f in table.items()}
+            for table in (fits, small_fits or {})
+        )
+        self.floor = floor
         self.small = list(small)
         self.d_L, self.d_S = shares
         self.ranks = list(ranks)
@@ -332,7 +367,7 @@ class Adapter:
             B_L,
             self.d_L,
             self.d_S,
-            dict(enumerate(self.ranks)),
+            {g: max(ranks, min(self.floor, B_L)) for g, ranks in enumerate(self.ranks)},
             sfit,
             {g: self.batches[g][res] for g in range(n)},
             shares={g: self.shares[g][res] for g in range(n)},

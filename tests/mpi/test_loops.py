@@ -421,6 +421,7 @@ def test_adaptive_planning_resumes_with_the_plan_state_it_had(shared_dir):
     from mpi4py import MPI
 
     from hpc_dualbatch.adapt import Adapter
+    from hpc_dualbatch.plan import small_floor
     from hpc_dualbatch.timing import load_timing
 
     world = MPI.COMM_WORLD
@@ -443,6 +444,7 @@ def test_adaptive_planning_resumes_with_the_plan_state_it_had(shared_dir):
             [s.small for s in specs],
             (plan["d_L"], plan["d_S"]),
             cfg.workers.groups,
+            floor=small_floor(cfg),
         )
         ad.load_state(ck.extra["adapt"])
         after = [r for r in records(cut, "commit") if r["commit"] > ck.commits and r["small"]][0]
