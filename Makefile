@@ -10,6 +10,7 @@ PY := $(VENV)/bin/python
 MPIRUN := scripts/mpirun_local.sh
 DATA ?= data/fashion-mnist.h5
 DEMO_OUT ?= runs/demo
+PROFILE_ARGS ?=
 # Hard limits (seconds): a hang fails the run instead of stalling it.
 SERIAL_TIMEOUT ?= 2400
 MPI_TIMEOUT ?= 600
@@ -22,12 +23,13 @@ setup:
 $(DATA): | setup
 	$(PY) -m hpc_dualbatch prepare --source fashion-mnist --resolutions 20,24,28 --out $(DATA)
 
-# The demo plans B_S from a time model measured here first (a few seconds): step times differ
-# between machines of the same kind, so a timing file made elsewhere would plan wrong batches.
+# The demo plans B_S from a time model measured here first (~20 s): step times differ between
+# machines of the same kind, so a timing file made elsewhere would plan wrong batches.
+# PROFILE_ARGS: extra options of `profile` (e.g. --batches 48,64,96,128 for a degenerate fit).
 demo: setup $(DATA)
 	rm -rf $(DEMO_OUT) $(DEMO_OUT)-timing.json
 	$(PY) -m hpc_dualbatch profile --config hpc_dualbatch/configs/fashion_mnist.yaml --set data.path=$(DATA) \
-	  --clock cpu --inputs staged --out $(DEMO_OUT)-timing.json
+	  --clock cpu --inputs staged $(PROFILE_ARGS) --out $(DEMO_OUT)-timing.json
 	$(MPIRUN) -np 4 $(PY) -m hpc_dualbatch train --config hpc_dualbatch/configs/fashion_mnist.yaml \
 	  --set data.path=$(DATA) --set out=$(DEMO_OUT) --set plan.timing=$(DEMO_OUT)-timing.json
 

@@ -346,12 +346,19 @@ class Adapter:
         """Re-plan at `res` from the current observations and keep the result: the B_S of each
         small group that has measured a task since its last re-plan here (the others keep
         theirs). None when there is nothing to re-plan (no small groups, no large ones, no fit
-        at `res`, or no small group with a new measurement)."""
+        at `res`, or no small group with a new measurement). Nothing is re-planned before every
+        large group and the small group itself have a task past their warm-up: a first task
+        (start-up, allocator, the loader's first pass) ran up to 1.9x its later ones in the demo
+        and would cut a share for nothing."""
         n = len(self.small)
+        settled = [any(not o.warm for o in self.obs.get(g, [])) for g in range(n)]
         fresh = [
-            h for h in range(n) if self.small[h] and self.planned_at.get((h, res), -1) != self.seen.get(h, 0)
+            h
+            for h in range(n)
+            if self.small[h] and settled[h] and self.planned_at.get((h, res), -1) != self.seen.get(h, 0)
         ]
-        if not self.active or res not in self.fits or not fresh:
+        pace_known = all(settled[g] for g in range(n) if not self.small[g])
+        if not self.active or res not in self.fits or not fresh or not pace_known:
             return None
         for h in fresh:
             self.planned_at[(h, res)] = self.seen.get(h, 0)

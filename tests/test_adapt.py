@@ -413,3 +413,19 @@ def test_a_degenerate_profile_adapts_at_the_floor() -> None:
     assert all(b == 16 for b, _ in trace)
     assert trace[-1][1] < plan.d_S
     assert ad.fits[28].b == 0 and ad.fits[28].a > 0
+
+
+def test_no_replan_from_warm_up_tasks_alone() -> None:
+    """A first task in a process (warm-up: 1.9x its later ones in the demo) moves nothing: the
+    re-plan waits until the small group and every large group have a task past it."""
+    planned = {0: {24: 600}, 1: {24: 600}, 2: {24: 230}}
+    ad = Adapter({24: FITS[24]}, {24: 600}, planned, [False, False, True], (D_L, 11_875), [1, 1, 1])
+    for g, scale in ((0, 1.0), (1, 1.0), (2, 1.9)):
+        ad.observe(g, _obs(24, planned[g][24], D_L if g < 2 else 11_875, scale, warm=True))
+    assert ad.replan(24) is None and ad.batches[2][24] == 230
+    for g in (0, 1):
+        ad.observe(g, _obs(24, 600, D_L, 1.0))
+    assert ad.replan(24) is None  # the small group has only its warm-up
+    ad.observe(2, _obs(24, 230, 11_875, 1.0))
+    out = ad.replan(24)
+    assert out is not None and out.batches[2] == 230 and out.shares[2] == 11_875
