@@ -223,7 +223,13 @@ def test_all_rejects_an_unknown_suite(tmp_path):
 def test_promise_summary_of_a_job() -> None:
     """bench promise's numbers of one job, from hand-made records: 2 groups (0 large, 1 small),
     4 epochs of d = 1000 samples."""
-    from hpc_dualbatch.bench.promise import epoch_seconds, job_summary, rate_epoch_seconds
+    from hpc_dualbatch.bench.promise import (
+        epoch_rates,
+        epoch_seconds,
+        job_summary,
+        rate_epoch_seconds,
+        spread,
+    )
 
     def commit(i: int, wall: float, small: bool, seconds: float, batch: int, predicted=None) -> dict:
         rec = {"type": "commit", "commit": i, "wall": wall, "small": small, "seconds": seconds,
@@ -247,6 +253,12 @@ def test_promise_summary_of_a_job() -> None:
     assert s["epoch_s_rate"] == pytest.approx(2 / 0.41, abs=1e-3)
     assert rate_epoch_seconds([r for r in recs if r["type"] == "commit"][:3], 2) is None  # one commit of g0
     assert s["small_over_large"] == pytest.approx(4.0 / 4.4, abs=1e-4)
+    assert s["small_idle_share"] == pytest.approx(1 - 4.0 / 4.4, abs=1e-4)
+    # per epoch, from the cycles ending in it: (large 6, small 4), (4.5, 4), (8, 6)
+    rates = [2 / (1 / 6 + 1 / 4), 2 / (1 / 4.5 + 1 / 4), 2 / (1 / 8 + 1 / 6)]
+    assert epoch_rates([r for r in recs if r["type"] == "commit"], 2) == pytest.approx(rates)
+    assert s["epoch_s_rates"] == pytest.approx(rates, abs=1e-3)
+    assert spread([1.0, 2.0, 3.0, 4.0, 5.0]) == 1.0 and spread([1.0]) == 0.0
     assert s["small_sample_share"] == 0.45 and s["planned_small_share"] == 0.45
     assert s["batches_small"] == [24, 25] and s["plan_changes"] == 1
     assert s["predicted_abs_err_median"] == pytest.approx(0.0)  # errors 0.1, 0, 0, 0, 0, 0
