@@ -233,60 +233,31 @@ def _small_batch(
     if sfit.sound:
         denom = budget - sfit.a  # s/sample left for the fixed costs of a small group
         if not denom > 0:
-            return (
-                B_L,
-                "large",
-                (
-                    f"{res} px: even B_L takes more than the small groups' budget ({sfit.a:.4g} s/sample "
-                    f"per sample alone against {budget:.4g}): B_S = B_L, the epoch is longer than k*T0"
-                ),
+            note = (
+                f"{res} px: even B_L is slower than the small groups' budget (a = {sfit.a:.4g} s/sample "
+                f"alone, budget {budget:.4g}): B_S = B_L, the epoch takes longer than k*T0"
             )
+            return B_L, "large", note
         raw = sfit.b / denom
         B_S = min(_round_half_up(raw), B_L)
         if B_S >= floor:
             return B_S, "planned", ""
-        return (
-            floor,
-            "floor",
-            (
-                f"{res} px: the time model asks for B_S = {raw:.3g}; the floor plan.min_small_batch "
-                f"gives {floor} (the epoch ends before k*T0)"
-            ),
+        note = (
+            f"{res} px: the time model asks for B_S = {raw:.3g}; the floor plan.min_small_batch "
+            f"gives {floor} (the epoch ends before k*T0)"
         )
-    why = (
-        f"b = {sfit.b:.3g} s/step"
-        + (f", 90 % interval [{sfit.b_ci[0]:.2g}, {sfit.b_ci[1]:.2g}]" if sfit.b_ci else "")
-        + (f", a = {sfit.a:.3g} s/sample" if sfit.a <= 0 else "")
-    )
+        return floor, "floor", note
+    why = f"{res} px: the fixed cost per step is not distinguishable from zero (b = {sfit.b:.3g} s/step"
+    why += f", 90 % interval [{sfit.b_ci[0]:.2g}, {sfit.b_ci[1]:.2g}]" if sfit.b_ci else ""
+    why += f", a = {sfit.a:.3g} s/sample)" if sfit.a <= 0 else ")"
     table = [(x, p) for x, p in per_sample_table(sfit, B_L) if x >= floor]
-    fits_budget = [x for x, p in table if p <= c * ref]
-    if fits_budget:
-        return (
-            min(fits_budget),
-            "table",
-            (
-                f"{res} px: the fixed cost per step is not distinguishable from zero ({why}); B_S = "
-                f"{min(fits_budget)}, the smallest measured batch >= {floor} whose measured time keeps "
-                f"the epoch within k"
-            ),
-        )
+    keeps = [x for x, p in table if p <= c * ref]
+    if keeps:
+        note = f"; B_S = {min(keeps)}, the smallest measured batch >= {floor} whose measured time keeps k"
+        return min(keeps), "table", why + note
     if table:
-        return (
-            B_L,
-            "table",
-            (
-                f"{res} px: the fixed cost per step is not distinguishable from zero ({why}) and no "
-                f"measured batch in [{floor}, {B_L}] keeps the epoch within k: B_S = B_L"
-            ),
-        )
-    return (
-        floor,
-        "floor",
-        (
-            f"{res} px: the fixed cost per step is not distinguishable from zero ({why}) and nothing "
-            f"was measured: a smaller batch costs no more per sample, B_S = the floor {floor}"
-        ),
-    )
+        return B_L, "table", why + f" and no measured batch in [{floor}, {B_L}] keeps k: B_S = B_L"
+    return floor, "floor", why + f" and nothing was measured: B_S = the floor {floor}"
 
 
 def plan_dual_batch(
