@@ -441,15 +441,25 @@ def _report(
             print(f"{r:6d} {role or 'all':>5} {f.a:10.3e} {ci(f.a_ci):>20} {f.b:10.3e} {ci(f.b_ci):>20} "
                   f"{f.r2:6.3f} {large[r]:5d}")  # fmt: skip
     for r, f in [*fits.items(), *small.items()]:
-        if not f.fixed_cost_known:
-            p = per_sample_table(f, large[r])
-            ratio = f" (s/sample at batch {p[0][0]} / at {p[-1][0]}: {p[0][1] / p[-1][1]:.3f})" if p else ""
+        if f.fixed_cost_known:
+            continue
+        ci = f", 90 % interval [{f.b_ci[0]:.2g}, {f.b_ci[1]:.2g}]" if f.b_ci else ""
+        print(f"{r} px: the straight line's fixed cost per step is not distinguishable from zero "
+              f"(b = {f.b:.2g} s/step{ci})")  # fmt: skip
+        p = per_sample_table(f, large[r])
+        if not p:
+            continue
+        low = min(p, key=lambda xp: xp[1])
+        print(f"  measured s/sample: {p[0][1] * 1e3:.3f} ms at {p[0][0]}, {low[1] * 1e3:.3f} at {low[0]} "
+              f"(lowest), {p[-1][1] * 1e3:.3f} at {p[-1][0]}")  # fmt: skip
+        if p[0][1] <= p[-1][1] * 1.02:  # the smallest batch within 2 % of the largest per sample
             print(
-                f"{r} px: the fixed cost per step is not distinguishable from zero{ratio}: on this "
-                "hardware a smaller batch costs no more per sample: any B_S keeps the time promise; "
-                f"the planner takes the smallest measured batch >= plan.min_small_batch "
-                f"({cfg.plan.min_small_batch}) that keeps it"
+                "  on this hardware a smaller batch costs no more per sample: any B_S keeps the time promise"
             )
+        else:
+            shape = f" (lowest at {low[0]}, higher on both sides)" if p[0][0] < low[0] < p[-1][0] else ""
+            print(f"  the per-sample time is not a + b/B here{shape}: the planner picks B_S from these "
+                  "measured times, not from the line")  # fmt: skip
     if cfg.workers.small == 0:
         return
     from .plan import plan_dual_batch, samples_per_epoch, small_floor
