@@ -66,7 +66,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .timing import TimeFit
+from .timing import TimeFit, fit_linear
 
 WINDOW = 5  # mini-epochs per group the scale is the median of
 DAMP = 1.5  # most a re-plan may multiply or divide a group's B_S by
@@ -94,19 +94,27 @@ def per_sample(fit: TimeFit, batch: float) -> float:
 
 
 def positive_model(fit: TimeFit, B_L: int) -> TimeFit:
-    """The profile the adapter scales: the fit where a > 0 and b >= 0; else (a fit whose fixed
-    cost came out negative, or a <= 0) a flat one, a = the fit's s/sample at B_L (the measured
-    s/sample of its largest measured batch where that is not positive), b = 0: a smaller batch
-    costs no more per sample as far as the profile can tell, so re-plans keep B_S at the floor
-    unless a group is too slow, which cuts its share (`replan`)."""
-    if fit.a > 0 and fit.b >= 0:
+    """The profile the adapter scales. A sound fit (a > 0, fixed cost known) as it is. Otherwise,
+    where the measured per-sample time falls and then rises again (a CPU past its cache: the
+    line through all points then has b ~ 0 or < 0), the line through the falling part: the
+    measured points up to the lowest per-sample time at or below B_L, where that line has a > 0
+    and b > 0 (a larger batch there does buy time, as the measurement shows). Else a flat model,
+    a = the s/sample at B_L (fit, else measured), b = 0: a smaller batch costs no more as far as
+    the profile can tell, so re-plans keep B_S where it is and a group that is too slow has its
+    share cut (`replan`)."""
+    if fit.sound:
         return fit
+    pts = sorted((x, t) for x, t in fit.points if x <= B_L and t > 0)
+    if pts:
+        low = min(range(len(pts)), key=lambda i: pts[i][1] / pts[i][0])
+        falling = pts[: low + 1]
+        if len(falling) >= 2:
+            line = fit_linear(falling)
+            if line.a > 0 and line.b > 0:
+                return line
     p = fit.a + fit.b / B_L
     if not p > 0:
-        table = [t / x for x, t in sorted(fit.points) if x <= B_L and t > 0] or [
-            t / x for x, t in sorted(fit.points) if t > 0
-        ]
-        p = table[-1] if table else 1.0  # 1 s/sample: only the measured scales will matter
+        p = pts[-1][1] / pts[-1][0] if pts else 1.0  # 1 s/sample: only the measured scales matter
     return TimeFit(a=p, b=0.0, r2=fit.r2, points=fit.points)
 
 

@@ -3,6 +3,7 @@ machines the profile does not describe, and the checkpointed state."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -429,3 +430,32 @@ def test_no_replan_from_warm_up_tasks_alone() -> None:
     ad.observe(2, _obs(24, 230, 11_875, 1.0))
     out = ad.replan(24)
     assert out is not None and out.batches[2] == 230 and out.shares[2] == 11_875
+
+
+def test_a_u_shaped_profile_adapts_along_its_falling_part() -> None:
+    """A CPU profile whose per-sample time falls to 64 and rises to B_L = 128 (a make-demo
+    profile at 20 px: 0.534 ... 0.355 ... 0.409 ms/sample): the line through all points has b ~ 0,
+    the adapter models the falling part instead, so a small group slower than planned climbs to
+    a larger batch with its whole share rather than having its share cut."""
+    from hpc_dualbatch.adapt import positive_model
+    from hpc_dualbatch.timing import fit_linear
+
+    pts = [(16, 8.54e-3), (24, 10.58e-3), (32, 12.82e-3), (48, 17.68e-3), (64, 22.75e-3), (96, 38.64e-3),
+           (128, 52.39e-3)]  # fmt: skip
+    # the straight line through all of it, with the profile's interval: no fixed cost to speak of
+    line = dataclasses.replace(fit_linear(pts), b_ci=(-2.0e-4, 1.09e-3))
+    assert abs(line.b) < 1e-3 and not line.sound
+    model = positive_model(line, 128)
+    assert model == fit_linear(pts[:5]) and model.b > 3e-3  # 16..64: ~3.8 ms per step
+    plan = plan_dual_batch({20: line}, {20: 128}, 3, 1, 1.05, 30_000, min_small=16)
+    planned = {0: {20: 128}, 1: {20: 128}, 2: {20: plan.resolutions[20].B_S}}
+    ad = Adapter(
+        {20: line}, {20: 128}, planned, [False, False, True], (plan.d_L, plan.d_S), [1, 1, 1], floor=16
+    )
+    for task in range(8):
+        ad.replan(20)
+        for g in range(3):
+            b, share = ad.batches[g][20], ad.share(g, 20)
+            slow = 1.15 if g == 2 else 1.0  # the small group pays 15 % more per sample in the run
+            ad.observe(g, Obs(20, b, share, slow * share * per_sample(model, b), warm=task == 0))
+    assert ad.batches[2][20] > planned[2][20] and ad.share(2, 20) == plan.d_S
