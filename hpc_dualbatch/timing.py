@@ -46,8 +46,8 @@ class TimeFit:
     @property
     def fixed_cost_known(self) -> bool:
         """Whether the fixed cost per step is distinguishable from zero: b > 0 and, where it was
-        measured, its whole interval above 0. When it is not, a smaller batch costs no more per
-        sample as far as the measurement can tell, and the formula for B_S divides noise by noise."""
+        measured, its whole interval above 0. When it is not, the line cannot tell what a smaller
+        batch costs per sample, and the formula for B_S divides noise by noise."""
         return self.b > 0 and (self.b_ci is None or self.b_ci[0] > 0)
 
     @property
@@ -87,7 +87,9 @@ def fit_linear(points: Iterable[tuple[int, float]]) -> TimeFit:
 
 
 CI_LEVEL = 0.90  # two-sided level of the bootstrap intervals
-RESAMPLES = 400  # bootstrap resamples (the interval's ends move < 1 % between seeds of the resampling)
+# Bootstrap resamples: between resampling seeds the ends of b's interval moved by 1.7 % of its
+# width (s.d.; 3.5 % at 400 resamples) on demo-like times; 4 ms per fit
+RESAMPLES = 2000
 
 
 def fit_robust(
@@ -96,7 +98,8 @@ def fit_robust(
     """The time fit of `fit_linear` through the median (or minimum) step time of each batch size,
     with bootstrap intervals on a and b: each batch size's timed steps are resampled with
     replacement, reduced, and refitted `resamples` times; the interval is the central CI_LEVEL of
-    those fits. Resampling is seeded: the same times give the same intervals.
+    those fits (percentile bootstrap; 91 % of 100 simulated demo profiles held the true a and
+    93 % the true b). Resampling is seeded: the same times give the same intervals.
 
     The median ignores the steps that another process's burst of load slowed (a fit of the raw
     steps would follow them); the interval says how much the repeats left the fit in doubt, which
