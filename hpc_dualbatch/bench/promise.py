@@ -39,23 +39,19 @@ def rate_epoch_seconds(commits: list[dict], n: int) -> float | None:
 
 
 def epoch_rates(commits: list[dict], n: int) -> list[float]:
-    """The rate-based epoch time of every epoch after the first, from the cycles (wall between a
-    group's consecutive commits) that end in it: n / sum_g 1/median C_g. An epoch where some
-    group ends no cycle is left out."""
-    walls: dict[int, list[tuple[int, float]]] = {}
+    """The rate-based epoch time at the end of every epoch after the first: n / sum_g 1/C_g, with
+    C_g the cycle (wall between consecutive commits) group g was in when the epoch's last commit
+    came (the first of its cycles ending then or later). An epoch after which some group commits
+    no more is left out."""
+    walls: dict[int, list[float]] = {}
     for c in sorted(commits, key=lambda c: c["commit"]):
-        walls.setdefault(c["group"], []).append((c["commit"], c["wall"]))
-    cycles: dict[int, dict[int, list[float]]] = {}  # epoch -> group -> cycles ending in it
-    for g, seq in walls.items():
-        for (_, w0), (c1, w1) in zip(seq, seq[1:]):
-            e = (c1 - 1) // n
-            if e >= 1:
-                cycles.setdefault(e, {}).setdefault(g, []).append(w1 - w0)
+        walls.setdefault(c["group"], []).append(c["wall"])
+    ends = sorted(c["wall"] for c in commits if c["commit"] % n == 0 and c["commit"] > n)
     out = []
-    for e in sorted(cycles):
-        per = cycles[e]
-        if len(per) == len(walls):
-            out.append(n / sum(1 / statistics.median(v) for v in per.values()))
+    for t in ends:
+        cycles = [next((b - a for a, b in zip(w, w[1:]) if b >= t), None) for w in walls.values()]
+        if cycles and all(c is not None and c > 0 for c in cycles):
+            out.append(n / sum(1 / c for c in cycles))  # type: ignore[operator]
     return out
 
 
