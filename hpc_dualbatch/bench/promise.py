@@ -193,7 +193,7 @@ def main(argv: list[str]) -> int:
     cols = "<job|epoch s:.2f|ratio:.3f|/k - 1:+.1%|wall:.3f|per epoch:.3f|+-:.3f|<judged|S/L:.3f|S idle:.1%"
     cols += "|S share:.3f|plan:.3f|pred err:.1%"
     print(f"\n{H.table(cols, cells)}\ngoals: ratio within +-3 % of k; S/L (small/large mini-epoch s) near 1; "
-          "pred err (|predicted/measured - 1|) <= 3 %. 'judged': the spread of the per-epoch ratio (both jobs' "
+          "pred err (|predicted/measured - 1|) <= 3 %. 'judged': the per-epoch ratio's spread (both jobs' "
           "half-interquartile ranges, 3 epochs or more) is below k - 1; where it is not, this machine "
           "cannot tell whether the promise holds: run more --epochs")  # fmt: skip
     H.write_result(args.out, "promise", args, argv, timing=cfg.plan.timing, rows=rows)
