@@ -302,3 +302,36 @@ def test_loader_benchmark_smoke(staged, tmp_path, capsys):
     assert [row["resolution"] for row in result["rows"]] == [8, 12, 16]
     assert all(row["loader_img_s"] > 0 and row["consumer_img_s"] > 0 for row in result["rows"])
     assert "loader/train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_batch_has_row_major_strides_and_trains_at_two_threads(tmp_path, channels):
+    """A 1-channel augmented batch is a channels-last view whose strides `.contiguous()` leaves
+    as they are (the stride of C = 1 is not looked at); torch's CPU convolution backward corrupted
+    the heap on such input at 2+ threads. Every batch now has the row-major strides of its shape,
+    and the model trains on them at 2 threads (a crash here ends the test process)."""
+    from hpc_dualbatch.config import OptimConfig
+    from hpc_dualbatch.data.loader import augment_batch, standard_layout
+    from hpc_dualbatch.engine import make_optimizer, train_step
+    from hpc_dualbatch.model import build_model
+
+    spec = SyntheticSpec(samples=96, test_samples=8, classes=3, channels=channels, size=20, seed=2)
+    path = str(tmp_path / "s.h5")
+    prepare("synthetic", None, "20", path, synthetic=spec, log=lambda msg: None)
+    st = open_staged(path)
+    view = augment_batch(torch.zeros(4, channels, 20, 20, dtype=torch.uint8), 2, True, torch.Generator())
+    assert view.is_contiguous() == (channels == 1)  # what `.contiguous()` would have trusted
+    fixed = standard_layout(view)
+    assert fixed.stride() == (channels * 400, 400, 20, 1) and torch.equal(fixed, view)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = build_model("resnet18_cifar", 3, channels, 8).train()
+        opt = make_optimizer(model, OptimConfig(), 0.05)
+        for x, y in TrainLoader(st, "train", 20, np.arange(96), 26, augment=True, flip=True, pad=2):
+            assert x.stride() == (channels * 400, 400, 20, 1)
+            loss, _ = train_step(model, opt, x, y)
+            assert np.isfinite(loss)
+    finally:
+        torch.set_num_threads(threads)

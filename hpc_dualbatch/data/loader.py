@@ -184,7 +184,23 @@ def augment_batch(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -
         cols = torch.where(mirror[:, None], cols.flip(1), cols)
     batch = torch.arange(b)[:, None, None]
     out = xp.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+    return out.permute(0, 3, 1, 2)  # a channels-last view: `standard_layout` makes the copy
+
+
+def standard_layout(x: torch.Tensor) -> torch.Tensor:
+    """x with the row-major strides of its shape: the layout of every batch a loader yields.
+
+    `.contiguous()` is not enough: a (B, 1, H, W) batch with channels-last strides (H*W, 1, W, 1)
+    counts as contiguous (the stride of a size-1 dimension is not looked at), and the CPU
+    convolution backward of torch 2.14 corrupted the heap on such input with 2 or more threads
+    ("double free or corruption", SIGSEGV: 5 of 6 demo runs at threads=4)."""
+    want, step = [], 1
+    for size in reversed(x.shape):
+        want.append(step)
+        step *= size
+    if x.stride() == tuple(reversed(want)):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 # --- loaders ---------------------------------------------------------------------------------------
@@ -266,6 +282,7 @@ class TrainLoader:
             x = torch.from_numpy(np.ascontiguousarray(self.pixels(idx)))
             if self.augment and (self.pad or self.flip):
                 x = augment_batch(x, self.pad, self.flip, gen)
+            x = standard_layout(x)  # the one place the layout entering the model is decided
             y = torch.from_numpy(self.labels[idx])  # fancy indexing copies: a writable int64 array
             if cuda:  # pinned host memory lets the copy run asynchronously to the compute stream
                 x, y = x.pin_memory(), y.pin_memory()
