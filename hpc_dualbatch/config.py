@@ -340,6 +340,11 @@ def validate(cfg: Config) -> None:
         if not 0.0 <= pdrop < 1.0:
             raise ConfigError(f"config key 'schedule.dropout[{res}]' must be in [0, 1), got {pdrop}")
     _positive("schedule.warmup_epochs", s.warmup_epochs, allow_zero=True)
+    if s.warmup_epochs > s.epochs:
+        raise ConfigError(
+            f"config key 'schedule.warmup_epochs' is {s.warmup_epochs}, more than the run's "
+            f"schedule.epochs = {s.epochs}: the rate would stay near lr/10 all run; valid: 0 .. {s.epochs}"
+        )
     missing = [r for r in s.resolutions if r not in p.large_batch]
     if missing:
         raise ConfigError(
@@ -351,7 +356,8 @@ def validate(cfg: Config) -> None:
     _positive("data.prefetch", cfg.data.prefetch, allow_zero=True)
     _positive("data.pad", cfg.data.pad, allow_zero=True)
     _positive("threads", cfg.threads, allow_zero=True)
-    _positive("optim.momentum", cfg.optim.momentum, allow_zero=True)
+    if not 0.0 <= cfg.optim.momentum < 1.0:  # >= 1: every step adds more than the last; NaN follows
+        raise ConfigError(f"config key 'optim.momentum' must be in [0, 1), got {cfg.optim.momentum}")
     _positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
     _positive("server.poll_min_s", cfg.server.poll_min_s)
     _positive("server.push_every", cfg.server.push_every, allow_zero=True)

@@ -31,3 +31,9 @@ class CheckpointError(HDBError):
 
 class OutputError(HDBError):
     """The output folder (run folder, report folder) cannot be created or written."""
+
+
+class DivergedError(HDBError):
+    """Training's loss or weights became non-finite: the run stops rather than merge them."""
+
+    exit_code = 3

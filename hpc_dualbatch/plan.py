@@ -402,6 +402,23 @@ def plan_from_config(cfg: Any, d: int) -> Plan:
     return plan
 
 
+def timing_warning(cfg: Any, channels: int | None = None) -> str:
+    """One line where the timing file B_S is planned from was measured on another model than the
+    config's ("" where it matches, or no B_S is planned from a file)."""
+    from .timing import load_timing_meta, meta_mismatch
+
+    planned = cfg.workers.small > 0 and any(r not in cfg.plan.small_batch for r in cfg.schedule.resolutions)
+    if not (planned and cfg.plan.timing):
+        return ""
+    diff = meta_mismatch(load_timing_meta(cfg.plan.timing), cfg.model.arch, cfg.model.width, channels)
+    if not diff:
+        return ""
+    return (
+        f"warning: timing file '{cfg.plan.timing}' was measured on another model: {', '.join(diff)}; "
+        "B_S is planned from that model's step times: profile this one (`hpc-dualbatch profile`)"
+    )
+
+
 def small_floor(cfg: Any) -> int:
     """The floor of a planned B_S: plan.min_small_batch, and at least one sample per rank of the
     largest small group (`rank_batches` gives every rank a part of each step)."""
@@ -540,6 +557,9 @@ def run(args: argparse.Namespace) -> int:
         raise PlanError(f"--samples must be >= 1, got {args.samples}")
     plan = plan_from_config(cfg, samples_per_epoch(cfg, args.samples))
     print(format_plan(plan, cfg.plan.factor))
+    warning = timing_warning(cfg)
+    if warning:
+        print(warning)
     print(format_stage_table(cfg.schedule))
     if all(rp.epoch_time is not None for rp in plan.resolutions.values()):
         print(

@@ -41,6 +41,7 @@ from . import checkpoint as C
 from . import protocol as P
 from .adapt import Adapter, Obs
 from .config import Config
+from .errors import DivergedError
 from .merge import delta_weight, distance, merge_delta, merge_paper
 from .metrics import MetricsLog, Progress, commit_record, eval_record
 from .schedule import lr_at, stage_for_commit
@@ -222,6 +223,8 @@ class ParameterServer:
         w, wi, f = s.weights[:n_p], wbuf[:n_p], self.groups[g].factor
         staleness = s.merges - self.pulled_at[g]
         dist = distance(wi, w)
+        if not math.isfinite(dist):  # before the merge: the global weights stay as they were
+            self._diverged(g, f"pushed weights are not finite (distance to the global weights {dist})")
         if cfg.merge == "delta":
             a = delta_weight(f, self.f_sum, self.n, staleness)
             merge_delta(w, wi, self.pulled[g], a)
@@ -234,6 +237,15 @@ class ParameterServer:
             merge_paper(s.weights[n_p:], wbuf[n_p:], f)
         s.merges += 1
         return {"merge": s.merges, "staleness": staleness, "distance": round(dist, 6), "scale": round(a, 6)}
+
+    def _diverged(self, g: int, what: str) -> None:
+        lr, res, batch, _ = self.task_stage.get(g, (0.0, 0, 0, None))
+        raise DivergedError(
+            f"training diverged at commit {self.s.commits + 1} (epoch {self.s.commits / self.n:.2f}): "
+            f"group {g}'s {what}, training at lr {lr:g}, optim.momentum {self.cfg.optim.momentum:g}, "
+            f"batch {batch}, {res} px; nothing of it was merged. Lower schedule.lr or optim.momentum "
+            f"and start again, or resume from the last checkpoint in {self.cfg.out}/checkpoints"
+        )
 
     def on_merge(self, g: int, h: np.ndarray, wbuf: np.ndarray) -> Outgoing:
         """A push inside a task (header h, weights wbuf): merge, log, answer CONTINUE with the
@@ -254,6 +266,8 @@ class ParameterServer:
         """A push that ends a task (a commit): merge, log, then the reply, or none while the
         group is parked at a checkpoint barrier (`barrier_full`, `checkpoint`)."""
         s = self.s
+        if not math.isfinite(float(h[P.Req.LOSS])):
+            self._diverged(g, f"train loss is {float(h[P.Req.LOSS])}")
         d = self._merge(g, wbuf)
         s.commits += 1
         if h[P.Req.PREEMPT] and not self.preempt:

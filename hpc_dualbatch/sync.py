@@ -9,6 +9,7 @@ parameter-server runs, so the results compare directly.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as C
+from .errors import DivergedError
 from .flat import initial_weights
 from .metrics import MetricsLog, Progress, commit_record, eval_record
 from .runfolder import finish
@@ -84,6 +86,16 @@ def run_sync(st: Any, topo: Topology) -> None:
             trainer.train_mini_epoch(epoch, [d], stage.resolution, batch, lr_in(epoch), stage.dropout),
             flag.raised,
         )
+        if not math.isfinite(s.loss_sum) and log is not None:  # rank 0 ends the job (MPI_Abort)
+            log.close()
+            finish(cfg, "diverged", epoch, elapsed + time.perf_counter() - t0, None)
+            mean = s.loss_sum / max(s.samples, 1)
+            raise DivergedError(
+                f"training diverged in epoch {epoch + 1}: the train loss is {mean}, at lr {stage.lr:g}, "
+                f"optim.momentum {cfg.optim.momentum:g}, batch {batch}, {stage.resolution} px. Lower "
+                f"schedule.lr or optim.momentum and start again, or resume from the last checkpoint in "
+                f"{cfg.out}/checkpoints"
+            )
         loss, acc, n, secs = trainer.evaluate(stage.resolution)
         wall = elapsed + time.perf_counter() - t0
         if log is not None:

@@ -277,6 +277,18 @@ def _read_fit(path: str, where: str, entry: dict[str, Any]) -> TimeFit:
     return TimeFit(a=a, b=b, r2=r2, points=tuple(pts), **cis)
 
 
+def meta_mismatch(meta: Mapping[str, Any], arch: str, width: int, channels: int | None = None) -> list[str]:
+    """What in a timing file's `meta` differs from the model a run trains: [] where it matches or
+    the file does not say (a hand-entered fit). A fit of another model times another network, so
+    the B_S planned from it is another network's."""
+    out = []
+    for key, want in (("arch", arch), ("width", width), ("channels", channels)):
+        have = meta.get(key)
+        if want is not None and have is not None and have != want:
+            out.append(f"{key} {have!r} (the run: {want!r})")
+    return out
+
+
 def load_timing_meta(path: str) -> dict[str, Any]:
     """The free-form `meta` block of a timing file (device, threads, clock, ...)."""
     meta = _read_doc(path).get("meta", {})

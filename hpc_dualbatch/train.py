@@ -23,7 +23,7 @@ import numpy as np
 from . import runfolder as F
 from .atomic import write_json
 from .config import Config, load_config, save_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DivergedError
 from .launch import agree
 
 
@@ -180,14 +180,26 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
         adapter.load_state(ck.extra["adapt"])  # continue with the batches, shares and windows it had
     server = ParameterServer(cfg, st.groups, state, log, adapter)
     if st.plan.n_small:  # what the plan chose for the small groups, and why where not the formula
+        from .plan import timing_warning
+
         res = sorted(st.plan.resolutions.items())
+        warning = timing_warning(cfg, st.staged.channels)
         print(
             "plan: B_S "
             + ", ".join(f"{rp.B_S} at {r} px ({rp.small_source})" for r, rp in res)
-            + "".join(f"\nplan: {rp.note}" for _, rp in res if rp.note),
+            + "".join(f"\nplan: {rp.note}" for _, rp in res if rp.note)
+            + (f"\nplan: {warning}" if warning else ""),
             flush=True,
         )
-    outcome = serve(server, topo)
+    try:
+        outcome = serve(server, topo)
+    except DivergedError:  # status.json says so before the job ends with the message
+        log.write(
+            {"type": "end", "state": "diverged", "commits": state.commits, "wall": round(server.wall(), 3)}
+        )
+        log.close()
+        F.finish(cfg, "diverged", state.commits, server.wall(), None)
+        raise
     # The state is consistent in both outcomes: a preemption ends after a checkpoint barrier,
     # and a finished run has committed every task. Saving also covers a signal that came
     # before any commit, so a requeued job always finds a checkpoint to resume from.

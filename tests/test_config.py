@@ -57,6 +57,10 @@ def test_dotted_overrides_parse_yaml_values():
         ("workers.slowdown={3: 2.0}", "'workers.slowdown' has 3: 2.0; valid: group 0..2"),
         ("workers.slowdown={0: 0.5}", "factor 1..100"),
         ("server.order=round_robin", "'plan.adaptive' is true with server.order 'round_robin'"),
+        ("optim.momentum=5", "'optim.momentum' must be in [0, 1), got 5"),
+        ("optim.momentum=1.0", "'optim.momentum' must be in [0, 1)"),
+        ("schedule.warmup_epochs=11", "'schedule.warmup_epochs' is 11, more than the run's schedule.epochs"),
+        ("plan.min_small_batch=0", "'plan.min_small_batch' must be > 0"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

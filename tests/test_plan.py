@@ -432,3 +432,24 @@ def test_shipped_fashion_mnist_timing_plans(monkeypatch) -> None:
     for r, rp in plan.resolutions.items():
         assert 1 <= rp.B_S <= rp.B_L == cfg.plan.large_batch[r]
         assert rp.epoch_time == pytest.approx(1.05 * rp.T0)
+
+
+def test_a_timing_file_of_another_model_is_named(tmp_path) -> None:
+    """Planned from a profile of another width or channel count, `plan` and `train` say so."""
+    from hpc_dualbatch.plan import timing_warning
+    from hpc_dualbatch.timing import meta_mismatch
+
+    assert meta_mismatch({"arch": "resnet18_cifar", "width": 16}, "resnet18_cifar", 8) == [
+        "width 16 (the run: 8)"
+    ]
+    assert meta_mismatch({}, "resnet18_cifar", 8, 1) == []  # a hand-entered file says nothing
+    path = str(tmp_path / "t.json")
+    meta = {"arch": "resnet18_cifar", "width": 16, "channels": 3}
+    save_timing(path, {r: TimeFit(1e-3, 5e-3, 1.0) for r in (20, 24, 28)}, meta, {20: 128, 24: 96, 28: 64})
+    cfg = load_config(os.path.join(CONFIGS, "fashion_mnist.yaml"), [f"plan.timing={path}"])
+    warning = timing_warning(cfg, channels=1)
+    assert "measured on another model: width 16 (the run: 8), channels 3 (the run: 1)" in warning
+    assert timing_warning(cfg, channels=3) and not timing_warning(
+        load_config(os.path.join(CONFIGS, "fashion_mnist.yaml"), [f"plan.timing={path}", "model.width=16"]),
+        channels=3,
+    )

@@ -694,3 +694,19 @@ def test_config_file_that_is_not_text_is_a_message(tmp_path):
     path.write_bytes(bytes(range(128, 256)))
     with pytest.raises(ConfigError, match=r"binary.yaml' is not (UTF-8 text|valid YAML)"):
         load_config(str(path))
+
+
+@mpi
+@pytest.mark.parametrize("mode", ["ps", "sync"])
+def test_a_diverging_run_stops_with_a_message_and_says_so_in_its_status(tmp_path, synthetic_h5, mode):
+    """A learning rate that drives the loss to NaN ends every rank with one message naming the
+    learning rate and momentum, exit code 3 and status.json "diverged" (it used to end "done" at
+    chance accuracy with NaN in its status)."""
+    over = {"schedule__lr": [1.0e6, 1.0e5]}
+    if mode == "sync":
+        over.update(mode="sync", workers__groups=[2], workers__small=0, plan__k=1.0)
+    cfg = write_config(tmp_path / "run.yaml", tiny_config(synthetic_h5, tmp_path / "run", **over))
+    r, seconds = timed(3 if mode == "ps" else 2, "train", "--config", cfg)
+    one_clean_error(r, seconds, "training diverged", "optim.momentum 0.9", "Lower schedule.lr")
+    assert r.returncode == 3
+    assert status(tmp_path / "run")["state"] == "diverged"

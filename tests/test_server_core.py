@@ -126,3 +126,27 @@ def test_a_preempt_flag_parks_every_group_then_stops(tmp_path):
     replies = ps.checkpoint()
     assert [int(o.header[P.Rep.STATUS]) for o in replies] == [P.Status.STOP] * 2
     assert not ps.serving() and ps.outcome() == "preempted" and C.latest(ps.cfg.out) is not None
+
+
+@pytest.mark.parametrize("where", ["loss", "weights"])
+def test_a_non_finite_push_stops_the_run_and_merges_nothing(tmp_path, where):
+    """A NaN train loss or non-finite pushed weights end the run with a message naming the commit,
+    group, learning rate and momentum; the global weights stay as they were."""
+    from hpc_dualbatch.errors import DivergedError
+
+    ps = make(tmp_path, server__merge="paper", server__bn="average")
+    ps.answer(0), ps.answer(1)
+    ps.on_push(0, push_header(P.Kind.PUSH, 0, 0, 100), np.full(N_P + N_B, 2.0, np.float32))
+    before = ps.s.weights.copy()
+    h = push_header(P.Kind.PUSH, 1, 0, 80)
+    wbuf = np.full(N_P + N_B, 4.0, np.float32)
+    if where == "loss":
+        h[P.Req.LOSS] = np.nan
+    else:
+        wbuf[1] = np.inf
+    with pytest.raises(DivergedError) as e:
+        ps.on_push(1, h, wbuf)
+    assert "training diverged at commit 2" in str(e.value) and "group 1's" in str(e.value)
+    assert "optim.momentum 0.9" in str(e.value) and "lr " in str(e.value)
+    np.testing.assert_array_equal(ps.s.weights, before)
+    assert ps.s.commits == 1
