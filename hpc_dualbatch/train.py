@@ -183,7 +183,7 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
         from .plan import timing_warning
 
         res = sorted(st.plan.resolutions.items())
-        warning = timing_warning(cfg, st.staged.channels)
+        warning = timing_warning(cfg, st.staged.channels if st.staged is not None else None)
         print(
             "plan: B_S "
             + ", ".join(f"{rp.B_S} at {r} px ({rp.small_source})" for r, rp in res)
