@@ -41,7 +41,9 @@ cost b is small against a*B (a CPU: b/a ~ 8 samples), the time barely depends on
 per cent of noise in T or s_h moves the solved B_h by 2x:
 - a dead band: h keeps its batch and share while its predicted mini-epoch is within `tol` of
   T, tol = max(TOL, the standard error of its and the large groups' window medians);
-- a move is at most a factor DAMP per re-plan (and only after h measured what it was given);
+- a move is at most a factor DAMP per re-plan (and only after h measured what it was given),
+  aims at the band's near edge rather than at T, and never goes below the floor
+  (plan.min_small_batch, the smallest batch that still trains at the schedule's rate);
 - B_h stays at or below `useful_batch`: the batch past which even B_L would save less than TOL
   of the mini-epoch time. Past it the method's small batch would be spent for nothing, so a
   group that cannot reach T there (a slow node, a group slowed by more than k) climbs to that
