@@ -98,7 +98,7 @@ def save(out: str, ck: Checkpoint, keep: int = 2) -> str:
         "data": ck.data if ck.data is not None else _DATA,
     }
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:  # exclusive: never through a planted link
             arrays = {"weights": ck.weights, "momentum": ck.momentum, "meta": np.array(json.dumps(meta))}
             if ck.group_buffers is not None:
                 arrays["group_buffers"] = ck.group_buffers

@@ -31,6 +31,7 @@ import os
 import sys
 from typing import Any
 
+from .atomic import open_regular
 from .errors import DataError, OutputError
 
 
@@ -45,12 +46,11 @@ class MetricsLog:
     def __init__(self, path: str, truncate_to: int | None = None) -> None:
         self.path = path
         try:
-            if truncate_to is not None and os.path.exists(path) and os.path.getsize(path) > truncate_to:
+            self._f = open_regular(path)
+            if truncate_to is not None and os.fstat(self._f.fileno()).st_size > truncate_to:
                 # Resume: drop records of work done after the checkpoint (it is done again). Only
                 # ever shorten: a shorter file was repaired by `repair` (never padded with NULs).
-                with open(path, "r+b") as f:
-                    f.truncate(truncate_to)
-            self._f = open(path, "ab")
+                self._f.truncate(truncate_to)
         except OSError as e:
             raise _write_failed(path, e) from None
 
@@ -253,7 +253,7 @@ def repair(path: str, offset: int, commits: int) -> tuple[int, dict[str, Any] | 
             "reason": reason,
         }
     try:
-        with open(path, "ab") as f:
+        with open_regular(path) as f:
             f.truncate(kept)
             if gap is not None:
                 f.write((json.dumps(gap, separators=(",", ":")) + "\n").encode())

@@ -360,6 +360,11 @@ def run(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.set)
+    if os.path.isdir(args.out):  # before measuring: the measurement would be lost at the end
+        raise PlanError(
+            f"--out '{args.out}' is a directory; give the timing file's path, e.g. "
+            f"{os.path.join(args.out, 'timing.json')}"
+        )
     from mpi4py import MPI
 
     job = MPI.COMM_WORLD.Get_size() > 1  # launched by mpirun: profile the way `train` runs

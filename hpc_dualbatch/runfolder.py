@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from . import checkpoint as C
-from .atomic import write_json
+from .atomic import open_regular, write_json
 from .config import Config
 from .errors import ConfigError, OutputError
 from .metrics import read_metrics, repair
@@ -39,13 +39,15 @@ def prepare_out(cfg: Config, resume: bool, staged: Any = None) -> tuple[Any, Any
         )
     try:
         os.makedirs(cfg.out, exist_ok=True)
-        lock = open(os.path.join(cfg.out, ".lock"), "w")
+        lock = open_regular(os.path.join(cfg.out, ".lock"))
     except OSError as e:
         raise write_failed(f"output folder {cfg.out}", e) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        raise ConfigError(f"output folder {cfg.out} is in use by another run (lock {lock.name})") from None
+        raise ConfigError(
+            f"output folder {cfg.out} is in use by another run (lock {cfg.out}/.lock)"
+        ) from None
     metrics = os.path.join(cfg.out, "metrics.jsonl")
     path = C.latest(cfg.out)
     if path is None:

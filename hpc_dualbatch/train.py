@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import runfolder as F
-from .atomic import write_json
+from .atomic import open_regular, write_json
 from .config import Config, load_config, save_config
 from .errors import CheckpointError, ConfigError, DivergedError
 from .launch import agree
@@ -129,11 +129,9 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
         try:
             save_config(cfg, os.path.join(cfg.out, "config.yaml"))
             write_json(os.path.join(cfg.out, "plan.json"), plan.to_dict())
-            with open(os.path.join(cfg.out, "command.txt"), "a", encoding="utf-8") as f:
-                f.write(
-                    f"{time.strftime('%Y-%m-%dT%H:%M:%S')} np={world.Get_size()} "
-                    f"{shlex.join(['hpc-dualbatch', *sys.argv[1:]])}\n"
-                )
+            with open_regular(os.path.join(cfg.out, "command.txt")) as f:
+                line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} np={world.Get_size()} "
+                f.write(f"{line}{shlex.join(['hpc-dualbatch', *sys.argv[1:]])}\n".encode())
         except OSError as e:
             raise F.write_failed(f"the run's files in {cfg.out}", e) from None
     return Setup(cfg, staged, plan, groups, ck, lock)

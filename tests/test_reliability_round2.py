@@ -471,12 +471,21 @@ def test_empty_out_is_refused():
         load_config(None, ["out=''"])
 
 
-def test_disk_full_while_writing_metrics_is_a_message():
-    log = MetricsLog("/dev/full")  # every write fails with ENOSPC
-    with pytest.raises(OutputError, match=r"could not write metrics file /dev/full: No space left on device"):
+def test_disk_full_while_writing_metrics_is_a_message(tmp_path):
+    class Full(io.BytesIO):  # a disk that fills up: every write fails with ENOSPC, as /dev/full's
+        def write(self, data):  # (a device the metrics file is no longer allowed to be)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(str(path))
+    log._f.close()
+    log._f = Full()
+    with pytest.raises(OutputError, match=rf"could not write metrics file {path}: No space left on device"):
         log.write(commit(1))
     with contextlib.suppress(OSError):
         log.close()
+    with pytest.raises(OutputError, match="'/dev/full' is a character device, not a regular file"):
+        MetricsLog("/dev/full")
 
 
 @pytest.mark.parametrize(
@@ -710,3 +719,50 @@ def test_a_diverging_run_stops_with_a_message_and_says_so_in_its_status(tmp_path
     one_clean_error(r, seconds, "training diverged", "optim.momentum 0.9", "Lower schedule.lr")
     assert r.returncode == 3
     assert status(tmp_path / "run")["state"] == "diverged"
+
+
+def test_run_folder_files_are_never_written_through_a_link_or_into_a_fifo(tmp_path, synthetic_h5):
+    """A link at .lock, metrics.jsonl or command.txt (another user's file, in a shared run folder)
+    is refused by name and its target left as it was; a FIFO at .lock is refused, not waited on;
+    an atomic write replaces a link at its name instead of writing through it."""
+    from hpc_dualbatch.atomic import open_regular, write_json
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's data\n")
+    for name in (".lock", "metrics.jsonl", "command.txt"):
+        link = tmp_path / name
+        link.symlink_to(victim)
+        with pytest.raises(OutputError, match=rf"'{link}' is a symbolic link"):
+            open_regular(str(link))
+        link.unlink()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    t0 = time.time()
+    with pytest.raises(OutputError, match=r"is a FIFO, not a regular file"):
+        open_regular(str(fifo))
+    assert time.time() - t0 < 5
+    with pytest.raises(OutputError, match="is a directory"):
+        open_regular(str(tmp_path))
+    with open_regular(str(tmp_path / "new.log")) as f:  # a regular file: created, appended to
+        f.write(b"a\n")
+    with open_regular(str(tmp_path / "new.log")) as f:
+        f.write(b"b\n")
+    assert (tmp_path / "new.log").read_text() == "a\nb\n"
+    # the run folder's own checks: a linked lock and a linked metrics file
+    out, cfg = run_folder(tmp_path, synthetic_h5)
+    (out / ".lock").symlink_to(victim)
+    with pytest.raises(OutputError, match="symbolic link"):
+        F.prepare_out(cfg, False)
+    (out / ".lock").unlink()
+    os.mkfifo(out / ".lock")
+    with pytest.raises(OutputError, match="FIFO"):
+        F.prepare_out(cfg, False)
+    (out / ".lock").unlink()
+    (out / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(OutputError, match="symbolic link"):
+        MetricsLog(str(out / "metrics.jsonl"))
+    link = tmp_path / "status.json"
+    link.symlink_to(victim)
+    write_json(str(link), {"state": "done"})
+    assert not link.is_symlink() and json.loads(link.read_text()) == {"state": "done"}
+    assert victim.read_text() == "someone else's data\n"

@@ -255,3 +255,13 @@ def test_robust_fit_is_repeatable_and_round_trips(tmp_path) -> None:
     # b's interval reaching 0: the fixed cost is not known; a hand-entered b > 0 is
     assert not TimeFit(1e-3, 1e-4, 1.0, b_ci=(-1e-4, 3e-4)).fixed_cost_known
     assert TimeFit(1e-3, 1e-4, 1.0).sound and not TimeFit(-1e-3, 1e-4, 1.0).sound
+
+
+def test_profile_out_naming_a_directory_is_refused_before_measuring(tmp_path) -> None:
+    import argparse
+
+    from hpc_dualbatch.profile import run
+
+    args = argparse.Namespace(config=os.path.join(CONFIGS, "fashion_mnist.yaml"), set=[], out=str(tmp_path))
+    with pytest.raises(PlanError, match=r"is a directory; give the timing file's path, e.g. .*timing.json"):
+        run(args)
