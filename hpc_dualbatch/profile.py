@@ -166,6 +166,12 @@ def batch_ladder(lowest: int, largest: int) -> list[int]:
     return sorted(out)
 
 
+def default_batches(cfg: Any, B_L: int) -> list[int]:
+    """The batch sizes measured without --batches: the ladder from the floor of B_S
+    (plan.min_small_batch, at most B_L / 4 so that a small B_L still gets a spread) to B_L."""
+    return batch_ladder(max(1, min(cfg.plan.min_small_batch, B_L // 4)), B_L)
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -201,7 +207,7 @@ def profile(
     log: Callable[[str], None] = print,
 ) -> tuple[dict[int, TimeFit], dict[int, int], dict[str, Any]]:
     """Measure and fit every resolution of `cfg.schedule`; returns (fits, B_L, meta).
-    batches None: `batch_ladder` from the floor plan.min_small_batch (at most B_L / 4) to B_L."""
+    batches None: `default_batches`."""
     import torch
 
     from .engine import pick_device
@@ -245,7 +251,7 @@ def profile(
         # Only batches the plan can use (<= B_L) shape the fit: the linear model is an
         # approximation, best where it is applied.
         if batches is None:
-            sizes = batch_ladder(max(1, min(cfg.plan.min_small_batch, large[res] // 4)), large[res])
+            sizes = default_batches(cfg, large[res])
         else:
             sizes = [bsz for bsz in batches if bsz <= large[res]]
         if len(sizes) < 2:
@@ -404,9 +410,7 @@ def _run_job(cfg: Any, args: argparse.Namespace, world: Any) -> int:
             )
         large = cfg.plan.large_batch
         sizes = {
-            r: [b for b in args.batches if b <= large[r]]
-            if args.batches
-            else batch_ladder(max(1, min(cfg.plan.min_small_batch, large[r] // 4)), large[r])
+            r: [b for b in args.batches if b <= large[r]] if args.batches else default_batches(cfg, large[r])
             for r in cfg.schedule.resolutions
         }
         short = [r for r, s in sizes.items() if len(s) < 2]
@@ -448,9 +452,9 @@ def _report(
     for r, f in [*fits.items(), *small.items()]:
         if f.fixed_cost_known:
             continue
-        ci = f", 90 % interval [{f.b_ci[0]:.2g}, {f.b_ci[1]:.2g}]" if f.b_ci else ""
+        b_ci = f", 90 % interval [{f.b_ci[0]:.2g}, {f.b_ci[1]:.2g}]" if f.b_ci else ""
         print(f"{r} px: the straight line's fixed cost per step is not distinguishable from zero "
-              f"(b = {f.b:.2g} s/step{ci})")  # fmt: skip
+              f"(b = {f.b:.2g} s/step{b_ci})")  # fmt: skip
         p = per_sample_table(f, large[r])
         if not p:
             continue
@@ -465,6 +469,13 @@ def _report(
             shape = f" (lowest at {low[0]}, higher on both sides)" if p[0][0] < low[0] < p[-1][0] else ""
             print(f"  the per-sample time is not a + b/B here{shape}: the planner picks B_S from these "
                   "measured times, not from the line")  # fmt: skip
+    curved = sorted({r for r, f in [*fits.items(), *small.items()] if f.r2 < 0.98})
+    if curved:
+        print(
+            f"note: R^2 < 0.98 at {curved} px: the step time is not a straight line in the batch here (a "
+            "CPU's per-sample time can rise again past its cache); the intervals above say how much "
+            "that leaves B_S in doubt"
+        )
     if cfg.workers.small == 0:
         return
     from .plan import plan_dual_batch, samples_per_epoch, small_floor
@@ -482,10 +493,3 @@ def _report(
     for r, rp in sorted(plan.resolutions.items()):
         span = f", the intervals allow [{rp.B_S_range[0]}, {rp.B_S_range[1]}]" if rp.B_S_range else ""
         print(f"  {r} px: B_S = {rp.B_S} ({rp.small_source}{span})")
-    low = sorted({r for r, f in [*fits.items(), *small.items()] if f.r2 < 0.98})
-    if low:
-        print(
-            f"note: R^2 < 0.98 at {low} px: the step time is not a straight line in the batch here (a "
-            "CPU's per-sample time can rise again past its cache); the intervals above say how much "
-            "that leaves B_S in doubt"
-        )

@@ -189,31 +189,30 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
             + (f"\nplan: {warning}" if warning else ""),
             flush=True,
         )
-    try:
-        outcome = serve(server, topo)
-    except DivergedError:  # status.json says so before the job ends with the message
+
+    def end(outcome: str, path: str | None) -> str:
         log.write(
-            {"type": "end", "state": "diverged", "commits": state.commits, "wall": round(server.wall(), 3)}
+            {
+                "type": "end",
+                "state": outcome,
+                "commits": state.commits,
+                "wall": round(server.wall(), 3),
+                "server_cpu_seconds": round(server.cpu_seconds, 3),
+                "server_serve_seconds": round(server.serve_seconds, 3),
+            }
         )
         log.close()
-        F.finish(cfg, "diverged", state.commits, server.wall(), None)
+        return F.finish(cfg, outcome, state.commits, server.wall(), path)
+
+    try:
+        outcome = serve(server, topo)
+    except DivergedError:  # status.json says so, then the job ends with the message (MPI_Abort)
+        end("diverged", None)
         raise
     # The state is consistent in both outcomes: a preemption ends after a checkpoint barrier,
     # and a finished run has committed every task. Saving also covers a signal that came
     # before any commit, so a requeued job always finds a checkpoint to resume from.
-    path = server.save(final=outcome == "done")
-    log.write(
-        {
-            "type": "end",
-            "state": outcome,
-            "commits": state.commits,
-            "wall": round(server.wall(), 3),
-            "server_cpu_seconds": round(server.cpu_seconds, 3),
-            "server_serve_seconds": round(server.serve_seconds, 3),
-        }
-    )
-    log.close()
-    return F.finish(cfg, outcome, state.commits, server.wall(), path)
+    return end(outcome, server.save(final=outcome == "done"))
 
 
 def run(args: argparse.Namespace) -> int:
