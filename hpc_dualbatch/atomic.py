@@ -22,6 +22,46 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSO
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
 
 
+def file_kind(path: str) -> str | None:
+    """What `path` is where it is not a regular file (links followed): None for a regular file,
+    else "missing", "a directory", "a FIFO", "a symbolic link loop", ... Every file the package
+    reads is asked this first, because opening a FIFO blocks until a writer comes (a hang) and
+    a directory or loop would otherwise be reported as missing."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link (its target does not exist)" if os.path.islink(path) else "missing"
+    except OSError as e:
+        reasons = {
+            errno.ELOOP: "a symbolic link loop",
+            errno.ENOTDIR: "missing (a part of its path is a file, not a folder)",
+            errno.EACCES: "not accessible (permission denied on it or a folder above it)",
+            errno.ENAMETOOLONG: "a name too long for the file system",
+        }
+        return reasons.get(e.errno, f"not accessible ({e.strerror})")
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def check_regular(path: str, what: str, error: type[Exception], hint: str) -> None:
+    """Raise `error` naming `what` at `path` and what is there unless it is a regular file;
+    `hint` says how to get a valid one."""
+    kind = file_kind(path)
+    if kind == "missing":
+        raise error(f"{what} '{path}' does not exist; {hint}")
+    if kind is not None:
+        raise error(f"{what} '{path}' is {kind}, not a regular file; {hint}")
+
+
+def check_writable_target(path: str, what: str, error: type[Exception]) -> None:
+    """Raise unless `path` is missing or a regular file: a file written there replaces it
+    (temporary name, rename), which a directory refuses, and reading a FIFO there hangs."""
+    kind = file_kind(path)
+    if kind not in (None, "missing") and not kind.startswith("a broken symbolic link"):
+        raise error(f"{what} '{path}' is {kind}; give the path of a file to write (it is replaced)")
+
+
 def open_regular(path: str) -> IO[bytes]:
     """`path` opened for appending (created if missing), binary, only where it is a regular file:
     a symbolic link is refused rather than followed (in a shared, group-writable run folder a

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import check_regular
 from .errors import CheckpointError
 from .yaml_safe import show
 
@@ -48,6 +49,8 @@ OPERATIONAL = frozenset(
         "workers.slowdown",  # a simulated slower node (benchmarks): how fast, not what
         "server.poll_min_s",  # how often a waiting rank polls
         "server.poll_max_s",
+        "server.stall_s",  # when a silent group is declared stalled
+        "server.preempt_wait_s",
         "checkpoint.every_epochs",  # when checkpoints are written, not what they hold
         "checkpoint.keep",
     }
@@ -125,6 +128,9 @@ def latest(out: str) -> str | None:
 
 
 def load(path: str) -> Checkpoint:
+    check_regular(
+        path, "checkpoint", CheckpointError, "resume from another checkpoint or start the run again"
+    )
     try:
         with np.load(path, allow_pickle=False) as z:
             weights, momentum, meta = z["weights"], z["momentum"], json.loads(str(z["meta"]))
@@ -177,17 +183,35 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def saved_config(ck: Checkpoint) -> dict[str, Any]:
+    """The config a checkpoint was made with, as `Config.to_dict` gave it: JSON stored the integer
+    keys of the per-resolution maps (plan.large_batch, schedule.dropout, ...) as strings."""
+
+    def restore(v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: restore(x) for k, x in v.items()}
+
+    return restore(ck.config)
+
+
+def config_differences(
+    a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], ignore: frozenset[str] = OPERATIONAL
+) -> list[str]:
+    """The keys where two resolved configs differ, outside `ignore`: "key: <names[0]> A, <names[1]> B"."""
+    # A JSON round trip makes both sides alike (int dict keys become strings).
+    fa, fb = _flatten(json.loads(json.dumps(a))), _flatten(json.loads(json.dumps(b)))
+    return [
+        f"{k}: {names[0]} {show(fa.get(k))}, {names[1]} {show(fb.get(k))}"
+        for k in sorted(set(fa) | set(fb))
+        if k not in ignore and fa.get(k) != fb.get(k)
+    ]
+
+
 def check_compatible(path: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A resume must use the config the checkpoint was made with; only the OPERATIONAL keys
     (where things are, how fast they run) may differ."""
-    # A JSON round trip makes both sides alike (int dict keys become strings).
-    a = _flatten(json.loads(json.dumps(saved)))
-    b = _flatten(json.loads(json.dumps(current)))
-    diffs = [
-        f"{k}: checkpoint {show(a.get(k))}, now {show(b.get(k))}"
-        for k in sorted(set(a) | set(b))
-        if k not in OPERATIONAL and a.get(k) != b.get(k)
-    ]
+    diffs = config_differences(saved, current, ("checkpoint", "now"))
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was made with another config ({'; '.join(diffs[:3])}); "

@@ -9,13 +9,13 @@ The resolved config is written next to every run (`Config.to_dict`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from .atomic import check_regular
 from .errors import ConfigError
 from .yaml_safe import clip, show
 from .yaml_safe import load as _load_yaml
@@ -110,6 +110,15 @@ class ServerConfig:
     push_every: int = 16
     poll_min_s: float = 0.0002  # sleeping back-off while waiting: first sleep, seconds
     poll_max_s: float = 0.005  # ... doubling up to this; bounds the added latency per message
+    # A group not heard from for this long is stalled (a stopped, hung or crashed rank): the
+    # server checkpoints without it and ends the job naming it (docs/reliability.md). The bound
+    # used is the larger of this and 4x the longest silence any group has shown in the run, so
+    # a long task or evaluation is not taken for a stall. 0: never. Seconds.
+    stall_s: float = 600.0
+    # How long a preemption's checkpoint (SIGTERM/SIGUSR1), or a stall's, waits for the groups
+    # to finish their tasks; a group not parked by then is left out of the checkpoint (its task
+    # is handed out again on resume). Under the 300 s of the Slurm templates' --signal. Seconds.
+    preempt_wait_s: float = 120.0
 
 
 @dataclass
@@ -241,8 +250,12 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     """Load YAML (or the defaults when `path` is None), apply overrides, validate."""
     raw: dict[str, Any] = {}
     if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file '{path}' does not exist")
+        check_regular(
+            path,
+            "config file",
+            ConfigError,
+            "give a YAML config, e.g. hpc_dualbatch/configs/fashion_mnist.yaml",
+        )
         try:
             with open(path, encoding="utf-8") as f:
                 raw = _load_yaml(f, f"config file '{path}'") or {}
@@ -261,7 +274,9 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    for ov in overrides:
+        _set_dotted(raw, *parse_override(ov))
     cfg = _build(Config, raw)
     validate(cfg)
     return cfg
@@ -368,6 +383,8 @@ def validate(cfg: Config) -> None:
                 f"config key 'server.{key}' is {getattr(cfg.server, key)} s; valid: up to {MAX_POLL_S} s "
                 f"(it is a sleep between polls of a waiting rank, normally milliseconds)"
             )
+    _positive("server.stall_s", cfg.server.stall_s, allow_zero=True)
+    _positive("server.preempt_wait_s", cfg.server.preempt_wait_s)
     if cfg.server.poll_max_s < cfg.server.poll_min_s:
         raise ConfigError("config key 'server.poll_max_s' must be >= server.poll_min_s")
     _positive("checkpoint.every_epochs", cfg.checkpoint.every_epochs, allow_zero=True)

@@ -37,3 +37,15 @@ class DivergedError(HDBError):
     """Training's loss or weights became non-finite: the run stops rather than merge them."""
 
     exit_code = 3
+
+
+class StalledError(HDBError):
+    """A worker group was not heard from in time (a stopped, hung or crashed rank): the server
+    wrote a checkpoint without it and the job ends. `state` is what status.json says
+    ("stalled", or "preempted" when a preemption's checkpoint could not wait for the group)."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, state: str) -> None:
+        super().__init__(message)
+        self.state = state

@@ -15,8 +15,9 @@ Record types (field `type`):
             on the server also bn (server.bn) and bn_seconds (recalibration before it)
     end     the run finished or was preempted: state, commits, wall
     gap     records of work that a checkpoint holds were lost (a crash lost the file's unsynced
-            tail, or the file was deleted): after_commit (the last commit still recorded),
-            up_to_commit (the checkpoint's), missing_bytes, reason. Nothing is made up for them.
+            tail, or the file was deleted), or an evaluation never came (its group was left out:
+            server.py, "Stalls"): after_commit (the last commit still recorded), up_to_commit
+            (the checkpoint's), missing_bytes, reason. Nothing is made up for them.
 Progress goes to stdout as plain lines (Slurm logs, mpirun output).
 
 The checkpoint is fsynced, the metrics file is not: after a crash the file may be shorter than
@@ -31,7 +32,7 @@ import os
 import sys
 from typing import Any
 
-from .atomic import open_regular
+from .atomic import check_regular, file_kind, open_regular
 from .errors import DataError, OutputError
 
 
@@ -172,6 +173,7 @@ def _number(v: Any) -> bool:
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """Every record of a metrics file; a line that is not a valid record is a `DataError`
     naming the file, the line and what is wrong (never a JSONDecodeError traceback)."""
+    check_regular(path, "metrics file", DataError, "give a run folder's metrics.jsonl")
     try:
         with open(path, "rb") as f:
             lines = f.read().split(b"\n")
@@ -218,6 +220,9 @@ def repair(path: str, offset: int, commits: int) -> tuple[int, dict[str, Any] | 
     crash are dropped). When the kept part is shorter than `offset`, a `gap` record says which
     commits' records are lost; the file is never padded.
     """
+    kind = file_kind(path)
+    if kind not in (None, "missing"):
+        raise OutputError(f"metrics file '{path}' is {kind}, not a regular file; remove it, then --resume")
     try:
         with open(path, "rb") as f:
             data = f.read(offset)

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .atomic import write_json
+from .atomic import check_regular, file_kind, write_json
 from .errors import PlanError
 from .timing import TimeFit, per_sample_table
 
@@ -478,6 +478,7 @@ def save_plan(plan: Plan, path: str) -> None:
 
 
 def load_plan(path: str) -> Plan:
+    check_regular(path, "plan file", PlanError, "write one with `hpc-dualbatch plan --out FILE`")
     try:
         with open(path, encoding="utf-8") as f:
             return Plan.from_dict(json.load(f))
@@ -491,7 +492,7 @@ def samples_per_epoch(cfg: Any, override: int | None = None) -> int:
         return override
     if cfg.plan.samples_per_epoch > 0:
         return cfg.plan.samples_per_epoch
-    if cfg.data.path and os.path.isfile(cfg.data.path):
+    if cfg.data.path and file_kind(cfg.data.path) != "missing":  # (open_staged names what else it is)
         from .data import open_staged
 
         return int(open_staged(cfg.data.path).num_samples("train"))

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .atomic import file_kind
 from .errors import PlanError
 from .timing import TimeFit, fit_robust, per_sample_table, save_timing
 
@@ -185,7 +186,7 @@ def _cpu_name() -> str:
 
 def _model_shape(cfg: Any, channels: int, classes: int) -> tuple[int, int, str]:
     """(channels, classes, source): from the staged data file when it exists, else the flags."""
-    if cfg.data.path and os.path.isfile(cfg.data.path):
+    if cfg.data.path and file_kind(cfg.data.path) != "missing":  # (open_staged names what else it is)
         from .data import open_staged
 
         ds = open_staged(cfg.data.path)
@@ -227,7 +228,7 @@ def profile(
     channels, classes, shape_src = _model_shape(cfg, channels, classes)
     staged = None
     if inputs == "staged":
-        if not (cfg.data.path and os.path.isfile(cfg.data.path)):
+        if not (cfg.data.path and file_kind(cfg.data.path) != "missing"):
             raise PlanError(
                 f"--inputs staged needs the staged data file data.path = '{cfg.data.path}', which does not "
                 "exist; stage it with `hpc-dualbatch prepare` or use --inputs random"
@@ -403,7 +404,7 @@ def _run_job(cfg: Any, args: argparse.Namespace, world: Any) -> int:
 
     def check() -> dict[int, list[int]]:
         check_world_size(world.Get_size(), cfg.workers.groups, True)
-        if not (cfg.data.path and os.path.isfile(cfg.data.path)):
+        if not (cfg.data.path and file_kind(cfg.data.path) != "missing"):
             raise PlanError(
                 f"profile as an MPI job trains on the staged data, but data.path = '{cfg.data.path}' "
                 "does not exist; stage it with `hpc-dualbatch prepare`"

@@ -36,6 +36,7 @@ Headers are float64 arrays of fixed length: integers up to 2**53 are exact.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
@@ -110,6 +111,9 @@ def reply(status: Status) -> np.ndarray:
     return h
 
 
+Until = float | Callable[[], float | None] | None  # a time.perf_counter() deadline, None: none
+
+
 class Backoff:
     """A sleeping wait: test, then sleep min_s, 2*min_s, ... up to max_s.
 
@@ -121,33 +125,53 @@ class Backoff:
     def __init__(self, min_s: float = 0.0002, max_s: float = 0.02) -> None:
         self.min_s, self.max_s = min_s, max_s
 
-    def wait(self, req: Any) -> Any:
-        """Wait for one mpi4py request; returns its status."""
+    def wait(self, req: Any, until: Until = None) -> Any:
+        """Wait for one mpi4py request; returns its status, or None once time.perf_counter()
+        passes `until` (a value, or a function asked before each sleep; the request is then
+        still pending)."""
         from mpi4py import MPI
 
         status = MPI.Status()
         delay = self.min_s
         while not req.Test(status):  # MPI: non-blocking test of the pending message
+            limit = until() if callable(until) else until
+            if limit is not None and time.perf_counter() >= limit:
+                return None
             time.sleep(delay)
             delay = min(2 * delay, self.max_s)
         return status
 
-    def waitany(self, reqs: list[Any]) -> tuple[int, Any]:
-        from mpi4py import MPI
 
-        status = MPI.Status()
-        delay = self.min_s
-        while True:
-            idx, flag = MPI.Request.Testany(reqs, status)  # MPI: non-blocking
-            if flag and idx != MPI.UNDEFINED:
-                return idx, status
-            time.sleep(delay)
-            delay = min(2 * delay, self.max_s)
+CANCEL_S = 1.0  # how long a timed-out receive may take to complete its cancellation, seconds
 
 
-def recv(comm: Any, buf: np.ndarray, source: int, tag: int, backoff: Backoff) -> Any:
-    """Receive into `buf` without spinning."""
-    return backoff.wait(comm.Irecv(buf, source=source, tag=tag))  # MPI
+def recv(comm: Any, buf: np.ndarray, source: int, tag: int, backoff: Backoff, until: Until = None) -> Any:
+    """Receive into `buf` without spinning; returns the status. With `until` (a
+    time.perf_counter() value) returns None if nothing came by then: the receive is cancelled,
+    or, where a message had begun to arrive and does not finish within CANCEL_S, abandoned
+    (MPI may still write into `buf`: do not use it again)."""
+    req = comm.Irecv(buf, source=source, tag=tag)  # MPI
+    status = backoff.wait(req, until)
+    if status is not None:
+        return status
+    req.Cancel()  # MPI: a matched message cannot be cancelled; it completes instead
+    status = backoff.wait(req, time.perf_counter() + CANCEL_S)
+    if status is None:
+        _ABANDONED.append((req, buf))  # MPI may still write into buf: keep both alive
+    return None if status is None or status.Is_cancelled() else status
+
+
+_ABANDONED: list[tuple[Any, np.ndarray]] = []  # receives given up on (the process ends soon after)
+
+
+def send(comm: Any, buf: np.ndarray, dest: int, tag: int, backoff: Backoff, until: Until) -> bool:
+    """Send `buf` without spinning; False if it was not taken by `until` (a time.perf_counter()
+    value): the send is then abandoned (a receiver that never comes back never reads it)."""
+    req = comm.Isend(buf, dest=dest, tag=tag)  # MPI
+    if backoff.wait(req, until) is not None:
+        return True
+    _ABANDONED.append((req, buf))  # MPI may still read buf: keep both alive
+    return False
 
 
 def bcast(comm: Any, buf: np.ndarray, backoff: Backoff, root: int = 0) -> None:

@@ -1,7 +1,10 @@
 """`hpc-dualbatch report RUN_DIRS... --out DIR`: tables and plots from run folders.
 
 Runs are grouped into configurations by folder name without its seed suffix
-(`hybrid-ns2-s1` and `hybrid-ns2-s2` are two seeds of `hybrid-ns2`). For each
+(`hybrid-ns2-s1` and `hybrid-ns2-s2` are two seeds of `hybrid-ns2`); runs of one
+configuration must share their config.yaml apart from the seed and the operational keys,
+and differ in seed (the config's `seed`), else the report names the two folders and stops.
+The same folder given twice counts once. For each
 configuration: mean and spread (sample standard deviation, and min..max) over
 seeds of the final test accuracy, the best test accuracy and the wall time,
 each against the baseline configuration as a difference and a ratio, and the
@@ -16,15 +19,20 @@ test accuracy vs wall time, test accuracy vs epoch, images/s per group.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from .atomic import write_json, write_text
+import yaml
+
+from .atomic import check_regular, file_kind, write_json, write_text
+from .checkpoint import OPERATIONAL, config_differences
 from .errors import DataError, OutputError
 from .metrics import read_metrics
+from .yaml_safe import load as load_yaml
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
 
@@ -33,7 +41,7 @@ SEED_SUFFIX = re.compile(r"-s(\d+)$")
 class Run:
     path: str
     config: str  # configuration label
-    seed: int
+    seed: int  # the config's seed (else the folder's -s<seed> suffix)
     final_acc: float
     best_acc: float
     final_loss: float
@@ -41,6 +49,7 @@ class Run:
     evals: list[dict[str, Any]]
     commits: list[dict[str, Any]]
     command: str
+    settings: dict[str, Any] | None  # the run's config.yaml, where it has one
 
     @property
     def max_drop(self) -> float:
@@ -57,8 +66,9 @@ def load_run(path: str) -> Run:
     gaps = [r for r in recs if r["type"] == "gap"]
     if gaps:
         print(
-            f"warning: run {path} lost the records of some commits in a crash ({len(gaps)} gap "
-            f"record(s) in {metrics}); its accuracies come from the evaluations that remain"
+            f"warning: run {path} lost records ({len(gaps)} gap record(s) in {metrics}: "
+            f"{'; '.join(sorted({str(g.get('reason')) for g in gaps}))}); its accuracies come from "
+            "the evaluations that remain"
         )
     evals = [r for r in recs if r["type"] == "eval"]
     ends = [r for r in recs if r["type"] == "end"]
@@ -66,20 +76,80 @@ def load_run(path: str) -> Run:
         raise DataError(f"run {path} has not finished (no final evaluation / end record with state done)")
     name = os.path.basename(os.path.normpath(path))
     m = SEED_SUFFIX.search(name)
-    cmd_path = os.path.join(path, "command.txt")
-    command = open(cmd_path, encoding="utf-8").read().strip() if os.path.exists(cmd_path) else ""
+    settings = _read_config(os.path.join(path, "config.yaml"))
+    seed = settings.get("seed") if settings else None
     return Run(
         path,
         name[: m.start()] if m else name,
-        int(m.group(1)) if m else 0,
+        seed if isinstance(seed, int) and not isinstance(seed, bool) else int(m.group(1)) if m else 0,
         evals[-1]["test_acc"],
         max(e["test_acc"] for e in evals),
         evals[-1]["test_loss"],
         ends[-1]["wall"],
         evals,
         [r for r in recs if r["type"] == "commit"],
-        command,
+        _read_command(os.path.join(path, "command.txt")),
+        settings,
     )
+
+
+def _read_command(path: str) -> str:
+    """command.txt as text ("" where there is none); bytes that are not UTF-8 are replaced."""
+    if file_kind(path) == "missing":
+        return ""
+    check_regular(path, "command file", DataError, "remove it (train writes it again)")
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace").strip()
+
+
+def _read_config(path: str) -> dict[str, Any] | None:
+    if file_kind(path) == "missing":
+        return None
+    check_regular(path, "run config", DataError, "remove it, or give the run folder train wrote")
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    try:
+        raw = load_yaml(text, f"run config '{path}'")
+    except yaml.YAMLError as e:
+        raise DataError(
+            f"run config '{path}' is not valid YAML ({e}); give the run folder train wrote"
+        ) from None
+    return raw if isinstance(raw, dict) else None
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Configuration label -> its runs (one per seed), in the order given. Refuses two runs of one
+    label whose configs differ (beyond seed and operational keys) or that share a seed."""
+    configs: dict[str, list[Run]] = {}
+    for r in runs:
+        for other in configs.setdefault(r.config, []):
+            where = f"runs '{other.path}' and '{r.path}' are both configuration '{r.config}'"
+            if other.settings is not None and r.settings is not None:
+                diffs = config_differences(
+                    other.settings, r.settings, ("first", "second"), OPERATIONAL | {"seed"}
+                )
+                if diffs:
+                    raise DataError(
+                        f"{where} (folder name without -s<seed>) but their configs differ ("
+                        f"{'; '.join(diffs[:3])}); give them different folder names"
+                    )
+            if other.seed == r.seed:
+                raise DataError(
+                    f"{where} with seed {r.seed}: one configuration needs one run per seed (name "
+                    "seeds as a -s<seed> suffix, or give each configuration its own folder name)"
+                )
+        configs[r.config].append(r)
+    return configs
+
+
+def _finite(x: Any) -> Any:
+    """`x` with every non-finite float as None (null): summary.json stays strict JSON (a run whose
+    test loss was NaN would otherwise write the token NaN)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -93,9 +163,7 @@ def _stats(xs: list[float]) -> dict[str, float]:
 
 
 def summarize(runs: list[Run], baseline: str | None) -> dict[str, Any]:
-    configs: dict[str, list[Run]] = {}
-    for r in runs:
-        configs.setdefault(r.config, []).append(r)
+    configs = group_runs(runs)
     out: dict[str, Any] = {}
     for name, rs in configs.items():
         out[name] = {
@@ -207,7 +275,10 @@ def plots(runs: list[Run], order: list[str], out: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    runs = [load_run(p) for p in args.runs]
+    paths = list(dict.fromkeys(os.path.realpath(p) for p in args.runs))  # a folder given twice: once
+    if len(paths) < len(args.runs):
+        print(f"report: {len(args.runs) - len(paths)} run folder(s) given more than once; each counted once")
+    runs = [load_run(p) for p in paths]
     order = list(dict.fromkeys(r.config for r in runs))
     summary = summarize(runs, args.baseline)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -217,11 +288,11 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise OutputError(f"--out {args.out}: cannot create the folder ({e.strerror or e})") from None
     md = markdown(summary, args.baseline, order)
-    figs = plots(runs, order, args.out)
-    text = f"# Results\n\n{md}\n" + "".join(f"![{f}]({f})\n" for f in figs)
     try:
+        figs = plots(runs, order, args.out)
+        text = f"# Results\n\n{md}\n" + "".join(f"![{f}]({f})\n" for f in figs)
         write_text(os.path.join(args.out, "report.md"), text)
-        write_json(os.path.join(args.out, "summary.json"), summary)
+        write_json(os.path.join(args.out, "summary.json"), _finite(summary), allow_nan=False)
     except OSError as e:
         raise OutputError(f"--out {args.out}: cannot write the report ({e.strerror or e})") from None
     print(md)

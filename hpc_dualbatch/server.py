@@ -26,6 +26,14 @@ merged and parked (no reply) until every active group is parked; then each
 sends its momentum, the server writes one checkpoint and releases them. The
 barrier makes the saved state exactly the state the run continues from, so a
 resumed `round_robin` run ends with the same weights as an uninterrupted one.
+
+Stalls: the server tracks when it last heard from (or answered) each group it waits for.
+A group silent for longer than the stall bound (`server.stall_s`, or 4x the longest silence
+seen), or not parked when a preemption's barrier reaches its cutoff (`server.preempt_wait_s`
+after the signal), is left out: the barrier completes without it, the checkpoint holds every
+other group's work, the group's unfinished task is handed out again on resume and its momentum
+restarts from zero, and the job ends with a `StalledError` naming the group and its ranks. A
+group heard from again before that checkpoint is written is taken back.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from . import checkpoint as C
 from . import protocol as P
 from .adapt import Adapter, Obs
 from .config import Config
-from .errors import DivergedError
+from .errors import DivergedError, StalledError
 from .merge import delta_weight, distance, merge_delta, merge_paper
 from .metrics import MetricsLog, Progress, commit_record, eval_record
 from .schedule import lr_at, stage_for_commit
@@ -120,8 +128,18 @@ class ParameterServer:
         self.final_buffers: np.ndarray | None = None  # BN buffers the final evaluation used
         self.stopped: set[int] = set()
         self.parked: list[int] = []  # groups waiting at a checkpoint barrier (merged, not answered)
-        self.evals_due = 0  # STOP replies that asked for an evaluation not yet received
+        # group -> (epoch, merges) of an evaluation a reply asked for (of the weights after that
+        # many merges), not received yet
+        self.eval_asked: dict[int, tuple[float, int]] = {}
+        self.outstanding: set[int] = set()  # groups holding a task they have not committed
         self.barrier = False
+        # stalls: when each group was last heard from or answered (perf_counter seconds)
+        self.heard = [time.perf_counter()] * self.n
+        self.longest_gap = 0.0  # the longest silence of a group before a request, seconds
+        self.stalled: set[int] = set()  # groups the next checkpoint leaves out
+        self.gone: set[int] = set()  # ... of them, those never served again (a message went astray)
+        self.cutoff: float | None = None  # a preemption's or stall's barrier stops waiting then
+        self.group_ranks: list[tuple[int, ...]] = [()] * self.n  # world ranks (the driver sets them)
         self.preempt = 0  # signal number that asked for a checkpoint and stop
         self.send_state = set(range(self.n)) if state.resumed else set()
         self.next_rr = 0
@@ -157,9 +175,8 @@ class ParameterServer:
             self.ref.share, self.ref.batch[stage.resolution], self.cfg.server.push_every
         )
         if g in s.pending_evals and not self.preempt:
-            rep[P.Rep.EVAL_EPOCH] = s.pending_evals.pop(g)
-            if status == P.Status.STOP:
-                self.evals_due += 1
+            rep[P.Rep.EVAL_EPOCH] = epoch = s.pending_evals.pop(g)
+            self.eval_asked[g] = (epoch, s.merges)
         has_state = g in self.send_state
         rep[P.Rep.HAS_STATE] = 1 if has_state else 0
         out = self._with_weights(g, rep)
@@ -168,6 +185,9 @@ class ParameterServer:
             self.send_state.discard(g)
         if status == P.Status.STOP:
             self.stopped.add(g)
+        if run:
+            self.outstanding.add(g)
+        self.heard[g] = time.perf_counter()  # its silence counts from this answer
         return out
 
     def _adapt(self, g: int, res: int) -> float | None:
@@ -270,6 +290,7 @@ class ParameterServer:
             self._diverged(g, f"train loss is {float(h[P.Req.LOSS])}")
         d = self._merge(g, wbuf)
         s.commits += 1
+        self.outstanding.discard(g)
         if h[P.Req.PREEMPT] and not self.preempt:
             self.preempt = signal.SIGTERM
         lr, res, batch, predicted = self.task_stage.get(g, (0.0, 0, 0, None))
@@ -315,8 +336,7 @@ class ParameterServer:
         """An evaluation result (header h) and the BN buffers it was made with."""
         if float(h[P.Req.EVAL_EPOCH]) == self.cfg.schedule.epochs:
             self.final_buffers = bufs
-        if g in self.stopped:
-            self.evals_due -= 1
+        self.eval_asked.pop(g, None)
         rec = eval_record(
             epoch=float(h[P.Req.EVAL_EPOCH]),
             group=g,
@@ -336,24 +356,77 @@ class ParameterServer:
         )
 
     def barrier_full(self) -> bool:
-        """Every active group is parked at the barrier: collect their momentum into
-        `s.momentum[g]` for g in `parked`, then call `checkpoint`."""
-        active = [g for g in range(self.n) if g not in self.stopped]
-        return bool(self.parked) and sorted(self.parked) == sorted(active)
+        """Every active group is parked at the barrier or left out: collect the parked groups'
+        momentum into `s.momentum[g]` (`leave_out` a group whose momentum does not come), then
+        call `checkpoint`."""
+        active = [g for g in range(self.n) if g not in self.stopped and g not in self.stalled]
+        return self.barrier and bool(self.parked or self.stalled) and sorted(self.parked) == sorted(active)
 
     def checkpoint(self) -> list[Outgoing]:
-        """Write the checkpoint of a full barrier and release the parked groups."""
+        """Write the checkpoint of a full barrier and release the parked groups; with groups
+        left out, write it without them and end the run (`StalledError`)."""
+        if self.stalled:
+            self._end_without(sorted(self.stalled))
         self.save()
-        parked, self.parked, self.barrier = self.parked, [], False
+        parked, self.parked, self.barrier, self.cutoff = self.parked, [], False, None
         replies = [self.answer(g) for g in sorted(parked)]
         # A resumed run restarts with HELLOs from groups 0, 1, ...: so does the round-robin order here.
         self.next_rr = 0
         return replies
 
-    def save(self, final: bool = False) -> str:
+    def _end_without(self, missing: list[int]) -> None:
+        """Checkpoint the state without the `missing` groups' work in flight, then raise."""
+        s, now = self.s, time.perf_counter()
+        lost = [g for g in missing if g in self.outstanding]
+        for g in lost:
+            s.rounds[g] -= 1  # handed out again on resume, with the same data order (its round)
+        for g, (epoch, merges) in self.eval_asked.items():  # evaluations asked for, not received
+            if merges == s.merges:  # of the weights saved now: the resume evaluates them
+                s.pending_evals.setdefault(g, epoch)
+            else:  # of weights merged over since: nothing can measure them any more
+                self.log.write(
+                    {
+                        "type": "gap",
+                        "after_commit": s.commits,
+                        "up_to_commit": s.commits,
+                        "missing_bytes": 0,
+                        "reason": f"evaluation of epoch {epoch:g} lost: group {g} did not send it before "
+                        "the run ended without it",
+                    }
+                )
+        s.momentum[missing] = 0.0  # never received (or stale): restarts from zero on resume
+        path = self.save(missing=missing)
+        who = ", ".join(
+            f"group {g} (rank{'s' if len(self.group_ranks[g]) != 1 else ''} "
+            f"{', '.join(map(str, self.group_ranks[g])) or '?'}, silent for {now - self.heard[g]:.0f} s)"
+            for g in missing
+        )
+        cfg = self.cfg.server
+        if self.preempt:
+            why = (
+                f"the preemption's checkpoint waited server.preempt_wait_s = {cfg.preempt_wait_s:g} s "
+                f"and left out {who}"
+            )
+        else:
+            why = (
+                f"{who} not heard from within the stall bound of {self.stall_bound():.0f} s "
+                f"(server.stall_s = {cfg.stall_s:g} s, or 4x the longest silence seen): a stopped, hung "
+                "or crashed rank"
+            )
+        tasks = f"{'its' if len(missing) == 1 else 'their'} unfinished task" if lost else "no unfinished task"
+        raise StalledError(
+            f"{why}. Checkpoint {path} holds every other group's work; it lacks {tasks} and the "
+            f"momentum of group{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
+            f"(the resume hands {'that task' if lost else 'nothing'} out again and starts that momentum "
+            f"from zero). Continue with: hpc-dualbatch train --resume {self.cfg.out}",
+            "preempted" if self.preempt else "stalled",
+        )
+
+    def save(self, final: bool = False, missing: list[int] | None = None) -> str:
         """Write a checkpoint of the training state. `final`: the run is done, so the saved
         model carries the BN buffers its final evaluation used (recalibrated, or the evaluating
-        group's own under bn: local); training never reads them back."""
+        group's own under bn: local); training never reads them back. `missing`: groups left
+        out (recorded in the checkpoint; the resume says so)."""
         s = self.s
         weights = s.weights
         if final and self.final_buffers is not None:
@@ -372,6 +445,7 @@ class ParameterServer:
                 {
                     "pending_evals": {str(g): e for g, e in s.pending_evals.items()},
                     "merges": s.merges,
+                    **({"missing_groups": missing} if missing else {}),
                     **({"adapt": self.adapter.state()} if self.adapter else {}),
                 },
                 group_buffers=s.group_buffers,
@@ -382,24 +456,97 @@ class ParameterServer:
     # --- what the driver asks ----------------------------------------------------
     def serving(self) -> bool:
         """Until every group has been told STOP and its last evaluation is in."""
-        return len(self.stopped) < self.n or self.evals_due > 0
+        return len(self.stopped) < self.n or any(g in self.stopped for g in self.eval_asked)
 
     def check_preempt(self) -> None:
         """Before each request: a signal (`preempt`, set by the driver) turns into a checkpoint
-        barrier at the next pushes, then STOP."""
-        if self.preempt and not self.barrier and len(self.stopped) < self.n:
+        barrier at the next pushes, then STOP; groups not parked within server.preempt_wait_s
+        are left out (`on_silence`)."""
+        if self.preempt and len(self.stopped) < self.n:
             self.barrier = True
+            if self.cutoff is None:
+                self.cutoff = time.perf_counter() + self.cfg.server.preempt_wait_s
+
+    def stall_bound(self) -> float | None:
+        """Seconds of silence after which a group is stalled; None: never (server.stall_s 0)."""
+        stall_s = self.cfg.server.stall_s
+        return max(stall_s, 4 * self.longest_gap) if stall_s > 0 else None
+
+    def awaited(self) -> list[int]:
+        """Groups the server waits to hear from: with a task or an evaluation to send, not parked."""
+        return [
+            g
+            for g in range(self.n)
+            if g not in self.parked
+            and g not in self.stalled
+            and (g not in self.stopped or g in self.eval_asked)
+        ]
+
+    def deadline(self) -> float | None:
+        """The perf_counter time by which some request must come, else the driver calls
+        `on_silence`; None: wait without bound."""
+        awaited, bound = self.awaited(), self.stall_bound()
+        times = [self.heard[g] + bound for g in awaited] if bound is not None else []
+        if self.cutoff is not None and awaited:
+            times.append(self.cutoff)
+        return min(times, default=None)
+
+    def on_silence(self, now: float, queued: set[int]) -> None:
+        """Nothing came by `deadline()`: leave out the groups silent past the stall bound, and,
+        past a barrier's cutoff, every group not parked yet. `queued`: groups whose request is
+        waiting unserved (round robin serves another first): not silent."""
+        for g in queued:
+            self.heard[g] = now
+        bound = self.stall_bound()
+        past_cutoff = self.cutoff is not None and now >= self.cutoff
+        self.leave_out(
+            [
+                g
+                for g in self.awaited()
+                if g not in queued and (past_cutoff or (bound is not None and now - self.heard[g] >= bound))
+            ],
+            now,
+        )
+
+    def leave_out(self, groups: list[int], now: float, for_good: bool = False) -> None:
+        """Leave `groups` out of the next checkpoint (a stall, or their momentum or weights did
+        not come: `for_good`, never served again); the others get server.preempt_wait_s to
+        park, then the run ends."""
+        if not groups:
+            return
+        if for_good:
+            self.gone.update(groups)
+        for g in groups:
+            self.progress.line(f"server: group {g} not heard from for {now - self.heard[g]:.0f} s: left out")
+        self.stalled.update(groups)
+        self.barrier = True
+        if self.cutoff is None:
+            self.cutoff = now + self.cfg.server.preempt_wait_s
 
     def next_group(self) -> int | None:
         """Under `order: round_robin` the group whose request is served next; None: any."""
-        if self.cfg.server.order != "round_robin" or len(self.stopped) == self.n:
+        if self.cfg.server.order != "round_robin":
             return None
-        while self.next_rr in self.stopped or self.next_rr in self.parked:
+        for _ in range(self.n):
+            if (
+                self.next_rr not in self.stopped
+                and self.next_rr not in self.parked
+                and self.next_rr not in self.stalled
+            ):
+                return self.next_rr
             self.next_rr = (self.next_rr + 1) % self.n
-        return self.next_rr
+        return None
 
     def served(self, g: int, kind: int) -> None:
         """A request of group g of this kind is being served (round robin moves on past g)."""
+        now = time.perf_counter()
+        self.longest_gap = max(self.longest_gap, now - self.heard[g])
+        self.heard[g] = now
+        if g in self.stalled and g not in self.gone:  # heard from again in time: take it back
+            self.stalled.discard(g)
+            self.progress.line(f"server: group {g} heard from again; taken back")
+            if not self.stalled and not self.preempt:
+                self.cutoff = None
         if kind != P.Kind.EVAL and self.cfg.server.order == "round_robin":
             self.next_rr = (g + 1) % self.n
 

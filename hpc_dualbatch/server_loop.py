@@ -4,11 +4,14 @@ the protocol (`protocol.py`), the signals and the sleeping wait; the decisions a
 
 Checkpoints are barriers: from a checkpoint commit on, each pushing group is merged and
 parked (no reply) until every active group is parked; then each sends its momentum, the
-server writes one checkpoint and releases them.
+server writes one checkpoint and releases them. No wait is unbounded where a group can stall:
+a request is awaited until `ParameterServer.deadline()`, a request's body and a momentum
+within the stall bound; a group that misses them is left out (server.py, "Stalls").
 """
 
 from __future__ import annotations
 
+import math
 import resource
 import signal
 import time
@@ -19,59 +22,104 @@ from mpi4py import MPI
 
 from . import protocol as P
 from .server import Outgoing, ParameterServer
+from .topology import group_layout
 
-
-def send(world: Any, leaders: tuple[int, ...], out: Outgoing) -> None:
-    dest = leaders[out.group]
-    world.Send(out.header, dest=dest, tag=P.TAG_REP)  # PS: reply header
-    world.Send(out.params, dest=dest, tag=P.TAG_W)  # PS: global parameters
-    world.Send(out.buffers, dest=dest, tag=P.TAG_BN)  # PS: BN buffers
-    if out.momentum is not None:
-        world.Send(out.momentum, dest=dest, tag=P.TAG_OPT)  # PS: the group's momentum (resume)
+TICK_S = 1.0  # a wait for the next request wakes this often to act on a signal, seconds
 
 
 def serve(ps: ParameterServer, topo: Any) -> str:
     """Serve the groups' leaders until every group has been told STOP and its last evaluation
-    is in. Returns "done" or "preempted"; sets ps.cpu_seconds and ps.serve_seconds."""
+    is in. Returns "done" or "preempted"; sets ps.cpu_seconds and ps.serve_seconds. Raises
+    StalledError (after a checkpoint) when a group is left out (`ParameterServer.leave_out`)."""
 
     def on_signal(signum: int, frame: Any) -> None:
         ps.preempt = signum  # SIGTERM / SIGUSR1 (Slurm before a time limit): checkpoint and stop
+        if ps.cutoff is None:  # (also ends a wait on a group that will never answer)
+            ps.cutoff = time.perf_counter() + ps.cfg.server.preempt_wait_s
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, on_signal)
     world, leaders = topo.world, topo.leaders
+    layout = group_layout(ps.cfg.workers.groups, True)
+    ps.group_ranks = [tuple(r for r, x in enumerate(layout) if x == g) for g in range(ps.n)]
     back = P.Backoff(ps.cfg.server.poll_min_s, ps.cfg.server.poll_max_s)
     hdr = np.zeros(P.HDR_LEN, np.float64)
     wbuf = np.empty_like(ps.s.weights)
+    mbuf = np.empty(ps.n_params, np.float32)
     n_p = ps.n_params
+
+    def bound_from_now() -> P.Until:
+        """How long an exchange with a group that has begun may take: the stall bound from now,
+        or, once a preemption or stall has set a cutoff (a signal may set it during the wait),
+        at most server.preempt_wait_s after it, so a preemption ends within twice that."""
+        bound, grace = ps.stall_bound(), ps.cfg.server.preempt_wait_s
+        by = math.inf if bound is None else time.perf_counter() + bound
+        return lambda: min(by, math.inf if ps.cutoff is None else ps.cutoff + grace)
+
+    def send(out: Outgoing) -> None:
+        """A reply, in the order of `Outgoing`; a group that does not take it within the stall
+        bound (a stopped rank stops receiving mid-message) is left out for good."""
+        dest, by = leaders[out.group], bound_from_now()
+        parts = [(out.header, P.TAG_REP), (out.params, P.TAG_W), (out.buffers, P.TAG_BN)]
+        if out.momentum is not None:
+            parts.append((out.momentum, P.TAG_OPT))  # the group's momentum (resume)
+        for buf, tag in parts:
+            if not P.send(world, buf, dest, tag, back, by):  # PS: header, parameters, BN buffers, momentum
+                ps.leave_out([out.group], time.perf_counter(), for_good=True)
+                return
+
+    def body(buf: np.ndarray, g: int, tag: int) -> bool:
+        """Receive what follows a request of group g; False (g left out) if it does not come
+        within the stall bound."""
+        if P.recv(world, buf, leaders[g], tag, back, bound_from_now()) is None:  # PS: a request's body
+            ps.leave_out([g], time.perf_counter(), for_good=True)
+            return False
+        return True
+
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     while ps.serving():
         ps.check_preempt()
+        if ps.barrier_full():
+            for h in [h for h in ps.parked if h not in ps.stalled]:  # parked leaders send momentum
+                if not P.send(
+                    world, P.reply(P.Status.SEND_STATE), leaders[h], P.TAG_REP, back, bound_from_now()
+                ):  # PS
+                    ps.leave_out([h], time.perf_counter(), for_good=True)
+                elif body(mbuf, h, P.TAG_OPT):  # PS: the group's momentum
+                    ps.s.momentum[h] = mbuf
+                else:
+                    mbuf = np.empty_like(mbuf)  # an abandoned receive may still write into the old one
+            for out in ps.checkpoint():  # (with groups left out: raises StalledError)
+                send(out)
+            continue
         g_next = ps.next_group()
         src = MPI.ANY_SOURCE if g_next is None else leaders[g_next]
-        status = P.recv(world, hdr, src, P.TAG_REQ, back)  # PS: next request header
+        tick = time.perf_counter() + TICK_S
+        wake = min(tick, ps.deadline() or tick)
+        status = P.recv(world, hdr, src, P.TAG_REQ, back, wake)  # PS: next request header
+        if status is None:  # nobody spoke in time: a request queued behind g_next is not silence
+            queued = {g for g in ps.awaited() if world.Iprobe(source=leaders[g], tag=P.TAG_REQ)}  # PS
+            ps.on_silence(time.perf_counter(), queued)
+            continue
         src = status.Get_source()
         g, kind = int(hdr[P.Req.GROUP]), int(hdr[P.Req.KIND])
+        if g in ps.gone:  # its last body never came; what it sends now would be misread
+            continue
         ps.served(g, kind)
         if kind == P.Kind.EVAL:
             bufs = np.empty(wbuf.size - n_p, np.float32)
-            P.recv(world, bufs, src, P.TAG_BN, back)  # PS: the BN buffers it evaluated with
-            ps.on_eval(g, hdr, bufs)
+            if body(bufs, g, P.TAG_BN):  # PS: the BN buffers it evaluated with
+                ps.on_eval(g, hdr, bufs)
         elif kind == P.Kind.HELLO:
-            send(world, leaders, ps.answer(g))
-        elif kind == P.Kind.MERGE:
-            P.recv(world, wbuf, src, P.TAG_W, back)  # PS: the group's weights
-            send(world, leaders, ps.on_merge(g, hdr, wbuf))
-        elif kind == P.Kind.PUSH:
-            P.recv(world, wbuf, src, P.TAG_W, back)  # PS: the group's weights
-            replies = ps.on_push(g, hdr, wbuf)
-            if ps.barrier_full():
-                for h in ps.parked:  # every parked leader sends its group's momentum
-                    world.Send(P.reply(P.Status.SEND_STATE), dest=leaders[h], tag=P.TAG_REP)  # PS
-                    P.recv(world, ps.s.momentum[h], leaders[h], P.TAG_OPT, back)  # PS: momentum
-                replies = ps.checkpoint()
-            for out in replies:
-                send(world, leaders, out)
+            send(ps.answer(g))
+        elif kind in (P.Kind.MERGE, P.Kind.PUSH):
+            if not body(wbuf, g, P.TAG_W):  # PS: the group's weights
+                wbuf = np.empty_like(wbuf)
+            elif kind == P.Kind.MERGE:
+                send(ps.on_merge(g, hdr, wbuf))
+            else:
+                for out in ps.on_push(g, hdr, wbuf):  # none while g is parked at a barrier
+                    send(out)
         else:
             raise RuntimeError(f"protocol error: request kind {kind} from rank {src}")
     # The server's own CPU use while serving: it must sleep, not spin, while it waits.

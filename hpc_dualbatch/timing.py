@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .atomic import write_json
+from .atomic import check_regular, write_json
 from .errors import PlanError
 
 TIMING_FORMAT = "hpc_dualbatch.timing"
@@ -181,8 +180,7 @@ def _read_doc(path: str) -> dict[str, Any]:
     hint = "create it with `hpc-dualbatch profile --config CONFIG.yaml --out FILE`"
     if not path:
         raise PlanError(f"no timing file given (config key 'plan.timing' is empty); {hint}")
-    if not os.path.isfile(path):
-        raise PlanError(f"timing file '{path}' does not exist; {hint}")
+    check_regular(path, "timing file", PlanError, hint)
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)

@@ -4,8 +4,8 @@
     mpirun -np 4 hpc-dualbatch train --resume runs/fashion_mnist      # continue from the newest checkpoint
 
 Output folder (`out`): config.yaml (resolved), plan.json, command.txt, metrics.jsonl,
-checkpoints/ckpt-<commits>.npz, status.json (state done | preempted, final and best test
-accuracy). What a folder may already hold: runfolder.py.
+checkpoints/ckpt-<commits>.npz, status.json (state done | preempted | diverged | stalled, final
+and best test accuracy). What a folder may already hold: runfolder.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from . import checkpoint as C
 from . import runfolder as F
-from .atomic import open_regular, write_json
-from .config import Config, load_config, save_config
-from .errors import CheckpointError, ConfigError, DivergedError
+from .atomic import file_kind, open_regular, write_json
+from .config import Config, config_from_dict, load_config, save_config
+from .errors import CheckpointError, ConfigError, DivergedError, StalledError
 from .launch import agree
 
 
@@ -44,13 +45,18 @@ def _config(args: argparse.Namespace) -> Config:
             "train needs --config CONFIG.yaml (a new run, e.g. --config "
             "hpc_dualbatch/configs/fashion_mnist.yaml) or --resume RUN_DIR (continue a run)"
         )
-    if args.resume and not path:
-        path = os.path.join(args.resume, "config.yaml")
-        if not os.path.isfile(path):
-            raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run folder?")
     overrides = list(args.set or [])
     if args.resume:
         overrides.append(f"out={args.resume}")
+    if args.resume and not path:
+        path = os.path.join(args.resume, "config.yaml")
+        if file_kind(path) == "missing":  # every checkpoint holds the config it was made with
+            newest = C.latest(args.resume)
+            if newest is None:
+                raise ConfigError(
+                    f"--resume {args.resume}: no config.yaml and no checkpoint there; is it a run folder?"
+                )
+            return config_from_dict(C.saved_config(C.load(newest)), overrides)
     return load_config(path, overrides)
 
 
@@ -126,6 +132,11 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
             raise CheckpointError(
                 f"checkpoint in {cfg.out} has {ck.momentum.shape[0]} groups, config {cfg.n_groups}"
             )
+        if ck is not None and file_kind(os.path.join(cfg.out, "config.yaml")) == "missing":
+            print(
+                f"resume: {cfg.out}/config.yaml was missing; written again from the checkpoint's config",
+                flush=True,
+            )
         try:
             save_config(cfg, os.path.join(cfg.out, "config.yaml"))
             write_json(os.path.join(cfg.out, "plan.json"), plan.to_dict())
@@ -177,6 +188,12 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
     if adapter is not None and ck is not None and "adapt" in ck.extra:
         adapter.load_state(ck.extra["adapt"])  # continue with the batches, shares and windows it had
     server = ParameterServer(cfg, st.groups, state, log, adapter)
+    if ck is not None and ck.extra.get("missing_groups"):
+        print(
+            f"resume: the checkpoint was written without group(s) {ck.extra['missing_groups']} (not heard "
+            "from in time): their momentum starts from zero, their unfinished tasks are handed out again",
+            flush=True,
+        )
     if st.plan.n_small:  # what the plan chose for the small groups, and why where not the formula
         from .plan import timing_warning
 
@@ -208,6 +225,9 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
         outcome = serve(server, topo)
     except DivergedError:  # status.json says so, then the job ends with the message (MPI_Abort)
         end("diverged", None)
+        raise
+    except StalledError as e:  # a group left out: its checkpoint is written; the stalled ranks
+        end(e.state, C.latest(cfg.out))  # cannot leave by themselves, so the job ends by MPI_Abort
         raise
     # The state is consistent in both outcomes: a preemption ends after a checkpoint barrier,
     # and a finished run has committed every task. Saving also covers a signal that came

@@ -33,7 +33,7 @@ from hpc_dualbatch import runfolder as F
 from hpc_dualbatch import train as T
 from hpc_dualbatch.config import config_from_dict, load_config
 from hpc_dualbatch.data import SyntheticSpec, TrainLoader, open_staged, prepare
-from hpc_dualbatch.errors import CheckpointError, ConfigError, DataError, OutputError, PlanError
+from hpc_dualbatch.errors import CheckpointError, ConfigError, DataError, HDBError, OutputError, PlanError
 from hpc_dualbatch.metrics import MetricsLog, read_metrics, repair
 
 from .helpers import (
@@ -766,3 +766,56 @@ def test_run_folder_files_are_never_written_through_a_link_or_into_a_fifo(tmp_pa
     write_json(str(link), {"state": "done"})
     assert not link.is_symlink() and json.loads(link.read_text()) == {"state": "done"}
     assert victim.read_text() == "someone else's data\n"
+
+
+def _odd(tmp: Path, kind: str) -> str:
+    """A path that is `kind`: a FIFO, a directory or a symbolic link loop."""
+    path = tmp / f"odd-{kind}"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dir":
+        path.mkdir()
+    else:
+        os.symlink(path, path)  # a link to itself: resolving it loops
+    return str(path)
+
+
+ODD = {"fifo": "is a FIFO", "dir": "is a directory", "loop": "is a symbolic link loop"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", sorted(ODD))
+def test_every_file_read_is_checked_for_what_it_is_before_it_is_opened(tmp_path, synthetic_h5, kind):
+    """Config, staged data, timing, plan, checkpoint, metrics and source files, and prepare's
+    --out: a FIFO (opening it waits for a writer: a hang), a directory or a link loop is named
+    for what it is, at once (was: a hang, or "does not exist")."""
+    from hpc_dualbatch.data.sources import read_cifar
+    from hpc_dualbatch.plan import load_plan, samples_per_epoch
+    from hpc_dualbatch.timing import load_timing
+
+    want = ODD[kind]
+    readers = {
+        "config file": load_config,
+        "staged data file": open_staged,
+        "timing file": lambda p: load_timing(p, [12]),
+        "plan file": load_plan,
+        "checkpoint": C.load,
+        "metrics file": read_metrics,
+        "CIFAR archive": lambda p: read_cifar(p, "cifar10"),
+    }
+    odd = _odd(tmp_path, kind)
+    for what, read in readers.items():
+        t0 = time.time()
+        with pytest.raises(HDBError, match=rf"{what} '{re.escape(odd)}' {want}, not a regular file"):
+            read(odd)
+        assert time.time() - t0 < 5, what
+    # data.path of a config: the planner opens the staged file and says what it is
+    cfg = config_from_dict(tiny_config(odd, tmp_path / "run"))
+    with pytest.raises(DataError, match=rf"staged data file '{re.escape(odd)}' {want}"):
+        samples_per_epoch(cfg)
+    # the metrics of a run folder being resumed (read before they are cut back)
+    with pytest.raises(OutputError, match=rf"metrics file '{re.escape(odd)}' {want}"):
+        repair(odd, 10, 1)
+    # prepare --out: refused before anything is read or staged
+    with pytest.raises(DataError, match=rf"prepare --out '{re.escape(odd)}' {want}"):
+        prepare("synthetic", None, [12], odd, synthetic=SyntheticSpec(samples=20, test_samples=10))

@@ -6,7 +6,7 @@ import pytest
 
 from hpc_dualbatch.cli import main
 from hpc_dualbatch.errors import DataError
-from hpc_dualbatch.report import load_run
+from hpc_dualbatch.report import group_runs, load_run
 
 
 def fake_run(path, accs, wall, state="done"):
@@ -95,3 +95,49 @@ def test_record_builders_round_once_and_pass_the_reader(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps(c) + "\n" + json.dumps(e) + "\n")
     assert read_metrics(str(path)) == [c, e]
+
+
+def _with_config(path: str, **keys) -> str:
+    import yaml
+
+    raw = {"seed": 0, "out": path, "optim": {"momentum": 0.9}, "server": {"merge": "delta"}, "threads": 1}
+    for k, v in keys.items():
+        section, _, leaf = k.partition("__")
+        if leaf:
+            raw[section][leaf] = v
+        else:
+            raw[section] = v
+    with open(f"{path}/config.yaml", "w") as f:
+        yaml.safe_dump(raw, f)
+    return path
+
+
+def test_runs_grouped_by_name_must_share_their_config_and_differ_in_seed(tmp_path, capsys):
+    """Two folders named alike are one configuration only if their configs agree (seed and
+    operational keys aside); a seed twice, or a folder given twice, is not two seeds."""
+    a = _with_config(fake_run(tmp_path / "x" / "hybrid", [0.5, 0.8], 100.0))
+    b = _with_config(fake_run(tmp_path / "y" / "hybrid", [0.5, 0.7], 90.0), optim__momentum=0.5)
+    with pytest.raises(
+        DataError, match=r"both configuration 'hybrid'.*optim\.momentum: first 0\.9, second 0\.5"
+    ):
+        group_runs([load_run(a), load_run(b)])
+    c = _with_config(fake_run(tmp_path / "z" / "hybrid", [0.5, 0.7], 90.0), threads=4)  # operational
+    with pytest.raises(DataError, match=r"with seed 0: one configuration needs one run per seed"):
+        group_runs([load_run(a), load_run(c)])
+    d = _with_config(fake_run(tmp_path / "w" / "hybrid", [0.6, 0.9], 80.0), seed=3, threads=4)
+    assert main(["report", a, d, a + "/", "--out", str(tmp_path / "rep")]) == 0
+    s = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert s["hybrid"]["seeds"] == [0, 3]  # the configs' seeds; `a` counted once
+    assert "given more than once" in capsys.readouterr().out
+
+
+def test_a_nan_test_loss_and_odd_command_file_still_report(tmp_path):
+    path = tmp_path / "nan-s1"
+    fake_run(path, [0.1], 10.0)
+    text = (path / "metrics.jsonl").read_text().replace('"test_loss": 0.9', '"test_loss": NaN')
+    (path / "metrics.jsonl").write_text(text)
+    (path / "command.txt").write_bytes(b"hpc-dualbatch train \xff\xfe\n")  # not UTF-8
+    assert main(["report", str(path), "--out", str(tmp_path / "rep")]) == 0
+    s = json.loads((tmp_path / "rep" / "summary.json").read_text())  # strict JSON: null, not NaN
+    assert s["nan"]["final_loss"]["mean"] is None and s["nan"]["final_acc"]["mean"] == pytest.approx(0.1)
+    assert "train \ufffd" in load_run(str(path)).command

@@ -75,7 +75,9 @@ def test_round_robin_run_with_barriers_evals_and_stop(tmp_path):
     # an evaluation keep the server serving until it is in
     closed_by = [(r["group"], r["commit"] / 2) for r in commits if r["commit"] % 2 == 0]
     assert evals == closed_by
-    assert ps.evals_due == 2 and ps.serving()  # epoch 3's eval came with group 1's STOP, epoch 4's with 0's
+    assert (
+        sorted(ps.eval_asked) == [0, 1] and ps.serving()
+    )  # epoch 3's eval came with group 1's STOP, epoch 4's with 0's
     ps.on_eval(1, _eval_header(3.0), np.zeros(N_B, np.float32))
     ps.on_eval(0, _eval_header(4.0), np.zeros(N_B, np.float32))
     assert not ps.serving() and ps.outcome() == "done"
@@ -150,3 +152,95 @@ def test_a_non_finite_push_stops_the_run_and_merges_nothing(tmp_path, where):
     assert "optim.momentum 0.9" in str(e.value) and "lr " in str(e.value)
     np.testing.assert_array_equal(ps.s.weights, before)
     assert ps.s.commits == 1
+
+
+# --- stalls (docs/reliability.md): a silent group is left out, the checkpoint says what it lacks ---
+
+
+def _stalled_run(tmp_path, **over) -> ParameterServer:
+    """Both groups hold a task (group 0 its second); group 1 has not been heard from since."""
+    ps = make(tmp_path, server__stall_s=5.0, server__preempt_wait_s=7.0, **over)
+    ps.group_ranks = [(1,), (2, 3)]
+    ps.answer(0), ps.answer(1)
+    ps.served(0, P.Kind.PUSH)
+    ps.on_push(0, push_header(P.Kind.PUSH, 0, 0, 100), np.full(N_P + N_B, 1.0, np.float32))
+    ps.s.momentum[:] = 3.0  # what an earlier barrier collected
+    return ps
+
+
+def test_a_silent_group_is_left_out_and_the_checkpoint_says_what_it_lacks(tmp_path):
+    from hpc_dualbatch.errors import StalledError
+
+    ps = _stalled_run(tmp_path)
+    now = ps.heard[1] + 5.0
+    assert ps.deadline() == pytest.approx(now)  # group 1's bound ends first
+    ps.on_silence(now - 0.1, set())
+    assert not ps.stalled  # not yet
+    ps.on_silence(now, set())
+    assert ps.stalled == {1} and ps.barrier and ps.cutoff == now + 7.0
+    assert ps.awaited() == [0] and not ps.barrier_full()  # group 0 may still finish its task
+    ps.served(0, P.Kind.PUSH)
+    assert ps.on_push(0, push_header(P.Kind.PUSH, 0, 1, 100), np.full(N_P + N_B, 1.0, np.float32)) == []
+    assert ps.barrier_full()
+    with pytest.raises(StalledError) as e:
+        ps.checkpoint()
+    assert e.value.state == "stalled" and e.value.exit_code == 4
+    msg = str(e.value)
+    for needle in ("group 1 (ranks 2, 3, silent for", "server.stall_s = 5 s", "unfinished task", "--resume"):
+        assert needle in msg, msg
+    ck = C.load(C.latest(ps.cfg.out))
+    assert ck.commits == 2 and ck.rounds == [2, 0]  # group 1's task is handed out again
+    assert ck.extra["missing_groups"] == [1]
+    assert ck.momentum[0].tolist() == [3.0] * N_P and ck.momentum[1].tolist() == [0.0] * N_P
+    # the resume hands group 1 the same task (round 0: the same data order)
+    state = ServerState(ck.weights, ck.momentum, ck.group_buffers, ck.commits, 2, ck.rounds, resumed=True)
+    again = ParameterServer(ps.cfg, ps.groups, state, MetricsLog(str(tmp_path / "m2.jsonl")))
+    assert int(again.answer(1).header[P.Rep.ROUND]) == 0
+
+
+def test_a_group_heard_from_again_in_time_is_taken_back(tmp_path):
+    ps = _stalled_run(tmp_path)
+    ps.on_silence(ps.heard[1] + 5.0, set())
+    assert ps.stalled == {1}
+    ps.served(1, P.Kind.PUSH)  # it was only slow: the barrier becomes an ordinary checkpoint
+    assert not ps.stalled and ps.cutoff is None
+    ps.on_push(1, push_header(P.Kind.PUSH, 1, 0, 80), np.zeros(N_P + N_B, np.float32))
+    ps.on_push(0, push_header(P.Kind.PUSH, 0, 1, 100), np.zeros(N_P + N_B, np.float32))
+    assert ps.barrier_full()
+    replies = ps.checkpoint()  # no error: both released with their next tasks
+    assert [int(o.header[P.Rep.STATUS]) for o in replies] == [P.Status.RUN] * 2
+
+
+def test_a_preemption_leaves_out_who_is_not_parked_by_its_cutoff(tmp_path):
+    import signal
+
+    from hpc_dualbatch.errors import StalledError
+
+    ps = _stalled_run(tmp_path)
+    ps.preempt = signal.SIGTERM
+    ps.check_preempt()
+    cutoff = ps.cutoff
+    assert ps.barrier and cutoff is not None
+    ps.on_push(0, push_header(P.Kind.PUSH, 0, 1, 100), np.zeros(N_P + N_B, np.float32))  # parks
+    assert not ps.barrier_full() and ps.deadline() == pytest.approx(min(cutoff, ps.heard[1] + 5.0))
+    ps.on_silence(cutoff, set())
+    assert ps.stalled == {1} and ps.barrier_full()
+    with pytest.raises(StalledError) as e:
+        ps.checkpoint()
+    assert e.value.state == "preempted" and "server.preempt_wait_s = 7 s and left out group 1" in str(e.value)
+
+
+def test_the_stall_bound_grows_with_the_longest_silence_and_a_queued_request_is_not_silence(tmp_path):
+    ps = _stalled_run(tmp_path)
+    ps.heard[0] -= 1.0
+    ps.served(0, P.Kind.MERGE)  # a 1 s task part: 4 x 1 s < server.stall_s, the bound stays 5 s
+    assert ps.stall_bound() == 5.0
+    ps.heard[0] -= 2.0
+    ps.served(0, P.Kind.MERGE)
+    assert ps.stall_bound() == pytest.approx(8.0, abs=0.01)  # 4 x the longest silence (2 s)
+    ps.on_silence(ps.heard[1] + 100.0, {0, 1})  # their requests wait unserved (round robin): not silent
+    assert not ps.stalled
+    (tmp_path / "off").mkdir()
+    off = make(tmp_path / "off", server__stall_s=0.0)
+    off.answer(0), off.answer(1)
+    assert off.stall_bound() is None and off.deadline() is None  # no bound: wait as long as it takes

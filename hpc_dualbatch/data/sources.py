@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..atomic import check_regular, file_kind
 from ..errors import DataError
 
 SOURCES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
@@ -85,6 +86,7 @@ def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
 
 def _read_idx(path: str, magic: int, ndim: int) -> np.ndarray:
     """IDX: big-endian magic (0x0000 0803 for 3-D uint8, 0x0000 0801 for 1-D), the dims, then the bytes."""
+    check_regular(path, "Fashion-MNIST file", DataError, "give the folder of the official *-ubyte.gz files")
     try:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as f:
@@ -216,8 +218,7 @@ def read_cifar(path: str | None, kind: str) -> Source:
     expected = "cifar-10-python.tar.gz" if is10 else "cifar-100-python.tar.gz"
     if not path:
         raise DataError(f"--input is required for {kind}: the path of the official '{expected}'")
-    if not os.path.isfile(path):
-        raise DataError(f"CIFAR archive '{path}' does not exist (expected the official '{expected}')")
+    check_regular(path, "CIFAR archive", DataError, f"give the official '{expected}'")
     try:
         tar = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
@@ -288,7 +289,11 @@ def _list_folder(
         cdir = os.path.join(folder, name)
         if not os.path.isdir(cdir):
             continue  # a class absent from the validation split is allowed
-        names = sorted(f for f in os.listdir(cdir) if f.lower().endswith(IMAGE_SUFFIXES))
+        entries = [e for e in os.scandir(cdir) if e.name.lower().endswith(IMAGE_SUFFIXES)]
+        odd = next((e.path for e in entries if not e.is_file()), None)  # (a FIFO would hang a reader)
+        if odd is not None:
+            raise DataError(f"image '{odd}' is {file_kind(odd)}, not a regular file; remove it from {cdir}")
+        names = sorted(e.name for e in entries)
         if not names:
             raise DataError(f"class folder '{cdir}' holds no image files (*.jpg, *.jpeg, *.png)")
         files += [os.path.join(cdir, f) for f in names]

@@ -27,6 +27,7 @@ from dataclasses import asdict
 import h5py
 import numpy as np
 
+from ..atomic import check_regular, check_writable_target
 from ..errors import DataError
 from .sources import FASHION_MNIST_DIR, SOURCES, Source, SyntheticSpec, read_source
 
@@ -188,6 +189,7 @@ def prepare(
         "jpeg_quality": jpeg_quality if encoding == "jpeg" else None,
         "synthetic": asdict(synthetic) if source == "synthetic" else None,
     }
+    check_writable_target(out, "prepare --out", DataError)
     if os.path.exists(out) and not force and _stored_request(out) == request:
         log(f"{out} is up to date (same request; --force re-stages)")
         return False
@@ -501,11 +503,12 @@ _OPEN_LOCK = threading.Lock()
 
 def open_staged(path: str) -> StagedData:
     """Open and validate a staged file read-only; the same file version is opened once per process."""
-    if not os.path.isfile(path):
-        raise DataError(
-            f"staged data file '{path}' does not exist; create it with "
-            f"`hpc-dualbatch prepare --source ... --resolutions ... --out {path}`"
-        )
+    check_regular(
+        path,
+        "staged data file",
+        DataError,
+        f"create it with `hpc-dualbatch prepare --source ... --resolutions ... --out {path}`",
+    )
     st = os.stat(path)
     signature = (st.st_ino, st.st_size, st.st_mtime_ns)
     key = os.path.abspath(path)
