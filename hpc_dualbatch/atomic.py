@@ -54,6 +54,25 @@ def check_regular(path: str, what: str, error: type[Exception], hint: str) -> No
         raise error(f"{what} '{path}' is {kind}, not a regular file; {hint}")
 
 
+MAX_JSON_BYTES = 4 << 20  # timing and plan files hold a few kB; a larger one is not ours
+
+
+def read_json(path: str, what: str, error: type[Exception], hint: str) -> Any:
+    """The JSON document at `path`, a regular file of at most MAX_JSON_BYTES; anything else
+    (unreadable, not JSON, nested too deeply to parse, too large) is `error` naming `what`."""
+    check_regular(path, what, error, hint)
+    size = os.path.getsize(path)
+    if size > MAX_JSON_BYTES:
+        raise error(f"{what} '{path}' is {size / 1e6:.1f} MB, more than any such file holds; {hint}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except RecursionError:
+        raise error(f"{what} '{path}' nests too deeply to be one; {hint}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{what} '{path}' is not readable JSON ({e}); {hint}") from None
+
+
 def check_writable_target(path: str, what: str, error: type[Exception]) -> None:
     """Raise unless `path` is missing or a regular file: a file written there replaces it
     (temporary name, rename), which a directory refuses, and reading a FIFO there hangs."""

@@ -137,7 +137,7 @@ def load(path: str) -> Checkpoint:
             group_buffers = z["group_buffers"] if "group_buffers" in z.files else None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as e:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, RecursionError) as e:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or partially written ({type(e).__name__}: {e}); "
             f"delete it to resume from the one before"

@@ -159,6 +159,13 @@ class Config:
 
 MAX_EPOCHS = 100_000  # schedule.epochs: far beyond any recipe; bounds the per-epoch work of `plan`
 MAX_POLL_S = 1.0  # server.poll_*_s: a longer sleep would add seconds of latency to every message
+# Upper bounds of values that size memory or overflow arithmetic: far beyond any recipe, low
+# enough that a typo is a message rather than an allocation traceback or NaN at the first step.
+MAX_LR = 100.0  # schedule.lr: SGD recipes stay <= ~10 even with linear scaling to huge batches
+MAX_PX = 2048  # schedule.resolutions, prepare --resolutions: recipes train at <= 512 px
+MAX_WIDTH = 1024  # model.width: ResNet-18 at 1024 has ~2.9 G parameters (11.6 GB in float32)
+MAX_BATCH = 65_536  # plan.*_batch, data.eval_batch: samples per group step
+MAX_PREFETCH = 64  # data.prefetch: batches held in memory ahead of training
 
 _CHOICES = {
     "mode": ("ps", "sync"),
@@ -282,9 +289,13 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return cfg
 
 
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+def _positive(key: str, value: float, allow_zero: bool = False, at_most: float | None = None) -> None:
+    if value < 0 or (value == 0 and not allow_zero) or (at_most is not None and value > at_most):
+        if at_most is None:
+            valid = ">= 0" if allow_zero else "> 0"
+        else:
+            valid = f"in {'[' if allow_zero else '('}0, {at_most:g}]"
+        raise ConfigError(f"config key '{key}' must be {valid}, got {show(value)}")
 
 
 def validate(cfg: Config) -> None:
@@ -317,9 +328,9 @@ def validate(cfg: Config) -> None:
     if p.k < 1.0:
         raise ConfigError(f"config key 'plan.k' is {p.k}; the extra-time ratio must be >= 1 (1 = plain)")
     for res, b in p.large_batch.items():
-        _positive(f"plan.large_batch[{res}]", b)
+        _positive(f"plan.large_batch[{res}]", b, at_most=MAX_BATCH)
     for res, b in p.small_batch.items():
-        _positive(f"plan.small_batch[{res}]", b)
+        _positive(f"plan.small_batch[{res}]", b, at_most=MAX_BATCH)
     _positive("plan.samples_per_epoch", p.samples_per_epoch, allow_zero=True)
     _positive("plan.min_small_batch", p.min_small_batch)
     if not 0 <= cfg.seed < 2**63:  # numpy's SeedSequence needs >= 0, torch.manual_seed < 2**64
@@ -330,7 +341,7 @@ def validate(cfg: Config) -> None:
     if not s.lr:
         raise ConfigError("config key 'schedule.lr' must list at least one learning rate")
     for i, lr in enumerate(s.lr):
-        _positive(f"schedule.lr[{i}]", lr)
+        _positive(f"schedule.lr[{i}]", lr, at_most=MAX_LR)
     if len(s.milestones) != len(s.lr) - 1:
         raise ConfigError(
             f"config key 'schedule.milestones' needs len(schedule.lr) - 1 = {len(s.lr) - 1} epochs, "
@@ -350,7 +361,7 @@ def validate(cfg: Config) -> None:
             f"got {show(s.resolutions)}"
         )
     for r in s.resolutions:
-        _positive("schedule.resolutions", r)
+        _positive("schedule.resolutions", r, at_most=MAX_PX)
     for res, pdrop in s.dropout.items():
         if not 0.0 <= pdrop < 1.0:
             raise ConfigError(f"config key 'schedule.dropout[{res}]' must be in [0, 1), got {pdrop}")
@@ -366,10 +377,18 @@ def validate(cfg: Config) -> None:
             f"config key 'plan.large_batch' has no B_L for resolution(s) {missing}; "
             f"give one for each of schedule.resolutions {s.resolutions}"
         )
-    _positive("model.width", cfg.model.width)
-    _positive("data.eval_batch", cfg.data.eval_batch)
-    _positive("data.prefetch", cfg.data.prefetch, allow_zero=True)
-    _positive("data.pad", cfg.data.pad, allow_zero=True)
+    _positive("model.width", cfg.model.width, at_most=MAX_WIDTH)
+    _positive("data.eval_batch", cfg.data.eval_batch, at_most=MAX_BATCH)
+    _positive("data.prefetch", cfg.data.prefetch, allow_zero=True, at_most=MAX_PREFETCH)
+    # a crop from an image padded by more than its own size is mostly padding
+    _positive("data.pad", cfg.data.pad, allow_zero=True, at_most=min(s.resolutions))
+    for key, value in (("out", cfg.out), ("data.path", cfg.data.path), ("plan.timing", p.timing)):
+        if any(
+            ord(c) < 32 or ord(c) == 127 for c in value
+        ):  # a newline is folded by YAML, a NUL cut by the OS
+            raise ConfigError(
+                f"config key '{key}' is {show(value)}: a path with a control character; rename it"
+            )
     _positive("threads", cfg.threads, allow_zero=True)
     if not 0.0 <= cfg.optim.momentum < 1.0:  # >= 1: every step adds more than the last; NaN follows
         raise ConfigError(f"config key 'optim.momentum' must be in [0, 1), got {cfg.optim.momentum}")
@@ -403,6 +422,25 @@ def validate(cfg: Config) -> None:
         )
     if cfg.mode == "sync" and w.small:
         raise ConfigError("mode 'sync' trains one group at B_L: set workers.small to 0")
+
+
+def unused_keys(cfg: Config) -> list[str]:
+    """Per-resolution values for resolutions the schedule does not train at: ignored, and said
+    (a config written for 20, 24, 28 px run with `schedule.resolutions=[28]` keeps them)."""
+    used = cfg.schedule.resolutions
+    found = []
+    for key, values in (
+        ("schedule.dropout", cfg.schedule.dropout),
+        ("plan.large_batch", cfg.plan.large_batch),
+        ("plan.small_batch", cfg.plan.small_batch),
+    ):
+        extra = sorted(r for r in values if r not in used)
+        if extra:
+            found.append(
+                f"config key '{key}' has values for {', '.join(f'{r} px' for r in extra)}, which "
+                f"schedule.resolutions {used} does not train at: ignored"
+            )
+    return found
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -31,14 +31,13 @@ Every plan that cannot work raises `PlanError` saying why and what would.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .atomic import check_regular, file_kind, write_json
+from .atomic import file_kind, read_json, write_json
 from .errors import PlanError
 from .timing import TimeFit, per_sample_table
 
@@ -478,12 +477,9 @@ def save_plan(plan: Plan, path: str) -> None:
 
 
 def load_plan(path: str) -> Plan:
-    check_regular(path, "plan file", PlanError, "write one with `hpc-dualbatch plan --out FILE`")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return Plan.from_dict(json.load(f))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlanError(f"plan file '{path}' is not readable JSON ({e})") from None
+    return Plan.from_dict(
+        read_json(path, "plan file", PlanError, "write one with `hpc-dualbatch plan --out FILE`")
+    )
 
 
 def samples_per_epoch(cfg: Any, override: int | None = None) -> int:
@@ -550,7 +546,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, unused_keys
     from .schedule import format_stage_table
 
     cfg = load_config(args.config, args.set)
@@ -558,6 +554,8 @@ def run(args: argparse.Namespace) -> int:
         raise PlanError(f"--samples must be >= 1, got {args.samples}")
     plan = plan_from_config(cfg, samples_per_epoch(cfg, args.samples))
     print(format_plan(plan, cfg.plan.factor))
+    for unused in unused_keys(cfg):
+        print(f"warning: {unused}")
     warning = timing_warning(cfg)
     if warning:
         print(warning)

@@ -213,8 +213,8 @@ def profile(
 
     from .engine import pick_device
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads > 0:  # never more than this process's cores (as train: topology.threads_per_rank)
+        torch.set_num_threads(min(cfg.threads, len(os.sched_getaffinity(0))))
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     on_gpu = device.type == "cuda"

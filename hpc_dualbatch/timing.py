@@ -15,14 +15,13 @@ hand and loaded safely from anywhere.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .atomic import check_regular, write_json
+from .atomic import read_json, write_json
 from .errors import PlanError
 
 TIMING_FORMAT = "hpc_dualbatch.timing"
@@ -180,12 +179,7 @@ def _read_doc(path: str) -> dict[str, Any]:
     hint = "create it with `hpc-dualbatch profile --config CONFIG.yaml --out FILE`"
     if not path:
         raise PlanError(f"no timing file given (config key 'plan.timing' is empty); {hint}")
-    check_regular(path, "timing file", PlanError, hint)
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlanError(f"timing file '{path}' is not readable JSON ({e}); {hint}") from None
+    doc = read_json(path, "timing file", PlanError, hint)
     if not isinstance(doc, dict) or doc.get("format") != TIMING_FORMAT:
         raise PlanError(
             f"timing file '{path}' is not an hpc_dualbatch timing file (no \"format\": "

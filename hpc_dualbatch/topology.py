@@ -153,8 +153,10 @@ def build_topology(groups: list[int], with_server: bool, world: Any = None) -> T
 
 def threads_per_rank(topo: Topology, configured: int) -> int:
     """Torch threads of this rank: config key `threads`, or (0) the cores this process may use
-    divided by the ranks on this node, at least 1, so that ranks do not oversubscribe cores."""
-    return configured if configured > 0 else max(1, len(os.sched_getaffinity(0)) // topo.local_size)
+    divided by the ranks on this node, at least 1, so that ranks do not oversubscribe cores.
+    Never more than the cores this process may use (threads=1000 on 2 cores made no progress)."""
+    cores = len(os.sched_getaffinity(0))
+    return min(configured, cores) if configured > 0 else max(1, cores // topo.local_size)
 
 
 def init_horovod(topo: Topology) -> Any:

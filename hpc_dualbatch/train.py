@@ -23,7 +23,7 @@ import numpy as np
 from . import checkpoint as C
 from . import runfolder as F
 from .atomic import file_kind, open_regular, write_json
-from .config import Config, config_from_dict, load_config, save_config
+from .config import Config, config_from_dict, load_config, save_config, unused_keys
 from .errors import CheckpointError, ConfigError, DivergedError, StalledError
 from .launch import agree
 
@@ -137,6 +137,8 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
                 f"resume: {cfg.out}/config.yaml was missing; written again from the checkpoint's config",
                 flush=True,
             )
+        for unused in unused_keys(cfg):
+            print(f"warning: {unused}", flush=True)
         try:
             save_config(cfg, os.path.join(cfg.out, "config.yaml"))
             write_json(os.path.join(cfg.out, "plan.json"), plan.to_dict())
@@ -246,7 +248,10 @@ def run(args: argparse.Namespace) -> int:
     if world.Get_rank() == 0:
         F.bind_run_files(st.cfg.out, st.staged, st.ckpt)
     topo = agree(world, lambda: build_topology(st.cfg.workers.groups, st.cfg.mode == "ps", world))
-    torch.set_num_threads(threads_per_rank(topo, st.cfg.threads))
+    threads = threads_per_rank(topo, st.cfg.threads)
+    if threads < st.cfg.threads and world.Get_rank() == 0:
+        print(f"threads: {st.cfg.threads} asked, this process may use {threads} cores: {threads}", flush=True)
+    torch.set_num_threads(threads)
     if st.cfg.mode == "sync":
         from .sync import run_sync
 

@@ -48,7 +48,7 @@ def test_dotted_overrides_parse_yaml_values():
         ("plan.k=0.9", "'plan.k' is 0.9"),
         ("workers.small=4", "'workers.small' (n_S) is 4; valid: 0..3"),
         ("workers.groups=[1, 0]", "'workers.groups[1]' must be > 0"),
-        ("plan.large_batch={20: -1, 24: 64, 28: 64}", "'plan.large_batch[20]' must be > 0"),
+        ("plan.large_batch={20: -1, 24: 64, 28: 64}", "'plan.large_batch[20]' must be in (0, 65536]"),
         ("schedule.milestones=[6]", "'schedule.milestones' needs"),
         ("schedule.resolutions=[28, 20]", "low -> high"),
         ("plan.large_batch={20: 64}", "no B_L for resolution(s) [24, 28]"),
@@ -61,6 +61,15 @@ def test_dotted_overrides_parse_yaml_values():
         ("optim.momentum=1.0", "'optim.momentum' must be in [0, 1)"),
         ("schedule.warmup_epochs=11", "'schedule.warmup_epochs' is 11, more than the run's schedule.epochs"),
         ("plan.min_small_batch=0", "'plan.min_small_batch' must be > 0"),
+        # values without a natural upper bound: bounded, so a typo is a message, not NaN or an
+        # allocation traceback (issue 23 item 6)
+        ("schedule.lr=[1.0e+300, 1.0e+299]", "'schedule.lr[0]' must be in (0, 100], got 1e+300"),
+        ("model.width=100000", "'model.width' must be in (0, 1024], got 100000"),
+        ("data.pad=100000", "'data.pad' must be in [0, 20], got 100000"),
+        ("schedule.resolutions=[20, 24, 5000]", "'schedule.resolutions' must be in (0, 2048], got 5000"),
+        ("data.prefetch=1000", "'data.prefetch' must be in [0, 64]"),
+        ("model.width=" + "9" * 300, "got 99999999999999999999"),  # clipped: not 300 digits
+        ('out="runs/a\\nb"', "config key 'out' is 'runs/a\\nb': a path with a control character"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
@@ -87,3 +96,23 @@ def test_sync_mode_needs_no_small_groups():
         load_config(None, ["plan.large_batch={20: 64, 24: 64, 28: 64}", "mode=sync"])
     cfg = load_config(None, ["plan.large_batch={20: 64, 24: 64, 28: 64}", "mode=sync", "workers.small=0"])
     assert cfg.world_size == 3 and isinstance(cfg, Config)
+
+
+def test_values_for_resolutions_the_schedule_does_not_use_are_named():
+    from hpc_dualbatch.config import unused_keys
+
+    cfg = load_config(
+        None,
+        [
+            "schedule.resolutions=[28]",
+            "schedule.dropout={20: 0.1, 28: 0.2}",
+            "plan.large_batch={24: 64, 28: 64}",
+        ],
+    )
+    assert unused_keys(cfg) == [
+        "config key 'schedule.dropout' has values for 20 px, which schedule.resolutions [28] does not "
+        "train at: ignored",
+        "config key 'plan.large_batch' has values for 24 px, which schedule.resolutions [28] does not "
+        "train at: ignored",
+    ]
+    assert unused_keys(load_config(None, ["plan.large_batch={20: 64, 24: 64, 28: 64}"])) == []

@@ -433,7 +433,8 @@ def test_bad_arguments(tmp_path):
         ({"encoding": "png"}, "--encoding 'png'"),
         ({"compression": "zstd"}, "--compression 'zstd'"),
         ({"resolutions": "16,16"}, r"\[16, 16\] must be distinct"),
-        ({"resolutions": "0,8"}, "positive"),
+        ({"resolutions": "0,8"}, r"distinct integers in 1\.\.2048 px"),
+        ({"resolutions": "8,5000"}, r"\[8, 5000\] must be distinct integers in 1\.\.2048 px"),
     ):
         args = {"resolutions": "8", **kwargs}
         with pytest.raises(DataError, match=match):
@@ -526,3 +527,55 @@ def test_declared_size_beyond_stored_bytes(tmp_path, synthetic_file):
     path = copy_and_edit(tmp_path, synthetic_file, shrink_images)
     with pytest.raises(DataError, match="'/test/images/16' declares 15360 bytes but stores only 768"):
         open_staged(path)
+
+
+def test_prepare_checks_the_disk_and_says_when_it_fills(tmp_path, monkeypatch):
+    """Raw staging knows its size: more than the folder's free space is refused before staging;
+    a write that fails anyway (h5py's RuntimeError for ENOSPC) is one DataError, no file left."""
+    import collections
+
+    vfs = collections.namedtuple("vfs", "f_bavail f_frsize")
+    monkeypatch.setattr(stage_mod.os, "statvfs", lambda path: vfs(10, 4096))  # 40 kB free
+    with pytest.raises(DataError, match=r"needs 0\.\d+ GB \(raw, 8, 16 px\) but .* has 0\.00 GB free"):
+        prepare("synthetic", None, "8,16", str(tmp_path / "s.h5"), synthetic=TINY, **QUIET)
+    monkeypatch.undo()
+
+    def full(*args, **kwargs):
+        raise RuntimeError(
+            "Can't write data (file write failed: time = Fri Dec  4, filename = 'x', file descriptor = 5, "
+            "errno = 28, error message = 'No space left on device', buf = 0x1, total write size = 4096)"
+        )
+
+    monkeypatch.setattr(stage_mod, "_write", full)
+    with pytest.raises(DataError, match=r"s\.h5' failed: No space left on device \(a full disk\?\)$"):
+        prepare("synthetic", None, "8", str(tmp_path / "s.h5"), synthetic=TINY, **QUIET)
+    assert os.listdir(tmp_path) == []
+
+
+def test_two_prepares_of_one_file_run_one_after_the_other(tmp_path):
+    """Both report what is true: the second waits for the first, then finds the file up to date."""
+    import threading
+
+    out, results, logs = str(tmp_path / "s.h5"), [], []
+
+    def one() -> None:
+        results.append(prepare("synthetic", None, "8,16", out, synthetic=TINY, log=logs.append))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == [False, True]  # one staged it, the other found it done
+    assert any("up to date" in m for m in logs)
+    assert open_staged(out).resolutions == [8, 16] and os.listdir(tmp_path) == ["s.h5"]
+
+
+def test_resize_blocks_stay_bounded_at_large_resolutions(monkeypatch):
+    """In-memory sources are resized in blocks whose float32 copy stays near BLOCK_BYTES (was:
+    4,096 images per block at any size: ~410 GB at 5,000 px)."""
+    seen = []
+    monkeypatch.setattr(sources_mod, "resize_square", lambda chunk, r: seen.append(len(chunk)) or chunk)
+    split = sources_mod.array_split(np.zeros((100, 1, 8, 8), np.uint8), np.zeros(100, np.int64))
+    list(split.blocks([2048]))
+    assert seen and max(seen) * 4 * 2048**2 <= sources_mod.BLOCK_BYTES and sum(seen) == 100

@@ -117,10 +117,13 @@ def timing_without_16(tmp: Path) -> str:
 # Each case: (config overrides, or a function (tmp, data) -> overrides), then the texts stderr must hold.
 BAD_CONFIGS = {
     "wrong-type": ({"model__width": "eight"}, ["'model.width'", "must be an integer", "'eight'"]),
-    "zero-batch": ({"plan__large_batch": {12: 0, 16: 64}}, ["'plan.large_batch[12]'", "must be > 0, got 0"]),
+    "zero-batch": (
+        {"plan__large_batch": {12: 0, 16: 64}},
+        ["'plan.large_batch[12]'", "in (0, 65536], got 0"],
+    ),
     "negative-batch": (
         {"plan__small_batch": {12: -32, 16: 32}},
-        ["'plan.small_batch[12]'", "must be > 0, got -32"],
+        ["'plan.small_batch[12]'", "must be in (0, 65536], got -32"],
     ),
     "n_S-above-groups": ({"workers__small": 3}, ["'workers.small' (n_S) is 3", "valid: 0..2"]),
     "negative-seed": ({"seed": -1}, ["'seed'", "-1"]),

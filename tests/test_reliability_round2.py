@@ -711,12 +711,12 @@ def test_a_diverging_run_stops_with_a_message_and_says_so_in_its_status(tmp_path
     """A learning rate that drives the loss to NaN ends every rank with one message naming the
     learning rate and momentum, exit code 3 and status.json "diverged" (it used to end "done" at
     chance accuracy with NaN in its status)."""
-    over = {"schedule__lr": [1.0e6, 1.0e5]}
+    over = {"schedule__lr": [100.0, 10.0], "optim": {"momentum": 0.99}}  # (the largest rate allowed)
     if mode == "sync":
         over.update(mode="sync", workers__groups=[2], workers__small=0, plan__k=1.0)
     cfg = write_config(tmp_path / "run.yaml", tiny_config(synthetic_h5, tmp_path / "run", **over))
     r, seconds = timed(3 if mode == "ps" else 2, "train", "--config", cfg)
-    one_clean_error(r, seconds, "training diverged", "optim.momentum 0.9", "Lower schedule.lr")
+    one_clean_error(r, seconds, "training diverged", "optim.momentum 0.99", "Lower schedule.lr")
     assert r.returncode == 3
     assert status(tmp_path / "run")["state"] == "diverged"
 
@@ -819,3 +819,27 @@ def test_every_file_read_is_checked_for_what_it_is_before_it_is_opened(tmp_path,
     # prepare --out: refused before anything is read or staged
     with pytest.raises(DataError, match=rf"prepare --out '{re.escape(odd)}' {want}"):
         prepare("synthetic", None, [12], odd, synthetic=SyntheticSpec(samples=20, test_samples=10))
+
+
+def test_deeply_nested_or_huge_json_is_one_message(tmp_path):
+    """A timing file, plan file or checkpoint meta nested 100,000 deep (was: RecursionError in
+    plan and train --resume), or a 5 MB timing file (was: 15 s and 2 GB on every rank)."""
+    from hpc_dualbatch.plan import load_plan
+    from hpc_dualbatch.timing import load_timing
+
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "timing.json"
+    path.write_text(deep)
+    with pytest.raises(PlanError, match="timing file '.*' nests too deeply"):
+        load_timing(str(path), [12])
+    with pytest.raises(PlanError, match="plan file '.*' nests too deeply"):
+        load_plan(str(path))
+    path.write_text('{"format": "' + "x" * (5 << 20) + '"}')
+    t0 = time.time()
+    with pytest.raises(PlanError, match=r"timing file '.*' is 5\.2 MB, more than any such file holds"):
+        load_timing(str(path), [12])
+    assert time.time() - t0 < 1
+    ck = tmp_path / "ckpt-000000001.npz"
+    np.savez(ck, weights=np.zeros(4, np.float32), momentum=np.zeros((1, 4), np.float32), meta=np.array(deep))
+    with pytest.raises(CheckpointError, match="is corrupt or partially written \\(RecursionError"):
+        C.load(str(ck))

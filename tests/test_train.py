@@ -218,3 +218,17 @@ def test_existing_run_folder_is_refused_and_resume_checks_the_config(tmp_path, s
     assert "already holds a run" in start_up_error(["--config", cfg])
     err = start_up_error(["--resume", str(out), "--set", "optim.momentum=0.5"])
     assert "another config" in err and "optim.momentum" in err
+
+
+def test_threads_are_never_more_than_the_cores_this_process_may_use():
+    """threads=1000 on a 2-core machine made no progress in 150 s: it is bounded by the cores."""
+    import os
+    from types import SimpleNamespace
+
+    from hpc_dualbatch.topology import threads_per_rank
+
+    cores = len(os.sched_getaffinity(0))
+    one_rank, two_ranks = SimpleNamespace(local_size=1), SimpleNamespace(local_size=2)
+    assert threads_per_rank(one_rank, 1000) == cores
+    assert threads_per_rank(one_rank, 1) == 1
+    assert threads_per_rank(two_ranks, 0) == max(1, cores // 2)  # 0: the node's cores shared

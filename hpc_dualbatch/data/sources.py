@@ -32,6 +32,7 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # compared lower-case: ImageNet names its files *.JPEG
 BLOCK = 4096  # samples resized per step for in-memory sources: ~13 MB of float32 at 28 px
+BLOCK_BYTES = 256 << 20  # ... fewer where the float32 copy at the largest resolution would exceed this
 
 Blocks = Callable[[Sequence[int]], Iterator[dict[int, np.ndarray]]]
 
@@ -68,8 +69,11 @@ def array_split(images: np.ndarray, labels: np.ndarray) -> Split:
     """A split held in memory as uint8 (N, C, S, S): each resolution is resized from these pixels."""
 
     def blocks(resolutions: Sequence[int]) -> Iterator[dict[int, np.ndarray]]:
-        for start in range(0, len(images), BLOCK):
-            chunk = images[start : start + BLOCK]
+        # the resize works in float32: keep a block's copy at the largest resolution near BLOCK_BYTES
+        per_sample = 4 * images.shape[1] * max(resolutions) ** 2
+        step = max(1, min(BLOCK, BLOCK_BYTES // per_sample))
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
             yield {r: resize_square(chunk, r) for r in resolutions}
 
     return Split(labels=labels.astype(np.int64), blocks=blocks)

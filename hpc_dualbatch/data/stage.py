@@ -16,19 +16,24 @@ before any use, so a crafted or truncated file gives a `DataError`, not an h5py 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
+import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 
 import h5py
 import numpy as np
 
 from ..atomic import check_regular, check_writable_target
+from ..config import MAX_PX
 from ..errors import DataError
+from ..yaml_safe import show
 from .sources import FASHION_MNIST_DIR, SOURCES, Source, SyntheticSpec, read_source
 
 FORMAT_VERSION = 1
@@ -52,8 +57,10 @@ def parse_resolutions(text: str | Sequence[int]) -> list[int]:
         raise DataError(
             f"--resolutions '{text}' must be comma-separated integers in px, e.g. 20,24,28"
         ) from None
-    if not values or min(values) < 1 or len(set(values)) != len(values):
-        raise DataError(f"--resolutions {values} must be distinct positive integers in px, e.g. 20,24,28")
+    if not values or min(values) < 1 or max(values) > MAX_PX or len(set(values)) != len(values):
+        raise DataError(
+            f"--resolutions {show(values)} must be distinct integers in 1..{MAX_PX} px, e.g. 20,24,28"
+        )
     return sorted(values)
 
 
@@ -190,26 +197,59 @@ def prepare(
         "synthetic": asdict(synthetic) if source == "synthetic" else None,
     }
     check_writable_target(out, "prepare --out", DataError)
-    if os.path.exists(out) and not force and _stored_request(out) == request:
-        log(f"{out} is up to date (same request; --force re-stages)")
-        return False
-    src = read_source(source, request["input"], synthetic=synthetic, workers=workers)
+    with _exclusive(out, log):  # a second prepare to the same folder waits, then finds its file done
+        if os.path.exists(out) and not force and _stored_request(out) == request:
+            log(f"{out} is up to date (same request; --force re-stages)")
+            return False
+        src = read_source(source, request["input"], synthetic=synthetic, workers=workers)
+        folder = os.path.dirname(os.path.abspath(out))  # (_exclusive made it)
+        if encoding == "raw" and compression == "none":  # its size is known: check it fits first
+            need = sum(len(sp.labels) for sp in src.splits.values()) * src.channels * sum(r * r for r in res)
+            vfs = os.statvfs(folder)
+            free = vfs.f_bavail * vfs.f_frsize
+            if need > free:
+                raise DataError(
+                    f"staging {out} needs {need / 1e9:.2f} GB (raw, {', '.join(map(str, res))} px) but "
+                    f"{folder} has {free / 1e9:.2f} GB free; free space, stage fewer or smaller resolutions, "
+                    "or use --encoding jpeg"
+                )
+        tmp = os.path.join(folder, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+        log(f"staging {source} -> {out} ({encoding}, compression {compression})")
+        try:
+            _write(tmp, src, res, encoding, compression, jpeg_quality, request, log)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
+            os.replace(tmp, out)
+        except BaseException as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if isinstance(e, OSError):  # disk full, no permission, a folder named like the file
+                raise DataError(f"writing staged data file '{out}' failed: {e}") from None
+            if isinstance(e, RuntimeError) and "write failed" in str(e):  # h5py's form of the same
+                m = re.search(r"error message = '([^']*)'", str(e))
+                cause = m.group(1) if m else str(e)
+                raise DataError(f"writing staged data file '{out}' failed: {cause} (a full disk?)") from None
+            raise
+        return True
+
+
+@contextlib.contextmanager
+def _exclusive(out: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock of the folder of staged file `out` (flock on the folder itself, so nothing
+    is left behind): two prepares into one folder run one after the other, so neither reports a
+    file the other replaced; the second then finds the first's file up to date."""
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    log(f"staging {source} -> {out} ({encoding}, compression {compression})")
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _write(tmp, src, res, encoding, compression, jpeg_quality, request, log)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, out)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # disk full, no permission, a folder named like the file
-            raise DataError(f"writing staged data file '{out}' failed: {e}") from None
-        raise
-    return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log(f"waiting for another prepare writing into {folder}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock (so does the process's death)
 
 
 def _input_path(source: str, input_path: str | None) -> str | None:
