@@ -352,6 +352,13 @@ class Adapter:
         pace = math.sqrt(sum(noise_of(self.fits, self._at(g, res)) ** 2 for g in large)) / len(large)
         return max(TOL, math.hypot(noise_of(self.role_fits(h), self._at(h, res)), pace))
 
+    def step(self, res: int) -> tuple[Replan | None, list[int]]:
+        """`replan(res)`, and the groups whose batch or share at `res` it changed."""
+        groups = range(len(self.small))
+        before = [(self.batches[h][res], self.share(h, res)) for h in groups]
+        rp = self.replan(res)
+        return rp, [h for h in groups if before[h] != (self.batches[h][res], self.share(h, res))]
+
     def replan(self, res: int) -> Replan | None:
         """Re-plan at `res` from the current observations and keep the result: the B_S of each
         small group that has measured a task since its last re-plan here (the others keep

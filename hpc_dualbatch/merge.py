@@ -53,3 +53,71 @@ def merge_delta(w: np.ndarray, wi: np.ndarray, pulled: np.ndarray, a: float) -> 
 def distance(a: np.ndarray, b: np.ndarray) -> float:
     """Euclidean distance ||a - b||, one pass, no copies (torch reduces float32 pairwise)."""
     return float(torch.dist(torch.from_numpy(a), torch.from_numpy(b)))
+
+
+class MergeRule:
+    """One rule of `server.merge` with the state it needs, and the rule of `server.bn`: the
+    server tells it when a group pulls (`pulled`) and hands it each push (`fold`,
+    `fold_buffers`); it knows nothing else of the server. A new rule is one subclass."""
+
+    def __init__(self, factors: list[float], bn: str, group_buffers: np.ndarray, merges: int) -> None:
+        self.factors, self.f_sum, self.n, self.bn = factors, sum(factors), len(factors), bn
+        self.group_buffers = group_buffers  # (n_groups, n_buffers), each group's own (bn: local)
+        self.pulled_at = [merges] * self.n  # the merge count at each group's last pull
+
+    def pulled(self, g: int, params: np.ndarray, merges: int) -> None:
+        """Group g pulled `params` (a reply that lets it train) after `merges` merges."""
+        self.pulled_at[g] = merges
+
+    def staleness(self, g: int, merges: int) -> int:
+        """Merges by other pushes since group g's pull."""
+        return merges - self.pulled_at[g]
+
+    def fold(self, g: int, w: np.ndarray, wi: np.ndarray, staleness: int) -> float:
+        """Fold group g's pushed parameters `wi` into `w` in place; returns the push's weight."""
+        raise NotImplementedError
+
+    def fold_buffers(self, g: int, buffers: np.ndarray, pushed: np.ndarray) -> None:
+        """BN running statistics: the group's own kept (local), else averaged by the paper's rule."""
+        if self.bn == "local":
+            self.group_buffers[g] = pushed
+        else:
+            merge_paper(buffers, pushed, self.factors[g])
+
+    def buffers_for(self, g: int, buffers: np.ndarray) -> np.ndarray:
+        """The BN buffers a reply to group g carries."""
+        return self.group_buffers[g] if self.bn == "local" else buffers
+
+
+class PaperRule(MergeRule):
+    def fold(self, g: int, w: np.ndarray, wi: np.ndarray, staleness: int) -> float:
+        merge_paper(w, wi, self.factors[g])
+        return self.factors[g] / (1.0 + self.factors[g])
+
+
+class DeltaRule(MergeRule):
+    """Keeps the parameters each group last pulled (n_groups x n_params floats)."""
+
+    def __init__(
+        self, factors: list[float], bn: str, group_buffers: np.ndarray, merges: int, params: np.ndarray
+    ):
+        super().__init__(factors, bn, group_buffers, merges)
+        self.copies = np.repeat(params[None], self.n, 0)
+
+    def pulled(self, g: int, params: np.ndarray, merges: int) -> None:
+        super().pulled(g, params, merges)
+        self.copies[g] = params
+
+    def fold(self, g: int, w: np.ndarray, wi: np.ndarray, staleness: int) -> float:
+        a = delta_weight(self.factors[g], self.f_sum, self.n, staleness)
+        merge_delta(w, wi, self.copies[g], a)
+        return a
+
+
+def make_rule(
+    merge: str, bn: str, factors: list[float], params: np.ndarray, group_buffers: np.ndarray, merges: int
+) -> MergeRule:
+    """The rule of `server.merge` (paper | delta) starting from global parameters `params`."""
+    if merge == "delta":
+        return DeltaRule(factors, bn, group_buffers, merges, params)
+    return PaperRule(factors, bn, group_buffers, merges)

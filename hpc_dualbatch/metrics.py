@@ -134,6 +134,40 @@ def commit_record(
     return {**rec, **merge, "wall": round(wall, 3)}
 
 
+def merge_record(*, group: int, round_idx: int, wall: float, **merge: Any) -> dict[str, Any]:
+    """A push inside a task (server.push_every) and its merge diagnostics."""
+    return {"type": "merge", "group": group, "round": round_idx, **merge, "wall": round(wall, 3)}
+
+
+def plan_record(
+    *, epoch: float, resolution: int, replan: Any, changed: list[int], wall: float
+) -> dict[str, Any]:
+    """A re-plan of adaptive planning (`adapt.Replan`) that changed a group's batch or share."""
+    return {
+        "type": "plan",
+        "epoch": epoch,
+        "resolution": resolution,
+        "batches": {str(h): b for h, b in sorted(replan.batches.items())},
+        "shares": {str(h): d for h, d in sorted(replan.shares.items())},
+        "changed": changed,
+        "target_seconds": round(replan.target, 4),
+        "scales": {str(h): round(v, 4) for h, v in sorted(replan.scales.items())},
+        "capped": list(replan.capped),
+        "wall": round(wall, 3),
+    }
+
+
+def gap_record(*, after_commit: int, up_to_commit: int, missing_bytes: int, reason: str) -> dict[str, Any]:
+    """Records that will never be there (see the module docstring)."""
+    return {
+        "type": "gap",
+        "after_commit": after_commit,
+        "up_to_commit": up_to_commit,
+        "missing_bytes": missing_bytes,
+        "reason": reason,
+    }
+
+
 def eval_record(
     *,
     epoch: float,
@@ -250,13 +284,9 @@ def repair(path: str, offset: int, commits: int) -> tuple[int, dict[str, Any] | 
                 "metrics file shorter than the checkpoint" if len(data) < offset else "metrics file damaged"
             )
         )
-        gap = {
-            "type": "gap",
-            "after_commit": last_commit,
-            "up_to_commit": commits,
-            "missing_bytes": offset - kept,
-            "reason": reason,
-        }
+        gap = gap_record(
+            after_commit=last_commit, up_to_commit=commits, missing_bytes=offset - kept, reason=reason
+        )
     try:
         with open_regular(path) as f:
             f.truncate(kept)

@@ -30,13 +30,15 @@ Checkpoint barrier (every `checkpoint.every_epochs`, and on SIGTERM/SIGUSR1)::
 
 Messages between one pair of ranks with one tag arrive in the order sent (MPI
 non-overtaking rule), which is what keeps the weights after their header.
-Headers are float64 arrays of fixed length: integers up to 2**53 are exact.
+Headers are float64 arrays of fixed length (integers up to 2**53 are exact), written and read
+only by the typed messages below: `Request` (with an `Evaluation`) and `Task` (the reply).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
@@ -65,50 +67,165 @@ class Status(IntEnum):  # reply status, server -> leader
     CONTINUE = 4  # reply to MERGE: keep training the same task from the merged weights
 
 
-class Req(IntEnum):  # field positions in a request header
+class Req(IntEnum):  # wire positions of `Request`'s fields
     KIND = 0
     GROUP = 1
-    ROUND = 2  # the group's mini-epoch counter of the work pushed
+    ROUND = 2
     SAMPLES = 3
-    SECONDS = 4  # wall seconds of the mini-epoch (training only)
-    LOSS = 5  # mean training loss of the mini-epoch
-    ACC = 6  # training accuracy of the mini-epoch
+    SECONDS = 4
+    LOSS = 5
+    ACC = 6
     EVAL_EPOCH = 7
     EVAL_LOSS = 8
     EVAL_ACC = 9
     EVAL_SAMPLES = 10
     EVAL_SECONDS = 11
-    PREEMPT = 12  # 1 when the group got SIGTERM/SIGUSR1: the server checkpoints and stops
-    EVAL_RESOLUTION = 13  # px the evaluation ran at (the current training resolution)
-    EVAL_BN_SECONDS = 14  # wall seconds of the BN recalibration before the evaluation (0: none)
-    WAIT = 15  # wall seconds the task spent in MERGE exchanges (not in SECONDS)
+    PREEMPT = 12
+    EVAL_RESOLUTION = 13
+    EVAL_BN_SECONDS = 14
+    WAIT = 15
 
 
-class Rep(IntEnum):  # field positions in a reply header
+class Rep(IntEnum):  # wire positions of `Task`'s fields
     STATUS = 0
     LR = 1
     RESOLUTION = 2
-    BATCH = 3  # the group's batch (split across its ranks)
-    SAMPLES = 4  # the group's samples this mini-epoch: d_L, d_S or a share adaptive planning cut
-    EPOCH = 5  # global progress, commits / n_groups
+    BATCH = 3
+    SAMPLES = 4
+    EPOCH = 5
     COMMITS = 6
-    ROUND = 7  # the group's mini-epoch counter for this task (seeds its data order)
+    ROUND = 7
     DROPOUT = 8
-    EVAL_EPOCH = 9  # >= 0: evaluate the weights of this reply and report them as this epoch
-    HAS_STATE = 10  # 1: a TAG_OPT buffer follows (resume)
-    PUSHES = 11  # pushes in this task (MERGE x (PUSHES - 1), then PUSH)
+    EVAL_EPOCH = 9
+    HAS_STATE = 10
+    PUSHES = 11
 
 
-def request(kind: Kind, group: int) -> np.ndarray:
-    h = np.zeros(HDR_LEN, dtype=np.float64)
-    h[Req.KIND], h[Req.GROUP], h[Req.EVAL_EPOCH] = kind, group, -1
-    return h
+@dataclass(frozen=True)
+class Evaluation:
+    """The result of evaluating the weights of a reply that asked for it (EVAL request)."""
+
+    epoch: float  # the epoch the reply named (Task.eval_epoch)
+    loss: float
+    acc: float
+    samples: int
+    seconds: float
+    resolution: int  # px it ran at (the current training resolution)
+    bn_seconds: float = 0.0  # BN recalibration before it (0: none)
 
 
-def reply(status: Status) -> np.ndarray:
-    h = np.zeros(HDR_LEN, dtype=np.float64)
-    h[Rep.STATUS], h[Rep.EVAL_EPOCH] = status, -1
-    return h
+@dataclass(frozen=True)
+class Request:
+    """Leader -> server header: HELLO; MERGE (a push inside a task) and PUSH (a task's commit)
+    with the task's statistics; EVAL with an `Evaluation`."""
+
+    kind: Kind
+    group: int
+    round: int = 0  # the group's task counter of the work pushed
+    samples: int = 0  # samples the task trained (group sum)
+    seconds: float = 0.0  # wall seconds of the task's training
+    loss: float = 0.0  # mean training loss of the task
+    acc: float = 0.0  # training accuracy of the task
+    preempt: bool = False  # a rank of the group got SIGTERM/SIGUSR1
+    wait: float = 0.0  # seconds the task spent in its MERGE exchanges (not in `seconds`)
+    evaluation: Evaluation | None = None
+
+    def pack(self) -> np.ndarray:
+        h = np.zeros(HDR_LEN, np.float64)
+        h[Req.KIND], h[Req.GROUP], h[Req.ROUND], h[Req.SAMPLES] = (
+            self.kind,
+            self.group,
+            self.round,
+            self.samples,
+        )
+        h[Req.SECONDS], h[Req.LOSS], h[Req.ACC] = self.seconds, self.loss, self.acc
+        h[Req.PREEMPT], h[Req.WAIT], h[Req.EVAL_EPOCH] = self.preempt, self.wait, -1
+        if (e := self.evaluation) is not None:
+            h[Req.EVAL_EPOCH], h[Req.EVAL_LOSS], h[Req.EVAL_ACC] = e.epoch, e.loss, e.acc
+            h[Req.EVAL_SAMPLES], h[Req.EVAL_SECONDS] = e.samples, e.seconds
+            h[Req.EVAL_RESOLUTION], h[Req.EVAL_BN_SECONDS] = e.resolution, e.bn_seconds
+        return h
+
+    @classmethod
+    def unpack(cls, h: np.ndarray) -> Request:
+        kind = Kind(int(h[Req.KIND]))
+        evaluation = None
+        if kind == Kind.EVAL:
+            evaluation = Evaluation(
+                float(h[Req.EVAL_EPOCH]),
+                float(h[Req.EVAL_LOSS]),
+                float(h[Req.EVAL_ACC]),
+                int(h[Req.EVAL_SAMPLES]),
+                float(h[Req.EVAL_SECONDS]),
+                int(h[Req.EVAL_RESOLUTION]),
+                float(h[Req.EVAL_BN_SECONDS]),
+            )
+        return cls(
+            kind,
+            int(h[Req.GROUP]),
+            int(h[Req.ROUND]),
+            int(h[Req.SAMPLES]),
+            float(h[Req.SECONDS]),
+            float(h[Req.LOSS]),
+            float(h[Req.ACC]),
+            bool(h[Req.PREEMPT]),
+            float(h[Req.WAIT]),
+            evaluation,
+        )
+
+
+@dataclass(frozen=True)
+class Task:
+    """Server -> leader header, the answer to every request but EVAL: what the group does next."""
+
+    status: Status
+    lr: float = 0.0
+    resolution: int = 0  # px
+    batch: int = 0  # the group's batch (split across its ranks)
+    samples: int = 0  # the group's samples this task: d_L, d_S or a share adaptive planning cut
+    epoch: float = 0.0  # global progress, commits / n_groups
+    commits: int = 0
+    round: int = 0  # the group's task counter for this task (seeds its data order)
+    dropout: float = 0.0
+    eval_epoch: float = -1.0  # >= 0: evaluate this reply's weights and report them as this epoch
+    has_state: bool = False  # a TAG_OPT buffer follows (resume)
+    pushes: int = 1  # pushes in this task (MERGE x (pushes - 1), then PUSH)
+
+    def pack(self) -> np.ndarray:
+        h = np.zeros(HDR_LEN, np.float64)
+        h[Rep.STATUS], h[Rep.LR], h[Rep.RESOLUTION], h[Rep.BATCH] = (
+            self.status,
+            self.lr,
+            self.resolution,
+            self.batch,
+        )
+        h[Rep.SAMPLES], h[Rep.EPOCH], h[Rep.COMMITS], h[Rep.ROUND] = (
+            self.samples,
+            self.epoch,
+            self.commits,
+            self.round,
+        )
+        h[Rep.DROPOUT], h[Rep.EVAL_EPOCH], h[Rep.HAS_STATE], h[Rep.PUSHES] = (
+            self.dropout, self.eval_epoch, self.has_state, self.pushes,
+        )  # fmt: skip
+        return h
+
+    @classmethod
+    def unpack(cls, h: np.ndarray) -> Task:
+        return cls(
+            Status(int(h[Rep.STATUS])),
+            float(h[Rep.LR]),
+            int(h[Rep.RESOLUTION]),
+            int(h[Rep.BATCH]),
+            int(h[Rep.SAMPLES]),
+            float(h[Rep.EPOCH]),
+            int(h[Rep.COMMITS]),
+            int(h[Rep.ROUND]),
+            float(h[Rep.DROPOUT]),
+            float(h[Rep.EVAL_EPOCH]),
+            bool(h[Rep.HAS_STATE]),
+            int(h[Rep.PUSHES]),
+        )
 
 
 Until = float | Callable[[], float | None] | None  # a time.perf_counter() deadline, None: none

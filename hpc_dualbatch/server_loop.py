@@ -5,13 +5,12 @@ the protocol (`protocol.py`), the signals and the sleeping wait; the decisions a
 Checkpoints are barriers: from a checkpoint commit on, each pushing group is merged and
 parked (no reply) until every active group is parked; then each sends its momentum, the
 server writes one checkpoint and releases them. No wait is unbounded where a group can stall:
-a request is awaited until `ParameterServer.deadline()`, a request's body and a momentum
+a request is awaited until `stalls.Watch.deadline`, a request's body and a momentum
 within the stall bound; a group that misses them is left out (server.py, "Stalls").
 """
 
 from __future__ import annotations
 
-import math
 import resource
 import signal
 import time
@@ -34,8 +33,7 @@ def serve(ps: ParameterServer, topo: Any) -> str:
 
     def on_signal(signum: int, frame: Any) -> None:
         ps.preempt = signum  # SIGTERM / SIGUSR1 (Slurm before a time limit): checkpoint and stop
-        if ps.cutoff is None:  # (also ends a wait on a group that will never answer)
-            ps.cutoff = time.perf_counter() + ps.cfg.server.preempt_wait_s
+        ps.watch.start_cutoff(time.perf_counter())  # (also ends a wait on a group that never answers)
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, on_signal)
@@ -49,18 +47,16 @@ def serve(ps: ParameterServer, topo: Any) -> str:
     n_p = ps.n_params
 
     def bound_from_now() -> P.Until:
-        """How long an exchange with a group that has begun may take: the stall bound from now,
-        or, once a preemption or stall has set a cutoff (a signal may set it during the wait),
-        at most server.preempt_wait_s after it, so a preemption ends within twice that."""
-        bound, grace = ps.stall_bound(), ps.cfg.server.preempt_wait_s
-        by = math.inf if bound is None else time.perf_counter() + bound
-        return lambda: min(by, math.inf if ps.cutoff is None else ps.cutoff + grace)
+        """How long an exchange with a group that has begun may take (`Watch.exchange_deadline`;
+        asked again during the wait, since a signal may set a cutoff)."""
+        started = time.perf_counter()
+        return lambda: ps.watch.exchange_deadline(started)
 
     def send(out: Outgoing) -> None:
         """A reply, in the order of `Outgoing`; a group that does not take it within the stall
         bound (a stopped rank stops receiving mid-message) is left out for good."""
         dest, by = leaders[out.group], bound_from_now()
-        parts = [(out.header, P.TAG_REP), (out.params, P.TAG_W), (out.buffers, P.TAG_BN)]
+        parts = [(out.task.pack(), P.TAG_REP), (out.params, P.TAG_W), (out.buffers, P.TAG_BN)]
         if out.momentum is not None:
             parts.append((out.momentum, P.TAG_OPT))  # the group's momentum (resume)
         for buf, tag in parts:
@@ -80,10 +76,9 @@ def serve(ps: ParameterServer, topo: Any) -> str:
     while ps.serving():
         ps.check_preempt()
         if ps.barrier_full():
-            for h in [h for h in ps.parked if h not in ps.stalled]:  # parked leaders send momentum
-                if not P.send(
-                    world, P.reply(P.Status.SEND_STATE), leaders[h], P.TAG_REP, back, bound_from_now()
-                ):  # PS
+            for h in [h for h in ps.parked if h not in ps.watch.stalled]:  # parked leaders send momentum
+                ask = P.Task(P.Status.SEND_STATE).pack()  # "send your momentum"
+                if not P.send(world, ask, leaders[h], P.TAG_REP, back, bound_from_now()):  # PS
                     ps.leave_out([h], time.perf_counter(), for_good=True)
                 elif body(mbuf, h, P.TAG_OPT):  # PS: the group's momentum
                     ps.s.momentum[h] = mbuf
@@ -95,33 +90,34 @@ def serve(ps: ParameterServer, topo: Any) -> str:
         g_next = ps.next_group()
         src = MPI.ANY_SOURCE if g_next is None else leaders[g_next]
         tick = time.perf_counter() + TICK_S
-        wake = min(tick, ps.deadline() or tick)
+        wake = min(tick, ps.watch.deadline(ps.awaited()) or tick)
         status = P.recv(world, hdr, src, P.TAG_REQ, back, wake)  # PS: next request header
         if status is None:  # nobody spoke in time: a request queued behind g_next is not silence
             queued = {g for g in ps.awaited() if world.Iprobe(source=leaders[g], tag=P.TAG_REQ)}  # PS
             ps.on_silence(time.perf_counter(), queued)
             continue
-        src = status.Get_source()
-        g, kind = int(hdr[P.Req.GROUP]), int(hdr[P.Req.KIND])
-        if g in ps.gone:  # its last body never came; what it sends now would be misread
+        try:
+            req = P.Request.unpack(hdr)
+        except ValueError:  # not a Kind
+            who = status.Get_source()
+            raise RuntimeError(f"protocol error: request kind {hdr[P.Req.KIND]} from rank {who}") from None
+        g = req.group
+        if g in ps.watch.gone:  # its last body never came; what it sends now would be misread
             continue
-        ps.served(g, kind)
-        if kind == P.Kind.EVAL:
+        ps.served(g, req.kind)
+        if req.kind == P.Kind.EVAL:
             bufs = np.empty(wbuf.size - n_p, np.float32)
-            if body(bufs, g, P.TAG_BN):  # PS: the BN buffers it evaluated with
-                ps.on_eval(g, hdr, bufs)
-        elif kind == P.Kind.HELLO:
+            if body(bufs, g, P.TAG_BN) and req.evaluation is not None:  # PS: the BN buffers it used
+                ps.on_eval(g, req.evaluation, bufs)
+        elif req.kind == P.Kind.HELLO:
             send(ps.answer(g))
-        elif kind in (P.Kind.MERGE, P.Kind.PUSH):
-            if not body(wbuf, g, P.TAG_W):  # PS: the group's weights
-                wbuf = np.empty_like(wbuf)
-            elif kind == P.Kind.MERGE:
-                send(ps.on_merge(g, hdr, wbuf))
-            else:
-                for out in ps.on_push(g, hdr, wbuf):  # none while g is parked at a barrier
-                    send(out)
+        elif not body(wbuf, g, P.TAG_W):  # PS: the group's weights (MERGE, PUSH)
+            wbuf = np.empty_like(wbuf)
+        elif req.kind == P.Kind.MERGE:
+            send(ps.on_merge(req, wbuf))
         else:
-            raise RuntimeError(f"protocol error: request kind {kind} from rank {src}")
+            for out in ps.on_push(req, wbuf):  # none while g is parked at a barrier
+                send(out)
     # The server's own CPU use while serving: it must sleep, not spin, while it waits.
     ps.cpu_seconds, ps.serve_seconds = _cpu_seconds() - cpu0, time.perf_counter() - wall0
     ps.progress.line(

@@ -159,32 +159,9 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
 
     cfg, ck = st.cfg, st.ckpt
     if ck is not None:
-        if ck.weights.shape != weights.shape or ck.momentum.shape[1] != n_params:
-            raise CheckpointError(
-                f"checkpoint in {cfg.out} does not fit the model ({ck.weights.size} weights)"
-            )
-        n_buf = weights.size - n_params
-        gb = ck.group_buffers
-        if gb is None or gb.shape != (cfg.n_groups, n_buf):
-            raise CheckpointError(f"checkpoint in {cfg.out} holds no BN buffers for {cfg.n_groups} groups")
-        state = ServerState(
-            ck.weights.copy(),
-            ck.momentum.copy(),
-            gb.copy(),
-            ck.commits,
-            int(ck.extra.get("merges", ck.commits)),
-            list(ck.rounds),
-            ck.elapsed,
-            {int(g): e for g, e in ck.extra.get("pending_evals", {}).items()},
-            resumed=True,
-        )
+        state = ServerState.from_checkpoint(ck, weights, n_params, cfg.out)
     else:
-        state = ServerState(
-            weights,
-            np.zeros((cfg.n_groups, n_params), np.float32),
-            np.repeat(weights[None, n_params:], cfg.n_groups, 0),
-            rounds=[0] * cfg.n_groups,
-        )
+        state = ServerState.fresh(weights, n_params, cfg.n_groups)
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None)
     adapter = make_adapter(cfg, st.plan, st.groups)
     if adapter is not None and ck is not None and "adapt" in ck.extra:

@@ -10,7 +10,8 @@ the group's MPI sum (the synchronous baseline and the profiler use it too).
 from __future__ import annotations
 
 import signal
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 from mpi4py import MPI
@@ -67,11 +68,34 @@ def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> N
     hvd.shutdown()
 
 
-def worker_loop(cfg: Config, topo: Topology, trainer: Any, shares: list[int], flag: Any) -> None:
+class Trainer(Protocol):
+    """What the worker loop needs of a group's trainer (`trainer.GroupTrainer`; tests fake it)."""
+
+    flat: Any  # flat.FlatModel: the weights and momentum as flat float32 buffers
+    opt: Any
+
+    def train_mini_epoch(
+        self,
+        round_idx: int,
+        shares: list[int],
+        resolution: int,
+        batch: int,
+        lr: float,
+        dropout: float,
+        pushes: int,
+        exchange: Callable[[], None] | None,
+    ) -> MiniEpochStats: ...
+
+    def recalibrate(self, resolution: int) -> float: ...
+
+    def evaluate(self, resolution: int) -> tuple[float, float, int, float]: ...
+
+
+def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int], flag: Any) -> None:
     """The group's loop: pull, (evaluate,) train in parts with a push after each, until STOP.
 
-    `trainer`: a GroupTrainer or anything with its interface (`flat`, `opt`,
-    `train_mini_epoch`, `recalibrate`, `evaluate`); `flag.raised`: a signal number, or 0.
+    `flag.raised`: a signal number, or 0. The leader talks to the server; every rank of the group
+    gets the reply (`P.Task`) and the weights by a broadcast.
     """
     back = P.Backoff(cfg.server.poll_min_s, cfg.server.poll_max_s)
     world, gcomm, n_p = topo.world, topo.group_comm, trainer.flat.n_params
@@ -79,97 +103,79 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Any, shares: list[int], fl
     w = np.empty(trainer.flat.n_weights, np.float32)
     state = np.empty(n_p, np.float32)
 
-    def exchange(req: np.ndarray, push: bool) -> None:
+    def exchange(req: P.Request, push: bool) -> None:
         """Leader: send a request (and weights), wait for the reply; answer state requests."""
-        world.Send(req, dest=0, tag=P.TAG_REQ)  # PS: request header
+        world.Send(req.pack(), dest=0, tag=P.TAG_REQ)  # PS: request header
         if push:
             world.Send(trainer.flat.weights(w), dest=0, tag=P.TAG_W)  # PS: the group's weights
         while True:
             P.recv(world, rep, 0, P.TAG_REP, back)  # PS: reply header
-            if rep[P.Rep.STATUS] != P.Status.SEND_STATE:
+            if P.Task.unpack(rep).status != P.Status.SEND_STATE:
                 break
             world.Send(trainer.flat.momentum(trainer.opt, state), dest=0, tag=P.TAG_OPT)  # PS: checkpoint
         P.recv(world, w[:n_p], 0, P.TAG_W, back)  # PS: merged parameters
         P.recv(world, w[n_p:], 0, P.TAG_BN, back)  # PS: BN buffers
-        if rep[P.Rep.HAS_STATE]:
+        if P.Task.unpack(rep).has_state:
             P.recv(world, state, 0, P.TAG_OPT, back)  # PS: momentum on resume
 
-    def share_reply() -> None:
+    def share_reply() -> P.Task:
         P.bcast(gcomm, rep, back)  # MPI: the leader's reply to the whole group
         P.bcast(gcomm, w, back)  # MPI
-        if rep[P.Rep.HAS_STATE]:
+        task = P.Task.unpack(rep)
+        if task.has_state:
             P.bcast(gcomm, state, back)  # MPI
+        return task
 
     def mid_task_push() -> None:
         """All ranks: the leader pushes the weights so far and pulls the merged ones."""
         if topo.is_leader:
-            req = P.request(P.Kind.MERGE, topo.group)
-            req[P.Req.ROUND] = round_idx
-            exchange(req, push=True)
+            exchange(P.Request(P.Kind.MERGE, topo.group, task.round), push=True)
         share_reply()
         trainer.flat.load_weights(w)
 
     if topo.is_leader:
-        exchange(P.request(P.Kind.HELLO, topo.group), push=False)
-    share_reply()
+        exchange(P.Request(P.Kind.HELLO, topo.group), push=False)
+    task = share_reply()
     while True:
         trainer.flat.load_weights(w)
-        if rep[P.Rep.HAS_STATE]:
+        if task.has_state:
             trainer.flat.load_momentum(trainer.opt, state)
-        resolution = int(rep[P.Rep.RESOLUTION])
-        if rep[P.Rep.EVAL_EPOCH] >= 0:
-            bn_secs = trainer.recalibrate(resolution) if cfg.server.bn == "recalibrate" else 0.0
-            loss, acc, n, secs = trainer.evaluate(resolution)
+        if task.eval_epoch >= 0:
+            bn_secs = trainer.recalibrate(task.resolution) if cfg.server.bn == "recalibrate" else 0.0
+            loss, acc, n, secs = trainer.evaluate(task.resolution)
             if topo.is_leader:
-                req = P.request(P.Kind.EVAL, topo.group)
-                fields = [
-                    P.Req.EVAL_EPOCH,
-                    P.Req.EVAL_LOSS,
-                    P.Req.EVAL_ACC,
-                    P.Req.EVAL_SAMPLES,
-                    P.Req.EVAL_SECONDS,
-                    P.Req.EVAL_RESOLUTION,
-                    P.Req.EVAL_BN_SECONDS,
-                ]
-                req[fields] = (rep[P.Rep.EVAL_EPOCH], loss, acc, n, secs, resolution, bn_secs)
-                world.Send(req, dest=0, tag=P.TAG_REQ)  # PS: evaluation result, no reply
+                ev = P.Evaluation(task.eval_epoch, loss, acc, n, secs, task.resolution, bn_secs)
+                world.Send(
+                    P.Request(P.Kind.EVAL, topo.group, evaluation=ev).pack(), dest=0, tag=P.TAG_REQ
+                )  # PS
                 world.Send(trainer.flat.buffers_flat(), dest=0, tag=P.TAG_BN)  # PS: the BN buffers used
-        if rep[P.Rep.STATUS] == P.Status.STOP:
+        if task.status == P.Status.STOP:
             break
-        round_idx = int(rep[P.Rep.ROUND])
         # the server's share for this task (adaptive planning may cut a slow small group's):
         # the group keeps its place in the partition and takes a prefix of its slice
-        task_shares = [*shares[: topo.group], int(rep[P.Rep.SAMPLES]), *shares[topo.group + 1 :]]
+        task_shares = [*shares[: topo.group], task.samples, *shares[topo.group + 1 :]]
         local = trainer.train_mini_epoch(
-            round_idx,
+            task.round,
             task_shares,
-            resolution,
-            int(rep[P.Rep.BATCH]),
-            float(rep[P.Rep.LR]),
-            float(rep[P.Rep.DROPOUT]),
-            int(rep[P.Rep.PUSHES]),
+            task.resolution,
+            task.batch,
+            task.lr,
+            task.dropout,
+            task.pushes,
             mid_task_push,
         )
         st, signalled = reduce_stats(gcomm, local, flag.raised)
         if topo.is_leader:
-            req = P.request(P.Kind.PUSH, topo.group)
-            fields = [
-                P.Req.ROUND,
-                P.Req.SAMPLES,
-                P.Req.SECONDS,
-                P.Req.LOSS,
-                P.Req.ACC,
-                P.Req.PREEMPT,
-                P.Req.WAIT,
-            ]
-            req[fields] = (
-                round_idx,
+            done = P.Request(
+                P.Kind.PUSH,
+                topo.group,
+                task.round,
                 st.samples,
                 st.seconds,
                 st.loss_sum / max(st.samples, 1),
                 st.correct / max(st.samples, 1),
-                1 if signalled else 0,
+                signalled,
                 st.wait,
             )
-            exchange(req, push=True)
-        share_reply()
+            exchange(done, push=True)
+        task = share_reply()

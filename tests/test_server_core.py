@@ -4,6 +4,8 @@ driver would send for a given sequence of requests, checked exactly. The MPI sid
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -29,22 +31,19 @@ def make(tmp_path, **over) -> ParameterServer:
     return ParameterServer(cfg, groups, state, MetricsLog(str(tmp_path / "metrics.jsonl")))
 
 
-def push_header(kind: P.Kind, g: int, round_idx: int, samples: int) -> np.ndarray:
-    h = P.request(kind, g)
-    h[P.Req.ROUND], h[P.Req.SAMPLES], h[P.Req.SECONDS], h[P.Req.LOSS], h[P.Req.ACC] = (
-        round_idx, samples, 1.5, 0.7, 0.6,
-    )  # fmt: skip
-    return h
+def push(kind: P.Kind, g: int, round_idx: int, samples: int) -> P.Request:
+    """A request as the wire delivers it (packed, then unpacked)."""
+    return P.Request.unpack(P.Request(kind, g, round_idx, samples, 1.5, 0.7, 0.6).pack())
 
 
 def test_round_robin_run_with_barriers_evals_and_stop(tmp_path):
     ps = make(tmp_path, server__merge="paper", server__bn="average")  # tiny: 4 epochs, ckpt each epoch
     assert ps.next_group() == 0
     hello = [ps.answer(g) for g in (0, 1)]
-    assert [int(o.header[P.Rep.STATUS]) for o in hello] == [P.Status.RUN] * 2
-    assert [int(o.header[P.Rep.ROUND]) for o in hello] == [0, 0]
-    assert [int(o.header[P.Rep.BATCH]) for o in hello] == [64, 32]  # each group's own batch
-    assert [int(o.header[P.Rep.SAMPLES]) for o in hello] == [100, 80]
+    assert [int(o.task.status) for o in hello] == [P.Status.RUN] * 2
+    assert [int(o.task.round) for o in hello] == [0, 0]
+    assert [int(o.task.batch) for o in hello] == [64, 32]  # each group's own batch
+    assert [int(o.task.samples) for o in hello] == [100, 80]
     rounds, stops, evals, checkpoints = [0, 0], set(), [], 0
     while len(stops) < 2:
         for g in (0, 1):
@@ -52,19 +51,19 @@ def test_round_robin_run_with_barriers_evals_and_stop(tmp_path):
                 continue
             ps.served(g, P.Kind.PUSH)
             wbuf = np.full(N_P + N_B, g + 1.0, np.float32)
-            replies = ps.on_push(g, push_header(P.Kind.PUSH, g, rounds[g], 100 - 20 * g), wbuf)
+            replies = ps.on_push(push(P.Kind.PUSH, g, rounds[g], 100 - 20 * g), wbuf)
             if ps.barrier_full():
                 assert sorted(ps.parked) == [0, 1]
                 replies = ps.checkpoint()
                 checkpoints += 1
                 assert [o.group for o in replies] == [0, 1]  # released in group order
             for o in replies:
-                if o.header[P.Rep.EVAL_EPOCH] >= 0:
-                    evals.append((o.group, float(o.header[P.Rep.EVAL_EPOCH])))
-                if o.header[P.Rep.STATUS] == P.Status.STOP:
+                if o.task.eval_epoch >= 0:
+                    evals.append((o.group, float(o.task.eval_epoch)))
+                if o.task.status == P.Status.STOP:
                     stops.add(o.group)
                 else:
-                    rounds[o.group] = int(o.header[P.Rep.ROUND])  # the task it trains next
+                    rounds[o.group] = int(o.task.round)  # the task it trains next
     # 4 epochs x 2 groups: 8 tasks, every one committed; a barrier after each of epochs 1-3
     assert ps.s.commits == 8 and sum(ps.s.rounds) == 8 and checkpoints == 3
     assert C.latest(ps.cfg.out) is not None
@@ -78,24 +77,22 @@ def test_round_robin_run_with_barriers_evals_and_stop(tmp_path):
     assert (
         sorted(ps.eval_asked) == [0, 1] and ps.serving()
     )  # epoch 3's eval came with group 1's STOP, epoch 4's with 0's
-    ps.on_eval(1, _eval_header(3.0), np.zeros(N_B, np.float32))
-    ps.on_eval(0, _eval_header(4.0), np.zeros(N_B, np.float32))
+    ps.on_eval(1, evaluation(3.0), np.zeros(N_B, np.float32))
+    ps.on_eval(0, evaluation(4.0), np.zeros(N_B, np.float32))
     assert not ps.serving() and ps.outcome() == "done"
 
 
-def _eval_header(epoch: float) -> np.ndarray:
-    h = P.request(P.Kind.EVAL, 0)
-    h[P.Req.EVAL_EPOCH], h[P.Req.EVAL_LOSS], h[P.Req.EVAL_ACC], h[P.Req.EVAL_SAMPLES] = epoch, 0.5, 0.8, 400
-    h[P.Req.EVAL_SECONDS], h[P.Req.EVAL_RESOLUTION], h[P.Req.EVAL_BN_SECONDS] = 1.0, 16, 0.0
-    return h
+def evaluation(epoch: float) -> P.Evaluation:
+    ev = P.Request(P.Kind.EVAL, 0, evaluation=P.Evaluation(epoch, 0.5, 0.8, 400, 1.0, 16, 0.0))
+    return P.Request.unpack(ev.pack()).evaluation
 
 
 @pytest.mark.parametrize("merge", ["paper", "delta"])
 def test_merges_on_known_vectors(tmp_path, merge):
     ps = make(tmp_path, server__merge=merge, server__bn="average")
     ps.answer(0), ps.answer(1)  # both pull the zero weights
-    ps.on_push(0, push_header(P.Kind.PUSH, 0, 0, 100), np.full(N_P + N_B, 2.0, np.float32))
-    ps.on_merge(1, push_header(P.Kind.MERGE, 1, 0, 80), np.full(N_P + N_B, 4.0, np.float32))
+    ps.on_push(push(P.Kind.PUSH, 0, 0, 100), np.full(N_P + N_B, 2.0, np.float32))
+    ps.on_merge(push(P.Kind.MERGE, 1, 0, 80), np.full(N_P + N_B, 4.0, np.float32))
     w = ps.s.weights
     if merge == "paper":  # w <- (w + f w_i) / (1 + f): f = 1, then f = 0.8
         first = 2.0 / 2
@@ -112,7 +109,7 @@ def test_merges_on_known_vectors(tmp_path, merge):
 def test_bn_local_keeps_each_groups_buffers_and_sends_them_back(tmp_path):
     ps = make(tmp_path, server__bn="local")
     ps.answer(0), ps.answer(1)
-    out = ps.on_push(0, push_header(P.Kind.PUSH, 0, 0, 100), np.arange(N_P + N_B, dtype=np.float32))
+    out = ps.on_push(push(P.Kind.PUSH, 0, 0, 100), np.arange(N_P + N_B, dtype=np.float32))
     assert ps.s.weights[N_P:].tolist() == [0.0, 0.0]  # the global buffers are never merged
     assert out[0].buffers.tolist() == [4.0, 5.0] and ps.s.group_buffers[1].tolist() == [0.0, 0.0]
 
@@ -120,13 +117,13 @@ def test_bn_local_keeps_each_groups_buffers_and_sends_them_back(tmp_path):
 def test_a_preempt_flag_parks_every_group_then_stops(tmp_path):
     ps = make(tmp_path)
     ps.answer(0), ps.answer(1)
-    h = push_header(P.Kind.PUSH, 0, 0, 100)
-    h[P.Req.PREEMPT] = 1  # a rank of group 0 got SIGTERM
-    assert ps.on_push(0, h, np.zeros(N_P + N_B, np.float32)) == [] and not ps.barrier_full()
-    assert ps.on_push(1, push_header(P.Kind.PUSH, 1, 0, 80), np.zeros(N_P + N_B, np.float32)) == []
+    h = push(P.Kind.PUSH, 0, 0, 100)
+    h = dataclasses.replace(h, preempt=True)  # a rank of group 0 got SIGTERM
+    assert ps.on_push(h, np.zeros(N_P + N_B, np.float32)) == [] and not ps.barrier_full()
+    assert ps.on_push(push(P.Kind.PUSH, 1, 0, 80), np.zeros(N_P + N_B, np.float32)) == []
     assert ps.barrier_full()
     replies = ps.checkpoint()
-    assert [int(o.header[P.Rep.STATUS]) for o in replies] == [P.Status.STOP] * 2
+    assert [int(o.task.status) for o in replies] == [P.Status.STOP] * 2
     assert not ps.serving() and ps.outcome() == "preempted" and C.latest(ps.cfg.out) is not None
 
 
@@ -138,16 +135,16 @@ def test_a_non_finite_push_stops_the_run_and_merges_nothing(tmp_path, where):
 
     ps = make(tmp_path, server__merge="paper", server__bn="average")
     ps.answer(0), ps.answer(1)
-    ps.on_push(0, push_header(P.Kind.PUSH, 0, 0, 100), np.full(N_P + N_B, 2.0, np.float32))
+    ps.on_push(push(P.Kind.PUSH, 0, 0, 100), np.full(N_P + N_B, 2.0, np.float32))
     before = ps.s.weights.copy()
-    h = push_header(P.Kind.PUSH, 1, 0, 80)
+    h = push(P.Kind.PUSH, 1, 0, 80)
     wbuf = np.full(N_P + N_B, 4.0, np.float32)
     if where == "loss":
-        h[P.Req.LOSS] = np.nan
+        h = dataclasses.replace(h, loss=np.nan)
     else:
         wbuf[1] = np.inf
     with pytest.raises(DivergedError) as e:
-        ps.on_push(1, h, wbuf)
+        ps.on_push(h, wbuf)
     assert "training diverged at commit 2" in str(e.value) and "group 1's" in str(e.value)
     assert "optim.momentum 0.9" in str(e.value) and "lr " in str(e.value)
     np.testing.assert_array_equal(ps.s.weights, before)
@@ -163,7 +160,7 @@ def _stalled_run(tmp_path, **over) -> ParameterServer:
     ps.group_ranks = [(1,), (2, 3)]
     ps.answer(0), ps.answer(1)
     ps.served(0, P.Kind.PUSH)
-    ps.on_push(0, push_header(P.Kind.PUSH, 0, 0, 100), np.full(N_P + N_B, 1.0, np.float32))
+    ps.on_push(push(P.Kind.PUSH, 0, 0, 100), np.full(N_P + N_B, 1.0, np.float32))
     ps.s.momentum[:] = 3.0  # what an earlier barrier collected
     return ps
 
@@ -172,15 +169,15 @@ def test_a_silent_group_is_left_out_and_the_checkpoint_says_what_it_lacks(tmp_pa
     from hpc_dualbatch.errors import StalledError
 
     ps = _stalled_run(tmp_path)
-    now = ps.heard[1] + 5.0
-    assert ps.deadline() == pytest.approx(now)  # group 1's bound ends first
+    now = ps.watch.heard[1] + 5.0
+    assert ps.watch.deadline(ps.awaited()) == pytest.approx(now)  # group 1's bound ends first
     ps.on_silence(now - 0.1, set())
-    assert not ps.stalled  # not yet
+    assert not ps.watch.stalled  # not yet
     ps.on_silence(now, set())
-    assert ps.stalled == {1} and ps.barrier and ps.cutoff == now + 7.0
+    assert ps.watch.stalled == {1} and ps.barrier and ps.watch.cutoff == now + 7.0
     assert ps.awaited() == [0] and not ps.barrier_full()  # group 0 may still finish its task
     ps.served(0, P.Kind.PUSH)
-    assert ps.on_push(0, push_header(P.Kind.PUSH, 0, 1, 100), np.full(N_P + N_B, 1.0, np.float32)) == []
+    assert ps.on_push(push(P.Kind.PUSH, 0, 1, 100), np.full(N_P + N_B, 1.0, np.float32)) == []
     assert ps.barrier_full()
     with pytest.raises(StalledError) as e:
         ps.checkpoint()
@@ -195,20 +192,20 @@ def test_a_silent_group_is_left_out_and_the_checkpoint_says_what_it_lacks(tmp_pa
     # the resume hands group 1 the same task (round 0: the same data order)
     state = ServerState(ck.weights, ck.momentum, ck.group_buffers, ck.commits, 2, ck.rounds, resumed=True)
     again = ParameterServer(ps.cfg, ps.groups, state, MetricsLog(str(tmp_path / "m2.jsonl")))
-    assert int(again.answer(1).header[P.Rep.ROUND]) == 0
+    assert int(again.answer(1).task.round) == 0
 
 
 def test_a_group_heard_from_again_in_time_is_taken_back(tmp_path):
     ps = _stalled_run(tmp_path)
-    ps.on_silence(ps.heard[1] + 5.0, set())
-    assert ps.stalled == {1}
+    ps.on_silence(ps.watch.heard[1] + 5.0, set())
+    assert ps.watch.stalled == {1}
     ps.served(1, P.Kind.PUSH)  # it was only slow: the barrier becomes an ordinary checkpoint
-    assert not ps.stalled and ps.cutoff is None
-    ps.on_push(1, push_header(P.Kind.PUSH, 1, 0, 80), np.zeros(N_P + N_B, np.float32))
-    ps.on_push(0, push_header(P.Kind.PUSH, 0, 1, 100), np.zeros(N_P + N_B, np.float32))
+    assert not ps.watch.stalled and ps.watch.cutoff is None
+    ps.on_push(push(P.Kind.PUSH, 1, 0, 80), np.zeros(N_P + N_B, np.float32))
+    ps.on_push(push(P.Kind.PUSH, 0, 1, 100), np.zeros(N_P + N_B, np.float32))
     assert ps.barrier_full()
     replies = ps.checkpoint()  # no error: both released with their next tasks
-    assert [int(o.header[P.Rep.STATUS]) for o in replies] == [P.Status.RUN] * 2
+    assert [int(o.task.status) for o in replies] == [P.Status.RUN] * 2
 
 
 def test_a_preemption_leaves_out_who_is_not_parked_by_its_cutoff(tmp_path):
@@ -219,12 +216,14 @@ def test_a_preemption_leaves_out_who_is_not_parked_by_its_cutoff(tmp_path):
     ps = _stalled_run(tmp_path)
     ps.preempt = signal.SIGTERM
     ps.check_preempt()
-    cutoff = ps.cutoff
+    cutoff = ps.watch.cutoff
     assert ps.barrier and cutoff is not None
-    ps.on_push(0, push_header(P.Kind.PUSH, 0, 1, 100), np.zeros(N_P + N_B, np.float32))  # parks
-    assert not ps.barrier_full() and ps.deadline() == pytest.approx(min(cutoff, ps.heard[1] + 5.0))
+    ps.on_push(push(P.Kind.PUSH, 0, 1, 100), np.zeros(N_P + N_B, np.float32))  # parks
+    assert not ps.barrier_full() and ps.watch.deadline(ps.awaited()) == pytest.approx(
+        min(cutoff, ps.watch.heard[1] + 5.0)
+    )
     ps.on_silence(cutoff, set())
-    assert ps.stalled == {1} and ps.barrier_full()
+    assert ps.watch.stalled == {1} and ps.barrier_full()
     with pytest.raises(StalledError) as e:
         ps.checkpoint()
     assert e.value.state == "preempted" and "server.preempt_wait_s = 7 s and left out group 1" in str(e.value)
@@ -232,15 +231,17 @@ def test_a_preemption_leaves_out_who_is_not_parked_by_its_cutoff(tmp_path):
 
 def test_the_stall_bound_grows_with_the_longest_silence_and_a_queued_request_is_not_silence(tmp_path):
     ps = _stalled_run(tmp_path)
-    ps.heard[0] -= 1.0
+    ps.watch.heard[0] -= 1.0
     ps.served(0, P.Kind.MERGE)  # a 1 s task part: 4 x 1 s < server.stall_s, the bound stays 5 s
-    assert ps.stall_bound() == 5.0
-    ps.heard[0] -= 2.0
+    assert ps.watch.bound() == 5.0
+    ps.watch.heard[0] -= 2.0
     ps.served(0, P.Kind.MERGE)
-    assert ps.stall_bound() == pytest.approx(8.0, abs=0.01)  # 4 x the longest silence (2 s)
-    ps.on_silence(ps.heard[1] + 100.0, {0, 1})  # their requests wait unserved (round robin): not silent
-    assert not ps.stalled
+    assert ps.watch.bound() == pytest.approx(8.0, abs=0.01)  # 4 x the longest silence (2 s)
+    ps.on_silence(ps.watch.heard[1] + 100.0, {0, 1})  # their requests wait unserved (round robin): not silent
+    assert not ps.watch.stalled
     (tmp_path / "off").mkdir()
     off = make(tmp_path / "off", server__stall_s=0.0)
     off.answer(0), off.answer(1)
-    assert off.stall_bound() is None and off.deadline() is None  # no bound: wait as long as it takes
+    assert (
+        off.watch.bound() is None and off.watch.deadline(off.awaited()) is None
+    )  # no bound: wait as long as it takes

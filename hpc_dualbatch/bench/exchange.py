@@ -39,7 +39,7 @@ def _server(world, variant: str, iters: int, w: np.ndarray, wbuf: np.ndarray, ba
             t0 = time.perf_counter()
             merge(w, wbuf, 1.0)
             merge_s += time.perf_counter() - t0
-        world.Send(P.reply(P.Status.RUN), dest=src, tag=P.TAG_REP)  # PS: reply header
+        world.Send(P.Task(P.Status.RUN).pack(), dest=src, tag=P.TAG_REP)  # PS: reply header
         world.Send(w, dest=src, tag=P.TAG_W)  # PS: merged weights
     return merge_s
 
@@ -53,7 +53,7 @@ def _leader(world, variant: str, iters: int, w: np.ndarray, back) -> float:
             world.Send(w, dest=0, tag=P.TAG_W)  # MPI: raw send
             world.Recv(w, source=0, tag=P.TAG_W)  # MPI: raw receive
             continue
-        world.Send(P.request(P.Kind.PUSH, 0), dest=0, tag=P.TAG_REQ)  # PS: request header
+        world.Send(P.Request(P.Kind.PUSH, 0).pack(), dest=0, tag=P.TAG_REQ)  # PS: request header
         world.Send(w, dest=0, tag=P.TAG_W)  # PS: the group's weights
         P.recv(world, rep, 0, P.TAG_REP, back)  # PS: reply header
         P.recv(world, w, 0, P.TAG_W, back)  # PS: merged weights
