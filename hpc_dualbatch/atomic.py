@@ -1,7 +1,9 @@
 """Files written whole or not at all: a temporary name in the same folder, then a rename.
 
-A reader (or a crash) never sees a half-written result, plan, timing file or config.
-Checkpoints and staged HDF5 files use the same rule with their own writers. The temporary
+A reader (or a crash of this process) never sees a half-written result, plan, timing file or
+config. These are not fsynced: after a power loss the new name may hold an empty or older file.
+Checkpoints and staged HDF5 files use the same rule with their own writers and are fsynced
+before the rename, so they survive a power loss too. The temporary
 file is created exclusively (an existing file or link of that name is an error, never
 written through), and the rename replaces a link at the final name instead of following it.
 Files a run appends to in place (the lock, metrics.jsonl, command.txt) are opened with

@@ -150,12 +150,6 @@ class Config:
     def n_groups(self) -> int:
         return len(self.workers.groups)
 
-    @property
-    def world_size(self) -> int:
-        """Ranks this config needs: one server + the worker ranks (ps), or the workers (sync)."""
-        workers = sum(self.workers.groups)
-        return workers + 1 if self.mode == "ps" else workers
-
 
 MAX_EPOCHS = 100_000  # schedule.epochs: far beyond any recipe; bounds the per-epoch work of `plan`
 MAX_POLL_S = 1.0  # server.poll_*_s: a longer sleep would add seconds of latency to every message

@@ -200,10 +200,6 @@ def eval_record(
     return {**rec, "wall": round(wall, 3)}
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """Every record of a metrics file; a line that is not a valid record is a `DataError`
     naming the file, the line and what is wrong (never a JSONDecodeError traceback)."""

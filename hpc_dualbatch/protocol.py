@@ -239,7 +239,7 @@ class Backoff:
     added latency per message by max_s.
     """
 
-    def __init__(self, min_s: float = 0.0002, max_s: float = 0.02) -> None:
+    def __init__(self, min_s: float = 0.0002, max_s: float = 0.005) -> None:  # (server.poll_*_s)
         self.min_s, self.max_s = min_s, max_s
 
     def wait(self, req: Any, until: Until = None) -> Any:
