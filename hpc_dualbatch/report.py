@@ -12,8 +12,11 @@ largest fall of test accuracy from one evaluation to the next after epoch 1
 (a global model that collapses mid-run shows here). Every
 number comes from the runs' metrics.jsonl; nothing is typed in.
 
-Writes `<out>/report.md`, `<out>/summary.json` and PNG plots (matplotlib):
-test accuracy vs wall time, test accuracy vs epoch, images/s per group.
+Writes `<out>/report.md`, `<out>/summary.json` and PNG plots (matplotlib): test accuracy vs
+wall time and vs epoch, one line per configuration (the mean over seeds at each evaluation, a
+band from the lowest to the highest seed, the baseline dashed black; more than six
+configurations are split into one panel per family, each with the baseline), and images/s per
+group.
 """
 
 from __future__ import annotations
@@ -216,34 +219,74 @@ def markdown(summary: dict[str, Any], baseline: str | None, order: list[str]) ->
     return "\n".join(lines) + "\n"
 
 
-def plots(runs: list[Run], order: list[str], out: str) -> list[str]:
+PANEL_LINES = 6  # configurations per panel before families get panels of their own
+
+
+def mean_curve(rs: list[Run], xkey: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """A configuration's curve over its seeds: at the k-th evaluation (k up to the shortest
+    run), the mean of x (`xkey`: epoch or wall seconds) and of test accuracy, and the lowest and
+    highest accuracy of any seed (the band)."""
+    n = min(len(r.evals) for r in rs)
+    at = [[r.evals[k] for r in rs] for k in range(n)]
+    xs = [statistics.fmean(e[xkey] for e in evs) for evs in at]
+    accs = [[100 * e["test_acc"] for e in evs] for evs in at]
+    return xs, [statistics.fmean(a) for a in accs], [min(a) for a in accs], [max(a) for a in accs]
+
+
+def panels(order: list[str], baseline: str | None) -> list[list[str]]:
+    """Configurations per panel, each panel with the baseline: all in one up to PANEL_LINES,
+    else families (the label up to its first '-': sync, ps, dual, hybrid, ...) packed in order
+    into panels of up to PANEL_LINES; a larger family is split, its first configuration in each
+    part."""
+    rest = [c for c in order if c != baseline]
+    families: dict[str, list[str]] = {}
+    for c in rest:
+        families.setdefault(c.split("-")[0], []).append(c)
+    packed: list[list[str]] = []
+    for fam in families.values():
+        if packed and len(packed[-1]) + len(fam) <= PANEL_LINES:
+            packed[-1] += fam
+        elif len(fam) <= PANEL_LINES:
+            packed.append(list(fam))
+        else:  # a family too large for one panel: even parts, each led by the family's first
+            head, tail = fam[0], fam[1:]
+            k = math.ceil(len(tail) / (PANEL_LINES - 1))
+            packed += [[head, *tail[i::k]] for i in range(k)]
+    return [([baseline] if baseline else []) + p for p in packed] or [order]
+
+
+def plots(runs: list[Run], order: list[str], out: str, baseline: str | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(order)}
+    groups = panels(order, baseline)
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(c for c in order if c != baseline)}
     written = []
     for xkey, fname, xlabel in (
-        ("wall", "acc_vs_time.png", "wall time (s)"),
+        ("wall", "acc_vs_time.png", "wall time (s), mean over seeds"),
         ("epoch", "acc_vs_epoch.png", "epoch"),
     ):
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for name in order:
-            for i, r in enumerate(x for x in runs if x.config == name):
-                ax.plot(
-                    [e[xkey] for e in r.evals],
-                    [100 * e["test_acc"] for e in r.evals],
-                    color=colors[name],
-                    alpha=0.8,
-                    marker=".",
-                    label=name if i == 0 else None,
-                )
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        fig, axes = plt.subplots(
+            len(groups), 1, figsize=(8, 3.6 * len(groups)), squeeze=False, sharex=True, sharey=True
+        )
+        for ax, names in zip(axes[:, 0], groups):
+            for name in names:
+                rs = [x for x in runs if x.config == name]
+                xs, mean, low, high = mean_curve(rs, xkey)
+                base = name == baseline
+                color = "black" if base else colors[name]
+                label = f"{name} ({len(rs)} seed{'s' if len(rs) > 1 else ''}){' baseline' if base else ''}"
+                ax.plot(xs, mean, color=color, lw=2.6 if base else 1.6, ls="--" if base else "-", label=label)
+                if len(rs) > 1:
+                    ax.fill_between(xs, low, high, color=color, alpha=0.12 if base else 0.18, lw=0)
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+        axes[-1, 0].set_xlabel(xlabel)
+        axes[0, 0].set_title("mean test accuracy over seeds; band: lowest to highest seed", fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(out, fname), dpi=110)
         plt.close(fig)
@@ -252,8 +295,7 @@ def plots(runs: list[Run], order: list[str], out: str) -> list[str]:
     labels, values = [], []
     for name in order:
         rs = [x for x in runs if x.config == name]
-        groups = sorted({c["group"] for r in rs for c in r.commits})
-        for g in groups:
+        for g in sorted({c["group"] for r in rs for c in r.commits}):
             rates = [
                 c["samples"] / c["seconds"]
                 for r in rs
@@ -289,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
         raise OutputError(f"--out {args.out}: cannot create the folder ({e.strerror or e})") from None
     md = markdown(summary, args.baseline, order)
     try:
-        figs = plots(runs, order, args.out)
+        figs = plots(runs, order, args.out, args.baseline)
         text = f"# Results\n\n{md}\n" + "".join(f"![{f}]({f})\n" for f in figs)
         write_text(os.path.join(args.out, "report.md"), text)
         write_json(os.path.join(args.out, "summary.json"), _finite(summary), allow_nan=False)

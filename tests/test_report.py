@@ -141,3 +141,23 @@ def test_a_nan_test_loss_and_odd_command_file_still_report(tmp_path):
     s = json.loads((tmp_path / "rep" / "summary.json").read_text())  # strict JSON: null, not NaN
     assert s["nan"]["final_loss"]["mean"] is None and s["nan"]["final_acc"]["mean"] == pytest.approx(0.1)
     assert "train \ufffd" in load_run(str(path)).command
+
+
+def test_plots_draw_one_line_per_configuration_in_panels_of_at_most_six():
+    from hpc_dualbatch.report import Run, mean_curve, panels
+
+    order = ["sync", "ps-base", "ps-paper", "ps-a", "ps-b", "ps-c", "ps-d", "ps-e", "dual-ns2"]
+    got = panels(order, "sync")
+    assert all(p[0] == "sync" and len(p) - 1 <= 6 for p in got)  # the baseline in every panel
+    assert sorted({c for p in got for c in p}) == sorted(order)  # every configuration drawn
+    assert all(
+        p[1] == "ps-base" for p in got if "ps-paper" in p or "ps-e" in p
+    )  # a split family keeps its lead
+    assert panels(["a", "b"], None) == [["a", "b"]]
+
+    def run(accs, walls):
+        evals = [{"epoch": i + 1, "test_acc": a, "wall": w} for i, (a, w) in enumerate(zip(accs, walls))]
+        return Run("p", "c", 0, accs[-1], max(accs), 0.0, walls[-1], evals, [], "", None)
+
+    xs, mean, low, high = mean_curve([run([0.5, 0.7, 0.9], [10, 20, 30]), run([0.3, 0.9], [12, 22])], "wall")
+    assert xs == [11, 21] and mean == pytest.approx([40, 80]) and low == [30, 70] and high == [50, 90]
