@@ -18,7 +18,7 @@ import os
 import stat
 from typing import IO, Any
 
-from .errors import OutputError
+from hpc_dualbatch.errors import OutputError
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip

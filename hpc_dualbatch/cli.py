@@ -11,12 +11,12 @@ import argparse
 import sys
 
 COMMANDS = (
-    "hpc_dualbatch.info",
+    "hpc_dualbatch.commands.info",
     "hpc_dualbatch.data.stage",
-    "hpc_dualbatch.profile",
-    "hpc_dualbatch.plan",
-    "hpc_dualbatch.train",
-    "hpc_dualbatch.report",
+    "hpc_dualbatch.commands.profile",
+    "hpc_dualbatch.method.plan",
+    "hpc_dualbatch.commands.train",
+    "hpc_dualbatch.commands.report",
     "hpc_dualbatch.bench",
 )
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .launch import run_main
+    from hpc_dualbatch.runtime.launch import run_main
 
     args = build_parser().parse_args(argv)
     return run_main(args.func, args)

@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from .atomic import check_regular
-from .errors import ConfigError
-from .yaml_safe import clip, show
-from .yaml_safe import load as _load_yaml
+from hpc_dualbatch.atomic import check_regular
+from hpc_dualbatch.errors import ConfigError
+from hpc_dualbatch.yaml_safe import clip, show
+from hpc_dualbatch.yaml_safe import load as _load_yaml
 
 
 @dataclass
@@ -439,6 +439,6 @@ def unused_keys(cfg: Config) -> list[str]:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML, atomically."""
-    from .atomic import write_text
+    from hpc_dualbatch.atomic import write_text
 
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

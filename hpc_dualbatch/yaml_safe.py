@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from hpc_dualbatch.errors import ConfigError
 
 MAX_NODES = 100_000  # values in the expanded document; a config has a few hundred
 MAX_DEPTH = 64  # nesting levels; a config has at most 3

@@ -14,7 +14,7 @@ if "OMPI_COMM_WORLD_SIZE" not in os.environ and "PMI_RANK" not in os.environ:
 
     mpi4py.rc.initialize = False
 
-from .helpers import ROOT
+from tests.helpers import ROOT
 
 # Groups of tests a machine prepared by `make setup` must run. Under `make test`
 # (HDB_REQUIRE_GROUPS=1) a test skipped because its group cannot run is reported as failed,

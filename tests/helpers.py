@@ -42,7 +42,7 @@ def write_config(path: Path, raw: dict) -> str:
 
 
 def final_weights(out: Path) -> np.ndarray:
-    from hpc_dualbatch import checkpoint
+    from hpc_dualbatch.runtime import checkpoint
 
     return checkpoint.load(checkpoint.latest(str(out))).weights
 
@@ -149,8 +149,8 @@ def start_up_error(args: list[str], np_: int = 3) -> str:
     carry one). That one agreed error ends every rank with one message is checked by a few real
     jobs (tests/test_train.py, test_reliability*.py)."""
     from hpc_dualbatch.cli import build_parser
-    from hpc_dualbatch.launch import AgreedError, agree
-    from hpc_dualbatch.train import setup
+    from hpc_dualbatch.commands.train import setup
+    from hpc_dualbatch.runtime.launch import AgreedError, agree
 
     class World:  # the two questions setup asks of COMM_WORLD
         def Get_size(self) -> int:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpc_dualbatch.adapt import (
+from hpc_dualbatch.method.adapt import (
     TASK_NOISE,
     TOL,
     Adapter,
@@ -23,8 +23,8 @@ from hpc_dualbatch.adapt import (
     small_batch_for,
     useful_batch,
 )
-from hpc_dualbatch.plan import plan_dual_batch
-from hpc_dualbatch.timing import TimeFit
+from hpc_dualbatch.method.plan import plan_dual_batch
+from hpc_dualbatch.method.timing import TimeFit
 
 # The method's published CIFAR fits (GTX 1080) and Table 6 (k = 1.05, d = 50,000, n = 4).
 FITS = {24: TimeFit(a=3.53e-4, b=0.0148, r2=math.nan), 32: TimeFit(a=5.06e-4, b=0.0156, r2=math.nan)}
@@ -437,8 +437,8 @@ def test_a_u_shaped_profile_adapts_along_its_falling_part() -> None:
     profile at 20 px: 0.534 ... 0.355 ... 0.409 ms/sample): the line through all points has b ~ 0,
     the adapter models the falling part instead, so a small group slower than planned climbs to
     a larger batch with its whole share rather than having its share cut."""
-    from hpc_dualbatch.adapt import positive_model
-    from hpc_dualbatch.timing import fit_linear
+    from hpc_dualbatch.method.adapt import positive_model
+    from hpc_dualbatch.method.timing import fit_linear
 
     pts = [(16, 8.54e-3), (24, 10.58e-3), (32, 12.82e-3), (48, 17.68e-3), (64, 22.75e-3), (96, 38.64e-3),
            (128, 52.39e-3)]  # fmt: skip

@@ -21,8 +21,7 @@ from hpc_dualbatch.bench import _harness as H
 from hpc_dualbatch.bench.all import row as summary_row
 from hpc_dualbatch.bench.all import summary_table
 from hpc_dualbatch.errors import ConfigError
-
-from .helpers import ROOT, hdb
+from tests.helpers import ROOT, hdb
 
 needs_horovod = pytest.mark.skipif(
     importlib.util.find_spec("horovod") is None, reason="Horovod not installed"

@@ -8,7 +8,7 @@ from hpc_dualbatch.errors import ConfigError
 
 def world(cfg: Config) -> int:
     """Ranks the config needs (one server + the worker ranks, or the workers in sync mode)."""
-    from hpc_dualbatch.topology import expected_world_size
+    from hpc_dualbatch.runtime.topology import expected_world_size
 
     return expected_world_size(cfg.workers.groups, cfg.mode == "ps")
 

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from hpc_dualbatch.config import Config, config_from_dict, load_config
 from hpc_dualbatch.errors import HDBError
-from hpc_dualbatch.plan import plan_dual_batch, plan_from_config
-from hpc_dualbatch.timing import TimeFit
+from hpc_dualbatch.method.plan import plan_dual_batch, plan_from_config
+from hpc_dualbatch.method.timing import TimeFit
 
 # HDB_FUZZ_EXAMPLES=5000 searches deeper (minutes); the default keeps the suite fast.
 FUZZ = settings(

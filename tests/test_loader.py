@@ -312,8 +312,8 @@ def test_every_batch_has_row_major_strides_and_trains_at_two_threads(tmp_path, c
     and the model trains on them at 2 threads (a crash here ends the test process)."""
     from hpc_dualbatch.config import OptimConfig
     from hpc_dualbatch.data.loader import augment_batch, standard_layout
-    from hpc_dualbatch.engine import make_optimizer, train_step
-    from hpc_dualbatch.model import build_model
+    from hpc_dualbatch.runtime.engine import make_optimizer, train_step
+    from hpc_dualbatch.runtime.model import build_model
 
     spec = SyntheticSpec(samples=96, test_samples=8, classes=3, channels=channels, size=20, seed=2)
     path = str(tmp_path / "s.h5")

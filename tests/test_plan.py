@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from hpc_dualbatch.config import load_config
 from hpc_dualbatch.errors import PlanError
-from hpc_dualbatch.plan import (
+from hpc_dualbatch.method.plan import (
     Plan,
     contribution_factor,
     format_plan,
@@ -22,7 +22,7 @@ from hpc_dualbatch.plan import (
     predicted_run_time,
     save_plan,
 )
-from hpc_dualbatch.timing import TimeFit, fit_robust, save_timing
+from hpc_dualbatch.method.timing import TimeFit, fit_robust, save_timing
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "hpc_dualbatch", "configs")
 
@@ -436,8 +436,8 @@ def test_shipped_fashion_mnist_timing_plans(monkeypatch) -> None:
 
 def test_a_timing_file_of_another_model_is_named(tmp_path) -> None:
     """Planned from a profile of another width or channel count, `plan` and `train` say so."""
-    from hpc_dualbatch.plan import timing_warning
-    from hpc_dualbatch.timing import meta_mismatch
+    from hpc_dualbatch.method.plan import timing_warning
+    from hpc_dualbatch.method.timing import meta_mismatch
 
     assert meta_mismatch({"arch": "resnet18_cifar", "width": 16}, "resnet18_cifar", 8) == [
         "width 16 (the run: 8)"

@@ -30,12 +30,11 @@ import h5py
 import numpy as np
 import pytest
 
-from hpc_dualbatch import checkpoint as C
 from hpc_dualbatch.config import config_from_dict
 from hpc_dualbatch.errors import CheckpointError, ConfigError, PlanError
-from hpc_dualbatch.metrics import read_metrics
-
-from .helpers import (
+from hpc_dualbatch.runtime import checkpoint as C
+from hpc_dualbatch.runtime.metrics import read_metrics
+from tests.helpers import (
     ROOT,
     alive,
     hdb,
@@ -109,7 +108,11 @@ def other_version(f: h5py.File) -> None:
 
 def timing_without_16(tmp: Path) -> str:
     path = tmp / "timing.json"
-    doc = {"format": "hpc_dualbatch.timing", "version": 1, "resolutions": {"12": {"a": 1e-4, "b": 1e-3}}}
+    doc = {
+        "format": "hpc_dualbatch.timing",
+        "version": 1,
+        "resolutions": {"12": {"a": 1e-4, "b": 1e-3}},
+    }
     path.write_text(json.dumps(doc))
     return str(path)
 
@@ -202,7 +205,7 @@ def test_resume_from_a_corrupt_checkpoint_is_refused(tmp_path, synthetic_h5):
 
 def test_resume_needs_a_run_folder(tmp_path, synthetic_h5):
     """Start-up checks of `train` that need no MPI job (rank 0 runs them inside `agree`)."""
-    from hpc_dualbatch import train as T
+    from hpc_dualbatch.commands import train as T
 
     def args(resume: Path) -> argparse.Namespace:
         return argparse.Namespace(config=None, resume=str(resume), set=None)
@@ -220,8 +223,8 @@ def test_resume_needs_a_run_folder(tmp_path, synthetic_h5):
 
 
 def test_group_with_more_ranks_than_its_batch_is_refused(synthetic_h5, tmp_path):
-    from hpc_dualbatch.plan import plan_from_config
-    from hpc_dualbatch.train import group_specs
+    from hpc_dualbatch.commands.train import group_specs
+    from hpc_dualbatch.method.plan import plan_from_config
 
     raw = tiny_config(synthetic_h5, tmp_path, workers__groups=[1, 4], plan__small_batch={12: 2, 16: 2})
     cfg = config_from_dict(raw)
@@ -462,8 +465,8 @@ def test_leftover_temporary_checkpoint_is_never_picked(tmp_path):
 
 
 def test_timing_and_plan_files_are_plain_json(tmp_path):
-    from hpc_dualbatch.plan import load_plan, plan_dual_batch, save_plan
-    from hpc_dualbatch.timing import TimeFit, load_timing, save_timing
+    from hpc_dualbatch.method.plan import load_plan, plan_dual_batch, save_plan
+    from hpc_dualbatch.method.timing import TimeFit, load_timing, save_timing
 
     timing, plan_path = tmp_path / "timing.json", tmp_path / "plan.json"
     save_timing(str(timing), {12: TimeFit(1e-4, 1e-3, 1.0)}, {"device": "test"})
@@ -481,7 +484,7 @@ def test_timing_and_plan_files_are_plain_json(tmp_path):
 
 
 def test_binary_plan_file_is_refused_with_a_message(tmp_path):
-    from hpc_dualbatch.plan import load_plan
+    from hpc_dualbatch.method.plan import load_plan
 
     path = tmp_path / "plan.json"
     path.write_bytes(pickle.dumps(_Payload(str(tmp_path / "code-ran"))))

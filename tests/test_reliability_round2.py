@@ -28,15 +28,14 @@ import h5py
 import numpy as np
 import pytest
 
-from hpc_dualbatch import checkpoint as C
-from hpc_dualbatch import runfolder as F
-from hpc_dualbatch import train as T
+from hpc_dualbatch.commands import train as T
 from hpc_dualbatch.config import config_from_dict, load_config
 from hpc_dualbatch.data import SyntheticSpec, TrainLoader, open_staged, prepare
 from hpc_dualbatch.errors import CheckpointError, ConfigError, DataError, HDBError, OutputError, PlanError
-from hpc_dualbatch.metrics import MetricsLog, read_metrics, repair
-
-from .helpers import (
+from hpc_dualbatch.runtime import checkpoint as C
+from hpc_dualbatch.runtime import runfolder as F
+from hpc_dualbatch.runtime.metrics import MetricsLog, read_metrics, repair
+from tests.helpers import (
     ROOT,
     hdb,
     kill_job,
@@ -47,7 +46,7 @@ from .helpers import (
     wait_for,
     write_config,
 )
-from .test_reliability import HAVE_HOROVOD, JOB_S, QUICK_S, one_clean_error, status, timed
+from tests.test_reliability import HAVE_HOROVOD, JOB_S, QUICK_S, one_clean_error, status, timed
 
 mpi = pytest.mark.skipif(not HAVE_HOROVOD, reason="Horovod not installed")
 QUIET = {"log": lambda msg: None}
@@ -299,7 +298,7 @@ def test_data_without_test_samples_or_with_one_class_is_refused(tmp_path, synthe
 
 
 def test_a_group_whose_share_rounds_below_its_ranks_is_refused(synthetic_h5, tmp_path):
-    from hpc_dualbatch.plan import plan_from_config
+    from hpc_dualbatch.method.plan import plan_from_config
 
     raw = tiny_config(synthetic_h5, tmp_path, workers__groups=[2, 1], plan__samples_per_epoch=2)
     cfg = config_from_dict(raw)
@@ -497,7 +496,7 @@ def test_disk_full_while_writing_metrics_is_a_message(tmp_path):
     ],
 )
 def test_model_arch_that_cannot_work_is_a_config_error(arch, text):
-    from hpc_dualbatch.model import check_model
+    from hpc_dualbatch.runtime.model import check_model
 
     with pytest.raises(ConfigError, match=re.escape(text)):
         check_model(arch, 10, 3, 8, [12, 16])
@@ -537,7 +536,7 @@ def test_report_on_a_bad_metrics_file_is_one_message(tmp_path, case):
 
 
 def test_report_out_that_is_a_file_is_one_message(tmp_path):
-    from .test_report import fake_run
+    from tests.test_report import fake_run
 
     run = fake_run(tmp_path / "run-s1", [0.5, 0.6], 10.0)
     (tmp_path / "rep").write_text("a file")
@@ -790,8 +789,8 @@ def test_every_file_read_is_checked_for_what_it_is_before_it_is_opened(tmp_path,
     --out: a FIFO (opening it waits for a writer: a hang), a directory or a link loop is named
     for what it is, at once (was: a hang, or "does not exist")."""
     from hpc_dualbatch.data.sources import read_cifar
-    from hpc_dualbatch.plan import load_plan, samples_per_epoch
-    from hpc_dualbatch.timing import load_timing
+    from hpc_dualbatch.method.plan import load_plan, samples_per_epoch
+    from hpc_dualbatch.method.timing import load_timing
 
     want = ODD[kind]
     readers = {
@@ -824,8 +823,8 @@ def test_every_file_read_is_checked_for_what_it_is_before_it_is_opened(tmp_path,
 def test_deeply_nested_or_huge_json_is_one_message(tmp_path):
     """A timing file, plan file or checkpoint meta nested 100,000 deep (was: RecursionError in
     plan and train --resume), or a 5 MB timing file (was: 15 s and 2 GB on every rank)."""
-    from hpc_dualbatch.plan import load_plan
-    from hpc_dualbatch.timing import load_timing
+    from hpc_dualbatch.method.plan import load_plan
+    from hpc_dualbatch.method.timing import load_timing
 
     deep = "[" * 100_000 + "]" * 100_000
     path = tmp_path / "timing.json"

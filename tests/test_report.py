@@ -5,8 +5,8 @@ import json
 import pytest
 
 from hpc_dualbatch.cli import main
+from hpc_dualbatch.commands.report import group_runs, load_run
 from hpc_dualbatch.errors import DataError
-from hpc_dualbatch.report import group_runs, load_run
 
 
 def fake_run(path, accs, wall, state="done"):
@@ -71,7 +71,7 @@ def test_unfinished_or_missing_runs_are_refused(tmp_path):
 
 def test_record_builders_round_once_and_pass_the_reader(tmp_path):
     """The server and the sync loop build their records here; what they write, `report` reads."""
-    from hpc_dualbatch.metrics import commit_record, eval_record, read_metrics
+    from hpc_dualbatch.runtime.metrics import commit_record, eval_record, read_metrics
 
     c = commit_record(
         commit=3, epoch=0.75, group=2, round_idx=0, small=True, samples=7375, seconds=11.88891,
@@ -144,7 +144,7 @@ def test_a_nan_test_loss_and_odd_command_file_still_report(tmp_path):
 
 
 def test_plots_draw_one_line_per_configuration_in_panels_of_at_most_six():
-    from hpc_dualbatch.report import Run, mean_curve, panels
+    from hpc_dualbatch.commands.report import Run, mean_curve, panels
 
     order = ["sync", "ps-base", "ps-paper", "ps-a", "ps-b", "ps-c", "ps-d", "ps-e", "dual-ns2"]
     got = panels(order, "sync")

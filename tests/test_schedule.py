@@ -7,7 +7,7 @@ import os
 import pytest
 
 from hpc_dualbatch.config import ScheduleConfig, load_config
-from hpc_dualbatch.schedule import (
+from hpc_dualbatch.method.schedule import (
     Stage,
     dropout_at,
     epoch_of_commit,

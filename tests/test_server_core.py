@@ -9,14 +9,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from hpc_dualbatch import checkpoint as C
-from hpc_dualbatch import protocol as P
 from hpc_dualbatch.config import config_from_dict
-from hpc_dualbatch.merge import delta_weight
-from hpc_dualbatch.metrics import MetricsLog, read_metrics
-from hpc_dualbatch.server import GroupSpec, ParameterServer, ServerState
-
-from .helpers import tiny_config
+from hpc_dualbatch.method.merge import delta_weight
+from hpc_dualbatch.ps import protocol as P
+from hpc_dualbatch.ps.server import GroupSpec, ParameterServer, ServerState
+from hpc_dualbatch.runtime import checkpoint as C
+from hpc_dualbatch.runtime.metrics import MetricsLog, read_metrics
+from tests.helpers import tiny_config
 
 N_P, N_B = 4, 2  # parameters and BN buffers of the toy model
 

@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from hpc_dualbatch import checkpoint as C
-from hpc_dualbatch.engine import recalibrate_bn
 from hpc_dualbatch.errors import CheckpointError
-from hpc_dualbatch.merge import delta_weight, distance, merge_delta
-from hpc_dualbatch.merge import merge_paper as merge
-from hpc_dualbatch.plan import contribution_factor
-from hpc_dualbatch.server import pushes_per_task
-from hpc_dualbatch.trainer import bn_indices, part_ends, rank_batches
+from hpc_dualbatch.method.merge import delta_weight, distance, merge_delta
+from hpc_dualbatch.method.merge import merge_paper as merge
+from hpc_dualbatch.method.plan import contribution_factor
+from hpc_dualbatch.ps.server import pushes_per_task
+from hpc_dualbatch.runtime import checkpoint as C
+from hpc_dualbatch.runtime.engine import recalibrate_bn
+from hpc_dualbatch.runtime.trainer import bn_indices, part_ends, rank_batches
 
 
 @pytest.mark.parametrize(

@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 
 from hpc_dualbatch.errors import ConfigError
-from hpc_dualbatch.metrics import read_metrics
-from hpc_dualbatch.topology import check_hetjob, check_world_size, hetjob_components
-
-from .helpers import ROOT, tiny_config, write_config
+from hpc_dualbatch.runtime.metrics import read_metrics
+from hpc_dualbatch.runtime.topology import check_hetjob, check_world_size, hetjob_components
+from tests.helpers import ROOT, tiny_config, write_config
 
 LOCAL_SLURM = ROOT / "scripts" / "local_slurm.sh"
 TEMPLATES = [ROOT / "slurm" / n for n in ("train.sbatch", "train_hetjob.sbatch", "stage.sbatch")]

@@ -8,10 +8,10 @@ import os
 
 import pytest
 
+from hpc_dualbatch.commands.profile import largest_fitting, measure_step_times, profile
 from hpc_dualbatch.config import load_config
 from hpc_dualbatch.errors import PlanError
-from hpc_dualbatch.profile import largest_fitting, measure_step_times, profile
-from hpc_dualbatch.timing import (
+from hpc_dualbatch.method.timing import (
     TimeFit,
     fit_linear,
     load_timing,
@@ -83,7 +83,7 @@ def test_small_role_fits_round_trip(tmp_path) -> None:
 
 
 def test_profile_job_pieces() -> None:
-    from hpc_dualbatch.profile_run import role_fits, rotation
+    from hpc_dualbatch.commands.profile_run import role_fits, rotation
 
     assert [rotation([8, 16, 32], g, 0) for g in range(3)] == [[8, 16, 32], [16, 32, 8], [32, 8, 16]]
     assert rotation([8, 16, 32], 1, 1) == [32, 8, 16]
@@ -224,7 +224,7 @@ def test_robust_fit_recovers_a_and_b_within_its_interval(noise: float, bursts: i
     intervals hold the true a and b in >= 80 % (the median ignores the bursts)."""
     import numpy as np
 
-    from hpc_dualbatch.timing import fit_robust
+    from hpc_dualbatch.method.timing import fit_robust
 
     a, b, xs = 7e-4, 1.5e-3, [16, 24, 32, 48, 64]
     hits_a = hits_b = 0
@@ -243,7 +243,7 @@ def test_robust_fit_recovers_a_and_b_within_its_interval(noise: float, bursts: i
 
 
 def test_robust_fit_is_repeatable_and_round_trips(tmp_path) -> None:
-    from hpc_dualbatch.timing import fit_robust
+    from hpc_dualbatch.method.timing import fit_robust
 
     times = {16: [0.0131, 0.0128, 0.0140, 0.0126], 32: [0.0231, 0.0240, 0.0229], 64: [0.046, 0.047, 0.0452]}
     f = fit_robust(times)
@@ -260,7 +260,7 @@ def test_robust_fit_is_repeatable_and_round_trips(tmp_path) -> None:
 def test_profile_out_naming_a_directory_is_refused_before_measuring(tmp_path) -> None:
     import argparse
 
-    from hpc_dualbatch.profile import run
+    from hpc_dualbatch.commands.profile import run
 
     args = argparse.Namespace(config=os.path.join(CONFIGS, "fashion_mnist.yaml"), set=[], out=str(tmp_path))
     with pytest.raises(PlanError, match=r"is a directory; give the timing file's path, e.g. .*timing.json"):

@@ -15,9 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_dualbatch.metrics import read_metrics
-
-from .helpers import final_weights, hdb, kill_job, rank_pids, start, start_up_error, tiny_config, write_config
+from hpc_dualbatch.runtime.metrics import read_metrics
+from tests.helpers import (
+    final_weights,
+    hdb,
+    kill_job,
+    rank_pids,
+    start,
+    start_up_error,
+    tiny_config,
+    write_config,
+)
 
 pytest.importorskip("horovod.torch", reason="Horovod not installed")  # skips this module without it
 
@@ -100,7 +108,7 @@ def test_the_methods_server_learns(tmp_path, synthetic_h5):
 def test_profile_as_an_mpi_job_fits_each_role(tmp_path, synthetic_h5):
     """`profile` under mpirun: train's ranks (server + a large and a small group), real staged
     batches through the worker's loop; a fit per resolution for each role."""
-    from hpc_dualbatch.timing import load_timing, load_timing_meta
+    from hpc_dualbatch.method.timing import load_timing, load_timing_meta
 
     cfg = write_config(tmp_path / "p.yaml", tiny_config(synthetic_h5, tmp_path / "p"))
     out = tmp_path / "timing.json"
@@ -209,7 +217,7 @@ def test_bad_input_ends_every_rank_quickly_with_one_message(tmp_path, synthetic_
 def test_existing_run_folder_is_refused_and_resume_checks_the_config(tmp_path, synthetic_h5):
     """Start-up checks on rank 0 (the run folder), in-process: a job's ending on them is
     tests/test_reliability_round2.py's [out-is-a-file] job."""
-    from .test_reliability import fake_run_folder
+    from tests.test_reliability import fake_run_folder
 
     out = tmp_path / "x"
     fake_run_folder(out, synthetic_h5, tiny_config(synthetic_h5, out))
@@ -225,7 +233,7 @@ def test_threads_are_never_more_than_the_cores_this_process_may_use():
     import os
     from types import SimpleNamespace
 
-    from hpc_dualbatch.topology import threads_per_rank
+    from hpc_dualbatch.runtime.topology import threads_per_rank
 
     cores = len(os.sched_getaffinity(0))
     one_rank, two_ranks = SimpleNamespace(local_size=1), SimpleNamespace(local_size=2)

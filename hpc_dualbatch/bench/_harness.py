@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from ..atomic import write_json
-from ..config import OptimConfig
-from ..engine import make_optimizer, train_step
-from ..errors import ConfigError
-from ..launch import run_main
-from ..model import build_model
+from hpc_dualbatch.atomic import write_json
+from hpc_dualbatch.config import OptimConfig
+from hpc_dualbatch.errors import ConfigError
+from hpc_dualbatch.runtime.engine import make_optimizer, train_step
+from hpc_dualbatch.runtime.launch import run_main
+from hpc_dualbatch.runtime.model import build_model
 
 DATA = os.path.join("data", "fashion-mnist.h5")
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "fashion_mnist.yaml")
@@ -203,8 +203,8 @@ def staged_file(file: str, source: str, resolutions: str, tmp: str) -> str:
     `tmp` (fashion-mnist where Debian's copy is installed, synthetic otherwise)."""
     if file or (not source and os.path.exists(DATA)):
         return file or DATA
-    from ..data import prepare
-    from ..data.sources import FASHION_MNIST_DIR
+    from hpc_dualbatch.data import prepare
+    from hpc_dualbatch.data.sources import FASHION_MNIST_DIR
 
     source = source or ("fashion-mnist" if os.path.isdir(FASHION_MNIST_DIR) else "synthetic")
     path = os.path.join(tmp, f"{source}.h5")

@@ -16,8 +16,8 @@ import shlex
 import time
 from typing import Any
 
-from ..errors import ConfigError
-from . import _harness as H
+from hpc_dualbatch.bench import _harness as H
+from hpc_dualbatch.errors import ConfigError
 
 # suite -> (MPI ranks, 0 = a plain process; options; time limit, s). Seconds seen on the 2-core
 # machine, quiet / shared with other jobs (load ~4): plan 75 / 150 (d = 30,000: half of

@@ -15,8 +15,8 @@ import os
 import statistics
 import tempfile
 
-from ..errors import ConfigError
-from . import _harness as H
+from hpc_dualbatch.bench import _harness as H
+from hpc_dualbatch.errors import ConfigError
 
 
 def _job(args: argparse.Namespace) -> int:

@@ -20,11 +20,11 @@ import tempfile
 import numpy as np
 import torch
 
-from ..config import load_config
-from ..data import EvalLoader, TrainLoader, open_staged
-from ..engine import evaluate, make_optimizer, recalibrate_bn, set_lr, train_step
-from ..model import build_model, set_dropout
-from . import _harness as H
+from hpc_dualbatch.bench import _harness as H
+from hpc_dualbatch.config import load_config
+from hpc_dualbatch.data import EvalLoader, TrainLoader, open_staged
+from hpc_dualbatch.runtime.engine import evaluate, make_optimizer, recalibrate_bn, set_lr, train_step
+from hpc_dualbatch.runtime.model import build_model, set_dropout
 
 
 def _floor(batches: list[int], worst: dict[int, float], tol: float) -> int | None:

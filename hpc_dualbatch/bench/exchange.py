@@ -14,10 +14,10 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from .. import protocol as P
-from ..errors import ConfigError
-from ..merge import merge_paper as merge
-from . import _harness as H
+from hpc_dualbatch.bench import _harness as H
+from hpc_dualbatch.errors import ConfigError
+from hpc_dualbatch.method.merge import merge_paper as merge
+from hpc_dualbatch.ps import protocol as P
 
 VARIANTS = ("raw", "ps", "ps_nomerge")
 RESNET18_FLOATS = 11_200_000  # CIFAR ResNet-18 weights (11.17 M parameters + BN buffers)

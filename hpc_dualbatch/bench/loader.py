@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from ..data import TrainLoader, open_staged, shard_indices
-from ..engine import pick_device
-from . import _harness as H
+from hpc_dualbatch.bench import _harness as H
+from hpc_dualbatch.data import TrainLoader, open_staged, shard_indices
+from hpc_dualbatch.runtime.engine import pick_device
 
 
 def _seconds(start: float, device: torch.device) -> float:

@@ -20,7 +20,7 @@ import time
 
 import yaml
 
-from . import _harness as H
+from hpc_dualbatch.bench import _harness as H
 
 
 def _config(data: str, out: str, args: argparse.Namespace) -> dict:
@@ -42,12 +42,14 @@ def _limit_worker(config_path: str, result_path: str) -> int:
     import torch
     from mpi4py import MPI
 
-    from .. import flat, protocol, schedule, topology
-    from ..config import load_config
-    from ..data import open_staged
-    from ..plan import plan_from_config
-    from ..train import group_specs
-    from ..worker import group_trainer
+    from hpc_dualbatch.commands.train import group_specs
+    from hpc_dualbatch.config import load_config
+    from hpc_dualbatch.data import open_staged
+    from hpc_dualbatch.method import schedule
+    from hpc_dualbatch.method.plan import plan_from_config
+    from hpc_dualbatch.ps import protocol
+    from hpc_dualbatch.ps.worker import group_trainer
+    from hpc_dualbatch.runtime import flat, topology
 
     cfg, world = load_config(config_path), MPI.COMM_WORLD
     staged = open_staged(cfg.data.path)
@@ -108,8 +110,8 @@ def duty_cycle(recs: list[dict]) -> float:
 
 
 def main(argv: list[str]) -> int:
-    from ..data import SyntheticSpec, prepare
-    from ..metrics import read_metrics
+    from hpc_dualbatch.data import SyntheticSpec, prepare
+    from hpc_dualbatch.runtime.metrics import read_metrics
 
     p = H.parser(
         "overhead", __doc__, groups=(2, "G single-rank worker groups (PS job: G+1 ranks)"),

@@ -15,15 +15,15 @@ from collections.abc import Iterator
 
 import torch
 
-from ..config import load_config
-from ..data import TrainLoader, open_staged, shard_indices
-from ..engine import make_optimizer, pick_device
-from ..errors import PlanError
-from ..model import build_model, set_dropout
-from ..plan import plan_from_config, samples_per_epoch
-from ..schedule import dropout_at, lr_at
-from ..timing import load_timing, load_timing_meta, time_per_samples
-from . import _harness as H
+from hpc_dualbatch.bench import _harness as H
+from hpc_dualbatch.config import load_config
+from hpc_dualbatch.data import TrainLoader, open_staged, shard_indices
+from hpc_dualbatch.errors import PlanError
+from hpc_dualbatch.method.plan import plan_from_config, samples_per_epoch
+from hpc_dualbatch.method.schedule import dropout_at, lr_at
+from hpc_dualbatch.method.timing import load_timing, load_timing_meta, time_per_samples
+from hpc_dualbatch.runtime.engine import make_optimizer, pick_device
+from hpc_dualbatch.runtime.model import build_model, set_dropout
 
 
 def _random_batches(samples: int, batch: int, shape: tuple, classes: int, device: torch.device) -> Iterator:

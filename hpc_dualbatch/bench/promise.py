@@ -16,8 +16,8 @@ import os
 import statistics
 import tempfile
 
-from ..errors import ConfigError, DataError
-from . import _harness as H
+from hpc_dualbatch.bench import _harness as H
+from hpc_dualbatch.errors import ConfigError, DataError
 
 
 def epoch_seconds(commits: list[dict], n: int) -> list[float]:
@@ -118,8 +118,8 @@ def _jobs(ks: list[float], smalls: list[int], slowed: str) -> list[tuple[str, fl
 
 
 def main(argv: list[str]) -> int:
-    from ..config import load_config
-    from ..metrics import read_metrics
+    from hpc_dualbatch.config import load_config
+    from hpc_dualbatch.runtime.metrics import read_metrics
 
     p = H.parser(
         "promise", __doc__, config=(H.CONFIG, "run config YAML (its groups, timing file, B_L)"),

@@ -14,9 +14,9 @@ import tempfile
 
 import torch
 
-from ..config import load_config
-from ..data import TrainLoader, open_staged, shard_indices
-from . import _harness as H
+from hpc_dualbatch.bench import _harness as H
+from hpc_dualbatch.config import load_config
+from hpc_dualbatch.data import TrainLoader, open_staged, shard_indices
 
 
 def main(argv: list[str]) -> int:

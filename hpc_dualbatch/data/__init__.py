@@ -3,9 +3,9 @@
 See docs/data.md for the file layout and usage.
 """
 
-from .loader import EvalLoader, TrainLoader, clear_memory_cache, eval_indices, shard_indices
-from .sources import SOURCES, SyntheticSpec
-from .stage import FORMAT_VERSION, StagedData, open_staged, prepare
+from hpc_dualbatch.data.loader import EvalLoader, TrainLoader, clear_memory_cache, eval_indices, shard_indices
+from hpc_dualbatch.data.sources import SOURCES, SyntheticSpec
+from hpc_dualbatch.data.stage import FORMAT_VERSION, StagedData, open_staged, prepare
 
 __all__ = [
     "FORMAT_VERSION",

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
-from .stage import StagedData
+from hpc_dualbatch.data.stage import StagedData
+from hpc_dualbatch.errors import DataError
 
 ASSIGNMENTS = ("partition", "reshuffle")
 IN_MEMORY = ("auto", "always", "never")

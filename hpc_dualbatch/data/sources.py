@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..atomic import check_regular, file_kind
-from ..errors import DataError
+from hpc_dualbatch.atomic import check_regular, file_kind
+from hpc_dualbatch.errors import DataError
 
 SOURCES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist

@@ -30,11 +30,11 @@ from dataclasses import asdict
 import h5py
 import numpy as np
 
-from ..atomic import check_regular, check_writable_target
-from ..config import MAX_PX
-from ..errors import DataError
-from ..yaml_safe import show
-from .sources import FASHION_MNIST_DIR, SOURCES, Source, SyntheticSpec, read_source
+from hpc_dualbatch.atomic import check_regular, check_writable_target
+from hpc_dualbatch.config import MAX_PX
+from hpc_dualbatch.data.sources import FASHION_MNIST_DIR, SOURCES, Source, SyntheticSpec, read_source
+from hpc_dualbatch.errors import DataError
+from hpc_dualbatch.yaml_safe import show
 
 FORMAT_VERSION = 1
 FINGERPRINT_SAMPLES = 16  # images per split and resolution hashed into the content fingerprint

@@ -32,20 +32,19 @@ pytest.importorskip("mpi4py")
 
 import torch  # noqa: E402
 
-from hpc_dualbatch import checkpoint as C  # noqa: E402
 from hpc_dualbatch.atomic import write_json  # noqa: E402
+from hpc_dualbatch.commands.train import Setup, group_specs, run_server  # noqa: E402
 from hpc_dualbatch.config import config_from_dict  # noqa: E402
-from hpc_dualbatch.flat import FlatModel  # noqa: E402
-from hpc_dualbatch.merge import delta_weight  # noqa: E402
-from hpc_dualbatch.metrics import read_metrics  # noqa: E402
-from hpc_dualbatch.plan import plan_from_config  # noqa: E402
-from hpc_dualbatch.schedule import stage_at  # noqa: E402
-from hpc_dualbatch.train import Setup, group_specs, run_server  # noqa: E402
-from hpc_dualbatch.trainer import MiniEpochStats  # noqa: E402
-from hpc_dualbatch.worker import worker_loop  # noqa: E402
-
-from ..helpers import tiny_config  # noqa: E402
-from .common import agreed, groups_for  # noqa: E402
+from hpc_dualbatch.method.merge import delta_weight  # noqa: E402
+from hpc_dualbatch.method.plan import plan_from_config  # noqa: E402
+from hpc_dualbatch.method.schedule import stage_at  # noqa: E402
+from hpc_dualbatch.ps.worker import worker_loop  # noqa: E402
+from hpc_dualbatch.runtime import checkpoint as C  # noqa: E402
+from hpc_dualbatch.runtime.flat import FlatModel  # noqa: E402
+from hpc_dualbatch.runtime.metrics import read_metrics  # noqa: E402
+from hpc_dualbatch.runtime.trainer import MiniEpochStats  # noqa: E402
+from tests.helpers import tiny_config  # noqa: E402
+from tests.mpi.common import agreed, groups_for  # noqa: E402
 
 EPOCHS = 4
 SAMPLES = 2000  # samples per epoch the plan splits into the groups' shares
@@ -149,7 +148,7 @@ def run(out: str, preempt_round: int | None = None, resume: bool = False, **over
 def _run(out: str, preempt_round: int | None, resume: bool, **over):
     from mpi4py import MPI
 
-    from hpc_dualbatch.topology import build_topology
+    from hpc_dualbatch.runtime.topology import build_topology
 
     world = MPI.COMM_WORLD
     groups = groups_for(world.Get_size())
@@ -303,7 +302,7 @@ def adaptive(shared_dir: str, **extra) -> dict:
     the order of arrival); rank 0 writes the file."""
     from mpi4py import MPI
 
-    from hpc_dualbatch.timing import TimeFit, save_timing
+    from hpc_dualbatch.method.timing import TimeFit, save_timing
 
     path = os.path.join(shared_dir, "timing.json")
     if MPI.COMM_WORLD.Get_rank() == 0:
@@ -420,9 +419,9 @@ def test_adaptive_planning_resumes_with_the_plan_state_it_had(shared_dir):
     the saved plan state re-plans to: the plan state travels in the checkpoint."""
     from mpi4py import MPI
 
-    from hpc_dualbatch.adapt import Adapter
-    from hpc_dualbatch.plan import small_floor
-    from hpc_dualbatch.timing import load_timing
+    from hpc_dualbatch.method.adapt import Adapter
+    from hpc_dualbatch.method.plan import small_floor
+    from hpc_dualbatch.method.timing import load_timing
 
     world = MPI.COMM_WORLD
     cut = os.path.join(shared_dir, "cut")

@@ -11,14 +11,14 @@ import pytest
 
 mpi4py = pytest.importorskip("mpi4py")
 
-from .common import all_true, groups_for  # noqa: E402
+from tests.mpi.common import all_true, groups_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def topo():
     from mpi4py import MPI
 
-    from hpc_dualbatch.topology import build_topology
+    from hpc_dualbatch.runtime.topology import build_topology
 
     return build_topology(groups_for(MPI.COMM_WORLD.Get_size()), with_server=True)
 
@@ -63,7 +63,7 @@ def test_horovod_allreduce_stays_inside_the_group(topo):
     pytest.importorskip("horovod.torch")
     import torch
 
-    from hpc_dualbatch.topology import init_horovod
+    from hpc_dualbatch.runtime.topology import init_horovod
 
     world = topo.world
     ok = True
@@ -83,7 +83,7 @@ def test_backoff_receive_gets_the_message_without_spinning(topo):
     import resource
     import time
 
-    from hpc_dualbatch.protocol import Backoff, recv
+    from hpc_dualbatch.ps.protocol import Backoff, recv
 
     world = topo.world
     buf = np.zeros(4, np.float64)

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .yaml_safe import clip
+from hpc_dualbatch.errors import ConfigError
+from hpc_dualbatch.yaml_safe import clip
 
 
 class BasicBlock(nn.Module):

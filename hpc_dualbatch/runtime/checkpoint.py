@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import check_regular
-from .errors import CheckpointError
-from .yaml_safe import show
+from hpc_dualbatch.atomic import check_regular
+from hpc_dualbatch.errors import CheckpointError
+from hpc_dualbatch.yaml_safe import show
 
 FORMAT = 1
 PREFIX = "ckpt-"

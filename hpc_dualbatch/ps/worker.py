@@ -16,10 +16,10 @@ from typing import Any, Protocol
 import numpy as np
 from mpi4py import MPI
 
-from . import protocol as P
-from .config import Config
-from .topology import Topology
-from .trainer import GroupTrainer, MiniEpochStats
+from hpc_dualbatch.config import Config
+from hpc_dualbatch.ps import protocol as P
+from hpc_dualbatch.runtime.topology import Topology
+from hpc_dualbatch.runtime.trainer import GroupTrainer, MiniEpochStats
 
 
 def group_trainer(cfg: Config, staged: Any, topo: Topology, hvd: Any) -> GroupTrainer:
@@ -61,7 +61,7 @@ class SignalFlag:
 
 def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> None:
     """A worker rank of a parameter-server run: Horovod on the group, the real trainer, the loop."""
-    from .topology import init_horovod
+    from hpc_dualbatch.runtime.topology import init_horovod
 
     hvd = init_horovod(topo)
     worker_loop(cfg, topo, group_trainer(cfg, staged, topo, hvd), shares, SignalFlag())

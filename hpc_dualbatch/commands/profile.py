@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .atomic import file_kind
-from .errors import PlanError
-from .timing import TimeFit, fit_robust, per_sample_table, save_timing
+from hpc_dualbatch.atomic import file_kind
+from hpc_dualbatch.errors import PlanError
+from hpc_dualbatch.method.timing import TimeFit, fit_robust, per_sample_table, save_timing
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int, cap: int) -> int:
@@ -64,8 +64,8 @@ def _make_trainer(
     """
     import torch
 
-    from .engine import make_optimizer, train_step
-    from .model import build_model
+    from hpc_dualbatch.runtime.engine import make_optimizer, train_step
+    from hpc_dualbatch.runtime.model import build_model
 
     model = build_model(cfg.model.arch, classes, channels, cfg.model.width).to(device)
     model.train()
@@ -76,7 +76,7 @@ def _make_trainer(
         if staged is not None:
             import numpy as np
 
-            from .data import TrainLoader
+            from hpc_dualbatch.data import TrainLoader
 
             idx = np.arange(batch) % staged.num_samples("train")
             loader = TrainLoader(staged, "train", res, idx, batch, augment=False, prefetch=0, device=device)
@@ -187,7 +187,7 @@ def _cpu_name() -> str:
 def _model_shape(cfg: Any, channels: int, classes: int) -> tuple[int, int, str]:
     """(channels, classes, source): from the staged data file when it exists, else the flags."""
     if cfg.data.path and file_kind(cfg.data.path) != "missing":  # (open_staged names what else it is)
-        from .data import open_staged
+        from hpc_dualbatch.data import open_staged
 
         ds = open_staged(cfg.data.path)
         return int(ds.channels), int(ds.num_classes), f"staged file {cfg.data.path}"
@@ -211,7 +211,7 @@ def profile(
     batches None: `default_batches`."""
     import torch
 
-    from .engine import pick_device
+    from hpc_dualbatch.runtime.engine import pick_device
 
     if cfg.threads > 0:  # never more than this process's cores (as train: topology.threads_per_rank)
         torch.set_num_threads(min(cfg.threads, len(os.sched_getaffinity(0))))
@@ -233,7 +233,7 @@ def profile(
                 f"--inputs staged needs the staged data file data.path = '{cfg.data.path}', which does not "
                 "exist; stage it with `hpc-dualbatch prepare` or use --inputs random"
             )
-        from .data import open_staged
+        from hpc_dualbatch.data import open_staged
 
         staged = open_staged(cfg.data.path)
     make = _make_trainer(cfg, channels, classes, device, staged)
@@ -364,7 +364,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from hpc_dualbatch.config import load_config
 
     cfg = load_config(args.config, args.set)
     if os.path.isdir(args.out):  # before measuring: the measurement would be lost at the end
@@ -398,9 +398,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_job(cfg: Any, args: argparse.Namespace, world: Any) -> int:
     """`profile` under mpirun (profile_run.py): every rank runs this; rank 0 writes the file."""
-    from .launch import agree
-    from .profile_run import profile_job
-    from .topology import check_world_size
+    from hpc_dualbatch.commands.profile_run import profile_job
+    from hpc_dualbatch.runtime.launch import agree
+    from hpc_dualbatch.runtime.topology import check_world_size
 
     def check() -> dict[int, list[int]]:
         check_world_size(world.Get_size(), cfg.workers.groups, True)
@@ -479,7 +479,7 @@ def _report(
         )
     if cfg.workers.small == 0:
         return
-    from .plan import plan_dual_batch, samples_per_epoch, small_floor
+    from hpc_dualbatch.method.plan import plan_dual_batch, samples_per_epoch, small_floor
 
     try:
         res = [r for r in cfg.schedule.resolutions if r in fits]

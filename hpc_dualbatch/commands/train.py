@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint as C
-from . import runfolder as F
-from .atomic import file_kind, open_regular, write_json
-from .config import Config, config_from_dict, load_config, save_config, unused_keys
-from .errors import CheckpointError, ConfigError, DivergedError, StalledError
-from .launch import agree
+from hpc_dualbatch.atomic import file_kind, open_regular, write_json
+from hpc_dualbatch.config import Config, config_from_dict, load_config, save_config, unused_keys
+from hpc_dualbatch.errors import CheckpointError, ConfigError, DivergedError, StalledError
+from hpc_dualbatch.runtime import checkpoint as C
+from hpc_dualbatch.runtime import runfolder as F
+from hpc_dualbatch.runtime.launch import agree
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def group_specs(cfg: Config, plan: Any) -> list:
     """Share, batch per resolution and contribution factor of each group (the last n_S are small)."""
-    from .server import GroupSpec
+    from hpc_dualbatch.ps.server import GroupSpec
 
     specs = [
         GroupSpec(
@@ -86,9 +86,9 @@ def group_specs(cfg: Config, plan: Any) -> list:
 def make_adapter(cfg: Config, plan: Any, groups: list) -> Any:
     """The server's adaptive plan (plan.adaptive), or None where there is nothing to adapt: no
     small groups beside large ones, or every B_S given explicitly."""
-    from .adapt import Adapter
-    from .plan import small_floor
-    from .timing import load_timing
+    from hpc_dualbatch.method.adapt import Adapter
+    from hpc_dualbatch.method.plan import small_floor
+    from hpc_dualbatch.method.timing import load_timing
 
     planned = [r for r in cfg.schedule.resolutions if r not in cfg.plan.small_batch]
     if not (cfg.plan.adaptive and cfg.mode == "ps" and 0 < plan.n_small < plan.n and planned):
@@ -106,18 +106,18 @@ def make_adapter(cfg: Config, plan: Any, groups: list) -> Any:
 
 
 def setup(args: argparse.Namespace, world: Any) -> Setup:
-    from .data import open_staged
-    from .plan import plan_from_config
+    from hpc_dualbatch.data import open_staged
+    from hpc_dualbatch.method.plan import plan_from_config
 
     cfg = _config(args)
-    from .topology import check_hetjob, check_world_size
+    from hpc_dualbatch.runtime.topology import check_hetjob, check_world_size
 
     check_world_size(world.Get_size(), cfg.workers.groups, cfg.mode == "ps")
     check_hetjob(cfg.workers.groups, cfg.workers.small, cfg.mode == "ps")
     staged = open_staged(cfg.data.path)
     staged.check_resolutions(cfg.schedule.resolutions)
     staged.check_trainable()
-    from .model import check_model
+    from hpc_dualbatch.runtime.model import check_model
 
     check_model(
         cfg.model.arch, staged.num_classes, staged.channels, cfg.model.width, cfg.schedule.resolutions
@@ -153,9 +153,9 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
 def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
     """Rank 0 of a parameter-server run: the server's state (new from `weights`, the run's
     initial flat weights with `n_params` parameters, or the checkpoint's), served until the end."""
-    from .metrics import MetricsLog
-    from .server import ParameterServer, ServerState
-    from .server_loop import serve
+    from hpc_dualbatch.ps.server import ParameterServer, ServerState
+    from hpc_dualbatch.ps.server_loop import serve
+    from hpc_dualbatch.runtime.metrics import MetricsLog
 
     cfg, ck = st.cfg, st.ckpt
     if ck is not None:
@@ -174,7 +174,7 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
             flush=True,
         )
     if st.plan.n_small:  # what the plan chose for the small groups, and why where not the formula
-        from .plan import timing_warning
+        from hpc_dualbatch.method.plan import timing_warning
 
         res = sorted(st.plan.resolutions.items())
         warning = timing_warning(cfg, st.staged.channels if st.staged is not None else None)
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from mpi4py import MPI
 
-    from .topology import build_topology, threads_per_rank
+    from hpc_dualbatch.runtime.topology import build_topology, threads_per_rank
 
     world = MPI.COMM_WORLD
     st = agree(world, lambda: setup(args, world))
@@ -230,15 +230,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"threads: {st.cfg.threads} asked, this process may use {threads} cores: {threads}", flush=True)
     torch.set_num_threads(threads)
     if st.cfg.mode == "sync":
-        from .sync import run_sync
+        from hpc_dualbatch.runtime.sync import run_sync
 
         run_sync(st, topo)
     elif topo.is_server:
-        from .flat import initial_weights
+        from hpc_dualbatch.runtime.flat import initial_weights
 
         run_server(st, topo, *initial_weights(st.cfg, st.staged))
     else:
-        from .worker import run_worker
+        from hpc_dualbatch.ps.worker import run_worker
 
         run_worker(st.cfg, topo, st.staged, [g.share for g in st.groups])
     world.Barrier()  # MPI: all ranks leave together; the server has already written status.json

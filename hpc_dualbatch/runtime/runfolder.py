@@ -12,11 +12,11 @@ import fcntl
 import os
 from typing import Any
 
-from . import checkpoint as C
-from .atomic import open_regular, write_json
-from .config import Config
-from .errors import ConfigError, OutputError
-from .metrics import read_metrics, repair
+from hpc_dualbatch.atomic import open_regular, write_json
+from hpc_dualbatch.config import Config
+from hpc_dualbatch.errors import ConfigError, OutputError
+from hpc_dualbatch.runtime import checkpoint as C
+from hpc_dualbatch.runtime.metrics import read_metrics, repair
 
 
 def write_failed(what: str, e: OSError) -> OutputError:

@@ -68,7 +68,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .timing import TimeFit, fit_linear
+from hpc_dualbatch.method.timing import TimeFit, fit_linear
 
 WINDOW = 5  # mini-epochs per group the scale is the median of
 DAMP = 1.5  # most a re-plan may multiply or divide a group's B_S by

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from . import protocol as P
-from .timing import TimeFit, fit_linear
+from hpc_dualbatch.method.timing import TimeFit, fit_linear
+from hpc_dualbatch.ps import protocol as P
 
 
 def rotation(sizes: list[int], group: int, repeat: int) -> list[int]:
@@ -56,9 +56,9 @@ def profile_job(cfg: Any, sizes: dict[int, list[int]], steps: int, repeats: int)
     import torch
     from mpi4py import MPI
 
-    from .data import open_staged
-    from .topology import build_topology, init_horovod, threads_per_rank
-    from .worker import group_trainer
+    from hpc_dualbatch.data import open_staged
+    from hpc_dualbatch.ps.worker import group_trainer
+    from hpc_dualbatch.runtime.topology import build_topology, init_horovod, threads_per_rank
 
     world = MPI.COMM_WORLD
     topo = build_topology(cfg.workers.groups, True, world)

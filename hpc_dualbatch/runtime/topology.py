@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from hpc_dualbatch.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint as C
-from .errors import DivergedError
-from .flat import initial_weights
-from .metrics import MetricsLog, Progress, commit_record, eval_record
-from .runfolder import finish
-from .schedule import lr_at, stage_at
-from .topology import Topology, init_horovod
-from .worker import SignalFlag, group_trainer, reduce_stats
+from hpc_dualbatch.errors import DivergedError
+from hpc_dualbatch.method.schedule import lr_at, stage_at
+from hpc_dualbatch.ps.worker import SignalFlag, group_trainer, reduce_stats
+from hpc_dualbatch.runtime import checkpoint as C
+from hpc_dualbatch.runtime.flat import initial_weights
+from hpc_dualbatch.runtime.metrics import MetricsLog, Progress, commit_record, eval_record
+from hpc_dualbatch.runtime.runfolder import finish
+from hpc_dualbatch.runtime.topology import Topology, init_horovod
 
 
 def run_sync(st: Any, topo: Topology) -> None:

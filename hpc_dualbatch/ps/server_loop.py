@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from . import protocol as P
-from .server import Outgoing, ParameterServer
-from .topology import group_layout
+from hpc_dualbatch.ps import protocol as P
+from hpc_dualbatch.ps.server import Outgoing, ParameterServer
+from hpc_dualbatch.runtime.topology import group_layout
 
 TICK_S = 1.0  # a wait for the next request wakes this often to act on a signal, seconds
 

@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .errors import HDBError
+from hpc_dualbatch.errors import HDBError
 
 T = TypeVar("T")
 

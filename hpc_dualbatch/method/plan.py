@@ -37,9 +37,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .atomic import file_kind, read_json, write_json
-from .errors import PlanError
-from .timing import TimeFit, per_sample_table
+from hpc_dualbatch.atomic import file_kind, read_json, write_json
+from hpc_dualbatch.errors import PlanError
+from hpc_dualbatch.method.timing import TimeFit, per_sample_table
 
 FACTOR_MODES = ("data_ratio", "sqrt", "none")
 
@@ -384,7 +384,7 @@ def plan_from_config(cfg: Any, d: int) -> Plan:
     small_fits: dict[int, TimeFit] = {}
     need_fit = [r for r in res if r not in small] if cfg.workers.small > 0 else []
     if need_fit or p.timing:
-        from .timing import load_timing
+        from hpc_dualbatch.method.timing import load_timing
 
         if need_fit and not p.timing:
             raise PlanError(
@@ -404,7 +404,7 @@ def plan_from_config(cfg: Any, d: int) -> Plan:
 def timing_warning(cfg: Any, channels: int | None = None) -> str:
     """One line where the timing file B_S is planned from was measured on another model than the
     config's ("" where it matches, or no B_S is planned from a file)."""
-    from .timing import load_timing_meta, meta_mismatch
+    from hpc_dualbatch.method.timing import load_timing_meta, meta_mismatch
 
     planned = cfg.workers.small > 0 and any(r not in cfg.plan.small_batch for r in cfg.schedule.resolutions)
     if not (planned and cfg.plan.timing):
@@ -457,7 +457,7 @@ def check_shares(plan: Plan, ranks: list[int], d: int, search: int = 100_000) ->
 
 def predicted_run_time(plan: Plan, sched: Any) -> float:
     """Seconds: the predicted epoch time of each epoch's resolution, summed over the schedule."""
-    from .schedule import resolution_at
+    from hpc_dualbatch.method.schedule import resolution_at
 
     total = 0.0
     for e in range(sched.epochs):
@@ -489,7 +489,7 @@ def samples_per_epoch(cfg: Any, override: int | None = None) -> int:
     if cfg.plan.samples_per_epoch > 0:
         return cfg.plan.samples_per_epoch
     if cfg.data.path and file_kind(cfg.data.path) != "missing":  # (open_staged names what else it is)
-        from .data import open_staged
+        from hpc_dualbatch.data import open_staged
 
         return int(open_staged(cfg.data.path).num_samples("train"))
     raise PlanError(
@@ -546,8 +546,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import load_config, unused_keys
-    from .schedule import format_stage_table
+    from hpc_dualbatch.config import load_config, unused_keys
+    from hpc_dualbatch.method.schedule import format_stage_table
 
     cfg = load_config(args.config, args.set)
     if args.samples is not None and args.samples < 1:

@@ -32,8 +32,8 @@ import os
 import sys
 from typing import Any
 
-from .atomic import check_regular, file_kind, open_regular
-from .errors import DataError, OutputError
+from hpc_dualbatch.atomic import check_regular, file_kind, open_regular
+from hpc_dualbatch.errors import DataError, OutputError
 
 
 def _write_failed(path: str, e: OSError) -> OutputError:

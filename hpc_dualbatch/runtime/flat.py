@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .model import build_model
+from hpc_dualbatch.runtime.model import build_model
 
 
 def initial_weights(cfg: Any, staged: Any) -> tuple[np.ndarray, int]:

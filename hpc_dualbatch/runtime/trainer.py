@@ -16,12 +16,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config
-from .data.loader import EvalLoader, TrainLoader, eval_indices, shard_indices
-from .engine import evaluate, make_optimizer, pick_device, recalibrate_bn, set_lr, train_step
-from .flat import FlatModel
-from .model import build_model, set_dropout
-from .topology import Topology
+from hpc_dualbatch.config import Config
+from hpc_dualbatch.data.loader import EvalLoader, TrainLoader, eval_indices, shard_indices
+from hpc_dualbatch.runtime.engine import (
+    evaluate,
+    make_optimizer,
+    pick_device,
+    recalibrate_bn,
+    set_lr,
+    train_step,
+)
+from hpc_dualbatch.runtime.flat import FlatModel
+from hpc_dualbatch.runtime.model import build_model, set_dropout
+from hpc_dualbatch.runtime.topology import Topology
 
 
 def derive_seed(*parts: int) -> int:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from .config import ScheduleConfig
+from hpc_dualbatch.config import ScheduleConfig
 
 
 @dataclass(frozen=True)

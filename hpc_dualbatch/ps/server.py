@@ -42,15 +42,23 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint as C
-from . import protocol as P
-from .adapt import Adapter, Obs
-from .config import Config
-from .errors import CheckpointError, DivergedError, StalledError
-from .merge import distance, make_rule
-from .metrics import MetricsLog, Progress, commit_record, eval_record, gap_record, merge_record, plan_record
-from .schedule import lr_at, stage_for_commit
-from .stalls import Watch, left_out_message
+from hpc_dualbatch.config import Config
+from hpc_dualbatch.errors import CheckpointError, DivergedError, StalledError
+from hpc_dualbatch.method.adapt import Adapter, Obs
+from hpc_dualbatch.method.merge import distance, make_rule
+from hpc_dualbatch.method.schedule import lr_at, stage_for_commit
+from hpc_dualbatch.ps import protocol as P
+from hpc_dualbatch.ps.stalls import Watch, left_out_message
+from hpc_dualbatch.runtime import checkpoint as C
+from hpc_dualbatch.runtime.metrics import (
+    MetricsLog,
+    Progress,
+    commit_record,
+    eval_record,
+    gap_record,
+    merge_record,
+    plan_record,
+)
 
 
 def pushes_per_task(share_L: int, batch_L: int, push_every: int) -> int:

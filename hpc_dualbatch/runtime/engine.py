@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import OptimConfig
+from hpc_dualbatch.config import OptimConfig
 
 
 def pick_device(choice: str, local_rank: int = 0) -> torch.device:
@@ -20,7 +20,7 @@ def pick_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        from .errors import ConfigError
+        from hpc_dualbatch.errors import ConfigError
 
         raise ConfigError("config key 'device' is 'cuda' but no CUDA device is visible; use auto or cpu")
     dev = torch.device("cuda", local_rank % torch.cuda.device_count())

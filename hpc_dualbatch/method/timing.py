@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .atomic import read_json, write_json
-from .errors import PlanError
+from hpc_dualbatch.atomic import read_json, write_json
+from hpc_dualbatch.errors import PlanError
 
 TIMING_FORMAT = "hpc_dualbatch.timing"
 TIMING_VERSION = 1

@@ -50,7 +50,7 @@ def mpi_check(groups: list[int]) -> str:
     import torch
     from mpi4py import MPI
 
-    from .topology import build_topology, init_horovod
+    from hpc_dualbatch.runtime.topology import build_topology, init_horovod
 
     topo = build_topology(groups, with_server=True)
     got = -1.0

@@ -1,0 +1,3 @@
+"""What a run stands on: MPI topology and how every rank ends, the trainer, model and
+step, flat buffers, the synchronous baseline, checkpoints, the run folder and metrics.
+"""
