@@ -12,9 +12,9 @@ import sys
 
 COMMANDS = (
     "hpc_dualbatch.commands.info",
-    "hpc_dualbatch.data.stage",
+    "hpc_dualbatch.commands.prepare",
     "hpc_dualbatch.commands.profile",
-    "hpc_dualbatch.method.plan",
+    "hpc_dualbatch.commands.plan",
     "hpc_dualbatch.commands.train",
     "hpc_dualbatch.commands.report",
     "hpc_dualbatch.bench",

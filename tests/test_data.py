@@ -318,8 +318,10 @@ def test_interrupted_prepare_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_cli_prepare(tmp_path, capsys):
+    from hpc_dualbatch.commands import prepare as prepare_command
+
     parser = argparse.ArgumentParser()
-    stage_mod.register(parser.add_subparsers())
+    prepare_command.register(parser.add_subparsers())
     out = str(tmp_path / "cli.h5")
     command = f"prepare --source synthetic --resolutions 8,12 --out {out} --synthetic-samples 30"
     args = parser.parse_args(

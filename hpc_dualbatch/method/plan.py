@@ -1,4 +1,4 @@
-"""The dual-batch planner (method section 1) and `hpc-dualbatch plan`.
+"""The dual-batch planner (method section 1); the `plan` command is commands/plan.py.
 
 Given the time model per resolution (`timing.TimeFit`: a s/sample, b s/step),
 the large batch B_L per resolution, n worker groups of which the last n_S
@@ -30,9 +30,7 @@ Every plan that cannot work raises `PlanError` saying why and what would.
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -529,46 +527,3 @@ def format_plan(plan: Plan, factor_mode: str) -> str:
         if rp.note:
             lines.append(rp.note)
     return "\n".join(lines)
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "plan",
-        help="plan B_S and the sample shares per resolution from the time model",
-        description="Solves the dual-batch plan (method section 1) for the config's groups, k and "
-        "resolutions, prints it and writes it as JSON.",
-    )
-    p.add_argument("--config", required=True, help="run config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
-    p.add_argument("--samples", type=int, default=None, help="samples per epoch d (default: config / data)")
-    p.add_argument("--out", default=None, help="plan JSON to write (default: <out>/plan.json)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from hpc_dualbatch.config import load_config, unused_keys
-    from hpc_dualbatch.method.schedule import format_stage_table
-
-    cfg = load_config(args.config, args.set)
-    if args.samples is not None and args.samples < 1:
-        raise PlanError(f"--samples must be >= 1, got {args.samples}")
-    plan = plan_from_config(cfg, samples_per_epoch(cfg, args.samples))
-    print(format_plan(plan, cfg.plan.factor))
-    for unused in unused_keys(cfg):
-        print(f"warning: {unused}")
-    warning = timing_warning(cfg)
-    if warning:
-        print(warning)
-    print(format_stage_table(cfg.schedule))
-    if all(rp.epoch_time is not None for rp in plan.resolutions.values()):
-        print(
-            f"predicted run time: {predicted_run_time(plan, cfg.schedule):.1f} s "
-            f"({cfg.schedule.epochs} epochs, compute only)"
-        )
-    out = args.out or os.path.join(cfg.out, "plan.json")
-    try:
-        save_plan(plan, out)
-    except OSError as e:
-        raise PlanError(f"cannot write the plan to {out}: {e.strerror or e}; choose another --out") from None
-    print(f"wrote {out}")
-    return 0
