@@ -161,7 +161,7 @@ MAX_WIDTH = 1024  # model.width: ResNet-18 at 1024 has ~2.9 G parameters (11.6 G
 MAX_BATCH = 65_536  # plan.*_batch, data.eval_batch: samples per group step
 MAX_PREFETCH = 64  # data.prefetch: batches held in memory ahead of training
 
-_CHOICES = {
+CHOICES = {  # the valid values of each choice key: the one list every module checks against
     "mode": ("ps", "sync"),
     "device": ("auto", "cpu", "cuda"),
     "data.in_memory": ("auto", "always", "never"),
@@ -297,7 +297,7 @@ def validate(cfg: Config) -> None:
     if not cfg.out.strip():
         raise ConfigError("config key 'out' is empty; give the run folder, e.g. out: runs/demo")
     d = cfg.to_dict()
-    for key, choices in _CHOICES.items():
+    for key, choices in CHOICES.items():
         v: Any = d
         for p in key.split("."):
             v = v[p]
@@ -402,13 +402,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'server.poll_max_s' must be >= server.poll_min_s")
     _positive("checkpoint.every_epochs", cfg.checkpoint.every_epochs, allow_zero=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
-    if (
-        cfg.server.order == "round_robin"
-        and p.adaptive
-        and cfg.mode == "ps"
-        and 0 < w.small < len(w.groups)
-        and any(r not in p.small_batch for r in s.resolutions)
-    ):
+    if cfg.server.order == "round_robin" and adaptive_on(cfg):
         raise ConfigError(
             "config key 'plan.adaptive' is true with server.order 'round_robin': round_robin promises "
             "bit-for-bit reproducible runs, adaptive planning chooses B_S from measured wall times; set "
@@ -416,6 +410,29 @@ def validate(cfg: Config) -> None:
         )
     if cfg.mode == "sync" and w.small:
         raise ConfigError("mode 'sync' trains one group at B_L: set workers.small to 0")
+
+
+def planned_resolutions(cfg: Config) -> list[int]:
+    """The resolutions whose B_S is planned from the timing file (not given in plan.small_batch)."""
+    return [r for r in cfg.schedule.resolutions if r not in cfg.plan.small_batch]
+
+
+def adaptive_on(cfg: Config) -> bool:
+    """Whether the server re-plans B_S during the run: plan.adaptive, a parameter-server run with
+    small groups beside large ones, and a B_S planned (not given) at some resolution."""
+    w = cfg.workers
+    return (
+        cfg.plan.adaptive
+        and cfg.mode == "ps"
+        and 0 < w.small < len(w.groups)
+        and bool(planned_resolutions(cfg))
+    )
+
+
+def small_groups(n_groups: int, n_small: int) -> list[bool]:
+    """Which groups train with the small batch: the last n_small (workers.small). The planner,
+    the profiler and the Slurm het-job components all follow this one layout."""
+    return [g >= n_groups - n_small for g in range(n_groups)]
 
 
 def unused_keys(cfg: Config) -> list[str]:

@@ -17,7 +17,6 @@ from hpc_dualbatch.method.adapt import (
     Adapter,
     Obs,
     noise_of,
-    per_sample,
     replan,
     scale_of,
     small_batch_for,
@@ -34,7 +33,7 @@ TABLE6 = {1: (10_625, 130, 102), 2: (11_875, 230, 185), 3: (12_292, 294, 243)}
 
 
 def _obs(res: int, batch: int, samples: int, scale: float, warm: bool = False) -> Obs:
-    return Obs(res, batch, samples, scale * per_sample(FITS[res], batch) * samples, warm)
+    return Obs(res, batch, samples, scale * FITS[res].per_sample(batch) * samples, warm)
 
 
 def test_scale_is_measured_over_profiled_time() -> None:
@@ -100,7 +99,7 @@ def test_a_slower_small_group_gets_a_larger_batch_and_meets_the_target() -> None
     rp = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {})
     assert rp.batches[3] > rp.batches[2]
     for h in (2, 3):  # each small mini-epoch now takes T (B rounded: within 0.5 %)
-        t = scales[h] * per_sample(FITS[24], rp.batches[h]) * 11_875
+        t = scales[h] * FITS[24].per_sample(rp.batches[h]) * 11_875
         assert t == pytest.approx(rp.target, rel=5e-3)
 
 
@@ -112,7 +111,7 @@ def test_a_small_group_slower_than_k_keeps_the_ceiling_and_trains_fewer_samples(
     rp = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}, ceiling=ceiling)
     top = ceiling or 600
     assert rp.batches[3] == top and rp.capped == (3,)
-    assert rp.shares[3] == int(rp.target / (1.6 * per_sample(FITS[24], top)))
+    assert rp.shares[3] == int(rp.target / (1.6 * FITS[24].per_sample(top)))
     assert 0.5 * 11_875 < rp.shares[3] < 11_875
     assert rp.shares[2] == 11_875 and rp.shares[0] == rp.shares[1] == D_L
     # a share is never cut below one step
@@ -126,8 +125,8 @@ def test_useful_batch_is_where_b_l_would_save_less_than_tol() -> None:
     f = FITS[32]
     u = useful_batch(f, 560)
     assert u == int(f.b / (TOL * f.a + (1 + TOL) * f.b / 560)) == 355
-    gain = per_sample(f, u) / per_sample(f, 560) - 1
-    assert gain >= TOL > per_sample(f, u + 1) / per_sample(f, 560) - 1
+    gain = f.per_sample(u) / f.per_sample(560) - 1
+    assert gain >= TOL > f.per_sample(u + 1) / f.per_sample(560) - 1
     # A CPU-like fit, b/a = 8 samples, B_L = 256: past ~129 nothing is left to buy.
     assert useful_batch(TimeFit(a=1e-3, b=8e-3, r2=math.nan), 256) == 128
     assert useful_batch(TimeFit(a=1e-3, b=0.0, r2=math.nan), 256) == 1  # no per-step cost
@@ -147,7 +146,7 @@ def test_a_group_within_the_noise_is_left_alone() -> None:
     moved = replan(FITS[24], slow, [0, 1], [2, 3], 600, D_L, 11_875, {}, previous={2: 230, 3: 230})
     # 230 < B <= 230 * DAMP: only the excess over the band is corrected (to T (1 + TOL), rounded)
     assert 230 < moved.batches[3] <= 345
-    t3 = 1.08 * per_sample(FITS[24], moved.batches[3]) * 11_875 / moved.target
+    t3 = 1.08 * FITS[24].per_sample(moved.batches[3]) * 11_875 / moved.target
     assert t3 == pytest.approx(1 + TOL, abs=2e-3)
     wide = replan(
         FITS[24],
@@ -179,7 +178,7 @@ def test_a_cut_share_climbs_to_the_ceiling_and_comes_back_when_it_fits() -> None
         shares={3: 7_000},
         **common,
     )
-    assert rp.batches[3] == 300 and rp.shares[3] == int(rp.target / (1.6 * per_sample(FITS[24], 300)))
+    assert rp.batches[3] == 300 and rp.shares[3] == int(rp.target / (1.6 * FITS[24].per_sample(300)))
     # the group is fast again: within the band at its batch, and d_S fits too -> d_S
     back = replan(
         FITS[24],
@@ -216,7 +215,7 @@ def test_a_replan_moves_b_s_by_at_most_damp() -> None:
     assert held.batches[2] == 150  # 100 * 1.5, on the way up
     # 400 is too fast: down to where the time is T (1 - TOL), at most by 1/1.5
     assert 267 <= held.batches[3] < 400
-    t3 = per_sample(FITS[24], held.batches[3]) * 11_875 / held.target
+    t3 = FITS[24].per_sample(held.batches[3]) * 11_875 / held.target
     assert t3 == pytest.approx(1 - TOL, abs=2e-3)
 
 
@@ -457,5 +456,5 @@ def test_a_u_shaped_profile_adapts_along_its_falling_part() -> None:
         for g in range(3):
             b, share = ad.batches[g][20], ad.share(g, 20)
             slow = 1.15 if g == 2 else 1.0  # the small group pays 15 % more per sample in the run
-            ad.observe(g, Obs(20, b, share, slow * share * per_sample(model, b), warm=task == 0))
+            ad.observe(g, Obs(20, b, share, slow * share * model.per_sample(b), warm=task == 0))
     assert ad.batches[2][20] > planned[2][20] and ad.share(2, 20) == plan.d_S

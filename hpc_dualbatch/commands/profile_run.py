@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from hpc_dualbatch.config import small_groups
 from hpc_dualbatch.method.timing import TimeFit, fit_linear
 from hpc_dualbatch.ps import protocol as P
 
@@ -73,7 +74,7 @@ def profile_job(cfg: Any, sizes: dict[int, list[int]], steps: int, repeats: int)
             P.recv(world, buf, leader, P.TAG_REQ, back)  # PS rank: a leader's seconds per step
             it = iter(buf.tolist())
             points[g] = {r: {b: next(it) for b in sizes[r]} for r in res_list}
-        small = [g >= topo.n_groups - cfg.workers.small for g in range(topo.n_groups)]
+        small = small_groups(topo.n_groups, cfg.workers.small)
         large_fits, small_fits = role_fits(points, small)
         if not large_fits:  # every group small: their fit is the file's
             large_fits, small_fits = small_fits, {}

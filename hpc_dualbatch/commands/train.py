@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from hpc_dualbatch.atomic import file_kind, open_regular, write_json
-from hpc_dualbatch.config import Config, config_from_dict, load_config, save_config, unused_keys
+from hpc_dualbatch.config import (
+    Config,
+    adaptive_on,
+    config_from_dict,
+    load_config,
+    planned_resolutions,
+    save_config,
+    unused_keys,
+)
 from hpc_dualbatch.errors import CheckpointError, ConfigError, DivergedError, StalledError
 from hpc_dualbatch.runtime import checkpoint as C
 from hpc_dualbatch.runtime import runfolder as F
@@ -90,9 +98,9 @@ def make_adapter(cfg: Config, plan: Any, groups: list) -> Any:
     from hpc_dualbatch.method.plan import small_floor
     from hpc_dualbatch.method.timing import load_timing
 
-    planned = [r for r in cfg.schedule.resolutions if r not in cfg.plan.small_batch]
-    if not (cfg.plan.adaptive and cfg.mode == "ps" and 0 < plan.n_small < plan.n and planned):
+    if not adaptive_on(cfg):
         return None
+    planned = planned_resolutions(cfg)
     return Adapter(
         load_timing(cfg.plan.timing, planned),
         {r: cfg.plan.large_batch[r] for r in planned},

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hpc_dualbatch.config import CHOICES
 from hpc_dualbatch.data.stage import StagedData
 from hpc_dualbatch.errors import DataError
 
-ASSIGNMENTS = ("partition", "reshuffle")
+ASSIGNMENTS = CHOICES["data.assignment"]
 IN_MEMORY = ("auto", "always", "never")
 
 

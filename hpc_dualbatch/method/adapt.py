@@ -90,11 +90,6 @@ class Obs:
     warm: bool = False  # the group's first task in this process: warm-up included
 
 
-def per_sample(fit: TimeFit, batch: float) -> float:
-    """Profile seconds per sample at `batch`: a + b/batch."""
-    return fit.a + fit.b / batch
-
-
 def positive_model(fit: TimeFit, B_L: int) -> TimeFit:
     """The profile the adapter scales. A sound fit (a > 0, fixed cost known) as it is. Otherwise,
     where the measured per-sample time falls and then rises again (a CPU past its cache: the
@@ -114,7 +109,7 @@ def positive_model(fit: TimeFit, B_L: int) -> TimeFit:
             line = fit_linear(falling)
             if line.a > 0 and line.b > 0:
                 return line
-    p = fit.a + fit.b / B_L
+    p = fit.per_sample(B_L)
     if not p > 0:
         p = pts[-1][1] / pts[-1][0] if pts else 1.0  # 1 s/sample: only the measured scales matter
     return TimeFit(a=p, b=0.0, r2=fit.r2, points=fit.points)
@@ -129,7 +124,7 @@ def _usable(fits: Mapping[int, TimeFit], obs: Sequence[Obs]) -> list[float]:
         if o.samples > 0 and o.seconds > 0 and math.isfinite(o.seconds) and o.resolution in fits
     ]
     pick = [o for o in usable if not o.warm] or usable
-    return [o.seconds / o.samples / per_sample(fits[o.resolution], o.batch) for o in pick]
+    return [o.seconds / o.samples / fits[o.resolution].per_sample(o.batch) for o in pick]
 
 
 def scale_of(fits: Mapping[int, TimeFit], obs: Sequence[Obs]) -> float | None:
@@ -217,7 +212,7 @@ def replan(
     if not large:
         raise ValueError("re-planning needs at least one large group to set the pace")
     sfit = small_fit or fit
-    target = statistics.fmean(scales[g] * per_sample(fit, B_L) * d_L for g in large)
+    target = statistics.fmean(scales[g] * fit.per_sample(B_L) * d_L for g in large)
     batches, out_shares = dict.fromkeys(large, B_L), dict.fromkeys(large, d_L)
     capped = []
     for h in small:
@@ -231,10 +226,10 @@ def replan(
             prev is not None
             and lo <= prev <= hi
             and not (share < d_S and prev < hi)
-            and abs(s * per_sample(sfit, prev) * share / target - 1) <= band
+            and abs(s * sfit.per_sample(prev) * share / target - 1) <= band
         ):
             b = prev
-            if share < d_S and s * per_sample(sfit, prev) * d_S / target - 1 <= band:
+            if share < d_S and s * sfit.per_sample(prev) * d_S / target - 1 <= band:
                 share = d_S  # the whole share fits again
             cap = share < d_S
         else:
@@ -242,7 +237,7 @@ def replan(
             if prev is not None and lo <= prev <= hi:
                 # outside the band: correct only the excess, to the band's near edge; a task's
                 # noise then moves B_S by what it exceeds the band by, not by all of it
-                err = s * per_sample(sfit, prev) * d_S / target - 1
+                err = s * sfit.per_sample(prev) * d_S / target - 1
                 aim = target * (1 + math.copysign(min(band, abs(err)), err))
             b, cap = small_batch_for(sfit, s, aim, d_S, lo, hi)
             if prev is not None:
@@ -250,7 +245,7 @@ def replan(
             share = d_S
             cap = cap and b == hi  # on the way up a group keeps its whole share
             if cap:  # too slow at d_S even at the ceiling: fewer samples, not a larger batch
-                share = max(b, min(d_S, int(target / (s * per_sample(sfit, b)))))
+                share = max(b, min(d_S, int(target / (s * sfit.per_sample(b)))))
         batches[h], out_shares[h] = b, share
         if cap:
             capped.append(h)
@@ -417,7 +412,7 @@ class Adapter:
         if res not in self.fits:
             return None
         return (
-            self.scale(g, res) * per_sample(self.role_fits(g)[res], self.batches[g][res]) * self.share(g, res)
+            self.scale(g, res) * self.role_fits(g)[res].per_sample(self.batches[g][res]) * self.share(g, res)
         )
 
     # --- checkpoint ------------------------------------------------------------------

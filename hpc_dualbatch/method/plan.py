@@ -36,10 +36,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hpc_dualbatch.atomic import file_kind, read_json, write_json
+from hpc_dualbatch.config import CHOICES, planned_resolutions, small_groups
 from hpc_dualbatch.errors import PlanError
 from hpc_dualbatch.method.timing import TimeFit, per_sample_table
 
-FACTOR_MODES = ("data_ratio", "sqrt", "none")
+FACTOR_MODES = CHOICES["plan.factor"]
 
 
 def _round_half_up(x: float) -> int:
@@ -99,7 +100,7 @@ class Plan:
         """Group indices 0..n-1; the last n_S are small (config workers.small)."""
         if not 0 <= group < self.n:
             raise ValueError(f"group must be in [0, {self.n}), got {group}")
-        return group >= self.n - self.n_small
+        return small_groups(self.n, self.n_small)[group]
 
     def share(self, group: int) -> int:
         """Samples per epoch of a group."""
@@ -191,7 +192,7 @@ def _fit_ok(res: int, fit: TimeFit) -> None:
 def _per_sample(fit: TimeFit, batch: int) -> float | None:
     """Predicted s/sample at `batch`: a + b/batch where that is positive, else the measured
     s/sample of the nearest measured batch (a degenerate fit still has its table), else None."""
-    p = fit.a + fit.b / batch
+    p = fit.per_sample(batch)
     if p > 0:
         return p
     table = [(x, t / x) for x, t in fit.points if t > 0]
@@ -314,7 +315,7 @@ def plan_dual_batch(
             _fit_ok(res, fit)
             p_L = _per_sample(fit, B_L)  # s/sample at B_L
             if p_L is not None:
-                T0 = (_sig4(p_L) if fit.a + fit.b / B_L > 0 else p_L) * d / n
+                T0 = (_sig4(p_L) if fit.per_sample(B_L) > 0 else p_L) * d / n
                 t_large = p_L * d_L if not all_small else None
         if dual and explicit:
             B_S, source = small_batch[res], "explicit"
@@ -404,7 +405,7 @@ def timing_warning(cfg: Any, channels: int | None = None) -> str:
     config's ("" where it matches, or no B_S is planned from a file)."""
     from hpc_dualbatch.method.timing import load_timing_meta, meta_mismatch
 
-    planned = cfg.workers.small > 0 and any(r not in cfg.plan.small_batch for r in cfg.schedule.resolutions)
+    planned = cfg.workers.small > 0 and bool(planned_resolutions(cfg))
     if not (planned and cfg.plan.timing):
         return ""
     diff = meta_mismatch(load_timing_meta(cfg.plan.timing), cfg.model.arch, cfg.model.width, channels)

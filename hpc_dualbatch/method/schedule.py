@@ -29,7 +29,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from hpc_dualbatch.config import ScheduleConfig
+from hpc_dualbatch.config import CHOICES, ScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,9 @@ def resolution_at(epoch: int, sched: ScheduleConfig) -> int:
         for start, end in lr_stages(sched):
             if start <= epoch < end:
                 return _sub_stage(epoch, start, end, res)
-    raise ValueError(f"unknown resolution_mode {mode!r}; valid: cyclic, progressive, fixed")
+    raise ValueError(
+        f"unknown resolution_mode {mode!r}; valid: {', '.join(CHOICES['schedule.resolution_mode'])}"
+    )
 
 
 def dropout_at(resolution: int, sched: ScheduleConfig) -> float:

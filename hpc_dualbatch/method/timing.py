@@ -41,6 +41,10 @@ class TimeFit:
     a_ci: tuple[float, float] | None = None
     b_ci: tuple[float, float] | None = None
 
+    def per_sample(self, batch: float) -> float:
+        """Predicted seconds per sample at `batch`: a + b/batch (the one place this is written)."""
+        return self.a + self.b / batch
+
     @property
     def fixed_cost_known(self) -> bool:
         """Whether the fixed cost per step is distinguishable from zero: b > 0 and, where it was
@@ -132,7 +136,7 @@ def per_sample_table(fit: TimeFit, largest: int) -> list[tuple[int, float]]:
 
 def time_per_samples(fit: TimeFit, x: float, d: float) -> float:
     """Seconds to push d samples through one worker at batch x: (a + b/x) * d."""
-    return (fit.a + fit.b / x) * d
+    return fit.per_sample(x) * d
 
 
 # ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from hpc_dualbatch.config import small_groups
 from hpc_dualbatch.errors import ConfigError
 
 
@@ -89,7 +90,7 @@ def hetjob_components(groups: list[int], small: int) -> list[tuple[int, str]]:
     numbered component by component) puts the server on rank 0, the large groups next and the
     small groups last, exactly as `group_layout`. An empty component is left out.
     """
-    n_large = len(groups) - small
+    n_large = small_groups(len(groups), small).count(False)
     parts = [
         (1, "the server"),
         (sum(groups[:n_large]), "the large-batch groups"),
