@@ -39,8 +39,14 @@ lint: setup
 
 # HDB_REQUIRE_GROUPS=1: a test skipped for want of Horovod or mpi4py, or of a Slurm that was
 # installed before the run, counts as failed (tests/conftest.py): "all passed" means every group ran.
+# Three layers, each timed by pytest: unit tests (one process, milliseconds to seconds), the real
+# jobs (marked `job`: mpirun, the command line, Slurm), then the in-process MPI tests (test-mpi).
 test-serial: setup
-	HDB_REQUIRE_GROUPS=1 timeout -k 10 $(SERIAL_TIMEOUT) $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
+	@set -e; \
+	echo "== unit tests"; \
+	HDB_REQUIRE_GROUPS=1 timeout -k 10 $(SERIAL_TIMEOUT) $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi -m "not job"; \
+	echo "== real jobs"; \
+	HDB_REQUIRE_GROUPS=1 timeout -k 10 $(SERIAL_TIMEOUT) $(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi -m job
 
 test-mpi: setup
 	@set -e; for np in 2 3 4; do \

@@ -76,6 +76,7 @@ def test_median_ratio_of_pairs():
     assert H.median_ratio([1.0, 3.0], [1.0, 1.0]) == 2.0
 
 
+@pytest.mark.job
 def test_options_quick_sizes_and_positive_counts():
     p = H.parser(
         "x", "doc", n=(3, "count"), rate=(0.5, "s"), tag=("a", "t"), flag=(False, "f"), set=([], "kv")
@@ -142,6 +143,7 @@ def test_table_and_summary_rows():
     assert "FAILED" in lines[2] and lines[-1] == "loader: last line"
 
 
+@pytest.mark.job
 def test_exchange_two_ranks(tmp_path):
     out = tmp_path / "exchange.json"
     argv = ["--floats", "50000", "--iters", "2", "--repeats", "2", "--out", str(out)]
@@ -157,12 +159,14 @@ def test_exchange_two_ranks(tmp_path):
     assert "ps / raw" in r.stdout
 
 
+@pytest.mark.job
 def test_exchange_refuses_a_single_rank(tmp_path):
     r = bench("exchange", "--floats", "10", "--out", str(tmp_path / "x.json"), timeout=120)
     assert r.returncode != 0 and "needs exactly 2 MPI ranks" in r.stderr
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.job
 @needs_horovod
 def test_overhead_quick(tmp_path):
     out = tmp_path / "overhead.json"
@@ -177,6 +181,7 @@ def test_overhead_quick(tmp_path):
     assert 0 < res["duty_cycle"] <= 1.01  # training share of the workers' time (clock rounding: <= 1.01)
 
 
+@pytest.mark.job
 @needs_horovod
 def test_allreduce_quick(tmp_path):
     out = tmp_path / "allreduce.json"
@@ -192,6 +197,7 @@ def test_allreduce_quick(tmp_path):
     assert res["ratio"] > 0
 
 
+@pytest.mark.job
 def test_all_runs_suites_and_summarises(tmp_path):
     r = bench("all", "--quick", "--only", "resolution,exchange", "--out-dir", str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -214,6 +220,7 @@ def test_all_runs_suites_and_summarises(tmp_path):
     assert "PS push+pull / raw Send+Recv throughput" in r.stdout
 
 
+@pytest.mark.job
 def test_all_rejects_an_unknown_suite(tmp_path):
     r = bench("all", "--only", "nonesuch", "--out-dir", str(tmp_path), timeout=120)
     assert r.returncode != 0 and "unknown suite" in r.stderr
@@ -267,11 +274,13 @@ def test_promise_summary_of_a_job() -> None:
     assert static["predicted_abs_err_median"] == pytest.approx((1 - 4.0 / 4.2 + 0) / 2, abs=1e-4)
 
 
+@pytest.mark.job
 def test_promise_refuses_an_impossible_n_s(tmp_path):
     r = bench("promise", "--small", "3", "--out", str(tmp_path / "p.json"), timeout=60)
     assert r.returncode != 0 and "n_S must be in 1..2" in (r.stdout + r.stderr)
 
 
+@pytest.mark.job
 def test_batchfloor_quick_and_its_rule(tmp_path):
     """The floor is the smallest batch from which every larger one ends within tol of B_L's
     continuation on its worst seed (a batch that trains well below a failing one does not count)."""

@@ -153,6 +153,7 @@ BAD_CONFIGS = {
 }
 
 
+@pytest.mark.job
 @mpi
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
 def test_bad_input_fails_fast_with_one_message(tmp_path, synthetic_h5, case):
@@ -297,6 +298,7 @@ def ends_within(job: subprocess.Popen, seconds: float) -> str:
     return out
 
 
+@pytest.mark.job
 @mpi
 @pytest.mark.parametrize("victim", [2, 0], ids=["worker", "server"])
 def test_killed_rank_ends_the_job_and_the_run_resumes(tmp_path, synthetic_h5, victim):
@@ -323,6 +325,7 @@ def test_killed_rank_ends_the_job_and_the_run_resumes(tmp_path, synthetic_h5, vi
     resume_to_done(out, epochs)
 
 
+@pytest.mark.job
 @mpi
 def test_sigterm_to_every_rank_checkpoints_and_resumes(tmp_path, synthetic_h5):
     """SIGTERM (not through mpirun: to each rank, as a node's shutdown does) stops the run cleanly."""
@@ -345,6 +348,7 @@ def test_sigterm_to_every_rank_checkpoints_and_resumes(tmp_path, synthetic_h5):
     resume_to_done(out, epochs)
 
 
+@pytest.mark.job
 @mpi
 @pytest.mark.parametrize("fault", ["stall", "preempt"])
 def test_a_stopped_rank_is_named_and_the_run_checkpoints_without_it_then_resumes(
@@ -388,6 +392,7 @@ def test_a_stopped_rank_is_named_and_the_run_checkpoints_without_it_then_resumes
     resume_to_done(out, epochs)
 
 
+@pytest.mark.job
 @mpi
 def test_second_run_in_the_same_folder_is_refused_while_the_first_completes(tmp_path, synthetic_h5):
     epochs = 4

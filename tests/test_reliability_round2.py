@@ -374,6 +374,7 @@ def test_plan_epochs_are_bounded(synthetic_h5, tmp_path):
         load_config(cfg, ["schedule.epochs=1000000000"])
 
 
+@pytest.mark.job
 def test_plan_command_at_the_epoch_bound_is_quick_and_small(synthetic_h5, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_config(synthetic_h5, tmp_path / "run"))
     code = (
@@ -524,6 +525,7 @@ REPORT_CASES = {
 }
 
 
+@pytest.mark.job
 @pytest.mark.parametrize("case", list(REPORT_CASES))
 def test_report_on_a_bad_metrics_file_is_one_message(tmp_path, case):
     data, text = REPORT_CASES[case]
@@ -535,6 +537,7 @@ def test_report_on_a_bad_metrics_file_is_one_message(tmp_path, case):
     assert r.stderr.count("hpc-dualbatch: error") == 1 and text in r.stderr and "metrics.jsonl" in r.stderr
 
 
+@pytest.mark.job
 def test_report_out_that_is_a_file_is_one_message(tmp_path):
     from tests.test_report import fake_run
 
@@ -570,6 +573,7 @@ BAD_STARTS = {
 }
 
 
+@pytest.mark.job
 @mpi
 @pytest.mark.parametrize("case", list(BAD_STARTS))
 def test_bad_start_ends_every_rank_with_one_message(tmp_path, synthetic_h5, case):
@@ -587,6 +591,7 @@ def test_bad_start_ends_every_rank_with_one_message(tmp_path, synthetic_h5, case
         assert all(n in err for n in needles), (needles, err)
 
 
+@pytest.mark.job
 @mpi
 def test_crash_before_the_first_checkpoint_then_the_same_command_and_resume_work(tmp_path, synthetic_h5):
     """SIGKILL of a worker before any checkpoint; the fresh command (and --resume) start over."""
@@ -639,6 +644,7 @@ def _finished_run_rolled_back(out: Path, data: str) -> tuple[Path, int]:
     return out, C.load(C.latest(str(out))).commits
 
 
+@pytest.mark.job
 @mpi
 def test_resume_on_another_node_after_the_metrics_lost_their_tail_records_a_gap(tmp_path, synthetic_h5):
     """A requeued job on another node (the data copied elsewhere, other threads and prefetch)
@@ -665,6 +671,7 @@ def test_resume_on_another_node_after_the_metrics_lost_their_tail_records_a_gap(
     assert rep.returncode == 0 and "gap record" in rep.stdout, rep.stderr
 
 
+@pytest.mark.job
 @mpi
 def test_staged_file_truncated_under_a_running_job_stops_it(tmp_path, synthetic_h5):
     data = tmp_path / "staged.h5"
@@ -704,6 +711,7 @@ def test_config_file_that_is_not_text_is_a_message(tmp_path):
         load_config(str(path))
 
 
+@pytest.mark.job
 @mpi
 @pytest.mark.parametrize("mode", ["ps", "sync"])
 def test_a_diverging_run_stops_with_a_message_and_says_so_in_its_status(tmp_path, synthetic_h5, mode):

@@ -81,6 +81,7 @@ def test_check_world_size_refuses_singletons_under_srun_but_not_mpirun(monkeypat
         check_world_size(3, [1, 1, 1], True)
 
 
+@pytest.mark.job
 @pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
 def test_templates_parse_and_keep_workstation_flags_out(path):
     r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
@@ -191,6 +192,7 @@ def run_folder_checks(out: Path, epochs: int, commits: int) -> dict:
     return status
 
 
+@pytest.mark.job
 @pytest.mark.slurm
 def test_train_sbatch_completes_with_node_local_data(slurm, tmp_path, synthetic_h5):
     out = tmp_path / "run"
@@ -219,6 +221,7 @@ def test_train_sbatch_completes_with_node_local_data(slurm, tmp_path, synthetic_
     assert re.search(rf"^JobId={job} .*JobState=COMPLETED .*ExitCode=0:0", jobcomp, re.M), jobcomp
 
 
+@pytest.mark.job
 @pytest.mark.slurm
 def test_usr1_checkpoints_requeues_and_resumes_without_loss(slurm, tmp_path, synthetic_h5):
     out = tmp_path / "run"
@@ -257,6 +260,7 @@ def test_usr1_checkpoints_requeues_and_resumes_without_loss(slurm, tmp_path, syn
     assert len(commands) == 2 and "--resume" in commands[1], commands
 
 
+@pytest.mark.job
 @pytest.mark.slurm
 def test_hetjob_template_is_accepted(slurm, tmp_path, synthetic_h5):
     out = tmp_path / "run"

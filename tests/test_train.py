@@ -54,6 +54,7 @@ def kill_after_first_checkpoint(cfg: str, out: Path, np_: int = 3) -> None:
     job.wait(timeout=30)
 
 
+@pytest.mark.job
 def test_hybrid_run_with_a_two_rank_group_learns(tmp_path, synthetic_h5):
     """1 server + a 2-rank Horovod group (large batch) + a 1-rank group (small batch), arrival order."""
     r, out = train(tmp_path, synthetic_h5, 4, workers__groups=[2, 1], server__order="arrival")
@@ -73,6 +74,7 @@ def test_hybrid_run_with_a_two_rank_group_learns(tmp_path, synthetic_h5):
     assert end["server_cpu_seconds"] < 0.25 * end["server_serve_seconds"], end
 
 
+@pytest.mark.job
 def test_round_robin_runs_are_bit_identical_and_resume_exactly(tmp_path, synthetic_h5):
     """The killed run's part before its checkpoint ran in another process than run a's, so equal
     final weights show both that round-robin runs repeat bit for bit and that a resume is exact."""
@@ -92,6 +94,7 @@ def test_round_robin_runs_are_bit_identical_and_resume_exactly(tmp_path, synthet
     assert evals == [float(e) for e in range(1, 5)]
 
 
+@pytest.mark.job
 def test_the_methods_server_learns(tmp_path, synthetic_h5):
     """The paper-faithful server (merge: paper, bn: average, one push per task) with the real
     trainer. Every server mode's merge rule, and a signalled run's bit-identical resume, are
@@ -105,6 +108,7 @@ def test_the_methods_server_learns(tmp_path, synthetic_h5):
     assert all(e["bn"] == "average" for e in recs if e["type"] == "eval")
 
 
+@pytest.mark.job
 def test_profile_as_an_mpi_job_fits_each_role(tmp_path, synthetic_h5):
     """`profile` under mpirun: train's ranks (server + a large and a small group), real staged
     batches through the worker's loop; a fit per resolution for each role."""
@@ -127,6 +131,7 @@ def test_profile_as_an_mpi_job_fits_each_role(tmp_path, synthetic_h5):
     assert r.returncode != 0 and "ranks" in (r.stdout + r.stderr)
 
 
+@pytest.mark.job
 def test_sigterm_to_a_non_leader_rank_checkpoints_and_stops_the_run(tmp_path, synthetic_h5):
     """Only a group's leader talks to the server; a signal that reaches another rank of the
     group (a node-local kill, an out-of-memory watchdog) must still stop the run cleanly."""
@@ -161,6 +166,7 @@ def test_sigterm_to_a_non_leader_rank_checkpoints_and_stops_the_run(tmp_path, sy
     assert commits == list(range(1, 9))
 
 
+@pytest.mark.job
 def test_sync_baseline_learns_with_the_same_metrics(tmp_path, synthetic_h5):
     r, out = train(
         tmp_path,
@@ -179,6 +185,7 @@ def test_sync_baseline_learns_with_the_same_metrics(tmp_path, synthetic_h5):
     assert commits == [1, 2, 3, 4] and evals == [1.0, 2.0, 3.0, 4.0]
 
 
+@pytest.mark.job
 @pytest.mark.parametrize(
     "over, np_, needle",
     [
