@@ -6,6 +6,8 @@ and what would be valid. The CLI prints these as one line, without a traceback,
 and exits non-zero on every rank (see `hpc_dualbatch.launch`).
 """
 
+from __future__ import annotations
+
 
 class HDBError(Exception):
     """Base class: an error the user can fix from the message alone."""
@@ -37,6 +39,16 @@ class DivergedError(HDBError):
     """Training's loss or weights became non-finite: the run stops rather than merge them."""
 
     exit_code = 3
+
+    @classmethod
+    def at(cls, commit: int, epoch: float, group: int, what: str, lr: float, momentum: float, batch: int,
+           px: int, out: str) -> DivergedError:  # fmt: skip
+        return cls(
+            f"training diverged at commit {commit} (epoch {epoch:.2f}): group {group}'s {what}, training at "
+            f"lr {lr:g}, optim.momentum {momentum:g}, batch {batch}, {px} px; nothing of it was merged. "
+            f"Lower schedule.lr or optim.momentum and start again, or resume from the last checkpoint "
+            f"in {out}/checkpoints"
+        )
 
 
 class StalledError(HDBError):

@@ -37,7 +37,7 @@ def push(kind: P.Kind, g: int, round_idx: int, samples: int) -> P.Request:
 
 def test_round_robin_run_with_barriers_evals_and_stop(tmp_path):
     ps = make(tmp_path, server__merge="paper", server__bn="average")  # tiny: 4 epochs, ckpt each epoch
-    assert ps.next_group() == 0
+    assert ps.roster.next_group() == 0
     hello = [ps.answer(g) for g in (0, 1)]
     assert [int(o.task.status) for o in hello] == [P.Status.RUN] * 2
     assert [int(o.task.round) for o in hello] == [0, 0]
@@ -52,7 +52,7 @@ def test_round_robin_run_with_barriers_evals_and_stop(tmp_path):
             wbuf = np.full(N_P + N_B, g + 1.0, np.float32)
             replies = ps.on_push(push(P.Kind.PUSH, g, rounds[g], 100 - 20 * g), wbuf)
             if ps.barrier_full():
-                assert sorted(ps.parked) == [0, 1]
+                assert sorted(ps.roster.parked) == [0, 1]
                 replies = ps.checkpoint()
                 checkpoints += 1
                 assert [o.group for o in replies] == [0, 1]  # released in group order
@@ -74,11 +74,11 @@ def test_round_robin_run_with_barriers_evals_and_stop(tmp_path):
     closed_by = [(r["group"], r["commit"] / 2) for r in commits if r["commit"] % 2 == 0]
     assert evals == closed_by
     assert (
-        sorted(ps.eval_asked) == [0, 1] and ps.serving()
+        sorted(ps.roster.eval_asked) == [0, 1] and ps.roster.serving()
     )  # epoch 3's eval came with group 1's STOP, epoch 4's with 0's
     ps.on_eval(1, evaluation(3.0), np.zeros(N_B, np.float32))
     ps.on_eval(0, evaluation(4.0), np.zeros(N_B, np.float32))
-    assert not ps.serving() and ps.outcome() == "done"
+    assert not ps.roster.serving() and ps.outcome() == "done"
 
 
 def evaluation(epoch: float) -> P.Evaluation:
@@ -123,7 +123,7 @@ def test_a_preempt_flag_parks_every_group_then_stops(tmp_path):
     assert ps.barrier_full()
     replies = ps.checkpoint()
     assert [int(o.task.status) for o in replies] == [P.Status.STOP] * 2
-    assert not ps.serving() and ps.outcome() == "preempted" and C.latest(ps.cfg.out) is not None
+    assert not ps.roster.serving() and ps.outcome() == "preempted" and C.latest(ps.cfg.out) is not None
 
 
 @pytest.mark.parametrize("where", ["loss", "weights"])
@@ -169,12 +169,12 @@ def test_a_silent_group_is_left_out_and_the_checkpoint_says_what_it_lacks(tmp_pa
 
     ps = _stalled_run(tmp_path)
     now = ps.watch.heard[1] + 5.0
-    assert ps.watch.deadline(ps.awaited()) == pytest.approx(now)  # group 1's bound ends first
+    assert ps.watch.deadline(ps.roster.awaited()) == pytest.approx(now)  # group 1's bound ends first
     ps.on_silence(now - 0.1, set())
     assert not ps.watch.stalled  # not yet
     ps.on_silence(now, set())
     assert ps.watch.stalled == {1} and ps.barrier and ps.watch.cutoff == now + 7.0
-    assert ps.awaited() == [0] and not ps.barrier_full()  # group 0 may still finish its task
+    assert ps.roster.awaited() == [0] and not ps.barrier_full()  # group 0 may still finish its task
     ps.served(0, P.Kind.PUSH)
     assert ps.on_push(push(P.Kind.PUSH, 0, 1, 100), np.full(N_P + N_B, 1.0, np.float32)) == []
     assert ps.barrier_full()
@@ -218,7 +218,7 @@ def test_a_preemption_leaves_out_who_is_not_parked_by_its_cutoff(tmp_path):
     cutoff = ps.watch.cutoff
     assert ps.barrier and cutoff is not None
     ps.on_push(push(P.Kind.PUSH, 0, 1, 100), np.zeros(N_P + N_B, np.float32))  # parks
-    assert not ps.barrier_full() and ps.watch.deadline(ps.awaited()) == pytest.approx(
+    assert not ps.barrier_full() and ps.watch.deadline(ps.roster.awaited()) == pytest.approx(
         min(cutoff, ps.watch.heard[1] + 5.0)
     )
     ps.on_silence(cutoff, set())
@@ -242,5 +242,5 @@ def test_the_stall_bound_grows_with_the_longest_silence_and_a_queued_request_is_
     off = make(tmp_path / "off", server__stall_s=0.0)
     off.answer(0), off.answer(1)
     assert (
-        off.watch.bound() is None and off.watch.deadline(off.awaited()) is None
+        off.watch.bound() is None and off.watch.deadline(off.roster.awaited()) is None
     )  # no bound: wait as long as it takes

@@ -161,6 +161,7 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
 def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
     """Rank 0 of a parameter-server run: the server's state (new from `weights`, the run's
     initial flat weights with `n_params` parameters, or the checkpoint's), served until the end."""
+    from hpc_dualbatch.ps import checkpoints
     from hpc_dualbatch.ps.server import ParameterServer, ServerState
     from hpc_dualbatch.ps.server_loop import serve
     from hpc_dualbatch.runtime.metrics import MetricsLog
@@ -219,7 +220,7 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
     # The state is consistent in both outcomes: a preemption ends after a checkpoint barrier,
     # and a finished run has committed every task. Saving also covers a signal that came
     # before any commit, so a requeued job always finds a checkpoint to resume from.
-    return end(outcome, server.save(final=outcome == "done"))
+    return end(outcome, checkpoints.write(server, final=outcome == "done"))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ answers with the replies to send (`Outgoing`, each with its `protocol.Task`); th
 the global weights as one flat float32 buffer and serves the group
 leaders' requests (protocol in `protocol.py`) as they arrive (`order:
 arrival`), or in the fixed order 0, 1, ..., n-1, 0, ... (`order:
-round_robin`, bit-for-bit reproducible).
+round_robin`, bit-for-bit reproducible; where each group stands: `roster.Roster`).
 
 A task is one mini-epoch of a group. The group pushes its weights
 `pushes` times per task (`server.push_every`; once in the method); each push is
@@ -22,7 +22,7 @@ work is thrown away; every later request is answered STOP.
 
 Checkpoints are barriers: from a checkpoint commit on, each pushing group is
 merged and parked (no reply) until every active group is parked; then each
-sends its momentum, the server writes one checkpoint and releases them. The
+sends its momentum, the server writes one checkpoint (`checkpoints.write`) and releases them. The
 barrier makes the saved state exactly the state the run continues from, so a
 resumed `round_robin` run ends with the same weights as an uninterrupted one.
 
@@ -38,24 +38,24 @@ import math
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from hpc_dualbatch.config import Config
-from hpc_dualbatch.errors import CheckpointError, DivergedError, StalledError
+from hpc_dualbatch.errors import CheckpointError, DivergedError
 from hpc_dualbatch.method.adapt import Adapter, Obs
 from hpc_dualbatch.method.merge import distance, make_rule
 from hpc_dualbatch.method.schedule import lr_at, stage_for_commit
+from hpc_dualbatch.ps import checkpoints
 from hpc_dualbatch.ps import protocol as P
-from hpc_dualbatch.ps.stalls import Watch, left_out_message
+from hpc_dualbatch.ps.roster import Roster
+from hpc_dualbatch.ps.stalls import Watch
 from hpc_dualbatch.runtime import checkpoint as C
 from hpc_dualbatch.runtime.metrics import (
     MetricsLog,
     Progress,
     commit_record,
     eval_record,
-    gap_record,
     merge_record,
     plan_record,
 )
@@ -153,17 +153,10 @@ class ParameterServer:
             state.weights[: self.n_params], state.group_buffers, state.merges,
         )  # fmt: skip
         self.watch = Watch(self.n, cfg.server.stall_s, cfg.server.preempt_wait_s, time.perf_counter())
+        self.roster = Roster(self.n, cfg.server.order == "round_robin", state.resumed, self.watch.stalled)
         self.group_ranks: list[tuple[int, ...]] = [()] * self.n  # world ranks (the driver sets them)
-        self.started: set[int] = set()  # groups that committed in this process: warm-up is behind them
         self.final_buffers: np.ndarray | None = None  # BN buffers the final evaluation used
-        self.stopped: set[int] = set()
-        self.parked: list[int] = []  # groups waiting at a checkpoint barrier (merged, not answered)
-        self.eval_asked: dict[int, tuple[float, int]] = {}  # group -> (epoch, merges) asked, not in yet
-        self.outstanding: set[int] = set()  # groups holding a task they have not committed
-        self.barrier = False
-        self.preempt = 0  # signal number that asked for a checkpoint and stop
-        self.send_state = set(range(self.n)) if state.resumed else set()
-        self.next_rr = 0
+        self.barrier, self.preempt = False, 0  # preempt: the signal that asked for a checkpoint and stop
         self.task_stage: dict[int, tuple[float, int, int, float | None]] = {}  # g -> lr, px, batch, predicted
         self.t0 = time.perf_counter()
         self.progress = Progress()
@@ -183,22 +176,23 @@ class ParameterServer:
         predicted = self._adapt(g, res) if run and self.adapter else None
         eval_epoch = s.pending_evals.pop(g) if g in s.pending_evals and not self.preempt else -1.0
         if eval_epoch >= 0:
-            self.eval_asked[g] = (eval_epoch, s.merges)
+            self.roster.eval_asked[g] = (eval_epoch, s.merges)
+        share = self.adapter.share(g, res) if self.adapter else spec.share
+        pushes = pushes_per_task(self.ref.share, self.ref.batch[res], cfg.server.push_every)
         task = P.Task(
-            status, lr, res, spec.batch[res], self.adapter.share(g, res) if self.adapter else spec.share,
-            s.commits / self.n, s.commits, s.rounds[g] if run else 0, stage.dropout, eval_epoch,
-            g in self.send_state, pushes_per_task(self.ref.share, self.ref.batch[res], cfg.server.push_every),
+            status, lr, res, spec.batch[res], share, s.commits / self.n, s.commits, s.rounds[g] if run else 0,
+            stage.dropout, eval_epoch, g in self.roster.send_state, pushes,
         )  # fmt: skip
         if run:
             s.rounds[g] += 1
             self.task_stage[g] = (lr, res, spec.batch[res], predicted)
-            self.outstanding.add(g)
+            self.roster.outstanding.add(g)
         out = self._with_weights(g, task)
         if task.has_state:
             out.momentum = s.momentum[g]  # the group's momentum (resume)
-            self.send_state.discard(g)
+            self.roster.send_state.discard(g)
         if status == P.Status.STOP:
-            self.stopped.add(g)
+            self.roster.stopped.add(g)
         self.watch.heard[g] = time.perf_counter()  # its silence counts from this answer
         return out
 
@@ -248,11 +242,9 @@ class ParameterServer:
 
     def _diverged(self, g: int, what: str) -> None:
         lr, res, batch, _ = self.task_stage.get(g, (0.0, 0, 0, None))
-        raise DivergedError(
-            f"training diverged at commit {self.s.commits + 1} (epoch {self.s.commits / self.n:.2f}): "
-            f"group {g}'s {what}, training at lr {lr:g}, optim.momentum {self.cfg.optim.momentum:g}, "
-            f"batch {batch}, {res} px; nothing of it was merged. Lower schedule.lr or optim.momentum "
-            f"and start again, or resume from the last checkpoint in {self.cfg.out}/checkpoints"
+        s, momentum = self.s, self.cfg.optim.momentum
+        raise DivergedError.at(
+            s.commits + 1, s.commits / self.n, g, what, lr, momentum, batch, res, self.cfg.out
         )
 
     def on_merge(self, req: P.Request, wbuf: np.ndarray) -> Outgoing:
@@ -269,13 +261,13 @@ class ParameterServer:
             self._diverged(g, f"train loss is {req.loss}")
         d = self._merge(g, wbuf)
         s.commits += 1
-        self.outstanding.discard(g)
+        self.roster.outstanding.discard(g)
         if req.preempt and not self.preempt:
             self.preempt = signal.SIGTERM
         lr, res, batch, predicted = self.task_stage.get(g, (0.0, 0, 0, None))
         if self.adapter is not None and res:
-            self.adapter.observe(g, Obs(res, batch, req.samples, req.seconds, g not in self.started))
-        self.started.add(g)
+            self.adapter.observe(g, Obs(res, batch, req.samples, req.seconds, g not in self.roster.started))
+        self.roster.started.add(g)
         rec = commit_record(
             commit=s.commits, epoch=s.commits / self.n, group=g, round_idx=req.round,
             small=self.groups[g].small, samples=req.samples, seconds=req.seconds, train_loss=req.loss,
@@ -283,17 +275,14 @@ class ParameterServer:
             predicted=predicted, **d,
         )  # fmt: skip
         self.log.write(rec)
-        self.progress.line(
-            f"epoch {s.commits / self.n:7.2f}/{self.cfg.schedule.epochs} commit {s.commits}/{self.total} "
-            f"group {g} {res}px batch {batch} loss {req.loss:.3f} acc {req.acc:.3f} wall {rec['wall']:.0f}s"
-        )
+        self.progress.commit(rec, self.cfg.schedule.epochs, self.total)
         if s.commits % self.n == 0:
             s.pending_evals[g] = s.commits / self.n  # this push closed an epoch: evaluate its result
         every = self.cfg.checkpoint.every_epochs * self.n
         if (every and s.commits % every == 0 and s.commits < self.total) or self.preempt:
             self.barrier = True
         if self.barrier:
-            self.parked.append(g)
+            self.roster.parked.append(g)
             return []
         return [self.answer(g)]
 
@@ -301,129 +290,61 @@ class ParameterServer:
         """An evaluation result and the BN buffers it was made with."""
         if ev.epoch == self.cfg.schedule.epochs:
             self.final_buffers = bufs
-        self.eval_asked.pop(g, None)
+        self.roster.eval_asked.pop(g, None)
         rec = eval_record(
             epoch=ev.epoch, group=g, test_loss=ev.loss, test_acc=ev.acc, samples=ev.samples,
             seconds=ev.seconds, resolution=ev.resolution, wall=self.wall(), bn=self.cfg.server.bn,
             bn_seconds=ev.bn_seconds,
         )  # fmt: skip
         self.log.write(rec)
-        self.progress.line(
-            f"epoch {ev.epoch:7.2f} test loss {ev.loss:.4f} acc {ev.acc:.4f} ({ev.resolution}px, "
-            f"wall {rec['wall']:.0f}s)"
-        )
+        self.progress.evaluation(rec)
 
     # --- checkpoints ----------------------------------------------------------
     def barrier_full(self) -> bool:
         """Every active group is parked at the barrier or left out: collect the parked groups'
         momentum into `s.momentum[g]` (`leave_out` a group whose momentum does not come), then
         call `checkpoint`."""
-        stalled = self.watch.stalled
-        active = [g for g in range(self.n) if g not in self.stopped and g not in stalled]
-        return self.barrier and bool(self.parked or stalled) and sorted(self.parked) == sorted(active)
+        parked = self.roster.parked
+        full = sorted(parked) == sorted(self.roster.active())
+        return self.barrier and bool(parked or self.watch.stalled) and full
 
     def checkpoint(self) -> list[Outgoing]:
         """Write the checkpoint of a full barrier and release the parked groups; with groups
-        left out, write it without them and end the run (`StalledError`)."""
+        left out, write it without them and end the run (`checkpoints.end_without`)."""
         if self.watch.stalled:
-            self._end_without(sorted(self.watch.stalled))
-        self.save()
-        parked, self.parked, self.barrier, self.watch.cutoff = self.parked, [], False, None
-        self.next_rr = 0  # a resumed run restarts with HELLOs from groups 0, 1, ...: so does round robin
+            checkpoints.end_without(self, sorted(self.watch.stalled))
+        checkpoints.write(self)
+        parked, self.roster.parked, self.barrier, self.watch.cutoff = self.roster.parked, [], False, None
+        self.roster.next_rr = 0  # a resumed run restarts with HELLOs from group 0 on: so does round robin
         return [self.answer(g) for g in sorted(parked)]
 
-    def _end_without(self, missing: list[int]) -> None:
-        """Checkpoint the state without the `missing` groups' work in flight, then raise."""
-        s, now = self.s, time.perf_counter()
-        lost = [g for g in missing if g in self.outstanding]
-        for g in lost:
-            s.rounds[g] -= 1  # handed out again on resume, with the same data order (its round)
-        for g, (epoch, merges) in self.eval_asked.items():  # evaluations asked for, not received
-            if merges == s.merges:  # of the weights saved now: the resume evaluates them
-                s.pending_evals.setdefault(g, epoch)
-            else:  # of weights merged over since: nothing can measure them any more
-                why = f"evaluation of epoch {epoch:g} lost: group {g} did not send it before the run ended"
-                self.log.write(
-                    gap_record(after_commit=s.commits, up_to_commit=s.commits, missing_bytes=0, reason=why)
-                )
-        s.momentum[missing] = 0.0  # never received (or stale): restarts from zero on resume
-        path = self.save(missing=missing)
-        who = self.watch.who(missing, self.group_ranks, now)
-        message = left_out_message(who, self.cfg, bool(self.preempt), self.watch.bound(), path, bool(lost))
-        raise StalledError(message, "preempted" if self.preempt else "stalled")
-
-    def save(self, final: bool = False, missing: list[int] | None = None) -> str:
-        """Write a checkpoint of the training state. `final`: the run is done, so the saved
-        model carries the BN buffers its final evaluation used (recalibrated, or the evaluating
-        group's own under bn: local); training never reads them back. `missing`: groups left
-        out (recorded in the checkpoint; the resume says so)."""
-        s = self.s
-        weights = s.weights
-        if final and self.final_buffers is not None:
-            weights = s.weights.copy()
-            weights[self.n_params :] = self.final_buffers
-        extra: dict[str, Any] = {
-            "pending_evals": {str(g): e for g, e in s.pending_evals.items()},
-            "merges": s.merges,
-            **({"missing_groups": missing} if missing else {}),
-            **({"adapt": self.adapter.state()} if self.adapter else {}),
-        }
-        ck = C.Checkpoint(
-            weights, s.momentum, s.commits, list(s.rounds), self.wall(), self.log.offset(),
-            self.cfg.to_dict(), extra, group_buffers=s.group_buffers,
-        )  # fmt: skip
-        return C.save(self.cfg.out, ck, keep=self.cfg.checkpoint.keep)
-
     # --- what the driver asks ----------------------------------------------------
-    def serving(self) -> bool:
-        """Until every group has been told STOP and its last evaluation is in."""
-        return len(self.stopped) < self.n or any(g in self.stopped for g in self.eval_asked)
-
     def check_preempt(self) -> None:
         """Before each request: a signal (`preempt`, set by the driver) turns into a checkpoint
         barrier at the next pushes, then STOP; groups not parked by the cutoff are left out."""
-        if self.preempt and len(self.stopped) < self.n:
+        if self.preempt and len(self.roster.stopped) < self.n:
             self.barrier = True
             self.watch.start_cutoff(time.perf_counter())
 
-    def awaited(self) -> list[int]:
-        """Groups the server waits to hear from: with a task or an evaluation to send, not parked."""
-        skip = set(self.parked) | self.watch.stalled
-        return [g for g in range(self.n) if g not in skip and (g not in self.stopped or g in self.eval_asked)]
-
     def on_silence(self, now: float, queued: set[int]) -> None:
-        """Nothing came by `watch.deadline(awaited())`: leave out who is silent past the bounds."""
-        self.leave_out(self.watch.silent(now, self.awaited(), queued), now)
+        """Nothing came by the watch's deadline: leave out who is silent past the bounds."""
+        self.leave_out(self.watch.silent(now, self.roster.awaited(), queued), now)
 
     def leave_out(self, groups: list[int], now: float, for_good: bool = False) -> None:
         """Leave `groups` out of the next checkpoint; the barrier that writes it starts now."""
         for g in groups:
-            self.progress.line(
-                f"server: group {g} not heard from for {now - self.watch.heard[g]:.0f} s: left out"
-            )
+            self.progress.line(f"server: group {g} silent for {now - self.watch.heard[g]:.0f} s: left out")
         if groups:
             self.watch.leave_out(groups, now, for_good)
             self.barrier = True
 
-    def next_group(self) -> int | None:
-        """Under `order: round_robin` the group whose request is served next; None: any."""
-        if self.cfg.server.order != "round_robin":
-            return None
-        skip = self.stopped | set(self.parked) | self.watch.stalled
-        for _ in range(self.n):
-            if self.next_rr not in skip:
-                return self.next_rr
-            self.next_rr = (self.next_rr + 1) % self.n
-        return None
-
     def served(self, g: int, kind: P.Kind) -> None:
-        """A request of group g of this kind is being served (round robin moves on past g)."""
+        """A request of group g of this kind is being served."""
         if self.watch.heard_from(g, time.perf_counter()):
             self.progress.line(f"server: group {g} heard from again; taken back")
             if not self.watch.stalled and not self.preempt:
                 self.watch.cutoff = None
-        if kind != P.Kind.EVAL and self.cfg.server.order == "round_robin":
-            self.next_rr = (g + 1) % self.n
+        self.roster.served(g, kind == P.Kind.EVAL)
 
     def outcome(self) -> str:
         return "preempted" if self.preempt and self.s.commits < self.total else "done"

@@ -73,10 +73,12 @@ def serve(ps: ParameterServer, topo: Any) -> str:
         return True
 
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-    while ps.serving():
+    while ps.roster.serving():
         ps.check_preempt()
         if ps.barrier_full():
-            for h in [h for h in ps.parked if h not in ps.watch.stalled]:  # parked leaders send momentum
+            for h in [
+                h for h in ps.roster.parked if h not in ps.watch.stalled
+            ]:  # parked leaders send momentum
                 ask = P.Task(P.Status.SEND_STATE).pack()  # "send your momentum"
                 if not P.send(world, ask, leaders[h], P.TAG_REP, back, bound_from_now()):  # PS
                     ps.leave_out([h], time.perf_counter(), for_good=True)
@@ -87,13 +89,13 @@ def serve(ps: ParameterServer, topo: Any) -> str:
             for out in ps.checkpoint():  # (with groups left out: raises StalledError)
                 send(out)
             continue
-        g_next = ps.next_group()
+        g_next = ps.roster.next_group()
         src = MPI.ANY_SOURCE if g_next is None else leaders[g_next]
         tick = time.perf_counter() + TICK_S
-        wake = min(tick, ps.watch.deadline(ps.awaited()) or tick)
+        wake = min(tick, ps.watch.deadline(ps.roster.awaited()) or tick)
         status = P.recv(world, hdr, src, P.TAG_REQ, back, wake)  # PS: next request header
         if status is None:  # nobody spoke in time: a request queued behind g_next is not silence
-            queued = {g for g in ps.awaited() if world.Iprobe(source=leaders[g], tag=P.TAG_REQ)}  # PS
+            queued = {g for g in ps.roster.awaited() if world.Iprobe(source=leaders[g], tag=P.TAG_REQ)}  # PS
             ps.on_silence(time.perf_counter(), queued)
             continue
         try:

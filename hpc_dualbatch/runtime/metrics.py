@@ -307,3 +307,18 @@ class Progress:
     def line(self, text: str) -> None:
         self.stream.write(text + "\n")
         self.stream.flush()
+
+    def commit(self, rec: dict[str, Any], epochs: int, total: int) -> None:
+        """The line of a server's commit record."""
+        self.line(
+            f"epoch {rec['epoch']:7.2f}/{epochs} commit {rec['commit']}/{total} group {rec['group']} "
+            f"{rec['resolution']}px batch {rec['batch']} loss {rec['train_loss']:.3f} "
+            f"acc {rec['train_acc']:.3f} wall {rec['wall']:.0f}s"
+        )
+
+    def evaluation(self, rec: dict[str, Any]) -> None:
+        """The line of an eval record."""
+        self.line(
+            f"epoch {rec['epoch']:7.2f} test loss {rec['test_loss']:.4f} acc {rec['test_acc']:.4f} "
+            f"({rec['resolution']}px, wall {rec['wall']:.0f}s)"
+        )

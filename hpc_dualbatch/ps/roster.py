@@ -1,0 +1,52 @@
+"""Where each worker group stands in the protocol, as the server sees it (no MPI).
+
+A group holds a task (RUN answered, not committed: `outstanding`), or is parked at a checkpoint
+barrier (pushed, not answered: `parked`), or has been told STOP (`stopped`); a reply may have
+asked it to evaluate (`eval_asked`, until the result is in); after a resume it is first sent its
+momentum (`send_state`). Under `server.order: round_robin` the groups are served in the fixed
+order 0, 1, ..., n-1, 0, ... (`next_group`). Groups the stall watch left out (`left_out`, shared
+with `stalls.Watch.stalled`) are neither waited for nor served in turn.
+"""
+
+from __future__ import annotations
+
+
+class Roster:
+    def __init__(self, n_groups: int, round_robin: bool, resumed: bool, left_out: set[int]) -> None:
+        self.n, self.round_robin, self.left_out = n_groups, round_robin, left_out
+        self.stopped: set[int] = set()
+        self.parked: list[int] = []
+        self.outstanding: set[int] = set()
+        self.eval_asked: dict[int, tuple[float, int]] = {}  # group -> (epoch, merges at the asking)
+        self.send_state = set(range(n_groups)) if resumed else set()
+        self.started: set[int] = set()  # committed in this process: its warm-up is behind it
+        self.next_rr = 0
+
+    def serving(self) -> bool:
+        """Until every group has been told STOP and its last evaluation is in."""
+        return len(self.stopped) < self.n or any(g in self.stopped for g in self.eval_asked)
+
+    def active(self) -> list[int]:
+        """Groups a barrier waits for: not stopped, not left out."""
+        return [g for g in range(self.n) if g not in self.stopped and g not in self.left_out]
+
+    def awaited(self) -> list[int]:
+        """Groups the server waits to hear from: with a task or an evaluation to send, not parked."""
+        skip = set(self.parked) | self.left_out
+        return [g for g in range(self.n) if g not in skip and (g not in self.stopped or g in self.eval_asked)]
+
+    def next_group(self) -> int | None:
+        """Under round robin the group whose request is served next; None: any."""
+        if not self.round_robin:
+            return None
+        skip = self.stopped | set(self.parked) | self.left_out
+        for _ in range(self.n):
+            if self.next_rr not in skip:
+                return self.next_rr
+            self.next_rr = (self.next_rr + 1) % self.n
+        return None
+
+    def served(self, g: int, is_eval: bool) -> None:
+        """A request of group g is being served: round robin moves on past g (not for an evaluation)."""
+        if self.round_robin and not is_eval:
+            self.next_rr = (g + 1) % self.n
