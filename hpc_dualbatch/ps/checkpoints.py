@@ -10,22 +10,20 @@ record (one of the weights saved now is asked again on resume), and the run ends
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from hpc_dualbatch.errors import StalledError
 from hpc_dualbatch.ps.stalls import left_out_message
 from hpc_dualbatch.runtime import checkpoint as C
 from hpc_dualbatch.runtime.metrics import gap_record
 
-if TYPE_CHECKING:
-    from hpc_dualbatch.ps.server import ParameterServer
 
-
-def write(ps: ParameterServer, final: bool = False, missing: list[int] | None = None) -> str:
-    """Write a checkpoint of the training state. `final`: the run is done, so the saved model
-    carries the BN buffers its final evaluation used (recalibrated, or the evaluating group's own
-    under bn: local); training never reads them back. `missing`: groups left out (recorded; the
-    resume says so)."""
+def write(ps: Any, final: bool = False, missing: list[int] | None = None) -> str:
+    """Write a checkpoint of the training state of `ps` (the `server.ParameterServer`; not
+    imported, since it imports this module). `final`: the run is done, so the saved model carries
+    the BN buffers its final evaluation used (recalibrated, or the evaluating group's own under
+    bn: local); training never reads them back. `missing`: groups left out (recorded; the resume
+    says so)."""
     s = ps.s
     weights = s.weights
     if final and ps.final_buffers is not None:
@@ -44,7 +42,7 @@ def write(ps: ParameterServer, final: bool = False, missing: list[int] | None = 
     return C.save(ps.cfg.out, ck, keep=ps.cfg.checkpoint.keep)
 
 
-def end_without(ps: ParameterServer, missing: list[int]) -> NoReturn:
+def end_without(ps: Any, missing: list[int]) -> NoReturn:
     """Checkpoint the state without the `missing` groups' work in flight, then raise StalledError."""
     s, roster, now = ps.s, ps.roster, time.perf_counter()
     lost = [g for g in missing if g in roster.outstanding]
