@@ -6,7 +6,7 @@ Checkpoints are barriers: from a checkpoint commit on, each pushing group is mer
 parked (no reply) until every active group is parked; then each sends its momentum, the
 server writes one checkpoint and releases them. No wait is unbounded where a group can stall:
 a request is awaited until `stalls.Watch.deadline`, a request's body and a momentum
-within the stall bound; a group that misses them is left out (server.py, "Stalls").
+within the stall bound; a group that misses them is left out (ps/stalls.py).
 """
 
 from __future__ import annotations

@@ -13,10 +13,12 @@ Record types (field `type`):
     eval    the global weights at an epoch boundary on the test split: epoch, test_loss,
             test_acc, samples, seconds, resolution, wall (seconds of training since the start);
             on the server also bn (server.bn) and bn_seconds (recalibration before it)
-    end     the run finished or was preempted: state, commits, wall
+    plan    a re-plan of adaptive planning that changed a group's batch or share: epoch,
+            resolution, batches, shares, changed, target_seconds, scales, capped, wall
+    end     how the run ended: state (done, preempted, diverged, stalled), commits, wall
     gap     records of work that a checkpoint holds were lost (a crash lost the file's unsynced
             tail, or the file was deleted), or an evaluation never came (its group was left out:
-            server.py, "Stalls"): after_commit (the last commit still recorded), up_to_commit
+            ps/stalls.py): after_commit (the last commit still recorded), up_to_commit
             (the checkpoint's), missing_bytes, reason. Nothing is made up for them.
 Progress goes to stdout as plain lines (Slurm logs, mpirun output).
 
