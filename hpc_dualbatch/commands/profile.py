@@ -214,7 +214,9 @@ def profile(
     from hpc_dualbatch.runtime.engine import pick_device
 
     if cfg.threads > 0:  # never more than this process's cores (as train: topology.threads_per_rank)
-        torch.set_num_threads(min(cfg.threads, len(os.sched_getaffinity(0))))
+        from hpc_dualbatch.runtime.topology import cores
+
+        torch.set_num_threads(min(cfg.threads, cores()))
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     on_gpu = device.type == "cuda"

@@ -80,37 +80,37 @@ def load_run(path: str) -> Run:
     name = os.path.basename(os.path.normpath(path))
     m = SEED_SUFFIX.search(name)
     settings = _read_config(os.path.join(path, "config.yaml"))
-    seed = settings.get("seed") if settings else None
+    seed = (settings or {}).get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):  # no config.yaml: the folder's suffix
+        seed = int(m.group(1)) if m else 0
     return Run(
         path,
         name[: m.start()] if m else name,
-        seed if isinstance(seed, int) and not isinstance(seed, bool) else int(m.group(1)) if m else 0,
+        seed,
         evals[-1]["test_acc"],
         max(e["test_acc"] for e in evals),
         evals[-1]["test_loss"],
         ends[-1]["wall"],
         evals,
         [r for r in recs if r["type"] == "commit"],
-        _read_command(os.path.join(path, "command.txt")),
+        (_read_text(os.path.join(path, "command.txt"), "command file") or "").strip(),
         settings,
     )
 
 
-def _read_command(path: str) -> str:
-    """command.txt as text ("" where there is none); bytes that are not UTF-8 are replaced."""
+def _read_text(path: str, what: str) -> str | None:
+    """A run folder's text file (None where there is none); bytes that are not UTF-8 are replaced."""
     if file_kind(path) == "missing":
-        return ""
-    check_regular(path, "command file", DataError, "remove it (train writes it again)")
+        return None
+    check_regular(path, what, DataError, "remove it, or give the run folder train wrote")
     with open(path, "rb") as f:
-        return f.read().decode("utf-8", errors="replace").strip()
+        return f.read().decode("utf-8", errors="replace")
 
 
 def _read_config(path: str) -> dict[str, Any] | None:
-    if file_kind(path) == "missing":
+    text = _read_text(path, "run config")
+    if text is None:
         return None
-    check_regular(path, "run config", DataError, "remove it, or give the run folder train wrote")
-    with open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
     try:
         raw = load_yaml(text, f"run config '{path}'")
     except yaml.YAMLError as e:

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -228,7 +228,9 @@ class Task:
         )
 
 
-Until = float | Callable[[], float | None] | None  # a time.perf_counter() deadline, None: none
+# a time.perf_counter() deadline, or a function giving it (asked again while waiting); None: none
+# (typing.Union: this alias is evaluated at import, and the package supports Python 3.9)
+Until = Union[float, Callable[[], Optional[float]], None]
 
 
 class Backoff:
@@ -260,6 +262,7 @@ class Backoff:
 
 
 CANCEL_S = 1.0  # how long a timed-out receive may take to complete its cancellation, seconds
+_ABANDONED: list[tuple[Any, np.ndarray]] = []  # transfers given up on (the process ends soon after)
 
 
 def recv(comm: Any, buf: np.ndarray, source: int, tag: int, backoff: Backoff, until: Until = None) -> Any:
@@ -276,9 +279,6 @@ def recv(comm: Any, buf: np.ndarray, source: int, tag: int, backoff: Backoff, un
     if status is None:
         _ABANDONED.append((req, buf))  # MPI may still write into buf: keep both alive
     return None if status is None or status.Is_cancelled() else status
-
-
-_ABANDONED: list[tuple[Any, np.ndarray]] = []  # receives given up on (the process ends soon after)
 
 
 def send(comm: Any, buf: np.ndarray, dest: int, tag: int, backoff: Backoff, until: Until) -> bool:

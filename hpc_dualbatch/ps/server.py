@@ -193,7 +193,7 @@ class ParameterServer:
             self.roster.send_state.discard(g)
         if status == P.Status.STOP:
             self.roster.stopped.add(g)
-        self.watch.heard[g] = time.perf_counter()  # its silence counts from this answer
+        self.watch.answered(g, time.perf_counter())
         return out
 
     def _adapt(self, g: int, res: int) -> float | None:

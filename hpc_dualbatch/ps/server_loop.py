@@ -44,6 +44,7 @@ def serve(ps: ParameterServer, topo: Any) -> str:
     hdr = np.zeros(P.HDR_LEN, np.float64)
     wbuf = np.empty_like(ps.s.weights)
     mbuf = np.empty(ps.n_params, np.float32)
+    send_state = P.Task(P.Status.SEND_STATE).pack()  # at a barrier: "send your momentum"
     n_p = ps.n_params
 
     def bound_from_now() -> P.Until:
@@ -76,11 +77,8 @@ def serve(ps: ParameterServer, topo: Any) -> str:
     while ps.roster.serving():
         ps.check_preempt()
         if ps.barrier_full():
-            for h in [
-                h for h in ps.roster.parked if h not in ps.watch.stalled
-            ]:  # parked leaders send momentum
-                ask = P.Task(P.Status.SEND_STATE).pack()  # "send your momentum"
-                if not P.send(world, ask, leaders[h], P.TAG_REP, back, bound_from_now()):  # PS
+            for h in [h for h in ps.roster.parked if h not in ps.watch.stalled]:  # each sends its momentum
+                if not P.send(world, send_state, leaders[h], P.TAG_REP, back, bound_from_now()):  # PS
                     ps.leave_out([h], time.perf_counter(), for_good=True)
                 elif body(mbuf, h, P.TAG_OPT):  # PS: the group's momentum
                     ps.s.momentum[h] = mbuf

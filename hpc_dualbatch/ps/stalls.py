@@ -36,6 +36,10 @@ class Watch:
         self.stalled.discard(g)
         return True
 
+    def answered(self, g: int, now: float) -> None:
+        """Group g was sent a reply: its silence counts from now."""
+        self.heard[g] = now
+
     def start_cutoff(self, now: float) -> None:
         """A preemption (or a stall): groups not parked within server.preempt_wait_s are left out."""
         if self.cutoff is None:

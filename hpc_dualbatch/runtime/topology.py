@@ -156,8 +156,12 @@ def threads_per_rank(topo: Topology, configured: int) -> int:
     """Torch threads of this rank: config key `threads`, or (0) the cores this process may use
     divided by the ranks on this node, at least 1, so that ranks do not oversubscribe cores.
     Never more than the cores this process may use (threads=1000 on 2 cores made no progress)."""
-    cores = len(os.sched_getaffinity(0))
-    return min(configured, cores) if configured > 0 else max(1, cores // topo.local_size)
+    return min(configured, cores()) if configured > 0 else max(1, cores() // topo.local_size)
+
+
+def cores() -> int:
+    """The cores this process may use (its CPU affinity, which Slurm and mpirun bindings set)."""
+    return len(os.sched_getaffinity(0))
 
 
 def init_horovod(topo: Topology) -> Any:
