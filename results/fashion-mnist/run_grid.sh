@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The Fashion-MNIST grid: does the parameter server train as well as synchronous Horovod, and
-# does the hybrid method beat it? Two parts (results/README.md says why each is built so):
+# The Fashion-MNIST grid, round two of the statistics: can the parameter server reach synchronous
+# Horovod at the same epochs, and do small-batch groups then add accuracy? Round one is in
+# results/fashion-mnist-v3/ (same parts, same budget). Two parts (results/README.md says why each
+# is built so):
 #
 #   server     B_L = 128/96/64 at 20/24/28 px, fixed 28 px, all groups large: sync, ps-base (the
-#              package's defaults), ps-paper (the method's server) and one ablation per server
-#              option (bn, merge, push_every, stage_by).
+#              package's defaults), a push_every sweep (1, 2, 4, 8; 16 is ps-base) and the new
+#              server options, each alone.
 #   dualbatch  B_L = 512/384/256, a regime where all-large training loses to small batches at this
 #              budget: sync at B_L and at the planned B_S, ps-base, dual-batch and hybrid at
 #              n_S = 2 and 3 (the paper's best n_S at k = 1.05), and the ablations of the
@@ -40,8 +42,6 @@ COMMON=(--config hpc_dualbatch/configs/fashion_mnist.yaml --set "data.path=$DATA
 SYNC=(--set mode=sync --set "workers.groups=[4]" --set workers.small=0 --set plan.k=1.0)
 ALL_LARGE=(--set workers.small=0 --set plan.k=1.0)
 FIXED=(--set schedule.resolution_mode=fixed)
-PAPER_SERVER=(--set server.merge=paper --set server.bn=average --set server.push_every=0
-              --set server.stage_by=commit)
 
 run() {  # run PART NAME NP SEED overrides...
   local part=$1 name=$2 np=$3 seed=$4; shift 4
@@ -53,6 +53,8 @@ run() {  # run PART NAME NP SEED overrides...
   mkdir -p "$dir"  # the code that ran: commit, and whether the checkout had local changes
   { git rev-parse HEAD; git status --porcelain --untracked-files=no | sed 's/^/changed: /'; } \
     > "$dir/code.txt" 2>/dev/null || true
+  # The machine it ran on: wall times compare only between runs of one machine kind.
+  { grep -m1 'model name' /proc/cpuinfo; nproc; hostname; } > "$dir/machine.txt" 2>/dev/null || true
   scripts/mpirun_local.sh -np "$np" $PY -m hpc_dualbatch train "${COMMON[@]}" --set "seed=$seed" \
     --set "out=$dir" "$@" > "$dir.log" 2>&1
   tail -n 1 "$dir.log"
@@ -60,14 +62,10 @@ run() {  # run PART NAME NP SEED overrides...
 
 server_part() {  # server_part SEED
   local s=$1 P=(--set "plan.large_batch={20: 128, 24: 96, 28: 64}")
+  local PS=(5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}")
   run server sync 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
-  run server ps-base 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}"
-  run server ps-paper 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}" "${PAPER_SERVER[@]}"
-  run server ps-base-bnavg 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}" --set server.bn=average
-  run server ps-base-bnlocal 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}" --set server.bn=local
-  run server ps-base-mergepaper 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}" --set server.merge=paper
-  run server ps-base-push0 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}" --set server.push_every=0
-  run server ps-base-stagecommit 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}" --set server.stage_by=commit
+  run server ps-base "${PS[@]}"
+  for every in 4 1 2 8; do run server ps-base-push$every "${PS[@]}" --set server.push_every=$every; done
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -105,8 +103,7 @@ for seed in $SEEDS; do
 done
 
 # One report per part, from every finished run of it, configurations in this order.
-ORDER_server="sync ps-base ps-paper ps-base-bnavg ps-base-bnlocal ps-base-mergepaper ps-base-push0
-              ps-base-stagecommit"
+ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-push8"
 ORDER_dualbatch="sync sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3 hybrid-ns3-nofactor
                  hybrid-ns3-stagecommit hybrid-ns3-static"
 for part in $PARTS; do
