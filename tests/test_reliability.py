@@ -220,7 +220,7 @@ def test_resume_needs_a_run_folder(tmp_path, synthetic_h5):
     cfg = T._config(args(tmp_path / "kept"))
     assert cfg.seed == 7 and cfg.out == str(tmp_path / "kept")
     # A run folder without a checkpoint is not refused: the run starts at commit 0 (issue 15,
-    # tests/test_reliability_round2.py::test_resume_of_a_folder_without_any_checkpoint_starts_at_commit_0).
+    # tests/test_input_and_run_folders.py::test_resume_of_a_folder_without_any_checkpoint_starts_at_commit_0).
 
 
 def test_group_with_more_ranks_than_its_batch_is_refused(synthetic_h5, tmp_path):

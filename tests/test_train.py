@@ -223,7 +223,7 @@ def test_bad_input_ends_every_rank_quickly_with_one_message(tmp_path, synthetic_
 
 def test_existing_run_folder_is_refused_and_resume_checks_the_config(tmp_path, synthetic_h5):
     """Start-up checks on rank 0 (the run folder), in-process: a job's ending on them is
-    tests/test_reliability_round2.py's [out-is-a-file] job."""
+    tests/test_input_and_run_folders.py's [out-is-a-file] job."""
     from tests.test_reliability import fake_run_folder
 
     out = tmp_path / "x"

@@ -1,5 +1,5 @@
-"""Reliability, round two (issue 15): no run folder left unusable, no silent wrong result, no
-runaway input, messages instead of tracebacks. Listed in docs/reliability.md as `R2::`.
+"""Bad input and run folders: no run folder left unusable, no silent wrong result, no runaway
+input, messages instead of tracebacks. Listed in docs/reliability.md as `I::`.
 
 Unit tests where the behaviour lives in one function; a real `mpirun` job (under hard timeouts,
 as in tests/test_reliability.py) only where it needs MPI: start-up agreement of every rank, a

@@ -1,0 +1,57 @@
+"""A worker group's steps (every rank the same count; pushes split a task evenly) and
+batch-norm recalibration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from hpc_dualbatch.runtime.engine import recalibrate_bn
+from hpc_dualbatch.runtime.trainer import bn_indices, part_ends, rank_batches
+
+
+@pytest.mark.parametrize(
+    "steps, parts, ends", [(10, 1, [10]), (10, 4, [2, 5, 8, 10]), (3, 5, [1, 2, 3]), (0, 3, [0])]
+)
+def test_part_ends(steps, parts, ends):
+    assert part_ends(steps, parts) == ends
+
+
+def test_bn_samples_are_fixed_by_the_seed_and_inside_the_training_split():
+    a, b, c = bn_indices(1000, 256, 1), bn_indices(1000, 256, 1), bn_indices(1000, 256, 2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert len(set(a.tolist())) == 256 and a.min() >= 0 and a.max() < 1000
+    assert len(bn_indices(100, 256, 1)) == 100
+
+
+def test_recalibration_recovers_the_statistics_of_the_data():
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4))
+    x = torch.randn(512, 1, 3, 3) * 3 + 5
+    model[1].running_mean.fill_(100.0)  # stale statistics, e.g. averaged from other models
+    batches = [(x[i : i + 128], None) for i in range(0, 512, 128)]
+    assert recalibrate_bn(model, batches) == 512
+    with torch.no_grad():
+        h = model[0](x)
+    torch.testing.assert_close(model[1].running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model[1].running_var, h.var((0, 2, 3)), rtol=2e-2, atol=1e-3)
+    assert model[1].momentum == 0.1 and not model.training
+
+
+@pytest.mark.parametrize(
+    "n, batch, size", [(1000, 64, 1), (1000, 64, 2), (1001, 65, 3), (130, 64, 3), (129, 64, 2)]
+)
+def test_every_rank_takes_the_same_number_of_steps(n, batch, size):
+    order = np.random.default_rng(0).permutation(n)
+    parts = [rank_batches(order, batch, r, size) for r in range(size)]
+    steps = {math.ceil(len(idx) / b) for idx, b in parts}
+    assert len(steps) == 1  # one Horovod allreduce per step on every rank
+    got = np.concatenate([idx for idx, _ in parts])
+    assert len(set(got.tolist())) == len(got)  # disjoint
+    dropped = n - len(got)
+    assert 0 <= dropped < size  # at most a last step smaller than the group
