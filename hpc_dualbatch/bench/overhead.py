@@ -50,6 +50,7 @@ def _limit_worker(config_path: str, result_path: str) -> int:
     from hpc_dualbatch.ps import protocol
     from hpc_dualbatch.ps.worker import group_trainer
     from hpc_dualbatch.runtime import flat, topology
+    from hpc_dualbatch.runtime.trainer import MiniEpoch
 
     cfg, world = load_config(config_path), MPI.COMM_WORLD
     staged = open_staged(cfg.data.path)
@@ -67,9 +68,8 @@ def _limit_worker(config_path: str, result_path: str) -> int:
     for r in range(cfg.schedule.epochs):
         stage = schedule.stage_for_commit(r * n + g, n, cfg.schedule)
         batch = specs[g].batch[stage.resolution]
-        samples += trainer.train_mini_epoch(
-            r, shares, stage.resolution, batch, stage.lr, stage.dropout
-        ).samples
+        work = MiniEpoch(r, shares, stage.resolution, batch, stage.lr, stage.dropout)
+        samples += trainer.train_mini_epoch(work).samples
         if r % n == g:
             trainer.evaluate(stage.resolution)
     back.wait(world.Ibarrier())  # MPI: the run ends with its last rank

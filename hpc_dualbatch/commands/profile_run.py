@@ -60,6 +60,7 @@ def profile_job(cfg: Any, sizes: dict[int, list[int]], steps: int, repeats: int)
     from hpc_dualbatch.data import open_staged
     from hpc_dualbatch.ps.worker import group_trainer
     from hpc_dualbatch.runtime.topology import build_topology, init_horovod, threads_per_rank
+    from hpc_dualbatch.runtime.trainer import MiniEpoch
 
     world = MPI.COMM_WORLD
     topo = build_topology(cfg.workers.groups, True, world)
@@ -102,7 +103,7 @@ def profile_job(cfg: Any, sizes: dict[int, list[int]], steps: int, repeats: int)
             for b in rotation(sizes[res], topo.group, rep):
                 shares = [0] * topo.n_groups
                 shares[topo.group] = steps * b
-                st = trainer.train_mini_epoch(round_idx, shares, res, b, cfg.schedule.lr[-1], 0.0)
+                st = trainer.train_mini_epoch(MiniEpoch(round_idx, shares, res, b, cfg.schedule.lr[-1], 0.0))
                 round_idx += 1
                 if rep:
                     times.setdefault((res, b), []).append(st.seconds / steps)

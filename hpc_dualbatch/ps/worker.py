@@ -19,7 +19,7 @@ from mpi4py import MPI
 from hpc_dualbatch.config import Config
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.runtime.topology import Topology
-from hpc_dualbatch.runtime.trainer import GroupTrainer, MiniEpochStats
+from hpc_dualbatch.runtime.trainer import GroupTrainer, MiniEpoch, MiniEpochStats
 
 
 def group_trainer(cfg: Config, staged: Any, topo: Topology, hvd: Any) -> GroupTrainer:
@@ -74,17 +74,7 @@ class Trainer(Protocol):
     flat: Any  # flat.FlatModel: the weights and momentum as flat float32 buffers
     opt: Any
 
-    def train_mini_epoch(
-        self,
-        round_idx: int,
-        shares: list[int],
-        resolution: int,
-        batch: int,
-        lr: float,
-        dropout: float,
-        pushes: int,
-        exchange: Callable[[], None] | None,
-    ) -> MiniEpochStats: ...
+    def train_mini_epoch(self, work: MiniEpoch, exchange: Callable[[], None] | None) -> MiniEpochStats: ...
 
     def recalibrate(self, resolution: int) -> float: ...
 
@@ -154,16 +144,10 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
         # the server's share for this task (adaptive planning may cut a slow small group's):
         # the group keeps its place in the partition and takes a prefix of its slice
         task_shares = [*shares[: topo.group], task.samples, *shares[topo.group + 1 :]]
-        local = trainer.train_mini_epoch(
-            task.round,
-            task_shares,
-            task.resolution,
-            task.batch,
-            task.lr,
-            task.dropout,
-            task.pushes,
-            mid_task_push,
-        )
+        work = MiniEpoch(
+            task.round, task_shares, task.resolution, task.batch, task.lr, task.dropout, task.pushes
+        )  # fmt: skip
+        local = trainer.train_mini_epoch(work, mid_task_push)
         st, signalled = reduce_stats(gcomm, local, flag.raised)
         if topo.is_leader:
             done = P.Request(

@@ -24,6 +24,7 @@ from hpc_dualbatch.runtime.flat import initial_weights
 from hpc_dualbatch.runtime.metrics import MetricsLog, Progress, commit_record, eval_record
 from hpc_dualbatch.runtime.runfolder import finish
 from hpc_dualbatch.runtime.topology import Topology, init_horovod
+from hpc_dualbatch.runtime.trainer import MiniEpoch
 
 
 def run_sync(st: Any, topo: Topology) -> None:
@@ -81,11 +82,8 @@ def run_sync(st: Any, topo: Topology) -> None:
     for epoch in range(start, cfg.schedule.epochs):
         stage = stage_at(epoch, cfg.schedule)
         batch = st.plan.at(stage.resolution).B_L * topo.group_size
-        s, stop = reduce_stats(
-            comm,
-            trainer.train_mini_epoch(epoch, [d], stage.resolution, batch, lr_in(epoch), stage.dropout),
-            flag.raised,
-        )
+        work = MiniEpoch(epoch, [d], stage.resolution, batch, lr_in(epoch), stage.dropout)
+        s, stop = reduce_stats(comm, trainer.train_mini_epoch(work), flag.raised)
         if not math.isfinite(s.loss_sum) and log is not None:  # rank 0 ends the job (MPI_Abort)
             log.close()
             finish(cfg, "diverged", epoch, elapsed + time.perf_counter() - t0, None)

@@ -38,6 +38,19 @@ def derive_seed(*parts: int) -> int:
 
 
 @dataclass
+class MiniEpoch:
+    """One mini-epoch of a group, as a task of the server or a step of the drivers gives it."""
+
+    round_idx: int  # the group's mini-epoch count: fixes its data order (data.shard_indices)
+    shares: list[int]  # samples per mini-epoch of every group (this group's slice of the order)
+    resolution: int  # px
+    batch: int  # the group's batch per step (summed over its ranks)
+    lr: float | Callable[[float], float]  # one rate, or the rate at the fraction of the mini-epoch done
+    dropout: float
+    pushes: int = 1  # parts, with the driver's push and pull after each but the last
+
+
+@dataclass
 class MiniEpochStats:
     """One rank's sums over a mini-epoch (the drivers reduce them over the group)."""
 
@@ -110,31 +123,20 @@ class GroupTrainer:
         self.n_test = staged.num_samples("test")
         self.slowdown = cfg.workers.slowdown.get(self.group, 1.0)
 
-    def train_mini_epoch(
-        self,
-        round_idx: int,
-        shares: list[int],
-        resolution: int,
-        batch: int,
-        lr: float | Callable[[float], float],
-        dropout: float,
-        pushes: int = 1,
-        exchange: Callable[[], None] | None = None,
-    ) -> MiniEpochStats:
+    def train_mini_epoch(self, work: MiniEpoch, exchange: Callable[[], None] | None = None) -> MiniEpochStats:
         """Train this rank's part of the group's mini-epoch; after each of the first
-        `pushes - 1` parts call `exchange` (the driver's push and pull). `lr`: one rate, or
-        the rate as a function of the fraction of the mini-epoch done (set before every step,
-        for a warm-up that ramps per step). Returns local sums."""
+        `work.pushes - 1` parts call `exchange` (the driver's push and pull). A callable
+        `work.lr` is set before every step (a warm-up that ramps per step). Returns local sums."""
         cfg = self.cfg
         order = shard_indices(
-            self.n_train, shares, self.group, 0, 1, round_idx, cfg.seed, cfg.data.assignment
+            self.n_train, work.shares, self.group, 0, 1, work.round_idx, cfg.seed, cfg.data.assignment
         )
-        mine, per_rank_batch = rank_batches(order, batch, self.rank, self.size)
-        seed = derive_seed(cfg.seed, self.group, round_idx, self.rank)
+        mine, per_rank_batch = rank_batches(order, work.batch, self.rank, self.size)
+        seed = derive_seed(cfg.seed, self.group, work.round_idx, self.rank)
         torch.manual_seed(seed)  # dropout draws
-        lr_of = lr if callable(lr) else None
-        set_lr(self.opt, lr_of(0.0) if lr_of else lr)  # type: ignore[arg-type]
-        set_dropout(self.model, dropout)
+        lr_of = work.lr if callable(work.lr) else None
+        set_lr(self.opt, lr_of(0.0) if lr_of else work.lr)  # type: ignore[arg-type]
+        set_dropout(self.model, work.dropout)
         self.model.train()
         loss_sum, correct, n, wait = 0.0, 0, 0, 0.0
         t0 = time.perf_counter()
@@ -142,7 +144,7 @@ class GroupTrainer:
             loader = TrainLoader(
                 self.staged,
                 "train",
-                resolution,
+                work.resolution,
                 mine,
                 per_rank_batch,
                 augment=cfg.data.augment,
@@ -154,7 +156,7 @@ class GroupTrainer:
                 in_memory=cfg.data.in_memory,
                 in_memory_max_mb=cfg.data.in_memory_max_mb,
             )
-            ends = set(part_ends(len(loader), pushes)[:-1]) if exchange else set()
+            ends = set(part_ends(len(loader), work.pushes)[:-1]) if exchange else set()
             steps = len(loader)
             for step, (x, y) in enumerate(loader, 1):
                 if lr_of is not None:

@@ -74,7 +74,10 @@ class StubTrainer:
         self.slowdown = slowdown
         self.tasks: list[tuple[int, int, int, float, int, int]] = []
 
-    def train_mini_epoch(self, round_idx, shares, resolution, batch, lr, dropout, pushes, exchange):
+    def train_mini_epoch(self, work, exchange):
+        round_idx, shares, resolution, batch, lr, pushes = (
+            work.round_idx, work.shares, work.resolution, work.batch, work.lr, work.pushes
+        )  # fmt: skip
         g = self.topo.group
         self.tasks.append((round_idx, resolution, batch, float(lr), pushes, shares[g]))
         a, b = step_fit(resolution)
