@@ -75,6 +75,9 @@ class ScheduleConfig:
     resolution_mode: str = "cyclic"  # cyclic | progressive | fixed
     resolutions: list[int] = field(default_factory=lambda: [20, 24, 28])  # low -> high, px
     dropout: dict[int, float] = field(default_factory=dict)  # per resolution; missing = 0
+    # A small group's learning rate: the large groups' (same, the method), or scaled by
+    # (B_S/B_L)^(1/2) (sqrt, Hoffer et al. 2017) or B_S/B_L (linear, Goyal et al. 2017).
+    small_lr: str = "same"
 
 
 @dataclass
@@ -85,12 +88,23 @@ class OptimConfig:
 
 @dataclass
 class ServerConfig:
-    order: str = "arrival"  # arrival | round_robin (bit-for-bit reproducible)
+    # arrival | round_robin (bit-for-bit reproducible) | rounds (a control: every push is answered
+    # once every group has pushed, i.e. barrier-synchronous local SGD through the server)
+    order: str = "arrival"
     # How a push changes the global weights (docs/server.md):
     #   paper: w <- (w + f*w_i)/(1 + f), the method's rule (keeps ~1/(n+1) of a push's progress);
     #   delta: w <- w + a*(w_i - w_pulled), a = f/sum(f) * min(1, n/(staleness + 1)): the group's
-    #          own update since its pull, as asynchronous local SGD / FedAsync apply it.
+    #          own update since its pull, as asynchronous local SGD / FedAsync apply it;
+    #   nova:  delta with a = B_i/sum(B) * min(1, n/(staleness + 1)): each update normalised by
+    #          its steps and weighted by its samples (FedNova, Wang et al. 2020, arXiv 2007.07481).
     merge: str = "delta"
+    # Outer momentum on the steps of delta / nova (docs/server.md): none; nesterov (at every
+    # push); delayed (plain steps as pushes arrive, the momentum step once every n pushes: Liu et
+    # al. 2024, arXiv 2401.09135). Rate and momentum: DiLoCo's (Douillard et al. 2023, arXiv
+    # 2311.08105); the buffer is kept in units of the inner rate (SlowMo, arXiv 1910.00643).
+    outer: str = "none"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
     # Batch-norm running statistics of the global model (docs/server.md):
     #   average: merged like the weights (the method's authors' code);
     #   recalibrate: also merged, but recomputed from training samples before every evaluation
@@ -108,6 +122,10 @@ class ServerConfig:
     # pushes the same number of times per mini-epoch, so a small group's push weight f keeps its
     # meaning. The authors' code pushes every ~21 steps on CIFAR; local SGD uses 16.
     push_every: int = 16
+    # One push_every per learning-rate stage (len(schedule.lr) values), e.g. [4, 16]: push often
+    # while the rate is high, seldom after it decays (post-local SGD, Lin et al. 2020, arXiv
+    # 1808.07217). Empty: push_every throughout.
+    push_every_by_lr: list[int] = field(default_factory=list)
     poll_min_s: float = 0.0002  # sleeping back-off while waiting: first sleep, seconds
     poll_max_s: float = 0.005  # ... doubling up to this; bounds the added latency per message
     # A group not heard from for this long is stalled (a stopped, hung or crashed rank): the
@@ -168,9 +186,11 @@ CHOICES = {  # the valid values of each choice key: the one list every module ch
     "data.assignment": ("partition", "reshuffle"),
     "plan.factor": ("data_ratio", "sqrt", "none"),
     "schedule.resolution_mode": ("cyclic", "progressive", "fixed"),
-    "server.order": ("arrival", "round_robin"),
+    "schedule.small_lr": ("same", "sqrt", "linear"),
+    "server.order": ("arrival", "round_robin", "rounds"),
     "server.stage_by": ("task", "commit"),
-    "server.merge": ("paper", "delta"),
+    "server.merge": ("paper", "delta", "nova"),
+    "server.outer": ("none", "nesterov", "delayed"),
     "server.bn": ("average", "recalibrate", "local"),
 }
 
@@ -400,6 +420,7 @@ def validate(cfg: Config) -> None:
     _positive("server.preempt_wait_s", cfg.server.preempt_wait_s)
     if cfg.server.poll_max_s < cfg.server.poll_min_s:
         raise ConfigError("config key 'server.poll_max_s' must be >= server.poll_min_s")
+    _check_outer(cfg.server, len(s.lr))
     _positive("checkpoint.every_epochs", cfg.checkpoint.every_epochs, allow_zero=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     if cfg.server.order == "round_robin" and adaptive_on(cfg):
@@ -410,6 +431,25 @@ def validate(cfg: Config) -> None:
         )
     if cfg.mode == "sync" and w.small:
         raise ConfigError("mode 'sync' trains one group at B_L: set workers.small to 0")
+
+
+def _check_outer(sv: ServerConfig, n_lr: int) -> None:
+    """server.outer*, server.push_every_by_lr."""
+    _positive("server.outer_lr", sv.outer_lr, at_most=MAX_LR)
+    if not 0.0 <= sv.outer_momentum < 1.0:
+        raise ConfigError(f"config key 'server.outer_momentum' must be in [0, 1), got {sv.outer_momentum}")
+    if sv.outer != "none" and sv.merge == "paper":
+        raise ConfigError(
+            f"config key 'server.outer' is '{sv.outer}' with server.merge 'paper': outer momentum acts "
+            "on a push's update since its pull; set server.merge: delta or nova, or server.outer: none"
+        )
+    if sv.push_every_by_lr and len(sv.push_every_by_lr) != n_lr:
+        raise ConfigError(
+            f"config key 'server.push_every_by_lr' needs one value per schedule.lr stage ({n_lr}), "
+            f"got {show(sv.push_every_by_lr)}; or [] for server.push_every throughout"
+        )
+    for i, every in enumerate(sv.push_every_by_lr):
+        _positive(f"server.push_every_by_lr[{i}]", every, allow_zero=True)
 
 
 def planned_resolutions(cfg: Config) -> list[int]:

@@ -77,6 +77,12 @@ def test_dotted_overrides_parse_yaml_values():
         ("data.prefetch=1000", "'data.prefetch' must be in [0, 64]"),
         ("model.width=" + "9" * 300, "got 99999999999999999999"),  # clipped: not 300 digits
         ('out="runs/a\\nb"', "config key 'out' is 'runs/a\\nb': a path with a control character"),
+        ("server.outer_momentum=1.0", "'server.outer_momentum' must be in [0, 1)"),
+        (
+            "server.push_every_by_lr=[4]",
+            "'server.push_every_by_lr' needs one value per schedule.lr stage (3)",
+        ),
+        ("schedule.small_lr=cubic", "'schedule.small_lr' is 'cubic'; valid: same, sqrt, linear"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
@@ -84,6 +90,13 @@ def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, base + [override])
     assert needle in str(e.value)
+
+
+def test_outer_momentum_needs_an_update_to_act_on():
+    base = ["plan.large_batch={20: 64, 24: 64, 28: 64}", "server.outer=delayed"]
+    with pytest.raises(ConfigError, match="'server.outer' is 'delayed' with server.merge 'paper'"):
+        load_config(None, [*base, "server.merge=paper"])
+    assert load_config(None, [*base, "server.merge=nova"]).server.outer == "delayed"
 
 
 def test_missing_and_malformed_files(tmp_path):

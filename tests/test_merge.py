@@ -1,4 +1,5 @@
-"""The server's merge rules on known vectors, and the push count of a task."""
+"""The server's merge rules and outer momentum on known vectors, and what a task holds (push count,
+a small group's learning rate)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import math
 import numpy as np
 import pytest
 
-from hpc_dualbatch.method.merge import delta_weight, distance, merge_delta
+from hpc_dualbatch.method.merge import (
+    Outer,
+    Push,
+    delta_weight,
+    distance,
+    make_rule,
+    merge_delta,
+    nova_weight,
+)
 from hpc_dualbatch.method.merge import merge_paper as merge
 from hpc_dualbatch.method.plan import contribution_factor
-from hpc_dualbatch.ps.server import pushes_per_task
+from hpc_dualbatch.ps.tasks import pushes_per_task, small_lr_scale
 
 
 @pytest.mark.parametrize(
@@ -79,3 +88,95 @@ def test_one_round_of_delta_pushes_is_the_mean_of_the_groups_updates():
 )
 def test_pushes_per_task(share, batch, every, pushes):
     assert pushes_per_task(share, batch, every) == pushes
+
+
+def test_outer_with_no_momentum_and_rate_one_is_the_plain_rule():
+    w, plain = np.array([1.0, 2.0], np.float32), np.array([1.0, 2.0], np.float32)
+    outer = Outer(1.0, 0.0, 1, np.zeros((2, 2), np.float32))
+    for u in ([0.5, -1.0], [2.0, 0.0]):
+        outer.step(w, np.array(u, np.float32), 0.5, lr=0.1)
+        plain += 0.5 * np.array(u, np.float32)
+    assert w.tolist() == plain.tolist() and not outer.state.any()  # no buffer work without momentum
+
+
+def test_nesterov_at_every_push_on_known_vectors():
+    """m <- mu m + a u / lr; w += lr_out (a u + mu lr m): DiLoCo's Nesterov step per push."""
+    w, state = np.zeros(1, np.float32), np.zeros((2, 1), np.float32)
+    outer = Outer(0.5, 0.9, 1, state)
+    outer.step(w, np.array([2.0], np.float32), 0.5, lr=0.1)  # step 1.0: m = 10, w = 0.5 * (1 + 0.9)
+    assert state[0].tolist() == pytest.approx([10.0]) and w.tolist() == pytest.approx([0.95])
+    outer.step(w, np.array([2.0], np.float32), 0.5, lr=0.1)  # m = 19, w += 0.5 * (1 + 0.9 * 1.9)
+    assert state[0].tolist() == pytest.approx([19.0]) and w.tolist() == pytest.approx([0.95 + 1.355])
+    assert state[1].tolist() == [0.0]  # the round's sum is spent at every push
+
+
+def test_delayed_nesterov_over_a_round_is_nesterov_on_the_rounds_sum():
+    """n pushes: plain steps as they arrive, then one momentum step; at a constant rate the round
+    moves w as Nesterov's w += lr_out (U + mu m), m <- mu m + U on the round's summed step U."""
+    rng = np.random.default_rng(0)
+    steps = [rng.standard_normal(6).astype(np.float32) for _ in range(9)]
+    w, outer = np.zeros(6, np.float32), Outer(0.7, 0.9, 3, np.zeros((2, 6), np.float32))
+    ref_w, ref_m = np.zeros(6), np.zeros(6)
+    for r in range(3):
+        for u in steps[3 * r : 3 * r + 3]:
+            outer.step(w, u.copy(), 1.0, lr=1.0)
+        U = np.sum(steps[3 * r : 3 * r + 3], axis=0, dtype=np.float64)
+        ref_m = 0.9 * ref_m + U
+        ref_w += 0.7 * (U + 0.9 * ref_m)
+        np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-5)
+    assert outer.count == 9 and not outer.state[1].any()
+
+
+def test_outer_momentum_is_kept_in_units_of_the_inner_rate():
+    """SlowMo's normalisation: after a 10x rate decay the buffer's steps are 10x smaller."""
+    w, state = np.zeros(1, np.float32), np.zeros((2, 1), np.float32)
+    outer = Outer(1.0, 0.5, 1, state)
+    outer.step(w, np.array([1.0], np.float32), 1.0, lr=0.1)  # m = 10; w = 1 + 0.5 * 0.1 * 10 = 1.5
+    outer.step(w, np.array([0.1], np.float32), 1.0, lr=0.01)  # m = 5 + 10 = 15; w += 0.1 + 0.5*0.01*15
+    assert w.tolist() == pytest.approx([1.5 + 0.1 + 0.075])
+
+
+def test_outer_rejects_an_impossible_setup():
+    with pytest.raises(ValueError, match="every"):
+        Outer(1.0, 0.9, 0, np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="outer momentum"):
+        make_rule("paper", "average", [1.0], np.zeros(2, np.float32), np.zeros((1, 0), np.float32), 0,
+                  Outer(1.0, 0.9, 1, np.zeros((2, 2), np.float32)))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "batch, batches, staleness, a",
+    [
+        (64, [64, 64, 64, 64], 0, 0.25),  # equal groups: 1/n, as under delta
+        (64, [64, 64, 64, 64], 7, 0.125),  # two rounds old: halved, as under delta
+        (32, [64, 64, 32, 32], 0, 32 / 192),  # a small group: its samples per step
+        (64, [64, 64, 32, 32], 3, 64 / 192),
+    ],
+)
+def test_nova_weight_table(batch, batches, staleness, a):
+    assert nova_weight(batch, batches, staleness) == pytest.approx(a)
+
+
+def test_one_round_of_nova_pushes_is_the_step_of_all_samples_at_the_summed_batch():
+    """Groups at batches B_i push updates of tau_i steps from one pull: the round moves w by
+    sum_i B_i / sum(B) * update_i. With tau_i = d_i / B_i steps of mean gradient g_i and rate eta,
+    update_i = -eta tau_i g_i, so the move is -eta sum_i d_i g_i / sum(B): one synchronous step per
+    sum(B) samples over the d = sum d_i samples, each sample's gradient counted once."""
+    rng = np.random.default_rng(1)
+    w0 = rng.standard_normal(8).astype(np.float32)
+    batches, shares, eta = [64, 64, 16, 16], [1024, 1024, 512, 512], 0.1
+    grads = [rng.standard_normal(8).astype(np.float32) for _ in batches]
+    pushed = [w0 - eta * (d / b) * g for d, b, g in zip(shares, batches, grads)]
+    rule = make_rule("nova", "average", [1.0, 1.0, 0.5, 0.5], w0, np.zeros((4, 0), np.float32), 0)
+    w = w0.copy()
+    for k, wi in enumerate(pushed):
+        rule.fold(Push(k, k, eta, batches), w, wi.copy())
+    expected = w0 - eta * sum(d * g for d, g in zip(shares, grads)) / sum(batches)
+    np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rule, batch, batch_L, scale", [("same", 16, 64, 1.0), ("sqrt", 16, 64, 0.5), ("linear", 16, 64, 0.25)]
+)
+def test_small_group_learning_rate_scale(rule, batch, batch_L, scale):
+    assert small_lr_scale(rule, batch, batch_L) == pytest.approx(scale)

@@ -12,7 +12,8 @@ import pytest
 from hpc_dualbatch.config import config_from_dict
 from hpc_dualbatch.method.merge import delta_weight
 from hpc_dualbatch.ps import protocol as P
-from hpc_dualbatch.ps.server import GroupSpec, ParameterServer, ServerState
+from hpc_dualbatch.ps.server import ParameterServer, ServerState
+from hpc_dualbatch.ps.tasks import GroupSpec
 from hpc_dualbatch.runtime import checkpoint as C
 from hpc_dualbatch.runtime.metrics import MetricsLog, read_metrics
 from tests.helpers import tiny_config
@@ -23,10 +24,7 @@ N_P, N_B = 4, 2  # parameters and BN buffers of the toy model
 def make(tmp_path, **over) -> ParameterServer:
     cfg = config_from_dict(tiny_config("unused.h5", tmp_path / "run", **over))
     groups = [GroupSpec(100, {12: 64, 16: 64}, 1.0, False), GroupSpec(80, {12: 32, 16: 32}, 0.8, True)]
-    weights = np.zeros(N_P + N_B, np.float32)
-    state = ServerState(
-        weights, np.zeros((2, N_P), np.float32), np.zeros((2, N_B), np.float32), rounds=[0, 0]
-    )
+    state = ServerState.fresh(np.zeros(N_P + N_B, np.float32), N_P, 2, outer=cfg.server.outer != "none")
     return ParameterServer(cfg, groups, state, MetricsLog(str(tmp_path / "metrics.jsonl")))
 
 
@@ -244,3 +242,75 @@ def test_the_stall_bound_grows_with_the_longest_silence_and_a_queued_request_is_
     assert (
         off.watch.bound() is None and off.watch.deadline(off.roster.awaited()) is None
     )  # no bound: wait as long as it takes
+
+
+def test_rounds_answer_every_push_once_the_round_is_complete(tmp_path):
+    """order: rounds (a control): one round of pushes from one pull, merged, answered together:
+    the global weights are the f-weighted mean of the groups' updates, as synchronous local SGD."""
+    ps = make(tmp_path, server__order="rounds", plan__adaptive=False, checkpoint__every_epochs=0)
+    ps.answer(0), ps.answer(1)
+    assert ps.on_merge(push(P.Kind.MERGE, 0, 0, 0), np.full(N_P + N_B, 2.0, np.float32)) == []
+    assert ps.roster.awaited() == [1]  # group 0 waits for its reply, it is not silent
+    replies = ps.on_merge(push(P.Kind.MERGE, 1, 0, 0), np.full(N_P + N_B, 4.0, np.float32))
+    assert [(o.group, int(o.task.status)) for o in replies] == [
+        (0, P.Status.CONTINUE),
+        (1, P.Status.CONTINUE),
+    ]
+    mean = (1.0 * 2.0 + 0.8 * 4.0) / 1.8
+    np.testing.assert_allclose(replies[0].params, mean, rtol=1e-6)
+    assert ps.on_push(push(P.Kind.PUSH, 1, 0, 80), np.full(N_P + N_B, mean, np.float32)) == []
+    replies = ps.on_push(push(P.Kind.PUSH, 0, 0, 100), np.full(N_P + N_B, mean, np.float32))
+    assert [(o.group, int(o.task.status), int(o.task.round)) for o in replies] == [
+        (0, P.Status.RUN, 1),
+        (1, P.Status.RUN, 1),
+    ]
+
+
+def test_rounds_release_the_others_when_a_group_is_left_out(tmp_path):
+    ps = make(tmp_path, server__order="rounds", plan__adaptive=False, server__stall_s=5.0)
+    ps.answer(0), ps.answer(1)
+    assert ps.on_merge(push(P.Kind.MERGE, 0, 0, 0), np.zeros(N_P + N_B, np.float32)) == []
+    ps.leave_out([1], ps.watch.heard[1] + 6.0)
+    assert [o.group for o in ps.roster.release()] == [0]  # (the driver asks at every turn)
+
+
+def test_push_period_per_learning_rate_stage_and_small_group_rate(tmp_path):
+    """server.push_every_by_lr: [1, 4] pushes after every large step at lr 0.1 (epochs 0-2), every
+    4 after the decay; schedule.small_lr: sqrt scales the small group's rate by (32/64)^(1/2)."""
+    ps = make(tmp_path, server__push_every_by_lr=[1, 4], schedule__small_lr="sqrt")
+    ref = ps.groups[0]
+    steps = -(-ref.share // ref.batch[12])  # large steps per task
+    early = ps.tasks.next(0, P.Status.RUN, 0, 0, 0, 0.0)
+    late = ps.tasks.next(0, P.Status.RUN, 6, 6, 3, 0.0)  # task 6 of 2 groups: epoch 3, lr 0.01
+    assert (early.pushes, late.pushes) == (steps, max(1, round(steps / 4)))
+    assert (early.lr, late.lr) == (pytest.approx(0.1), pytest.approx(0.01))
+    small = ps.tasks.next(1, P.Status.RUN, 0, 0, 0, 0.0)
+    assert small.lr == pytest.approx(0.1 * (32 / 64) ** 0.5)
+
+
+@pytest.mark.parametrize("outer", ["nesterov", "delayed"])
+def test_outer_momentum_resumes_exactly(tmp_path, outer):
+    """The outer buffer, the round's sum and the push count are checkpointed: a resumed server
+    continues with the same weights, bit for bit, as the one that never stopped."""
+    from hpc_dualbatch.ps import checkpoints
+
+    a = make(tmp_path, server__outer=outer, server__outer_momentum=0.9, server__bn="average")
+    a.answer(0), a.answer(1)
+    rng = np.random.default_rng(0)
+    pushes = [rng.standard_normal(N_P + N_B).astype(np.float32) for _ in range(5)]
+    a.on_push(push(P.Kind.PUSH, 0, 0, 100), pushes[0].copy())  # one push: mid-round for delayed
+    assert a.outer is not None and a.outer.count == 1
+    checkpoints.write(a)
+    ck = C.load(C.latest(a.cfg.out))
+    b = ParameterServer(
+        a.cfg, a.groups, ServerState.from_checkpoint(ck, np.zeros(N_P + N_B, np.float32), N_P, "here"),
+        MetricsLog(str(tmp_path / "b.jsonl")),
+    )  # fmt: skip
+    assert b.outer is not None and b.outer.count == 1
+    for ps in (a, b):  # on resume every group is handed a task: so in the run that never stopped
+        ps.answer(0), ps.answer(1)
+        for k, wi in enumerate(pushes[1:]):
+            ps.on_merge(push(P.Kind.MERGE, k % 2, 1, 0), wi.copy())
+    assert a.s.weights.tobytes() == b.s.weights.tobytes()
+    assert a.s.outer is not None and b.s.outer is not None and a.s.outer.tobytes() == b.s.outer.tobytes()
+    assert not np.array_equal(a.s.weights, np.zeros(N_P + N_B, np.float32))

@@ -70,7 +70,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def group_specs(cfg: Config, plan: Any) -> list:
     """Share, batch per resolution and contribution factor of each group (the last n_S are small)."""
-    from hpc_dualbatch.ps.server import GroupSpec
+    from hpc_dualbatch.ps.tasks import GroupSpec
 
     specs = [
         GroupSpec(
@@ -170,7 +170,7 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
     if ck is not None:
         state = ServerState.from_checkpoint(ck, weights, n_params, cfg.out)
     else:
-        state = ServerState.fresh(weights, n_params, cfg.n_groups)
+        state = ServerState.fresh(weights, n_params, cfg.n_groups, outer=cfg.server.outer != "none")
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None)
     adapter = make_adapter(cfg, st.plan, st.groups)
     if adapter is not None and ck is not None and "adapt" in ck.extra:

@@ -14,12 +14,33 @@ Two rules for the parameters (`server.merge`):
   > n-1 merges, a straggler) is scaled down by n/(staleness+1), after FedAsync's
   staleness-dependent weight (Xie et al. 2019).
 
+* `nova`: the `delta` rule with each update normalised by its local progress, after FedNova
+  (Wang et al. 2020, arXiv 2007.07481): a push of tau steps at batch B over m = tau*B samples
+  is weighted by its samples and divided by its steps, ``a = B / sum(B) * min(1, n /
+  (staleness + 1))`` (sum over the groups' batches at the push's resolution). Equal groups get
+  1/n, as under `delta`; in a dual-batch run a small group's update, which took d_L/B_L :
+  d_S/B_S more steps per sample than a large group's, no longer weighs that much more per
+  sample: over a mini-epoch the global model moves as one synchronous step over all groups'
+  samples at batch sum(B) would. (Every group shares the SGD momentum, so FedNova's momentum
+  correction cancels.)
+
+Outer momentum (`server.outer`, `Outer`): the steps above are a pseudo-gradient to which the
+server applies Nesterov momentum, as DiLoCo does per round (Douillard et al. 2023, arXiv
+2311.08105: outer lr 0.7, momentum 0.9). `nesterov` takes the momentum step at every push;
+`delayed` (Liu et al. 2024, arXiv 2401.09135, "delayed Nesterov") applies plain steps as the
+pushes arrive and the momentum step once every n pushes. The buffer is kept in units of the
+inner learning rate and applied at the current one (SlowMo, Wang et al. 2020, arXiv
+1910.00643), so a rate decay does not carry the steps of the rate before it. Momentum 0 and
+outer lr 1 are the plain rule.
+
 Batch-norm running statistics never take a delta (a variance moved by a difference of
 variances can turn negative): they are averaged with the paper's rule, or kept per
 group (`server.bn: local`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,15 +65,63 @@ def delta_weight(f: float, f_sum: float, n_groups: int, staleness: int) -> float
     return f / f_sum * min(1.0, n_groups / (staleness + 1))
 
 
+def nova_weight(batch: int, batches: list[int], staleness: int) -> float:
+    """Scale `a` of a push's update under the `nova` rule (see the module docstring)."""
+    if batch <= 0 or min(batches) <= 0 or staleness < 0:
+        raise ValueError(f"need batches > 0 and staleness >= 0; got {batch}, {batches}, {staleness}")
+    return batch / sum(batches) * min(1.0, len(batches) / (staleness + 1))
+
+
 def merge_delta(w: np.ndarray, wi: np.ndarray, pulled: np.ndarray, a: float) -> None:
     """w <- w + a * (wi - pulled), in place; `wi` is overwritten with the update wi - pulled."""
     d = torch.from_numpy(wi).sub_(torch.from_numpy(pulled))
     torch.from_numpy(w).add_(d, alpha=a)
 
 
+class Outer:
+    """Nesterov momentum over the rule's steps u = a * (w_i - w_pulled) (`server.outer`).
+
+    Per push: w += lr_out * u, and the round's sum collects u / lr (lr: the inner rate the push
+    trained at). Every `every` pushes (1: `nesterov`; n groups: `delayed`): m <- mu*m + sum,
+    w += lr_out * mu * lr * m, sum <- 0. Over one round that is Nesterov's
+    w += lr_out * (U + mu*m) with m <- mu*m + U on the round's summed step U (at a constant lr).
+    `state`: (2, n_params) float32, the buffer m and the round's sum, and the pushes counted so
+    far: what a checkpoint holds for an exact resume.
+    """
+
+    def __init__(self, lr: float, momentum: float, every: int, state: np.ndarray, count: int = 0) -> None:
+        if every < 1 or state.ndim != 2 or state.shape[0] != 2:
+            raise ValueError(f"need every >= 1 and a (2, n_params) state; got {every}, {state.shape}")
+        self.lr, self.mu, self.every, self.state, self.count = lr, momentum, every, state, count
+
+    def step(self, w: np.ndarray, u: np.ndarray, a: float, lr: float) -> None:
+        """Apply the step a*u (u: the push's update) to `w` in place; lr: its inner rate > 0."""
+        tw, tu = torch.from_numpy(w), torch.from_numpy(u)
+        tw.add_(tu, alpha=self.lr * a)
+        if self.mu == 0:
+            return
+        m, acc = torch.from_numpy(self.state[0]), torch.from_numpy(self.state[1])
+        acc.add_(tu, alpha=a / lr)
+        self.count += 1
+        if self.count % self.every == 0:
+            m.mul_(self.mu).add_(acc)
+            tw.add_(m, alpha=self.lr * self.mu * lr)
+            acc.zero_()
+
+
 def distance(a: np.ndarray, b: np.ndarray) -> float:
     """Euclidean distance ||a - b||, one pass, no copies (torch reduces float32 pairwise)."""
     return float(torch.dist(torch.from_numpy(a), torch.from_numpy(b)))
+
+
+@dataclass
+class Push:
+    """What a rule may need to know of one push besides the weights."""
+
+    group: int
+    staleness: int  # merges by other pushes since the group's pull
+    lr: float  # the inner learning rate its task trained at (outer momentum's unit)
+    batches: list[int]  # every group's batch at the push's resolution (nova)
 
 
 class MergeRule:
@@ -73,8 +142,8 @@ class MergeRule:
         """Merges by other pushes since group g's pull."""
         return merges - self.pulled_at[g]
 
-    def fold(self, g: int, w: np.ndarray, wi: np.ndarray, staleness: int) -> float:
-        """Fold group g's pushed parameters `wi` into `w` in place; returns the push's weight."""
+    def fold(self, push: Push, w: np.ndarray, wi: np.ndarray) -> float:
+        """Fold the pushed parameters `wi` into `w` in place; returns the push's weight."""
         raise NotImplementedError
 
     def fold_buffers(self, g: int, buffers: np.ndarray, pushed: np.ndarray) -> None:
@@ -90,34 +159,55 @@ class MergeRule:
 
 
 class PaperRule(MergeRule):
-    def fold(self, g: int, w: np.ndarray, wi: np.ndarray, staleness: int) -> float:
-        merge_paper(w, wi, self.factors[g])
-        return self.factors[g] / (1.0 + self.factors[g])
+    def fold(self, push: Push, w: np.ndarray, wi: np.ndarray) -> float:
+        f = self.factors[push.group]
+        merge_paper(w, wi, f)
+        return f / (1.0 + f)
 
 
 class DeltaRule(MergeRule):
-    """Keeps the parameters each group last pulled (n_groups x n_params floats)."""
+    """Keeps the parameters each group last pulled (n_groups x n_params floats); applies the
+    weighted update directly or through outer momentum (`outer`)."""
 
     def __init__(
-        self, factors: list[float], bn: str, group_buffers: np.ndarray, merges: int, params: np.ndarray
-    ):
+        self, factors: list[float], bn: str, group_buffers: np.ndarray, merges: int, params: np.ndarray,
+        outer: Outer | None = None,
+    ):  # fmt: skip
         super().__init__(factors, bn, group_buffers, merges)
         self.copies = np.repeat(params[None], self.n, 0)
+        self.outer = outer
 
     def pulled(self, g: int, params: np.ndarray, merges: int) -> None:
         super().pulled(g, params, merges)
         self.copies[g] = params
 
-    def fold(self, g: int, w: np.ndarray, wi: np.ndarray, staleness: int) -> float:
-        a = delta_weight(self.factors[g], self.f_sum, self.n, staleness)
-        merge_delta(w, wi, self.copies[g], a)
+    def weight(self, push: Push) -> float:
+        return delta_weight(self.factors[push.group], self.f_sum, self.n, push.staleness)
+
+    def fold(self, push: Push, w: np.ndarray, wi: np.ndarray) -> float:
+        a = self.weight(push)
+        if self.outer is None:
+            merge_delta(w, wi, self.copies[push.group], a)
+        else:
+            u = torch.from_numpy(wi).sub_(torch.from_numpy(self.copies[push.group])).numpy()
+            self.outer.step(w, u, a, push.lr)
         return a
 
 
+class NovaRule(DeltaRule):
+    def weight(self, push: Push) -> float:
+        return nova_weight(push.batches[push.group], push.batches, push.staleness)
+
+
 def make_rule(
-    merge: str, bn: str, factors: list[float], params: np.ndarray, group_buffers: np.ndarray, merges: int
-) -> MergeRule:
-    """The rule of `server.merge` (paper | delta) starting from global parameters `params`."""
-    if merge == "delta":
-        return DeltaRule(factors, bn, group_buffers, merges, params)
-    return PaperRule(factors, bn, group_buffers, merges)
+    merge: str, bn: str, factors: list[float], params: np.ndarray, group_buffers: np.ndarray, merges: int,
+    outer: Outer | None = None,
+) -> MergeRule:  # fmt: skip
+    """The rule of `server.merge` (paper | delta | nova) starting from global parameters `params`;
+    `outer` (delta and nova only): the server's outer momentum."""
+    if merge == "paper":
+        if outer is not None:
+            raise ValueError("outer momentum needs an update to act on: server.merge delta or nova")
+        return PaperRule(factors, bn, group_buffers, merges)
+    rule = NovaRule if merge == "nova" else DeltaRule
+    return rule(factors, bn, group_buffers, merges, params, outer)

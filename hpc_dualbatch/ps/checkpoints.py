@@ -34,10 +34,11 @@ def write(ps: Any, final: bool = False, missing: list[int] | None = None) -> str
         "merges": s.merges,
         **({"missing_groups": missing} if missing else {}),
         **({"adapt": ps.adapter.state()} if ps.adapter else {}),
+        **({"outer_count": ps.outer.count} if ps.outer else {}),
     }
     ck = C.Checkpoint(
         weights, s.momentum, s.commits, list(s.rounds), ps.wall(), ps.log.offset(), ps.cfg.to_dict(),
-        extra, group_buffers=s.group_buffers,
+        extra, group_buffers=s.group_buffers, outer=s.outer if ps.outer else None,
     )  # fmt: skip
     return C.save(ps.cfg.out, ck, keep=ps.cfg.checkpoint.keep)
 

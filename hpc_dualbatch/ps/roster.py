@@ -4,18 +4,24 @@ A group holds a task (RUN answered, not committed: `outstanding`), or is parked 
 barrier (pushed, not answered: `parked`), or has been told STOP (`stopped`); a reply may have
 asked it to evaluate (`eval_asked`, until the result is in); after a resume it is first sent its
 momentum (`send_state`). Under `server.order: round_robin` the groups are served in the fixed
-order 0, 1, ..., n-1, 0, ... (`next_group`). Groups the stall watch left out (`left_out`, shared
+order 0, 1, ..., n-1, 0, ... (`next_group`); under `rounds` a group that pushed waits for its
+reply until the round is complete (`held`). Groups the stall watch left out (`left_out`, shared
 with `stalls.Watch.stalled`) are neither waited for nor served in turn.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 
 class Roster:
-    def __init__(self, n_groups: int, round_robin: bool, resumed: bool, left_out: set[int]) -> None:
-        self.n, self.round_robin, self.left_out = n_groups, round_robin, left_out
+    def __init__(self, n_groups: int, order: str, resumed: bool, left_out: set[int]) -> None:
+        self.n, self.left_out = n_groups, left_out
+        self.round_robin, self.rounds = order == "round_robin", order == "rounds"
         self.stopped: set[int] = set()
         self.parked: list[int] = []
+        self.held: dict[int, Callable[[], Any]] = {}  # order: rounds: group -> its reply, made at release
         self.outstanding: set[int] = set()
         self.eval_asked: dict[int, tuple[float, int]] = {}  # group -> (epoch, merges at the asking)
         self.send_state = set(range(n_groups)) if resumed else set()
@@ -32,7 +38,7 @@ class Roster:
 
     def awaited(self) -> list[int]:
         """Groups the server waits to hear from: with a task or an evaluation to send, not parked."""
-        skip = set(self.parked) | self.left_out
+        skip = set(self.parked) | set(self.held) | self.left_out
         return [g for g in range(self.n) if g not in skip and (g not in self.stopped or g in self.eval_asked)]
 
     def next_group(self) -> int | None:
@@ -50,3 +56,20 @@ class Roster:
         """A request of group g is being served: round robin moves on past g (not for an evaluation)."""
         if self.round_robin and not is_eval:
             self.next_rr = (g + 1) % self.n
+
+    def hold(self, g: int, reply: Callable[[], Any]) -> list[Any]:
+        """Group g's reply now, or under order: rounds held until the round is complete
+        (`release`): one round of pushes from one pull, merged, then answered together."""
+        if not self.rounds:
+            return [reply()]
+        self.held[g] = reply
+        return self.release()
+
+    def release(self) -> list[Any]:
+        """The held replies, made now in group order, once no active group is still to push
+        (parked groups wait for their checkpoint; the driver also asks after a group is left out)."""
+        held = self.held
+        if not held or any(g not in held and g not in self.parked for g in self.active()):
+            return []
+        self.held = {}
+        return [held[g]() for g in sorted(held)]

@@ -8,17 +8,15 @@ leaders' requests (protocol in `protocol.py`) as they arrive (`order:
 arrival`), or in the fixed order 0, 1, ..., n-1, 0, ... (`order:
 round_robin`, bit-for-bit reproducible; where each group stands: `roster.Roster`).
 
-A task is one mini-epoch of a group. The group pushes its weights
-`pushes` times per task (`server.push_every`; once in the method); each push is
+A task is one mini-epoch of a group (what it holds: `tasks.Tasks`). The group pushes its
+weights `pushes` times per task (`server.push_every`; once in the method); each push is
 merged on arrival by the rule of `server.merge` and `server.bn` (`merge.MergeRule`: the
-method's `w <- (w + f*w_i)/(1 + f)`, or the group's own update since its pull). A push that ends a task is a
-commit; n_groups commits make one epoch, and the learning rate, resolution,
-batch size and dropout of a task follow from its index among the tasks handed out
-(`server.stage_by: task`: task t is part of epoch t // n) or, as in the method, from the
-commit count when it is handed out (`commit`; `schedule.stage_for_commit` either way).
+method's `w <- (w + f*w_i)/(1 + f)`, or the group's own update since its pull, optionally
+through outer momentum). A push that ends a task is a commit; n_groups commits make one epoch.
 Pushes inside a task are answered CONTINUE with the merged weights. Tasks are handed out until
-epochs * n_groups have been issued, so every task issued is committed and no
-work is thrown away; every later request is answered STOP.
+epochs * n_groups have been issued, so every task issued is committed and no work is thrown
+away; every later request is answered STOP. Under `server.order: rounds` (a control: barrier-
+synchronous local SGD) every push is answered only once every active group has pushed.
 
 Checkpoints are barriers: from a checkpoint commit on, each pushing group is
 merged and parked (no reply) until every active group is parked; then each
@@ -34,6 +32,7 @@ zero, and the run ends with a `StalledError` naming the group and its ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -44,41 +43,14 @@ import numpy as np
 from hpc_dualbatch.config import Config
 from hpc_dualbatch.errors import CheckpointError, DivergedError
 from hpc_dualbatch.method.adapt import Adapter, Obs
-from hpc_dualbatch.method.merge import distance, make_rule
-from hpc_dualbatch.method.schedule import lr_at, stage_for_commit
+from hpc_dualbatch.method.merge import Outer, Push, distance, make_rule
 from hpc_dualbatch.ps import checkpoints
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.ps.roster import Roster
 from hpc_dualbatch.ps.stalls import Watch
+from hpc_dualbatch.ps.tasks import GroupSpec, Tasks, TaskStage
 from hpc_dualbatch.runtime import checkpoint as C
-from hpc_dualbatch.runtime.metrics import (
-    MetricsLog,
-    Progress,
-    commit_record,
-    eval_record,
-    merge_record,
-    plan_record,
-)
-
-
-def pushes_per_task(share_L: int, batch_L: int, push_every: int) -> int:
-    """Pushes in one task: the large group's steps per mini-epoch / push_every, at least 1.
-
-    Every group pushes this many times per task, whatever its batch, so that groups push at
-    the same pace (the plan gives small and large mini-epochs equal time) and a small group's
-    push weight f means what it means in the method. 0 = one push per task (the method).
-    """
-    if push_every <= 0:
-        return 1
-    return max(1, round(math.ceil(share_L / batch_L) / push_every))
-
-
-@dataclass
-class GroupSpec:
-    share: int  # samples per mini-epoch (d_L or d_S)
-    batch: dict[int, int]  # batch per resolution (B_L or B_S)
-    factor: float  # contribution factor f
-    small: bool
+from hpc_dualbatch.runtime.metrics import MetricsLog, Progress, commit_record, eval_record, merge_record
 
 
 @dataclass
@@ -92,12 +64,18 @@ class ServerState:
     elapsed: float = 0.0  # training seconds before this process started (resume)
     pending_evals: dict[int, float] = field(default_factory=dict)  # group -> epoch to evaluate
     resumed: bool = False
+    outer: np.ndarray | None = None  # (2, n_params): outer momentum and its round's sum (merge.Outer)
+    outer_count: int = 0  # pushes the outer momentum has counted
 
     @classmethod
-    def fresh(cls, weights: np.ndarray, n_params: int, n_groups: int) -> ServerState:
-        """A new run from the initial flat `weights` (parameters, then buffers)."""
+    def fresh(cls, weights: np.ndarray, n_params: int, n_groups: int, outer: bool = False) -> ServerState:
+        """A new run from the initial flat `weights` (parameters, then buffers); `outer`: with
+        the server's outer momentum (`server.outer`)."""
         momentum = np.zeros((n_groups, n_params), np.float32)
-        return cls(weights, momentum, np.repeat(weights[None, n_params:], n_groups, 0), rounds=[0] * n_groups)
+        return cls(
+            weights, momentum, np.repeat(weights[None, n_params:], n_groups, 0), rounds=[0] * n_groups,
+            outer=np.zeros((2, n_params), np.float32) if outer else None,
+        )  # fmt: skip
 
     @classmethod
     def from_checkpoint(cls, ck: C.Checkpoint, weights: np.ndarray, n_params: int, where: str) -> ServerState:
@@ -118,6 +96,8 @@ class ServerState:
             ck.elapsed,
             {int(g): e for g, e in ck.extra.get("pending_evals", {}).items()},
             resumed=True,
+            outer=None if ck.outer is None else ck.outer.copy(),
+            outer_count=int(ck.extra.get("outer_count", 0)),
         )
 
 
@@ -147,17 +127,21 @@ class ParameterServer:
         self.adapter = adapter if adapter is not None and adapter.active else None
         self.n, self.n_params = len(groups), state.momentum.shape[1]
         self.total = cfg.schedule.epochs * self.n
-        self.ref = next((g for g in groups if not g.small), groups[0])  # push pace: a large group
+        self.tasks = Tasks(cfg, groups, self.adapter, log)
+        sv = cfg.server
+        self.outer = None  # server.outer: nesterov steps at every push, delayed once every n pushes
+        if sv.outer != "none" and state.outer is not None:
+            every = 1 if sv.outer == "nesterov" else self.n
+            self.outer = Outer(sv.outer_lr, sv.outer_momentum, every, state.outer, state.outer_count)
         self.rule = make_rule(
-            cfg.server.merge, cfg.server.bn, [g.factor for g in groups],
-            state.weights[: self.n_params], state.group_buffers, state.merges,
+            sv.merge, sv.bn, [g.factor for g in groups], state.weights[: self.n_params], state.group_buffers,
+            state.merges, self.outer,
         )  # fmt: skip
-        self.watch = Watch(self.n, cfg.server.stall_s, cfg.server.preempt_wait_s, time.perf_counter())
-        self.roster = Roster(self.n, cfg.server.order == "round_robin", state.resumed, self.watch.stalled)
+        self.watch = Watch(self.n, sv.stall_s, sv.preempt_wait_s, time.perf_counter())
+        self.roster = Roster(self.n, sv.order, state.resumed, self.watch.stalled)
         self.group_ranks: list[tuple[int, ...]] = [()] * self.n  # world ranks (the driver sets them)
         self.final_buffers: np.ndarray | None = None  # BN buffers the final evaluation used
         self.barrier, self.preempt = False, 0  # preempt: the signal that asked for a checkpoint and stop
-        self.task_stage: dict[int, tuple[float, int, int, float | None]] = {}  # g -> lr, px, batch, predicted
         self.t0 = time.perf_counter()
         self.progress = Progress()
         self.cpu_seconds = self.serve_seconds = 0.0  # the driver's account of its serving (end record)
@@ -167,25 +151,14 @@ class ParameterServer:
 
     # --- replies -------------------------------------------------------------
     def _reply(self, g: int, status: P.Status) -> Outgoing:
-        s, spec, cfg = self.s, self.groups[g], self.cfg
-        # server.stage_by: the schedule position of this task: tasks handed out so far, or commits
-        at = sum(s.rounds) if cfg.server.stage_by == "task" else s.commits
-        stage = stage_for_commit(at, self.n, cfg.schedule)
-        lr = lr_at(at / self.n, cfg.schedule)  # at the fractional epoch: a warm-up ramps per task
-        run, res = status == P.Status.RUN, stage.resolution
-        predicted = self._adapt(g, res) if run and self.adapter else None
+        s, run = self.s, status == P.Status.RUN
         eval_epoch = s.pending_evals.pop(g) if g in s.pending_evals and not self.preempt else -1.0
         if eval_epoch >= 0:
             self.roster.eval_asked[g] = (eval_epoch, s.merges)
-        share = self.adapter.share(g, res) if self.adapter else spec.share
-        pushes = pushes_per_task(self.ref.share, self.ref.batch[res], cfg.server.push_every)
-        task = P.Task(
-            status, lr, res, spec.batch[res], share, s.commits / self.n, s.commits, s.rounds[g] if run else 0,
-            stage.dropout, eval_epoch, g in self.roster.send_state, pushes,
-        )  # fmt: skip
+        task = self.tasks.next(g, status, sum(s.rounds), s.commits, s.rounds[g], self.wall())
+        task = dataclasses.replace(task, eval_epoch=eval_epoch, has_state=g in self.roster.send_state)
         if run:
             s.rounds[g] += 1
-            self.task_stage[g] = (lr, res, spec.batch[res], predicted)
             self.roster.outstanding.add(g)
         out = self._with_weights(g, task)
         if task.has_state:
@@ -195,23 +168,6 @@ class ParameterServer:
             self.roster.stopped.add(g)
         self.watch.answered(g, time.perf_counter())
         return out
-
-    def _adapt(self, g: int, res: int) -> float | None:
-        """plan.adaptive: re-plan the small groups at `res`, set the groups' batches, log a plan
-        record when a batch or share changed; returns g's predicted seconds (None: no fit)."""
-        ad = self.adapter
-        assert ad is not None
-        if res not in ad.fits:
-            return None
-        rp, changed = ad.step(res)
-        for h, spec in enumerate(self.groups):  # (after a resume the specs start from the static plan)
-            spec.batch[res] = ad.batches[h][res]
-        if changed and rp is not None:
-            epoch = self.s.commits / self.n
-            self.log.write(
-                plan_record(epoch=epoch, resolution=res, replan=rp, changed=changed, wall=self.wall())
-            )
-        return ad.predicted(g, res)
 
     def _with_weights(self, g: int, task: P.Task) -> Outgoing:
         """A reply carrying the global weights (under bn: local, group g's own BN buffers); a
@@ -229,29 +185,35 @@ class ParameterServer:
     # --- requests ------------------------------------------------------------
     def _merge(self, g: int, wbuf: np.ndarray) -> dict[str, float]:
         """Fold group g's pushed weights `wbuf` into the global ones; returns diagnostics."""
-        s, n_p = self.s, self.n_params
+        s, n_p, st = self.s, self.n_params, self.tasks.stage.get(g, TaskStage())
         w, wi = s.weights[:n_p], wbuf[:n_p]
-        staleness = self.rule.staleness(g, s.merges)
         dist = distance(wi, w)
         if not math.isfinite(dist):  # before the merge: the global weights stay as they were
             self._diverged(g, f"pushed weights are not finite (distance to the global weights {dist})")
-        a = self.rule.fold(g, w, wi, staleness)
+        push = Push(g, self.rule.staleness(g, s.merges), st.lr, self.tasks.batches(st.resolution))
+        a = self.rule.fold(push, w, wi)
         self.rule.fold_buffers(g, s.weights[n_p:], wbuf[n_p:])
         s.merges += 1
-        return {"merge": s.merges, "staleness": staleness, "distance": round(dist, 6), "scale": round(a, 6)}
+        return {
+            "merge": s.merges,
+            "staleness": push.staleness,
+            "distance": round(dist, 6),
+            "scale": round(a, 6),
+        }
 
     def _diverged(self, g: int, what: str) -> None:
-        lr, res, batch, _ = self.task_stage.get(g, (0.0, 0, 0, None))
-        s, momentum = self.s, self.cfg.optim.momentum
+        st, s = self.tasks.stage.get(g, TaskStage()), self.s
         raise DivergedError.at(
-            s.commits + 1, s.commits / self.n, g, what, lr, momentum, batch, res, self.cfg.out
-        )
+            s.commits + 1, s.commits / self.n, g, what, st.lr, self.cfg.optim.momentum, st.batch,
+            st.resolution, self.cfg.out,
+        )  # fmt: skip
 
-    def on_merge(self, req: P.Request, wbuf: np.ndarray) -> Outgoing:
-        """A push inside a task: merge, log, answer CONTINUE with the merged weights."""
-        d = self._merge(req.group, wbuf)
-        self.log.write(merge_record(group=req.group, round_idx=req.round, wall=self.wall(), **d))
-        return self._with_weights(req.group, P.Task(P.Status.CONTINUE))
+    def on_merge(self, req: P.Request, wbuf: np.ndarray) -> list[Outgoing]:
+        """A push inside a task: merge, log, answer CONTINUE with the merged weights (under
+        order: rounds once the round is complete)."""
+        g, d = req.group, self._merge(req.group, wbuf)
+        self.log.write(merge_record(group=g, round_idx=req.round, wall=self.wall(), **d))
+        return self.roster.hold(g, lambda: self._with_weights(g, P.Task(P.Status.CONTINUE)))
 
     def on_push(self, req: P.Request, wbuf: np.ndarray) -> list[Outgoing]:
         """A push that ends a task (a commit): merge, log, then the reply, or none while the
@@ -264,15 +226,16 @@ class ParameterServer:
         self.roster.outstanding.discard(g)
         if req.preempt and not self.preempt:
             self.preempt = signal.SIGTERM
-        lr, res, batch, predicted = self.task_stage.get(g, (0.0, 0, 0, None))
-        if self.adapter is not None and res:
-            self.adapter.observe(g, Obs(res, batch, req.samples, req.seconds, g not in self.roster.started))
+        st = self.tasks.stage.get(g, TaskStage())
+        if self.adapter is not None and st.resolution:
+            obs = Obs(st.resolution, st.batch, req.samples, req.seconds, g not in self.roster.started)
+            self.adapter.observe(g, obs)
         self.roster.started.add(g)
         rec = commit_record(
             commit=s.commits, epoch=s.commits / self.n, group=g, round_idx=req.round,
             small=self.groups[g].small, samples=req.samples, seconds=req.seconds, train_loss=req.loss,
-            train_acc=req.acc, lr=lr, resolution=res, batch=batch, wall=self.wall(), wait=req.wait,
-            predicted=predicted, **d,
+            train_acc=req.acc, lr=st.lr, resolution=st.resolution, batch=st.batch, wall=self.wall(),
+            wait=req.wait, predicted=st.predicted, **d,
         )  # fmt: skip
         self.log.write(rec)
         self.progress.commit(rec, self.cfg.schedule.epochs, self.total)
@@ -283,8 +246,8 @@ class ParameterServer:
             self.barrier = True
         if self.barrier:
             self.roster.parked.append(g)
-            return []
-        return [self.answer(g)]
+            return self.roster.release()  # (under order: rounds the held groups go on to their commits)
+        return self.roster.hold(g, lambda: self.answer(g))
 
     def on_eval(self, g: int, ev: P.Evaluation, bufs: np.ndarray) -> None:
         """An evaluation result and the BN buffers it was made with."""

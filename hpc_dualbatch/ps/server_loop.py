@@ -76,6 +76,8 @@ def serve(ps: ParameterServer, topo: Any) -> str:
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     while ps.roster.serving():
         ps.check_preempt()
+        for out in ps.roster.release():  # order: rounds, after a group was left out
+            send(out)
         if ps.barrier_full():
             for h in [h for h in ps.roster.parked if h not in ps.watch.stalled]:  # each sends its momentum
                 if not P.send(world, send_state, leaders[h], P.TAG_REP, back, bound_from_now()):  # PS
@@ -113,10 +115,8 @@ def serve(ps: ParameterServer, topo: Any) -> str:
             send(ps.answer(g))
         elif not body(wbuf, g, P.TAG_W):  # PS: the group's weights (MERGE, PUSH)
             wbuf = np.empty_like(wbuf)
-        elif req.kind == P.Kind.MERGE:
-            send(ps.on_merge(req, wbuf))
-        else:
-            for out in ps.on_push(req, wbuf):  # none while g is parked at a barrier
+        else:  # MERGE or PUSH: none while g is parked at a barrier or held for its round
+            for out in ps.on_merge(req, wbuf) if req.kind == P.Kind.MERGE else ps.on_push(req, wbuf):
                 send(out)
     # The server's own CPU use while serving: it must sleep, not spin, while it waits.
     ps.cpu_seconds, ps.serve_seconds = _cpu_seconds() - cpu0, time.perf_counter() - wall0

@@ -7,6 +7,8 @@ One `.npz` file per checkpoint under `<out>/checkpoints/`, loaded with
     momentum   float32[n_groups, n_params]  each group's SGD momentum (it lives on the group)
     group_buffers float32[n_groups, n_buffers]  each group's own BN buffers (server.bn: local);
                absent in sync runs
+    outer      float32[2, n_params]         the server's outer momentum and its round's sum
+               (server.outer; absent without)
     meta       JSON: format, commits, rounds per group, elapsed seconds, metrics byte offset,
                the resolved config, and the fingerprint of the staged data's content (`data`)
 
@@ -79,6 +81,7 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] | None = None  # fingerprint of the staged data (None: older checkpoint)
     group_buffers: np.ndarray | None = None  # (n_groups, n_buffers)
+    outer: np.ndarray | None = None  # (2, n_params)
 
 
 def checkpoint_dir(out: str) -> str:
@@ -105,6 +108,8 @@ def save(out: str, ck: Checkpoint, keep: int = 2) -> str:
             arrays = {"weights": ck.weights, "momentum": ck.momentum, "meta": np.array(json.dumps(meta))}
             if ck.group_buffers is not None:
                 arrays["group_buffers"] = ck.group_buffers
+            if ck.outer is not None:
+                arrays["outer"] = ck.outer
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
@@ -135,6 +140,7 @@ def load(path: str) -> Checkpoint:
         with np.load(path, allow_pickle=False) as z:
             weights, momentum, meta = z["weights"], z["momentum"], json.loads(str(z["meta"]))
             group_buffers = z["group_buffers"] if "group_buffers" in z.files else None
+            outer = z["outer"] if "outer" in z.files else None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, RecursionError) as e:
@@ -151,6 +157,7 @@ def load(path: str) -> Checkpoint:
         or momentum.dtype != np.float32
         or momentum.ndim != 2
         or (group_buffers is not None and (group_buffers.dtype != np.float32 or group_buffers.ndim != 2))
+        or (outer is not None and (outer.dtype != np.float32 or outer.shape != (2, momentum.shape[1])))
     ):
         raise CheckpointError(f"checkpoint {path} holds arrays of unexpected type or shape")
     try:
@@ -165,6 +172,7 @@ def load(path: str) -> Checkpoint:
             dict(meta.get("extra", {})),
             dict(meta["data"]) if meta.get("data") is not None else None,
             group_buffers,
+            outer,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(
