@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from hpc_dualbatch.data.layout import COMPRESSIONS, ENCODINGS
 from hpc_dualbatch.data.sources import SOURCES, SyntheticSpec
-from hpc_dualbatch.data.stage import COMPRESSIONS, ENCODINGS, open_staged, prepare
+from hpc_dualbatch.data.stage import open_staged, prepare
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
