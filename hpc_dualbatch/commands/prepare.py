@@ -10,7 +10,8 @@ import os
 
 from hpc_dualbatch.data.layout import COMPRESSIONS, ENCODINGS
 from hpc_dualbatch.data.sources import SOURCES, SyntheticSpec
-from hpc_dualbatch.data.stage import open_staged, prepare
+from hpc_dualbatch.data.stage import prepare
+from hpc_dualbatch.data.staged import open_staged
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
