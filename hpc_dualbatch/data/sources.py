@@ -1,11 +1,7 @@
 """Readers for each data source `hpc-dualbatch prepare` can stage.
 
-Every reader returns a `Source`: class names, channel count and, per split
-(`train`, `test`), the labels plus a `blocks(resolutions)` generator that yields
-consecutive blocks of samples as `{resolution: uint8 (n, C, r, r)}`. Each
-resolution is computed from the ORIGINAL pixels (never from an already shrunk
-copy); a resolution equal to the original square size is the source's bytes
-unchanged. Every bad input is a `DataError` naming the file and the problem.
+Each returns a `Source` (`data/source.py`, which says what a reader promises); every bad
+input is a `DataError` naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -16,13 +12,14 @@ import pickle
 import struct
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from hpc_dualbatch.atomic import check_regular, file_kind
+from hpc_dualbatch.data.source import Source, Split, array_split, check_labels
 from hpc_dualbatch.errors import DataError
 
 SOURCES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
@@ -31,58 +28,6 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # compared lower-case: ImageNet names its files *.JPEG
-BLOCK = 4096  # samples resized per step for in-memory sources: ~13 MB of float32 at 28 px
-BLOCK_BYTES = 256 << 20  # ... fewer where the float32 copy at the largest resolution would exceed this
-
-Blocks = Callable[[Sequence[int]], Iterator[dict[int, np.ndarray]]]
-
-
-@dataclass
-class Split:
-    labels: np.ndarray  # int64 (N,)
-    blocks: Blocks  # blocks(resolutions) -> consecutive {r: uint8 (n, C, r, r)} covering all N samples
-
-
-@dataclass
-class Source:
-    kind: str
-    classes: list[str]
-    channels: int
-    original_size: int  # side of the square source images in px; 0 when they vary (imagefolder)
-    splits: dict[str, Split]
-
-
-def resize_square(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (n, C, S, S) -> uint8 (n, C, size, size), antialiased bicubic; size == S returns the input."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(images.astype(np.float32))
-    # antialias=True widens the filter when shrinking (like PIL's resize), so no aliasing of fine texture.
-    out = F.interpolate(t, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return out.round_().clamp_(0, 255).to(torch.uint8).numpy()
-
-
-def array_split(images: np.ndarray, labels: np.ndarray) -> Split:
-    """A split held in memory as uint8 (N, C, S, S): each resolution is resized from these pixels."""
-
-    def blocks(resolutions: Sequence[int]) -> Iterator[dict[int, np.ndarray]]:
-        # the resize works in float32: keep a block's copy at the largest resolution near BLOCK_BYTES
-        per_sample = 4 * images.shape[1] * max(resolutions) ** 2
-        step = max(1, min(BLOCK, BLOCK_BYTES // per_sample))
-        for start in range(0, len(images), step):
-            chunk = images[start : start + step]
-            yield {r: resize_square(chunk, r) for r in resolutions}
-
-    return Split(labels=labels.astype(np.int64), blocks=blocks)
-
-
-def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)][0]
-        raise DataError(f"{where}: label {int(bad)} is out of range; valid labels are 0..{num_classes - 1}")
 
 
 # --- Fashion-MNIST (IDX files) ---------------------------------------------------------------
@@ -140,7 +85,7 @@ def read_fashion_mnist(folder: str | None) -> Source:
                 f"Fashion-MNIST folder '{folder}': {split} has {len(images)} images of "
                 f"{images.shape[1:]} px and {len(labels)} labels; expected equal counts of 28x28 images"
             )
-        _check_labels(labels, len(FASHION_MNIST_CLASSES), labels_path)
+        check_labels(labels, len(FASHION_MNIST_CLASSES), labels_path)
         splits[split] = array_split(images[:, None], labels)  # add the channel axis: (N, 1, 28, 28)
     return Source("fashion-mnist", list(FASHION_MNIST_CLASSES), 1, 28, splits)
 
@@ -213,7 +158,7 @@ def _cifar_batch(obj: dict, label_key: bytes, num_classes: int, where: str) -> t
         raise DataError(f"{where}: b'data' is {data.dtype} {data.shape}; expected uint8 (N, 3072)")
     if labels.ndim != 1 or len(labels) != len(data) or labels.dtype.kind not in "iu":
         raise DataError(f"{where}: {len(labels)} labels of type {labels.dtype} for {len(data)} images")
-    _check_labels(labels, num_classes, where)
+    check_labels(labels, num_classes, where)
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)  # rows are R plane, G, B; row-major
 
 
