@@ -22,9 +22,10 @@ import numpy as np
 
 from hpc_dualbatch.atomic import check_writable_target
 from hpc_dualbatch.config import MAX_PX
+from hpc_dualbatch.data.fashion_mnist import FASHION_MNIST_DIR
 from hpc_dualbatch.data.layout import COMPRESSIONS, ENCODINGS, FORMAT_VERSION, SPLITS, validate
 from hpc_dualbatch.data.source import Source
-from hpc_dualbatch.data.sources import FASHION_MNIST_DIR, SOURCES, SyntheticSpec, read_source
+from hpc_dualbatch.data.sources import SOURCES, SyntheticSpec, read_source
 from hpc_dualbatch.errors import DataError
 from hpc_dualbatch.yaml_safe import show
 
