@@ -796,7 +796,7 @@ def test_every_file_read_is_checked_for_what_it_is_before_it_is_opened(tmp_path,
     """Config, staged data, timing, plan, checkpoint, metrics and source files, and prepare's
     --out: a FIFO (opening it waits for a writer: a hang), a directory or a link loop is named
     for what it is, at once (was: a hang, or "does not exist")."""
-    from hpc_dualbatch.data.sources import read_cifar
+    from hpc_dualbatch.data.cifar import read_cifar
     from hpc_dualbatch.method.plan import load_plan, samples_per_epoch
     from hpc_dualbatch.method.timing import load_timing
 
