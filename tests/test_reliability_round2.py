@@ -418,7 +418,7 @@ def test_cifar_member_larger_than_the_format_is_refused_before_it_is_read(tmp_pa
 def test_decompression_bomb_image_names_the_file(tmp_path, monkeypatch):
     from PIL import Image
 
-    from hpc_dualbatch.data import sources
+    from hpc_dualbatch.data import imagefolder as sources
 
     root = tmp_path / "images"
     for split in ("train", "val"):
