@@ -25,7 +25,8 @@ from hpc_dualbatch.config import MAX_PX
 from hpc_dualbatch.data.fashion_mnist import FASHION_MNIST_DIR
 from hpc_dualbatch.data.layout import COMPRESSIONS, ENCODINGS, FORMAT_VERSION, SPLITS, validate
 from hpc_dualbatch.data.source import Source
-from hpc_dualbatch.data.sources import SOURCES, SyntheticSpec, read_source
+from hpc_dualbatch.data.sources import SOURCES, read_source
+from hpc_dualbatch.data.synthetic import SyntheticSpec
 from hpc_dualbatch.errors import DataError
 from hpc_dualbatch.yaml_safe import show
 
