@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from hpc_dualbatch.data import SyntheticSpec, TrainLoader, open_staged, prepare
-from hpc_dualbatch.data import sources as sources_mod
+from hpc_dualbatch.data import source as sources_mod
 from hpc_dualbatch.data import stage as stage_mod
 from hpc_dualbatch.errors import DataError
 

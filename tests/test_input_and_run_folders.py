@@ -418,7 +418,7 @@ def test_cifar_member_larger_than_the_format_is_refused_before_it_is_read(tmp_pa
 def test_decompression_bomb_image_names_the_file(tmp_path, monkeypatch):
     from PIL import Image
 
-    from hpc_dualbatch.data import sources
+    from hpc_dualbatch.data import imagefolder as sources
 
     root = tmp_path / "images"
     for split in ("train", "val"):
@@ -796,7 +796,7 @@ def test_every_file_read_is_checked_for_what_it_is_before_it_is_opened(tmp_path,
     """Config, staged data, timing, plan, checkpoint, metrics and source files, and prepare's
     --out: a FIFO (opening it waits for a writer: a hang), a directory or a link loop is named
     for what it is, at once (was: a hang, or "does not exist")."""
-    from hpc_dualbatch.data.sources import read_cifar
+    from hpc_dualbatch.data.cifar import read_cifar
     from hpc_dualbatch.method.plan import load_plan, samples_per_epoch
     from hpc_dualbatch.method.timing import load_timing
 

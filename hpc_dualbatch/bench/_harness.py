@@ -204,7 +204,7 @@ def staged_file(file: str, source: str, resolutions: str, tmp: str) -> str:
     if file or (not source and os.path.exists(DATA)):
         return file or DATA
     from hpc_dualbatch.data import prepare
-    from hpc_dualbatch.data.sources import FASHION_MNIST_DIR
+    from hpc_dualbatch.data.fashion_mnist import FASHION_MNIST_DIR
 
     source = source or ("fashion-mnist" if os.path.isdir(FASHION_MNIST_DIR) else "synthetic")
     path = os.path.join(tmp, f"{source}.h5")

@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from hpc_dualbatch.data.sources import SOURCES, SyntheticSpec
-from hpc_dualbatch.data.stage import COMPRESSIONS, ENCODINGS, open_staged, prepare
+from hpc_dualbatch.data.layout import COMPRESSIONS, ENCODINGS
+from hpc_dualbatch.data.sources import SOURCES
+from hpc_dualbatch.data.stage import prepare
+from hpc_dualbatch.data.staged import open_staged
+from hpc_dualbatch.data.synthetic import SyntheticSpec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

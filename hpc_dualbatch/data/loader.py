@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hpc_dualbatch.config import CHOICES
-from hpc_dualbatch.data.stage import StagedData
+from hpc_dualbatch.data.staged import StagedData
 from hpc_dualbatch.errors import DataError
 
 ASSIGNMENTS = CHOICES["data.assignment"]

@@ -1,51 +1,36 @@
-"""Resolution-staged HDF5 data sets: `hpc-dualbatch prepare` writes them, `open_staged` reads them.
+"""Staging: `prepare` writes a data source into one resolution-staged HDF5 file (`hpc-dualbatch prepare`).
 
-Layout (format_version 1; docs/data.md describes it in full):
-  /<split>/labels          int64 (N,), split in {train, test}
-  /<split>/images/<r>      uint8 (N, C, r, r) when encoding=raw, or vlen uint8 (N,) of JPEG bytes
-  root attributes          format_version, source, classes, num_classes, channels, resolutions,
-                           encoding, compression, original_size, mean, std, request (JSON)
-`mean`/`std` are per channel, of the train split at the highest resolution, in [0, 1] units.
+The file layout is in `data/layout.py`; `data/staged.py` opens and reads the files.
 
 A file is written under a temporary name in the same folder and renamed at the end, so an
-interrupted prepare never leaves a half file under the final name. `open_staged` validates
-everything it will later trust (version, attributes, shapes, dtypes, label range, stored bytes)
-before any use, so a crafted or truncated file gives a `DataError`, not an h5py traceback.
+interrupted prepare never leaves a half file under the final name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
 import json
 import os
 import re
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 
 import h5py
 import numpy as np
 
-from hpc_dualbatch.atomic import check_regular, check_writable_target
+from hpc_dualbatch.atomic import check_writable_target
 from hpc_dualbatch.config import MAX_PX
-from hpc_dualbatch.data.sources import FASHION_MNIST_DIR, SOURCES, Source, SyntheticSpec, read_source
+from hpc_dualbatch.data.fashion_mnist import FASHION_MNIST_DIR
+from hpc_dualbatch.data.layout import COMPRESSIONS, ENCODINGS, FORMAT_VERSION, SPLITS, validate
+from hpc_dualbatch.data.source import Source
+from hpc_dualbatch.data.sources import SOURCES, read_source
+from hpc_dualbatch.data.synthetic import SyntheticSpec
 from hpc_dualbatch.errors import DataError
 from hpc_dualbatch.yaml_safe import show
 
-FORMAT_VERSION = 1
-FINGERPRINT_SAMPLES = 16  # images per split and resolution hashed into the content fingerprint
-SPLITS = ("train", "test")
-ENCODINGS = ("raw", "jpeg")
-COMPRESSIONS = ("none", "gzip", "lzf")
 CHUNK_BYTES = 1 << 18  # 256 KiB of images per HDF5 chunk: a random batch read decompresses little extra
-MAX_DEFLATE_RATIO = 1100  # deflate cannot shrink data more than ~1032:1, so more declared bytes = crafted
-CHUNK_CACHE_BYTES = 16 << 20  # per open dataset; holds the chunks a streamed batch touches twice
-
-
-# --- writing ----------------------------------------------------------------------------------
 
 
 def parse_resolutions(text: str | Sequence[int]) -> list[int]:
@@ -261,315 +246,7 @@ def _stored_request(path: str) -> dict | None:
     """The request a valid staged file was made from; None when the file is not a valid staged file."""
     try:
         with h5py.File(path, "r") as f:
-            _validate(f, path)
+            validate(f, path)
             return json.loads(f.attrs["request"])
     except (DataError, OSError, KeyError, ValueError, TypeError):
         return None
-
-
-# --- reading ----------------------------------------------------------------------------------
-
-
-def _fail(path: str, problem: str) -> DataError:
-    return DataError(
-        f"staged data file '{path}': {problem}; re-create it with `hpc-dualbatch prepare --force`"
-    )
-
-
-def _attr(f: h5py.File, path: str, name: str):
-    if name not in f.attrs:
-        raise _fail(path, f"attribute '{name}' is missing")
-    return f.attrs[name]
-
-
-def _plain(value: object) -> object:
-    """numpy values as Python ones, so messages read `2`, not `np.int64(2)`."""
-    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
-
-
-def _int_attr(f: h5py.File, path: str, name: str, low: int) -> int:
-    value = _attr(f, path, name)
-    if not isinstance(value, (int, np.integer)) or value < low:
-        raise _fail(path, f"attribute '{name}' is {_plain(value)!r}; expected an integer >= {low}")
-    return int(value)
-
-
-def _check_storage(ds: h5py.Dataset, path: str, declared: int) -> None:
-    """Refuse a dataset whose stored bytes cannot hold what its shape declares (truncated or crafted).
-
-    Reading such a dataset would allocate `declared` bytes filled with zeros instead of failing.
-    """
-    stored = ds.id.get_storage_size()
-    filtered = ds.id.get_create_plist().get_nfilters() > 0
-    if stored < (declared / MAX_DEFLATE_RATIO if filtered else declared):
-        raise _fail(path, f"dataset '{ds.name}' declares {declared} bytes but stores only {stored}")
-
-
-def _validate(f: h5py.File, path: str) -> dict:
-    """Check everything the loader relies on; return the header and labels per split."""
-    if "format_version" not in f.attrs:
-        raise DataError(
-            f"'{path}' is an HDF5 file without a 'format_version' attribute: not written by "
-            f"`hpc-dualbatch prepare` (expected format_version {FORMAT_VERSION})"
-        )
-    version = f.attrs["format_version"]
-    if not isinstance(version, (int, np.integer)) or version != FORMAT_VERSION:
-        raise DataError(
-            f"staged data file '{path}' has format_version {_plain(version)!r}; this version of "
-            f"hpc_dualbatch reads format_version {FORMAT_VERSION}; "
-            "re-create it with `hpc-dualbatch prepare --force`"
-        )
-    num_classes = _int_attr(f, path, "num_classes", 1)
-    channels = _int_attr(f, path, "channels", 1)
-    classes = [
-        c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(_attr(f, path, "classes"))
-    ]
-    if len(classes) != num_classes:
-        raise _fail(path, f"{len(classes)} class names for num_classes {num_classes}")
-    resolutions = np.atleast_1d(_attr(f, path, "resolutions"))
-    if (
-        resolutions.dtype.kind not in "iu"
-        or len(resolutions) == 0
-        or (np.diff(resolutions) <= 0).any()
-        or (resolutions.min() < 1)
-    ):
-        raise _fail(
-            path, f"attribute 'resolutions' is {_plain(resolutions)}; expected rising positive integers"
-        )
-    encoding = _attr(f, path, "encoding")
-    if encoding not in ENCODINGS:
-        raise _fail(
-            path, f"attribute 'encoding' is {_plain(encoding)!r}; expected one of {', '.join(ENCODINGS)}"
-        )
-    stats = {}
-    for name in ("mean", "std"):
-        v = np.atleast_1d(_attr(f, path, name))
-        if v.shape != (channels,) or v.dtype.kind != "f" or not np.isfinite(v).all() or (v < 0).any():
-            raise _fail(
-                path, f"attribute '{name}' is {_plain(v)}; expected {channels} finite non-negative floats"
-            )
-        stats[name] = v.astype(np.float64)
-    if (stats["std"] == 0).any():
-        raise _fail(path, "attribute 'std' has a zero entry")
-    labels, counts = {}, {}
-    for split in SPLITS:
-        lname = f"{split}/labels"
-        ds = f.get(lname)
-        if (
-            not isinstance(ds, h5py.Dataset)
-            or ds.ndim != 1
-            or ds.dtype.kind not in "iu"
-            or ds.dtype.itemsize > 8
-        ):
-            raise _fail(path, f"'{lname}' is missing or not a 1-D integer dataset")
-        n = ds.shape[0]
-        _check_storage(ds, path, n * ds.dtype.itemsize)
-        lab = ds[()].astype(np.int64)
-        if n and (lab.min() < 0 or lab.max() >= num_classes):
-            bad = int(lab[(lab < 0) | (lab >= num_classes)][0])
-            raise _fail(path, f"'{lname}' holds label {bad}; valid labels are 0..{num_classes - 1}")
-        for r in resolutions.tolist():
-            iname = f"{split}/images/{r}"
-            im = f.get(iname)
-            if not isinstance(im, h5py.Dataset):
-                raise _fail(path, f"dataset '{iname}' is missing (attribute 'resolutions' lists {r} px)")
-            if encoding == "raw":
-                if im.dtype != np.uint8 or im.shape != (n, channels, r, r):
-                    raise _fail(
-                        path, f"'{iname}' is {im.dtype} {im.shape}; expected uint8 {(n, channels, r, r)}"
-                    )
-                _check_storage(im, path, n * channels * r * r)
-            elif h5py.check_vlen_dtype(im.dtype) != np.uint8 or im.shape != (n,):
-                raise _fail(
-                    path, f"'{iname}' is {im.dtype} {im.shape}; expected ({n},) of variable-length uint8"
-                )
-            elif (
-                not isinstance(im.attrs.get("encoded_bytes"), (int, np.integer))
-                or im.attrs["encoded_bytes"] < 0
-            ):
-                raise _fail(path, f"'{iname}' lacks a non-negative integer attribute 'encoded_bytes'")
-        lab.setflags(write=False)
-        labels[split], counts[split] = lab, n
-    if counts["train"] == 0:
-        raise _fail(path, "the train split is empty")
-    return {
-        "classes": classes,
-        "num_classes": num_classes,
-        "channels": channels,
-        "resolutions": resolutions.tolist(),
-        "encoding": str(encoding),
-        "source": str(_attr(f, path, "source")),
-        "mean": stats["mean"],
-        "std": stats["std"],
-        "labels": labels,
-    }
-
-
-class StagedData:
-    """A validated, read-only staged data file. Get one with `open_staged` (one HDF5 handle per process)."""
-
-    def __init__(self, path: str, handle: h5py.File, header: dict, signature: tuple) -> None:
-        self.path = path
-        self.signature = signature  # (inode, size, mtime_ns): identifies this version of the file
-        self.classes: list[str] = header["classes"]
-        self.num_classes: int = header["num_classes"]
-        self.channels: int = header["channels"]
-        self.resolutions: list[int] = header["resolutions"]
-        self.mean: np.ndarray = header["mean"]  # per channel, [0, 1] units
-        self.std: np.ndarray = header["std"]
-        self.encoding: str = header["encoding"]
-        self.source: str = header["source"]
-        self._labels: dict[str, np.ndarray] = header["labels"]
-        self._handle = handle
-        self._fingerprint: dict | None = None
-
-    def check_unchanged(self) -> None:
-        """Refuse to go on when the file on disk is no longer the version this handle opened.
-
-        An HDF5 file truncated or rewritten under an open handle reads as zeros past its new end
-        (no error): training would go on, on wrong data. The loaders call this at every open
-        and after every streamed read.
-        """
-        try:
-            st = os.stat(self.path)
-        except OSError as e:
-            raise DataError(
-                f"staged data file '{self.path}' disappeared while the run was using it ({e.strerror}); "
-                f"a run needs its data file in place and unchanged until it ends: restore it, then "
-                f"continue with --resume"
-            ) from None
-        now = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if now != self.signature:
-            what = (
-                f"size {self.signature[1]} -> {st.st_size} bytes"
-                if st.st_size != self.signature[1]
-                else ("replaced by another file" if st.st_ino != self.signature[0] else "modified in place")
-            )
-            raise DataError(
-                f"staged data file '{self.path}' changed while the run was using it ({what}); a run "
-                f"needs its data file unchanged until it ends: restore the file the run started with "
-                f"and continue with --resume (a checkpoint refuses other data), or start a new run"
-            )
-
-    def check_trainable(self) -> None:
-        """A run needs test samples to evaluate on and at least two classes to learn."""
-        if self.num_samples("test") == 0:
-            raise DataError(
-                f"staged data file '{self.path}' has 0 test samples; a run evaluates on the test split "
-                f"every epoch: re-stage it with a non-empty test (val/) split"
-            )
-        present = np.unique(self._labels["train"])
-        if self.num_classes < 2 or len(present) < 2:
-            only = self.classes[int(present[0])] if len(present) else "none"
-            raise DataError(
-                f"staged data file '{self.path}' holds {self.num_classes} class(es), and its train split "
-                f"only class {only!r}; a classifier needs at least 2 classes: re-stage it with more"
-            )
-
-    def fingerprint(self) -> dict:
-        """What the file holds, independent of its path, name and compression: counts, classes,
-        resolutions, pixel statistics, a hash of all labels and of sampled images ("digest" covers
-        all of it). A checkpoint keeps it, so a resume refuses data whose content changed."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            fp: dict = {
-                "source": self.source,
-                "classes": self.num_classes,
-                "channels": self.channels,
-                "resolutions": list(self.resolutions),
-                "encoding": self.encoding,
-                "train_samples": self.num_samples("train"),
-                "test_samples": self.num_samples("test"),
-                "mean": [round(float(v), 9) for v in self.mean],
-                "std": [round(float(v), 9) for v in self.std],
-            }
-            for split in SPLITS:
-                lab = np.ascontiguousarray(self._labels[split], dtype="<i8")
-                fp[f"{split}_labels_sha256"] = hashlib.sha256(lab.tobytes()).hexdigest()[:16]
-            h.update(json.dumps(fp, sort_keys=True).encode())
-            h.update("\0".join(self.classes).encode())
-            try:
-                for split in SPLITS:
-                    n = self.num_samples(split)
-                    idx = np.unique(np.linspace(0, n - 1, FINGERPRINT_SAMPLES).astype(np.int64)) if n else []
-                    for r in self.resolutions:
-                        for i in idx:
-                            h.update(np.asarray(self._handle[f"{split}/images/{r}"][int(i)]).tobytes())
-            except (OSError, KeyError, ValueError) as e:
-                raise _fail(self.path, f"reading images failed ({type(e).__name__}: {e})") from None
-            fp["digest"] = h.hexdigest()[:32]
-            self._fingerprint = fp
-        return dict(self._fingerprint)
-
-    def _split(self, split: str) -> str:
-        if split not in SPLITS:
-            raise DataError(
-                f"split '{split}' is not in staged data file '{self.path}'; valid: {', '.join(SPLITS)}"
-            )
-        return split
-
-    def num_samples(self, split: str) -> int:
-        return len(self._labels[self._split(split)])
-
-    def labels(self, split: str) -> np.ndarray:
-        """int64 (N,), read-only."""
-        return self._labels[self._split(split)]
-
-    def check_resolutions(self, resolutions: Sequence[int]) -> None:
-        missing = [r for r in resolutions if r not in self.resolutions]
-        if missing:
-            raise DataError(
-                f"resolution {missing[0]} px is not staged in '{self.path}'; staged: {self.resolutions}; "
-                f"re-run `hpc-dualbatch prepare` with --resolutions including {missing[0]}"
-            )
-
-    def images(self, split: str, resolution: int) -> h5py.Dataset:
-        """The HDF5 dataset of one split at one resolution (for the loader; h5py serialises reads)."""
-        self.check_resolutions([resolution])
-        return self._handle[f"{self._split(split)}/images/{resolution}"]
-
-    def stored_bytes(self, split: str, resolution: int) -> int:
-        """Bytes the file spends on this split's images at this resolution (after compression/encoding)."""
-        ds = self.images(split, resolution)
-        if self.encoding == "raw":
-            return int(ds.id.get_storage_size())
-        return int(ds.attrs["encoded_bytes"])  # checked by _validate
-
-
-_OPEN: dict[str, StagedData] = {}
-_OPEN_LOCK = threading.Lock()
-
-
-def open_staged(path: str) -> StagedData:
-    """Open and validate a staged file read-only; the same file version is opened once per process."""
-    check_regular(
-        path,
-        "staged data file",
-        DataError,
-        f"create it with `hpc-dualbatch prepare --source ... --resolutions ... --out {path}`",
-    )
-    st = os.stat(path)
-    signature = (st.st_ino, st.st_size, st.st_mtime_ns)
-    key = os.path.abspath(path)
-    with _OPEN_LOCK:
-        cached = _OPEN.get(key)
-        if cached is not None and cached.signature == signature:
-            return cached
-        try:
-            handle = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
-        except OSError as e:
-            raise DataError(
-                f"staged data file '{path}' is not a readable HDF5 file (truncated or corrupt?): {e}; "
-                f"re-create it with `hpc-dualbatch prepare --force`"
-            ) from None
-        try:
-            header = _validate(handle, path)
-        except DataError:
-            handle.close()
-            raise
-        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
-            handle.close()
-            raise _fail(path, f"reading it failed ({type(e).__name__}: {e})") from None
-        staged = StagedData(path, handle, header, signature)
-        _OPEN[key] = staged  # a re-staged file (new signature) is opened anew; holders of the old keep it
-        return staged
