@@ -8,7 +8,6 @@ import os
 
 import pytest
 
-from hpc_dualbatch.commands.profile import largest_fitting, measure_step_times, profile
 from hpc_dualbatch.config import load_config
 from hpc_dualbatch.errors import PlanError
 from hpc_dualbatch.method.timing import (
@@ -19,6 +18,7 @@ from hpc_dualbatch.method.timing import (
     save_timing,
     time_per_samples,
 )
+from hpc_dualbatch.runtime.steptime import largest_fitting, measure_step_times, profile
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "hpc_dualbatch", "configs")
 

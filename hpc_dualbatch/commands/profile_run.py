@@ -2,15 +2,16 @@
 
     mpirun -np 5 hpc-dualbatch profile --config CONFIG.yaml --out timing.json [--batches 16,32,64]
 
-The single-process profile times `engine.train_step` on one fixed batch on an idle core. A run
-puts the server and every worker group on the node at once, and a group's step also loads and
-augments its batch, runs Horovod's allreduce and optimizer wrapper and more Python. Here the
-job has the ranks and placement of `train` (rank 0 where the server is, idle and sleeping;
-the groups of `workers.groups`, Horovod on each group's communicator), and every group at once
-trains real staged batches through the worker's own `GroupTrainer.train_mini_epoch` (loader,
-augmentation, forward/backward, allreduce, optimizer), `--steps` steps per batch size and
-resolution, `--repeats` times (the first untimed: warm-up), each group in a different rotation
-of the batch sizes so that, as in a run, groups at different batch sizes share the cores.
+The single-process profile (runtime/steptime.py; the command itself is commands/profile.py)
+times `engine.train_step` on one fixed batch on an idle core. A run puts the server and every
+worker group on the node at once, and a group's step also loads and augments its batch, runs
+Horovod's allreduce and optimizer wrapper and more Python. Here the job has the ranks and
+placement of `train` (rank 0 where the server is, idle and sleeping; the groups of
+`workers.groups`, Horovod on each group's communicator), and every group at once trains real
+staged batches through the worker's own `GroupTrainer.train_mini_epoch` (loader, augmentation,
+forward/backward, allreduce, optimizer), `--steps` steps per batch size and resolution,
+`--repeats` times (the first untimed: warm-up), each group in a different rotation of the batch
+sizes so that, as in a run, groups at different batch sizes share the cores.
 
 The seconds per step of every group's leader go to rank 0, which fits `t(x) = a*x + b` per
 resolution and role: the large groups' fit is the file's fit (T0, B_L), the small groups' the

@@ -1,4 +1,5 @@
-"""The time model and the timing file (`hpc-dualbatch profile` measures it: profile.py).
+"""The time model and the timing file (`hpc-dualbatch profile` measures it: runtime/steptime.py
+in one process, commands/profile_run.py under mpirun).
 
 Method section 1: the time of one training step at batch x is linear,
 `t(x) = a*x + b` (a: seconds per sample, b: seconds of fixed cost per step),
