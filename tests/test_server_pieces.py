@@ -10,7 +10,7 @@ import pytest
 from hpc_dualbatch.errors import CheckpointError
 from hpc_dualbatch.method.merge import delta_weight, distance, merge_delta
 from hpc_dualbatch.method.merge import merge_paper as merge
-from hpc_dualbatch.method.plan import contribution_factor
+from hpc_dualbatch.method.shares import contribution_factor
 from hpc_dualbatch.ps.server import pushes_per_task
 from hpc_dualbatch.runtime import checkpoint as C
 from hpc_dualbatch.runtime.engine import recalibrate_bn
