@@ -200,11 +200,12 @@ def plan_dual_batch(
         )
     d_L, d_S = sample_shares(n, n_small, k, d)
     shares = Plan(n=n, n_small=n_small, k=k, d=d, d_L=d_L, d_S=d_S)  # no resolutions yet
+    explicit, own = small_batch or {}, small_fits or {}
     out: dict[int, ResolutionPlan] = {}
     for res in sorted(large_batch):
         fit = fits.get(res)
-        sfit = (small_fits or {}).get(res, fit)  # the small groups' model (their own where measured)
-        out[res] = _resolution_plan(shares, res, large_batch[res], fit, sfit, small_batch or {}, min_small)
+        sfit = own.get(res, fit)  # the small groups' model (their own where measured)
+        out[res] = _resolution_plan(shares, res, large_batch[res], fit, sfit, explicit, min_small)
     return replace(shares, resolutions=out)
 
 
