@@ -11,18 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpc_dualbatch.method.adapt import (
+from hpc_dualbatch.method.adapt import Adapter
+from hpc_dualbatch.method.plan import plan_dual_batch
+from hpc_dualbatch.method.replan import (
     TASK_NOISE,
     TOL,
-    Adapter,
     Obs,
+    ReplanInput,
     noise_of,
     replan,
     scale_of,
     small_batch_for,
     useful_batch,
 )
-from hpc_dualbatch.method.plan import plan_dual_batch
 from hpc_dualbatch.method.timing import TimeFit
 
 # The method's published CIFAR fits (GTX 1080) and Table 6 (k = 1.05, d = 50,000, n = 4).
@@ -80,7 +81,9 @@ def test_unit_scales_reproduce_the_static_plan(n_small: int) -> None:
     large, small = list(range(4 - n_small)), list(range(4 - n_small, 4))
     for res in (24, 32):
         static = plan_dual_batch(FITS, B_L, 4, n_small, 1.05, 50_000).resolutions[res]
-        rp = replan(FITS[res], dict.fromkeys(range(4), 1.0), large, small, B_L[res], D_L, d_S, {})
+        rp = replan(
+            ReplanInput(FITS[res], dict.fromkeys(range(4), 1.0), large, small, B_L[res], D_L, d_S, {})
+        )
         assert all(abs(rp.batches[h] - static.B_S) <= 1 for h in small)
         assert all(rp.batches[g] == B_L[res] for g in large)
         assert rp.target == pytest.approx(static.epoch_time, rel=5e-4)
@@ -89,14 +92,14 @@ def test_unit_scales_reproduce_the_static_plan(n_small: int) -> None:
 
 def test_a_uniform_slowdown_changes_nothing() -> None:
     """Contention that slows every rank alike (4-5 ranks on 2 cores) leaves B_S as planned."""
-    base = replan(FITS[24], dict.fromkeys(range(4), 1.0), [0, 1], [2, 3], 600, D_L, 11_875, {})
-    slow = replan(FITS[24], dict.fromkeys(range(4), 2.3), [0, 1], [2, 3], 600, D_L, 11_875, {})
+    base = replan(ReplanInput(FITS[24], dict.fromkeys(range(4), 1.0), [0, 1], [2, 3], 600, D_L, 11_875, {}))
+    slow = replan(ReplanInput(FITS[24], dict.fromkeys(range(4), 2.3), [0, 1], [2, 3], 600, D_L, 11_875, {}))
     assert slow.batches == base.batches and slow.target == pytest.approx(2.3 * base.target)
 
 
 def test_a_slower_small_group_gets_a_larger_batch_and_meets_the_target() -> None:
     scales = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.05}  # 1.05 * d_S < d_L: B_S <= B_L can absorb it
-    rp = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {})
+    rp = replan(ReplanInput(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}))
     assert rp.batches[3] > rp.batches[2]
     for h in (2, 3):  # each small mini-epoch now takes T (B rounded: within 0.5 %)
         t = scales[h] * FITS[24].per_sample(rp.batches[h]) * 11_875
@@ -108,14 +111,16 @@ def test_a_small_group_slower_than_k_keeps_the_ceiling_and_trains_fewer_samples(
     """1.6x slower: no B_S <= B_L meets T with d_S samples. The group runs at the ceiling (B_L
     without one) with the share that takes T there; the other small group is untouched."""
     scales = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.6}
-    rp = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}, ceiling=ceiling)
+    rp = replan(ReplanInput(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}, ceiling=ceiling))
     top = ceiling or 600
     assert rp.batches[3] == top and rp.capped == (3,)
     assert rp.shares[3] == int(rp.target / (1.6 * FITS[24].per_sample(top)))
     assert 0.5 * 11_875 < rp.shares[3] < 11_875
     assert rp.shares[2] == 11_875 and rp.shares[0] == rp.shares[1] == D_L
     # a share is never cut below one step
-    tiny = replan(FITS[24], {**scales, 3: 1e4}, [0, 1], [2, 3], 600, D_L, 11_875, {}, ceiling=ceiling)
+    tiny = replan(
+        ReplanInput(FITS[24], {**scales, 3: 1e4}, [0, 1], [2, 3], 600, D_L, 11_875, {}, ceiling=ceiling)
+    )
     assert tiny.shares[3] == top
 
 
@@ -137,28 +142,34 @@ def test_a_group_within_the_noise_is_left_alone() -> None:
     """A group whose predicted mini-epoch is within tol of T keeps its batch and share, even
     where the formula would move B_S a long way (a flat time curve)."""
     scales = {0: 1.0, 1: 1.0, 2: 1.02, 3: 1.02}
-    free = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {})
+    free = replan(ReplanInput(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}))
     assert free.batches[2] > 250  # 2 % slower: the formula wants ~1.15x the plan's 230
-    kept = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}, previous={2: 230, 3: 230})
+    kept = replan(
+        ReplanInput(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}, previous={2: 230, 3: 230})
+    )
     assert kept.batches == {0: 600, 1: 600, 2: 230, 3: 230} and kept.capped == ()
     # an 8 % error: moved under the default band, left alone under a wider one (a noisy window)
     slow = {**scales, 3: 1.08}
-    moved = replan(FITS[24], slow, [0, 1], [2, 3], 600, D_L, 11_875, {}, previous={2: 230, 3: 230})
+    moved = replan(
+        ReplanInput(FITS[24], slow, [0, 1], [2, 3], 600, D_L, 11_875, {}, previous={2: 230, 3: 230})
+    )
     # 230 < B <= 230 * DAMP: only the excess over the band is corrected (to T (1 + TOL), rounded)
     assert 230 < moved.batches[3] <= 345
     t3 = 1.08 * FITS[24].per_sample(moved.batches[3]) * 11_875 / moved.target
     assert t3 == pytest.approx(1 + TOL, abs=2e-3)
     wide = replan(
-        FITS[24],
-        slow,
-        [0, 1],
-        [2, 3],
-        600,
-        D_L,
-        11_875,
-        {},
-        previous={2: 230, 3: 230},
-        tol={2: 0.03, 3: 0.10},
+        ReplanInput(
+            FITS[24],
+            slow,
+            [0, 1],
+            [2, 3],
+            600,
+            D_L,
+            11_875,
+            {},
+            previous={2: 230, 3: 230},
+            tol={2: 0.03, 3: 0.10},
+        )
     )
     assert wide.batches[3] == 230 and wide.shares[3] == 11_875 and wide.capped == ()
 
@@ -167,30 +178,34 @@ def test_a_cut_share_climbs_to_the_ceiling_and_comes_back_when_it_fits() -> None
     common = dict(previous={2: 230, 3: 230}, ceiling=300)
     # cut at 230, below the ceiling: it climbs (damped, to the ceiling) and is cut anew there
     rp = replan(
-        FITS[24],
-        {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.6},
-        [0, 1],
-        [2, 3],
-        600,
-        D_L,
-        11_875,
-        {},
-        shares={3: 7_000},
-        **common,
+        ReplanInput(
+            FITS[24],
+            {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.6},
+            [0, 1],
+            [2, 3],
+            600,
+            D_L,
+            11_875,
+            {},
+            shares={3: 7_000},
+            **common,
+        )
     )
     assert rp.batches[3] == 300 and rp.shares[3] == int(rp.target / (1.6 * FITS[24].per_sample(300)))
     # the group is fast again: within the band at its batch, and d_S fits too -> d_S
     back = replan(
-        FITS[24],
-        dict.fromkeys(range(4), 1.0),
-        [0, 1],
-        [2, 3],
-        600,
-        D_L,
-        11_875,
-        {},
-        shares={3: 11_700},
-        **common,
+        ReplanInput(
+            FITS[24],
+            dict.fromkeys(range(4), 1.0),
+            [0, 1],
+            [2, 3],
+            600,
+            D_L,
+            11_875,
+            {},
+            shares={3: 11_700},
+            **common,
+        )
     )
     assert back.batches[3] == 230 and back.shares[3] == 11_875 and back.capped == ()
 
@@ -209,9 +224,11 @@ def test_noise_is_the_standard_error_of_the_median() -> None:
 
 def test_a_replan_moves_b_s_by_at_most_damp() -> None:
     scales = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}
-    free = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {})
+    free = replan(ReplanInput(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}))
     assert free.batches[2] == 230
-    held = replan(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}, previous={2: 100, 3: 400})
+    held = replan(
+        ReplanInput(FITS[24], scales, [0, 1], [2, 3], 600, D_L, 11_875, {}, previous={2: 100, 3: 400})
+    )
     assert held.batches[2] == 150  # 100 * 1.5, on the way up
     # 400 is too fast: down to where the time is T (1 - TOL), at most by 1/1.5
     assert 267 <= held.batches[3] < 400
@@ -221,7 +238,7 @@ def test_a_replan_moves_b_s_by_at_most_damp() -> None:
 
 def test_replan_needs_a_large_group() -> None:
     with pytest.raises(ValueError, match="large group"):
-        replan(FITS[24], {0: 1.0}, [], [0], 600, D_L, 12_500, {})
+        replan(ReplanInput(FITS[24], {0: 1.0}, [], [0], 600, D_L, 12_500, {}))
 
 
 class Machine:
@@ -436,7 +453,7 @@ def test_a_u_shaped_profile_adapts_along_its_falling_part() -> None:
     profile at 20 px: 0.534 ... 0.355 ... 0.409 ms/sample): the line through all points has b ~ 0,
     the adapter models the falling part instead, so a small group slower than planned climbs to
     a larger batch with its whole share rather than having its share cut."""
-    from hpc_dualbatch.method.adapt import positive_model
+    from hpc_dualbatch.method.replan import positive_model
     from hpc_dualbatch.method.timing import fit_linear
 
     pts = [(16, 8.54e-3), (24, 10.58e-3), (32, 12.82e-3), (48, 17.68e-3), (64, 22.75e-3), (96, 38.64e-3),

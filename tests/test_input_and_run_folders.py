@@ -797,7 +797,8 @@ def test_every_file_read_is_checked_for_what_it_is_before_it_is_opened(tmp_path,
     --out: a FIFO (opening it waits for a writer: a hang), a directory or a link loop is named
     for what it is, at once (was: a hang, or "does not exist")."""
     from hpc_dualbatch.data.cifar import read_cifar
-    from hpc_dualbatch.method.plan import load_plan, samples_per_epoch
+    from hpc_dualbatch.method.plan import samples_per_epoch
+    from hpc_dualbatch.method.plan_record import load_plan
     from hpc_dualbatch.method.timing import load_timing
 
     want = ODD[kind]
@@ -831,7 +832,7 @@ def test_every_file_read_is_checked_for_what_it_is_before_it_is_opened(tmp_path,
 def test_deeply_nested_or_huge_json_is_one_message(tmp_path):
     """A timing file, plan file or checkpoint meta nested 100,000 deep (was: RecursionError in
     plan and train --resume), or a 5 MB timing file (was: 15 s and 2 GB on every rank)."""
-    from hpc_dualbatch.method.plan import load_plan
+    from hpc_dualbatch.method.plan_record import load_plan
     from hpc_dualbatch.method.timing import load_timing
 
     deep = "[" * 100_000 + "]" * 100_000

@@ -18,7 +18,7 @@ from hpc_dualbatch.method.merge import (
     nova_weight,
 )
 from hpc_dualbatch.method.merge import merge_paper as merge
-from hpc_dualbatch.method.plan import contribution_factor
+from hpc_dualbatch.method.shares import contribution_factor
 from hpc_dualbatch.ps.tasks import pushes_per_task, small_lr_scale
 
 

@@ -12,16 +12,9 @@ from hypothesis import strategies as st
 
 from hpc_dualbatch.config import load_config
 from hpc_dualbatch.errors import PlanError
-from hpc_dualbatch.method.plan import (
-    Plan,
-    contribution_factor,
-    format_plan,
-    load_plan,
-    plan_dual_batch,
-    plan_from_config,
-    predicted_run_time,
-    save_plan,
-)
+from hpc_dualbatch.method.plan import plan_dual_batch, plan_from_config, predicted_run_time
+from hpc_dualbatch.method.plan_record import Plan, format_plan, load_plan, save_plan
+from hpc_dualbatch.method.shares import contribution_factor
 from hpc_dualbatch.method.timing import TimeFit, fit_robust, save_timing
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "hpc_dualbatch", "configs")

@@ -470,7 +470,8 @@ def test_leftover_temporary_checkpoint_is_never_picked(tmp_path):
 
 
 def test_timing_and_plan_files_are_plain_json(tmp_path):
-    from hpc_dualbatch.method.plan import load_plan, plan_dual_batch, save_plan
+    from hpc_dualbatch.method.plan import plan_dual_batch
+    from hpc_dualbatch.method.plan_record import load_plan, save_plan
     from hpc_dualbatch.method.timing import TimeFit, load_timing, save_timing
 
     timing, plan_path = tmp_path / "timing.json", tmp_path / "plan.json"
@@ -489,7 +490,7 @@ def test_timing_and_plan_files_are_plain_json(tmp_path):
 
 
 def test_binary_plan_file_is_refused_with_a_message(tmp_path):
-    from hpc_dualbatch.method.plan import load_plan
+    from hpc_dualbatch.method.plan_record import load_plan
 
     path = tmp_path / "plan.json"
     path.write_bytes(pickle.dumps(_Payload(str(tmp_path / "code-ran"))))

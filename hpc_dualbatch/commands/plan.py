@@ -2,7 +2,7 @@
 
     hpc-dualbatch plan --config hpc_dualbatch/configs/fashion_mnist.yaml [--samples D] [--out plan.json]
 
-The planner itself is `method/plan.py` (pure functions).
+The planner itself is `method/plan.py` (pure functions; the plan record: `method/plan_record.py`).
 """
 
 from __future__ import annotations
@@ -12,14 +12,8 @@ import os
 from typing import Any
 
 from hpc_dualbatch.errors import PlanError
-from hpc_dualbatch.method.plan import (
-    format_plan,
-    plan_from_config,
-    predicted_run_time,
-    samples_per_epoch,
-    save_plan,
-    timing_warning,
-)
+from hpc_dualbatch.method.plan import plan_from_config, predicted_run_time, samples_per_epoch, timing_warning
+from hpc_dualbatch.method.plan_record import format_plan, save_plan
 
 
 def register(subparsers: Any) -> None:

@@ -8,7 +8,7 @@ through one worker at batch x then takes `(a + b/x) * d` seconds.
 
 A timing file holds a and b per resolution (and per role where it was measured
 under mpirun), the measured points, B_L per resolution and where it was made;
-the planner (`hpc_dualbatch.plan`) and the adaptive planner read it.
+the planner (`method/plan.py`) and the adaptive planner read it.
 
 The timing file is plain JSON, never a pickle, so it can be read and edited by
 hand and loaded safely from anywhere.
@@ -55,7 +55,7 @@ class TimeFit:
 
     @property
     def sound(self) -> bool:
-        """a > 0 and the fixed cost known: B_S can be solved from this fit (plan.py)."""
+        """a > 0 and the fixed cost known: B_S can be solved from this fit (small_batch.py)."""
         return self.a > 0 and self.fixed_cost_known
 
 

@@ -42,8 +42,9 @@ import numpy as np
 
 from hpc_dualbatch.config import Config
 from hpc_dualbatch.errors import CheckpointError, DivergedError
-from hpc_dualbatch.method.adapt import Adapter, Obs
+from hpc_dualbatch.method.adapt import Adapter
 from hpc_dualbatch.method.merge import Outer, Push, distance, make_rule
+from hpc_dualbatch.method.replan import Obs
 from hpc_dualbatch.ps import checkpoints
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.ps.roster import Roster
