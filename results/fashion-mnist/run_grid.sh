@@ -5,8 +5,11 @@
 # is built so):
 #
 #   server     B_L = 128/96/64 at 20/24/28 px, fixed 28 px, all groups large: sync, ps-base (the
-#              package's defaults), a push_every sweep (1, 2, 4, 8; 16 is ps-base) and the new
-#              server options, each alone.
+#              package's defaults), a push_every sweep (1, 2, 4, 8; 16 is ps-base), the new server
+#              options each alone (outer momentum at every push and delayed; push period per LR
+#              stage), and two controls: rounds (every push answered once all groups pushed:
+#              barrier-synchronous local SGD, no asynchrony) and single (one 4-rank group through
+#              the server: the server without several groups).
 #   dualbatch  B_L = 512/384/256, a regime where all-large training loses to small batches at this
 #              budget: sync at B_L and at the planned B_S, ps-base, dual-batch and hybrid at
 #              n_S = 2 and 3 (the paper's best n_S at k = 1.05), and the ablations of the
@@ -66,6 +69,13 @@ server_part() {  # server_part SEED
   run server sync 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
   run server ps-base "${PS[@]}"
   for every in 4 1 2 8; do run server ps-base-push$every "${PS[@]}" --set server.push_every=$every; done
+  run server ps-base-nesterov "${PS[@]}" --set server.outer=nesterov
+  run server ps-base-delayed "${PS[@]}" --set server.outer=delayed
+  run server ps-base-pushlr "${PS[@]}" --set "server.push_every_by_lr=[1, 16]"  # post-local SGD
+  run server ps-rounds "${PS[@]}" --set server.order=rounds
+  # one group of 4 ranks at 4 x 64 per step, as sync: B_L is a group's batch
+  run server ps-single 5 "$s" --set "plan.large_batch={20: 512, 24: 384, 28: 256}" "${ALL_LARGE[@]}" \
+    "${FIXED[@]}" --set "workers.groups=[4]"
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -103,7 +113,8 @@ for seed in $SEEDS; do
 done
 
 # One report per part, from every finished run of it, configurations in this order.
-ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-push8"
+ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-push8 ps-base-nesterov
+              ps-base-delayed ps-base-pushlr ps-rounds ps-single"
 ORDER_dualbatch="sync sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3 hybrid-ns3-nofactor
                  hybrid-ns3-stagecommit hybrid-ns3-static"
 for part in $PARTS; do

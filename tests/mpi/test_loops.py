@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from hpc_dualbatch.atomic import write_json  # noqa: E402
 from hpc_dualbatch.commands.train import Setup, group_specs, run_server  # noqa: E402
 from hpc_dualbatch.config import config_from_dict  # noqa: E402
-from hpc_dualbatch.method.merge import delta_weight  # noqa: E402
+from hpc_dualbatch.method.merge import delta_weight, nova_weight  # noqa: E402
 from hpc_dualbatch.method.plan import plan_from_config  # noqa: E402
 from hpc_dualbatch.method.schedule import stage_at  # noqa: E402
 from hpc_dualbatch.ps.worker import worker_loop  # noqa: E402
@@ -233,8 +233,10 @@ def mode_checks(out: str, specs, merge: str, bn: str, push_every: int) -> tuple[
     pushes = sorted(merges + [r for r in recs if r["type"] == "commit"], key=lambda r: r["merge"])
     f = [s.factor for s in specs]
 
-    def scale(r: dict) -> float:  # paper: f/(1+f); delta: f/sum(f) damped by staleness
+    def scale(r: dict) -> float:  # paper: f/(1+f); delta: f/sum(f), nova: B/sum(B), damped by staleness
         g = r["group"]
+        if merge == "nova":  # (the tiny config's batches are the same at both resolutions)
+            return nova_weight(specs[g].batch[12], [s.batch[12] for s in specs], r["staleness"])
         return f[g] / (1 + f[g]) if merge == "paper" else delta_weight(f[g], sum(f), len(f), r["staleness"])
 
     ok = (
@@ -251,19 +253,26 @@ def mode_checks(out: str, specs, merge: str, bn: str, push_every: int) -> tuple[
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize(
-    "merge, bn, push_every",
-    [("delta", "recalibrate", 4), ("paper", "average", 0), ("delta", "local", 4), ("delta", "average", 2)],
+    "merge, bn, push_every, outer",
+    [
+        ("delta", "recalibrate", 4, "none"),
+        ("paper", "average", 0, "none"),
+        ("delta", "local", 4, "none"),
+        ("delta", "average", 2, "none"),
+        ("nova", "recalibrate", 4, "delayed"),
+        ("delta", "recalibrate", 2, "nesterov"),
+    ],
 )
 def test_every_server_mode_merges_by_its_rule_and_a_signalled_run_resumes_bit_identical(
-    shared_dir, merge, bn, push_every
+    shared_dir, merge, bn, push_every, outer
 ):
     """A rank of group 0 is signalled during its 2nd task: the server checkpoints at a barrier
     and stops every group; the resumed run ends with the uninterrupted run's weights, momentum
-    and order of commits."""
+    (and outer momentum) and order of commits."""
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
-    mode = dict(server__merge=merge, server__bn=bn, server__push_every=push_every)
+    mode = dict(server__merge=merge, server__bn=bn, server__push_every=push_every, server__outer=outer)
     full, cut = os.path.join(shared_dir, "full"), os.path.join(shared_dir, "cut")
     run(full, **mode)
     first, _, _, specs = run(cut, preempt_round=1, **mode)
@@ -290,8 +299,34 @@ def test_every_server_mode_merges_by_its_rule_and_a_signalled_run_resumes_bit_id
             and groups(cut) == groups(full)  # round robin: the same order of commits
             and np.array_equal(a.weights, b.weights)  # bit-identical to the uninterrupted run
             and np.array_equal(a.momentum, b.momentum)
+            and (outer == "none" or np.array_equal(a.outer, b.outer))
         )
         return ok, why + f"; outcomes {first}/{second}, parked at {parked_at}, commits {commits}"
+
+    agreed(world, check)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_rounds_answer_a_push_once_every_group_pushed(shared_dir):
+    """order: rounds (a control): every group takes every task, and no push is merged more than
+    one round after its group's pull (staleness < n: the round's pushes all start from one pull)."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    out = os.path.join(shared_dir, "rounds")
+    outcome, _, _, specs = run(out, server__order="rounds", plan__adaptive=False)
+
+    def check() -> tuple[bool, str]:
+        if world.Get_rank() != 0:
+            return True, ""
+        n, pushes = len(specs), records(out, "merge") + records(out, "commit")
+        per_group = [sorted(r["round"] for r in records(out, "commit") if r["group"] == g) for g in range(n)]
+        ok = (
+            outcome == "done"
+            and per_group == [list(range(EPOCHS))] * n
+            and max(r["staleness"] for r in pushes) <= n - 1
+        )
+        return ok, f"{outcome}; rounds per group {per_group}; staleness {[r['staleness'] for r in pushes]}"
 
     agreed(world, check)
 
