@@ -16,6 +16,7 @@ run with every commit 1..total logged exactly once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -371,7 +372,8 @@ def test_a_stopped_rank_is_named_and_the_run_checkpoints_without_it_then_resumes
         if fault == "preempt":
             time.sleep(1.0)
             for pid in ranks.values():
-                os.kill(pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):  # group 0's ranks may have finished
+                    os.kill(pid, signal.SIGTERM)  # every task handed out and exited
         log = ends_within(job, 60)
         took = time.time() - t0
     finally:

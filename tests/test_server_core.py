@@ -266,6 +266,20 @@ def test_rounds_answer_every_push_once_the_round_is_complete(tmp_path):
     ]
 
 
+def test_rounds_keep_their_step_at_a_checkpoint_barrier(tmp_path):
+    """The commit that closes a checkpoint epoch parks the group held before it too: released
+    there, it would start the next round's task alone."""
+    ps = make(tmp_path, server__order="rounds", plan__adaptive=False)  # tiny: a checkpoint each epoch
+    ps.answer(0), ps.answer(1)
+    assert ps.on_push(push(P.Kind.PUSH, 0, 0, 100), np.zeros(N_P + N_B, np.float32)) == []
+    assert ps.on_push(push(P.Kind.PUSH, 1, 0, 80), np.zeros(N_P + N_B, np.float32)) == []
+    assert sorted(ps.roster.parked) == [0, 1] and not ps.roster.held and ps.barrier_full()
+    replies = ps.checkpoint()
+    assert [(o.group, int(o.task.status), int(o.task.round)) for o in replies] == [
+        (0, P.Status.RUN, 1), (1, P.Status.RUN, 1)
+    ]  # fmt: skip
+
+
 def test_rounds_release_the_others_when_a_group_is_left_out(tmp_path):
     ps = make(tmp_path, server__order="rounds", plan__adaptive=False, server__stall_s=5.0)
     ps.answer(0), ps.answer(1)

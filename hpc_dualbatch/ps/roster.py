@@ -21,7 +21,8 @@ class Roster:
         self.round_robin, self.rounds = order == "round_robin", order == "rounds"
         self.stopped: set[int] = set()
         self.parked: list[int] = []
-        self.held: dict[int, Callable[[], Any]] = {}  # order: rounds: group -> its reply, made at release
+        # order: rounds: group -> (its push was a commit, its reply, made at release)
+        self.held: dict[int, tuple[bool, Callable[[], Any]]] = {}
         self.outstanding: set[int] = set()
         self.eval_asked: dict[int, tuple[float, int]] = {}  # group -> (epoch, merges at the asking)
         self.send_state = set(range(n_groups)) if resumed else set()
@@ -57,13 +58,22 @@ class Roster:
         if self.round_robin and not is_eval:
             self.next_rr = (g + 1) % self.n
 
-    def hold(self, g: int, reply: Callable[[], Any]) -> list[Any]:
+    def hold(self, g: int, reply: Callable[[], Any], commit: bool) -> list[Any]:
         """Group g's reply now, or under order: rounds held until the round is complete
         (`release`): one round of pushes from one pull, merged, then answered together."""
         if not self.rounds:
             return [reply()]
-        self.held[g] = reply
+        self.held[g] = (commit, reply)
         return self.release()
+
+    def park(self, g: int) -> None:
+        """Group g committed into a checkpoint barrier: it waits for the checkpoint. Under order:
+        rounds so do the groups held with a commit of the same round (released now, they would
+        start a task of the next round alone)."""
+        self.parked.append(g)
+        for h in [h for h, (commit, _) in self.held.items() if commit]:
+            del self.held[h]
+            self.parked.append(h)
 
     def release(self) -> list[Any]:
         """The held replies, made now in group order, once no active group is still to push
@@ -72,4 +82,4 @@ class Roster:
         if not held or any(g not in held and g not in self.parked for g in self.active()):
             return []
         self.held = {}
-        return [held[g]() for g in sorted(held)]
+        return [held[g][1]() for g in sorted(held)]

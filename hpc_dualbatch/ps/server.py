@@ -214,7 +214,7 @@ class ParameterServer:
         order: rounds once the round is complete)."""
         g, d = req.group, self._merge(req.group, wbuf)
         self.log.write(merge_record(group=g, round_idx=req.round, wall=self.wall(), **d))
-        return self.roster.hold(g, lambda: self._with_weights(g, P.Task(P.Status.CONTINUE)))
+        return self.roster.hold(g, lambda: self._with_weights(g, P.Task(P.Status.CONTINUE)), commit=False)
 
     def on_push(self, req: P.Request, wbuf: np.ndarray) -> list[Outgoing]:
         """A push that ends a task (a commit): merge, log, then the reply, or none while the
@@ -246,9 +246,9 @@ class ParameterServer:
         if (every and s.commits % every == 0 and s.commits < self.total) or self.preempt:
             self.barrier = True
         if self.barrier:
-            self.roster.parked.append(g)
+            self.roster.park(g)
             return self.roster.release()  # (under order: rounds the held groups go on to their commits)
-        return self.roster.hold(g, lambda: self.answer(g))
+        return self.roster.hold(g, lambda: self.answer(g), commit=True)
 
     def on_eval(self, g: int, ev: P.Evaluation, bufs: np.ndarray) -> None:
         """An evaluation result and the BN buffers it was made with."""
