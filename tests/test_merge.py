@@ -10,7 +10,7 @@ import pytest
 
 from hpc_dualbatch.method.merge import (
     Outer,
-    Push,
+    PushInfo,
     delta_weight,
     distance,
     make_rule,
@@ -170,7 +170,7 @@ def test_one_round_of_nova_pushes_is_the_step_of_all_samples_at_the_summed_batch
     rule = make_rule("nova", "average", [1.0, 1.0, 0.5, 0.5], w0, np.zeros((4, 0), np.float32), 0)
     w = w0.copy()
     for k, wi in enumerate(pushed):
-        rule.fold(Push(k, k, eta, batches), w, wi.copy())
+        rule.fold(PushInfo(k, k, eta, batches), w, wi.copy())
     expected = w0 - eta * sum(d * g for d, g in zip(shares, grads)) / sum(batches)
     np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-5)
 

@@ -16,7 +16,7 @@ from hpc_dualbatch.method.schedule import (
     lr_stages,
     resolution_at,
     stage_at,
-    stage_for_commit,
+    stage_for_count,
     stage_table,
 )
 
@@ -155,7 +155,7 @@ def test_commits() -> None:
     assert epoch_of_commit(0, 3, s) == 0
     assert epoch_of_commit(2, 3, s) == 0 and epoch_of_commit(3, 3, s) == 1
     assert epoch_of_commit(30, 3, s) == 9 and epoch_of_commit(10_000, 3, s) == 9  # clamped
-    assert stage_for_commit(21, 3, s) == stage_at(7, s)
+    assert stage_for_count(21, 3, s) == stage_at(7, s)
     with pytest.raises(ValueError):
         epoch_of_commit(-1, 3, s)
 

@@ -66,7 +66,7 @@ def _limit_worker(config_path: str, result_path: str) -> int:
     g, n, shares = topo.group, cfg.n_groups, [s.share for s in specs]
     samples, first = 0, time.perf_counter() - t0
     for r in range(cfg.schedule.epochs):
-        stage = schedule.stage_for_commit(r * n + g, n, cfg.schedule)
+        stage = schedule.stage_for_count(r * n + g, n, cfg.schedule)
         batch = specs[g].batch[stage.resolution]
         work = MiniEpoch(r, shares, stage.resolution, batch, stage.lr, stage.dropout)
         samples += trainer.train_mini_epoch(work).samples

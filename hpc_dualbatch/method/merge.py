@@ -115,7 +115,7 @@ def distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @dataclass
-class Push:
+class PushInfo:
     """What a rule may need to know of one push besides the weights."""
 
     group: int
@@ -142,7 +142,7 @@ class MergeRule:
         """Merges by other pushes since group g's pull."""
         return merges - self.pulled_at[g]
 
-    def fold(self, push: Push, w: np.ndarray, wi: np.ndarray) -> float:
+    def fold(self, push: PushInfo, w: np.ndarray, wi: np.ndarray) -> float:
         """Fold the pushed parameters `wi` into `w` in place; returns the push's weight."""
         raise NotImplementedError
 
@@ -159,7 +159,7 @@ class MergeRule:
 
 
 class PaperRule(MergeRule):
-    def fold(self, push: Push, w: np.ndarray, wi: np.ndarray) -> float:
+    def fold(self, push: PushInfo, w: np.ndarray, wi: np.ndarray) -> float:
         f = self.factors[push.group]
         merge_paper(w, wi, f)
         return f / (1.0 + f)
@@ -181,10 +181,10 @@ class DeltaRule(MergeRule):
         super().pulled(g, params, merges)
         self.copies[g] = params
 
-    def weight(self, push: Push) -> float:
+    def weight(self, push: PushInfo) -> float:
         return delta_weight(self.factors[push.group], self.f_sum, self.n, push.staleness)
 
-    def fold(self, push: Push, w: np.ndarray, wi: np.ndarray) -> float:
+    def fold(self, push: PushInfo, w: np.ndarray, wi: np.ndarray) -> float:
         a = self.weight(push)
         if self.outer is None:
             merge_delta(w, wi, self.copies[push.group], a)
@@ -195,7 +195,7 @@ class DeltaRule(MergeRule):
 
 
 class NovaRule(DeltaRule):
-    def weight(self, push: Push) -> float:
+    def weight(self, push: PushInfo) -> float:
         return nova_weight(push.batches[push.group], push.batches, push.staleness)
 
 

@@ -117,8 +117,9 @@ def epoch_of_commit(commits: int, n_groups: int, sched: ScheduleConfig) -> int:
     return min(commits // n_groups, sched.epochs - 1)
 
 
-def stage_for_commit(commits: int, n_groups: int, sched: ScheduleConfig) -> Stage:
-    """The stage the parameter server is in after `commits` merged pushes (clamped to the last epoch).
+def stage_for_count(commits: int, n_groups: int, sched: ScheduleConfig) -> Stage:
+    """The stage after `commits` of n_groups mini-epochs (clamped to the last epoch): the server
+    counts the tasks handed out (`server.stage_by: task`) or the commits merged (`commit`).
 
     The LR is the integer epoch's (a stage changes only at whole epochs, so
     all groups of one epoch train alike); use `lr_at(commits / n_groups)` for

@@ -43,7 +43,7 @@ import numpy as np
 from hpc_dualbatch.config import Config
 from hpc_dualbatch.errors import CheckpointError, DivergedError
 from hpc_dualbatch.method.adapt import Adapter
-from hpc_dualbatch.method.merge import Outer, Push, distance, make_rule
+from hpc_dualbatch.method.merge import Outer, PushInfo, distance, make_rule
 from hpc_dualbatch.method.replan import Obs
 from hpc_dualbatch.ps import checkpoints
 from hpc_dualbatch.ps import protocol as P
@@ -191,7 +191,7 @@ class ParameterServer:
         dist = distance(wi, w)
         if not math.isfinite(dist):  # before the merge: the global weights stay as they were
             self._diverged(g, f"pushed weights are not finite (distance to the global weights {dist})")
-        push = Push(g, self.rule.staleness(g, s.merges), st.lr, self.tasks.batches(st.resolution))
+        push = PushInfo(g, self.rule.staleness(g, s.merges), st.lr, self.tasks.batches(st.resolution))
         a = self.rule.fold(push, w, wi)
         self.rule.fold_buffers(g, s.weights[n_p:], wbuf[n_p:])
         s.merges += 1

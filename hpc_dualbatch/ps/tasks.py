@@ -3,7 +3,7 @@ batch, share, dropout and push count of a mini-epoch, and adaptive planning's de
 
 A task's stage follows its index among the tasks handed out (`server.stage_by: task`: task t
 is part of epoch t // n) or, as in the method, the commit count when it is handed out
-(`commit`); `schedule.stage_for_commit` either way. The push count follows `server.push_every`,
+(`commit`); `schedule.stage_for_count` either way. The push count follows `server.push_every`,
 or `server.push_every_by_lr` per learning-rate stage (post-local SGD, Lin et al. 2020, arXiv
 1808.07217, pushes often while the rate is high and seldom after its decay). A small group's
 rate is the large groups' (the method), or scaled by (B_S/B_L)^(1/2) or B_S/B_L
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from hpc_dualbatch.config import Config
 from hpc_dualbatch.method.adapt import Adapter
-from hpc_dualbatch.method.schedule import lr_at, stage_for_commit
+from hpc_dualbatch.method.schedule import lr_at, stage_for_count
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.runtime.metrics import MetricsLog, plan_record
 
@@ -72,7 +72,7 @@ class Tasks:
         out so far, `commits`: merged, `round_idx`: group g's mini-epoch count."""
         cfg, spec, run = self.cfg, self.groups[g], status == P.Status.RUN
         at = handed_out if cfg.server.stage_by == "task" else commits  # server.stage_by
-        stage = stage_for_commit(at, self.n, cfg.schedule)
+        stage = stage_for_count(at, self.n, cfg.schedule)
         res = stage.resolution
         predicted = self._adapt(g, res, commits / self.n, wall) if run and self.adapter else None
         lr = lr_at(at / self.n, cfg.schedule)  # at the fractional epoch: a warm-up ramps per task
