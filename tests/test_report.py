@@ -161,3 +161,59 @@ def test_plots_draw_one_line_per_configuration_in_panels_of_at_most_six():
 
     xs, mean, low, high = mean_curve([run([0.5, 0.7, 0.9], [10, 20, 30]), run([0.3, 0.9], [12, 22])], "wall")
     assert xs == [11, 21] and mean == pytest.approx([40, 80]) and low == [30, 70] and high == [50, 90]
+
+
+def test_frontier_through_budgets_and_targets_judged_exactly(tmp_path):
+    """`sync` at two budgets (sync, sync-e12) and `hyb` at two: the frontier interpolates `hyb`
+    at sync's mean wall time; every target's value is computed from the runs."""
+    runs = [
+        fake_run(tmp_path / "sync-s1", [0.6, 0.80], 100.0),
+        fake_run(tmp_path / "sync-s2", [0.6, 0.82], 100.0),
+        fake_run(tmp_path / "sync-e12-s1", [0.7, 0.86], 150.0),
+        fake_run(tmp_path / "hyb-s1", [0.7, 0.78], 60.0),
+        fake_run(tmp_path / "hyb-e12-s1", [0.6, 0.90, 0.84], 140.0),  # falls 6 points after epoch 1
+    ]
+    targets = [
+        {
+            "kind": "above",
+            "config": "hyb",
+            "reference": "sync",
+            "margin": 0.0,
+            "max_wall_ratio": 1.0,
+            "label": "t1",
+        },
+        {"kind": "frontier", "family": "hyb", "reference": "sync", "margin": 0.5, "label": "t3"},
+        {"kind": "frontier", "family": "hyb", "reference": "sync-e12", "label": "out of range"},
+        {"kind": "no_fall", "configs": ["hyb", "hyb-e12"], "points": 5, "label": "t4"},
+    ]
+    (tmp_path / "t.json").write_text(json.dumps(targets))
+    out = tmp_path / "rep"
+    assert (
+        main(
+            ["report", *runs, "--baseline", "sync", "--out", str(out), "--targets", str(tmp_path / "t.json")]
+        )
+        == 0
+    )
+    got = {t["label"]: t for t in json.loads((out / "targets.json").read_text())}
+    assert got["t1"]["value"] == pytest.approx(78.0) and got["t1"]["needed"] == pytest.approx(81.0)
+    assert not got["t1"]["met"]
+    # hyb's frontier: (60 s, 78 %) -> (140 s, 84 %); at sync's 100 s: 81 %, needed 81 + 0.5
+    assert got["t3"]["value"] == pytest.approx(81.0) and not got["t3"]["met"]
+    assert got["out of range"]["value"] is None and not got["out of range"]["met"]
+    assert got["t4"]["value"] == pytest.approx(6.0) and not got["t4"]["met"]
+    md = (out / "report.md").read_text()
+    assert "| t3 | frontier | 81.50 % | hyb at 100 s: 81.00 % (+0.00 vs 81.00) | **no** |" in md
+    assert (out / "frontier.png").stat().st_size > 1000
+
+
+def test_a_bad_targets_file_is_one_message(tmp_path):
+    from hpc_dualbatch.commands import frontier
+    from hpc_dualbatch.commands.report import summarize
+
+    bad = tmp_path / "t.json"
+    bad.write_text(json.dumps([{"kind": "above", "config": "a"}]))
+    with pytest.raises(DataError, match="entry 0.*valid: kind one of above, frontier, no_fall"):
+        frontier.load_targets(str(bad))
+    summary = summarize([load_run(fake_run(tmp_path / "a-s1", [0.5], 10.0))], None)
+    with pytest.raises(DataError, match="configuration 'nope', not among a"):
+        frontier.judge([{"kind": "above", "config": "a", "reference": "nope"}], summary)

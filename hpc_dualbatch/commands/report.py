@@ -12,11 +12,12 @@ largest fall of test accuracy from one evaluation to the next after epoch 1
 (a global model that collapses mid-run shows here). Every
 number comes from the runs' metrics.jsonl; nothing is typed in.
 
-Writes `<out>/report.md`, `<out>/summary.json` and PNG plots (matplotlib): test accuracy vs
-wall time and vs epoch, one line per configuration (the mean over seeds at each evaluation, a
-band from the lowest to the highest seed, the baseline dashed black; more than six
-configurations are split into one panel per family, each with the baseline), and images/s per
-group.
+Writes `<out>/report.md`, `<out>/summary.json` (`targets.json` with --targets) and PNG plots
+(matplotlib): test accuracy vs wall time and vs epoch, one line per configuration (the mean over
+seeds at each evaluation, a band from the lowest to the highest seed, the baseline dashed black;
+more than six configurations are split into one panel per family, each with the baseline),
+images/s per group, and final accuracy vs wall seconds with one line per configuration through
+its epoch budgets (`frontier.py`; `--targets FILE` adds a table of targets met or not).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import yaml
 
 from hpc_dualbatch.atomic import check_regular, file_kind, write_json, write_text
+from hpc_dualbatch.commands import frontier
 from hpc_dualbatch.errors import DataError, OutputError
 from hpc_dualbatch.runtime.checkpoint import OPERATIONAL, config_differences
 from hpc_dualbatch.runtime.metrics import read_metrics
@@ -330,11 +332,18 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise OutputError(f"--out {args.out}: cannot create the folder ({e.strerror or e})") from None
     md = markdown(summary, args.baseline, order)
+    judged = frontier.judge(frontier.load_targets(args.targets), summary) if args.targets else None
+    if judged is not None:
+        md += "\n" + frontier.targets_markdown(judged)
     try:
         figs = plots(runs, order, args.out, args.baseline)
+        frontier.plot(summary, os.path.join(args.out, "frontier.png"), args.baseline)
+        figs.append("frontier.png")
         text = f"# Results\n\n{md}\n" + "".join(f"![{f}]({f})\n" for f in figs)
         write_text(os.path.join(args.out, "report.md"), text)
         write_json(os.path.join(args.out, "summary.json"), _finite(summary), allow_nan=False)
+        if judged is not None:
+            write_json(os.path.join(args.out, "targets.json"), _finite(judged), allow_nan=False)
     except OSError as e:
         raise OutputError(f"--out {args.out}: cannot write the report ({e.strerror or e})") from None
     print(md)
@@ -348,4 +357,8 @@ def register(sub: Any) -> None:
     p.add_argument("runs", nargs="+", help="run folders (seeds as a -s<seed> suffix of the folder name)")
     p.add_argument("--baseline", help="configuration to compare against (difference and ratio)")
     p.add_argument("--out", required=True, help="folder for report.md, summary.json and plots")
+    p.add_argument(
+        "--targets",
+        help="JSON list of targets to judge: kinds above, frontier, no_fall (commands/frontier.py)",
+    )
     p.set_defaults(func=run)
