@@ -191,7 +191,10 @@ def test_operational_keys_may_change_on_resume_identity_keys_may_not(tmp_path, s
         checkpoint__keep=5,
         checkpoint__every_epochs=3,
     )
+    moved["metrics"] = {"tensorboard": "never", "tensorboard_x": "wall"}
     C.check_compatible("ck.npz", saved, config_from_dict(moved).to_dict())  # accepted
+    older = {k: v for k, v in saved.items() if k != "metrics"}  # made before the metrics section
+    C.check_compatible("ck.npz", older, config_from_dict(raw).to_dict())
     for key, value in [("server__order", "arrival"), ("data__augment", False), ("plan__k", 1.1)]:
         with pytest.raises(CheckpointError, match=key.replace("__", ".")):
             C.check_compatible(
