@@ -200,6 +200,24 @@ def test_without_tensorboard_a_run_says_so_once_and_writes_its_metrics(tmp_path,
         E.check("always")
 
 
+def test_a_link_or_file_at_the_event_folder_is_replaced_never_written_through(tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cfg = Config(out=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tb").symlink_to(elsewhere)
+    E.open_log(cfg, None, 2).close()
+    assert (tmp_path / "run" / "tb").is_dir() and not (tmp_path / "run" / "tb").is_symlink()
+    assert list(elsewhere.iterdir()) == []
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    for p in (tmp_path / "run" / "tb").iterdir():
+        p.unlink()
+    (tmp_path / "run" / "tb").rmdir()
+    (tmp_path / "run" / "tb").write_text("in the way")
+    E.open_log(cfg, None, 2).close()
+    assert (tmp_path / "run" / "tb").is_dir() and capsys.readouterr().out == ""
+
+
 def test_a_failing_event_file_stops_itself_not_the_run(tmp_path, capsys):
     log = open_log(tmp_path)
 
@@ -213,3 +231,8 @@ def test_a_failing_event_file_stops_itself_not_the_run(tmp_path, capsys):
     said = capsys.readouterr().out.splitlines()
     assert len(said) == 1 and "tensorboard: event files stopped (OSError" in said[0]
     assert read_metrics(str(tmp_path / "metrics.jsonl")) == RUN
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "blocked").write_text("a file where the run folder's tb/ would go")
+    cfg = Config(out=str(tmp_path / "blocked"))  # tb/ cannot be made: no event files, a line, no error
+    assert E.open_events(cfg.out, "auto", "step", 2, 0.0) is None
+    assert "tensorboard: no event files (" in capsys.readouterr().out

@@ -121,7 +121,10 @@ class EventLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.folder, self.per_epoch, self.x, self.origin = folder, per_epoch, x, origin
-        shutil.rmtree(folder, ignore_errors=True)
+        if os.path.islink(folder) or os.path.isfile(folder):
+            os.unlink(folder)  # never written through (a link) nor in the way (a file)
+        elif os.path.isdir(folder):
+            shutil.rmtree(folder)
         self._w = SummaryWriter(folder, flush_secs=FLUSH_SECS)
         self.last: dict[str, int] = {}  # tag -> its last step written
         self.skipped = 0
@@ -157,7 +160,14 @@ def open_events(out: str, mode: str, x: str, per_epoch: int, elapsed: float) -> 
             flush=True,
         )
         return None
-    return EventLog(os.path.join(out, FOLDER), per_epoch, x, time.time() - elapsed)
+    folder = os.path.join(out, FOLDER)
+    try:
+        return EventLog(folder, per_epoch, x, time.time() - elapsed)
+    except Exception as e:  # the event files are a view of metrics.jsonl: never a reason to stop
+        print(
+            f"tensorboard: no event files ({type(e).__name__}: {e}); {folder} could not be made", flush=True
+        )
+        return None
 
 
 def open_log(cfg: Any, ck: Any, per_epoch: int) -> MetricsLog:
