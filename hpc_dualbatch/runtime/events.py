@@ -56,8 +56,8 @@ def unavailable() -> str | None:
     """Why event files cannot be written in this process (None: they can)."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except ImportError as e:  # torch's module raises ImportError when tensorboard is missing
-        return str(e) or type(e).__name__
+    except Exception as e:  # ImportError without the package; anything else: a broken install
+        return f"{type(e).__name__}: {e}"
     return None
 
 
