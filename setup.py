@@ -24,8 +24,17 @@ setup(
         "pillow>=9.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2.1", "hypothesis>=6", "ruff>=0.4"],
+        # tensorboard in test too: the tests read the event files back with its reader
+        "test": [
+            "pytest>=7",
+            "pytest-mpi>=0.6",
+            "pytest-timeout>=2.1",
+            "hypothesis>=6",
+            "ruff>=0.4",
+            "tensorboard>=2.10",
+        ],
         "plot": ["matplotlib>=3.5"],
+        "tensorboard": ["tensorboard>=2.10"],  # event files beside metrics.jsonl (metrics.tensorboard)
     },
     entry_points={"console_scripts": ["hpc-dualbatch=hpc_dualbatch.cli:main"]},
 )

@@ -6,7 +6,7 @@
 # Steps, each skipped when its result is already present:
 #   1. system packages (Open MPI, cmake, Fashion-MNIST) from Debian when apt is usable;
 #      on a cluster without root: load an MPI module first, the script says what is missing
-#   2. a virtual environment with torch + torchvision and the Python packages
+#   2. a virtual environment with torch + torchvision and the Python packages (TensorBoard too)
 #   3. Horovod 0.28.1 built from its source release against this torch and this MPI,
 #      cached as a wheel in $HDB_CACHE (default ~/.cache/hpc_dualbatch) so it builds once
 # Why the Horovod build is patched: its CMakeLists pin C++14, torch >= 2.1 headers need
@@ -68,11 +68,12 @@ if ! "$py" -c 'import torch, torchvision' >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   pip_q $TORCH_SPEC
 fi
-# The package itself (editable) with its test extras; pulls numpy, h5py, mpi4py, pyyaml, pytest...
-if ! "$py" -c 'import hpc_dualbatch, mpi4py, h5py, pytest, pytest_mpi, yaml, matplotlib, ruff' >/dev/null 2>&1; then
-  say "installing hpc_dualbatch[test,plot] (editable)"
+# The package itself (editable) with its test, plot and TensorBoard extras; pulls numpy, h5py,
+# mpi4py, pyyaml, pytest, tensorboard...
+if ! "$py" -c 'import hpc_dualbatch, mpi4py, h5py, pytest, pytest_mpi, yaml, matplotlib, ruff, tensorboard' >/dev/null 2>&1; then
+  say "installing hpc_dualbatch[test,plot,tensorboard] (editable)"
   pip_q wheel setuptools
-  pip_q -e "$here[test,plot]"
+  pip_q -e "$here[test,plot,tensorboard]"
 fi
 
 # --- 3. Horovod with PyTorch + MPI ----------------------------------------

@@ -18,11 +18,11 @@ from tests.helpers import ROOT
 
 # Groups of tests a machine prepared by `make setup` must run. Under `make test`
 # (HDB_REQUIRE_GROUPS=1) a test skipped because its group cannot run is reported as failed,
-# so "all passed" cannot hide a group that never ran: Horovod and mpi4py (setup installs
-# both), and Slurm where it was installed before the session (tests/test_slurm.py installs
+# so "all passed" cannot hide a group that never ran: Horovod, mpi4py and tensorboard (setup
+# installs them), and Slurm where it was installed before the session (tests/test_slurm.py installs
 # it on a fresh machine where it can, and may then skip if the local cluster cannot start).
 # A group is known by its skip reason.
-REQUIRED = ["horovod", "mpi4py"] + (["slurm"] if shutil.which("slurmctld") else [])
+REQUIRED = ["horovod", "mpi4py", "tensorboard"] + (["slurm"] if shutil.which("slurmctld") else [])
 
 
 def _require(report):

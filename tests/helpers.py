@@ -166,3 +166,13 @@ def start_up_error(args: list[str], np_: int = 3) -> str:
         assert "Traceback" not in str(e), str(e)
         return str(e)
     raise AssertionError(f"train {' '.join(args)} started")
+
+
+def read_events(folder: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar of the TensorBoard event files in `folder`, read with TensorBoard's own reader:
+    tag -> [(step, value, wall time)] in the order the reader keeps them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    return {t: [(e.step, e.value, e.wall_time) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}

@@ -83,6 +83,8 @@ def test_dotted_overrides_parse_yaml_values():
             "'server.push_every_by_lr' needs one value per schedule.lr stage (3)",
         ),
         ("schedule.small_lr=cubic", "'schedule.small_lr' is 'cubic'; valid: same, sqrt, linear"),
+        ("metrics.tensorboard=maybe", "'metrics.tensorboard' is 'maybe'; valid: auto, always, never"),
+        ("metrics.tensorboard_x=epoch", "'metrics.tensorboard_x' is 'epoch'; valid: step, wall"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

@@ -96,6 +96,8 @@ def test_folder_with_metrics_but_no_checkpoint_starts_over(tmp_path, synthetic_h
     """A crash (or a full disk) before the first checkpoint: both commands start at commit 0."""
     out, cfg = run_folder(tmp_path, synthetic_h5)
     (out / "metrics.jsonl").write_bytes(lines(commit(1), commit(2)) + b'{"type":"comm')
+    (out / "tb").mkdir()
+    (out / "tb" / "events.out.tfevents.1").write_bytes(b"")
     lock, ck = F.prepare_out(cfg, resume)
     lock.close()
     assert ck is None
@@ -103,6 +105,7 @@ def test_folder_with_metrics_but_no_checkpoint_starts_over(tmp_path, synthetic_h
     assert "holds metrics but no checkpoint" in said and "starting it from commit 0" in said
     assert not (out / "metrics.jsonl").exists()  # the new run writes a new file
     assert (out / "metrics-stopped-1.jsonl").read_bytes().startswith(lines(commit(1)))
+    assert not (out / "tb").exists() and (out / "tb-stopped-1" / "events.out.tfevents.1").exists()
 
 
 def test_resume_of_a_folder_without_any_checkpoint_starts_at_commit_0(tmp_path, synthetic_h5, capsys):
@@ -191,7 +194,10 @@ def test_operational_keys_may_change_on_resume_identity_keys_may_not(tmp_path, s
         checkpoint__keep=5,
         checkpoint__every_epochs=3,
     )
+    moved["metrics"] = {"tensorboard": "never", "tensorboard_x": "wall"}
     C.check_compatible("ck.npz", saved, config_from_dict(moved).to_dict())  # accepted
+    older = {k: v for k, v in saved.items() if k != "metrics"}  # made before the metrics section
+    C.check_compatible("ck.npz", older, config_from_dict(raw).to_dict())
     for key, value in [("server__order", "arrival"), ("data__augment", False), ("plan__k", 1.1)]:
         with pytest.raises(CheckpointError, match=key.replace("__", ".")):
             C.check_compatible(

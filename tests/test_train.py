@@ -21,6 +21,7 @@ from tests.helpers import (
     hdb,
     kill_job,
     rank_pids,
+    read_events,
     start,
     start_up_error,
     tiny_config,
@@ -92,6 +93,19 @@ def test_round_robin_runs_are_bit_identical_and_resume_exactly(tmp_path, synthet
     commits, evals = commits_and_evals(tmp_path / "c")
     assert commits == list(range(1, 9)), "a commit was lost or repeated across the resume"
     assert evals == [float(e) for e in range(1, 5)]
+    # The TensorBoard event file (metrics.tensorboard: auto) holds the metrics file's records,
+    # across the kill and resume each step once: test at the commit count of each epoch.
+    ev, recs = read_events(tmp_path / "c" / "tb"), read_metrics(str(tmp_path / "c" / "metrics.jsonl"))
+    assert sorted(ev) == sorted(read_events(out1 / "tb"))
+    assert [s for s, _, _ in ev["test/acc"]] == [2, 4, 6, 8]
+    assert [round(v, 5) for _, v, _ in ev["test/acc"]] == [
+        round(r["test_acc"], 5) for r in recs if r["type"] == "eval"
+    ]
+    for g in (0, 1):
+        pushes = [r for r in recs if r.get("group") == g and r["type"] in ("commit", "merge")]
+        assert [s for s, _, _ in ev[f"train/loss/group{g}"]] == [r["commit"] for r in pushes if "commit" in r]
+        assert [s for s, _, _ in ev[f"server/staleness/group{g}"]] == [r["merge"] for r in pushes]
+    assert {"B_S/trained/group1/12px", "B_S/trained/group1/16px"} <= set(ev)
 
 
 @pytest.mark.job
@@ -183,6 +197,15 @@ def test_sync_baseline_learns_with_the_same_metrics(tmp_path, synthetic_h5):
     assert status["state"] == "done" and status["final_test_acc"] > 0.5
     commits, evals = commits_and_evals(out)
     assert commits == [1, 2, 3, 4] and evals == [1.0, 2.0, 3.0, 4.0]
+    ev = read_events(out / "tb")  # one commit per epoch; no server, so no staleness or B_S
+    assert sorted(ev) == [
+        "test/acc",
+        "test/loss",
+        "train/acc/group0",
+        "train/images_per_s/group0",
+        "train/loss/group0",
+    ]
+    assert [s for s, _, _ in ev["test/acc"]] == [s for s, _, _ in ev["train/loss/group0"]] == [1, 2, 3, 4]
 
 
 @pytest.mark.job

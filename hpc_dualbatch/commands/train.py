@@ -3,9 +3,10 @@
     mpirun -np 4 hpc-dualbatch train --config hpc_dualbatch/configs/fashion_mnist.yaml --set seed=1
     mpirun -np 4 hpc-dualbatch train --resume runs/fashion_mnist      # continue from the newest checkpoint
 
-Output folder (`out`): config.yaml (resolved), plan.json, command.txt, metrics.jsonl,
-checkpoints/ckpt-<commits>.npz, status.json (state done | preempted | diverged | stalled, final
-and best test accuracy). What a folder may already hold: runfolder.py.
+Output folder (`out`): config.yaml (resolved), plan.json, command.txt, metrics.jsonl, tb/
+(TensorBoard event files: runtime/events.py), checkpoints/ckpt-<commits>.npz, status.json (state
+done | preempted | diverged | stalled, final and best test accuracy). What a folder may already
+hold: runfolder.py.
 """
 
 from __future__ import annotations
@@ -135,6 +136,9 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
     groups = group_specs(cfg, plan)
     lock = ck = None
     if world.Get_rank() == 0:
+        from hpc_dualbatch.runtime.events import check as check_events
+
+        check_events(cfg.metrics.tensorboard)  # the rank that writes the metrics and event files
         lock, ck = F.prepare_out(cfg, bool(args.resume), staged)
         if ck is not None and ck.momentum.shape[0] != cfg.n_groups:
             raise CheckpointError(
@@ -164,14 +168,14 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
     from hpc_dualbatch.ps import checkpoints
     from hpc_dualbatch.ps.server import ParameterServer, ServerState
     from hpc_dualbatch.ps.server_loop import serve
-    from hpc_dualbatch.runtime.metrics import MetricsLog
+    from hpc_dualbatch.runtime.events import open_log
 
     cfg, ck = st.cfg, st.ckpt
     if ck is not None:
         state = ServerState.from_checkpoint(ck, weights, n_params, cfg.out)
     else:
         state = ServerState.fresh(weights, n_params, cfg.n_groups, outer=cfg.server.outer != "none")
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None)
+    log = open_log(cfg, ck, cfg.n_groups)
     adapter = make_adapter(cfg, st.plan, st.groups)
     if adapter is not None and ck is not None and "adapt" in ck.extra:
         adapter.load_state(ck.extra["adapt"])  # continue with the batches, shares and windows it had

@@ -135,6 +135,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class MetricsConfig:
+    # TensorBoard event files in <out>/tb/, built from the metrics.jsonl records (runtime/events.py):
+    # auto (where the tensorboard package is importable) | always (a start-up error without it) |
+    # never (the words of data.in_memory: YAML reads on and off as true and false)
+    tensorboard: str = "auto"
+    # Their x-axis: step (commit, merge or evaluated commit count) | wall (ms of training)
+    tensorboard_x: str = "step"
+
+
+@dataclass
 class Config:
     mode: str = "ps"  # ps (parameter server + groups) | sync (one Horovod group, no server)
     seed: int = 0
@@ -149,6 +159,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,6 +192,8 @@ CHOICES = {  # the valid values of each choice key: the one list every module ch
     "server.merge": ("paper", "delta", "nova"),
     "server.outer": ("none", "nesterov", "delayed"),
     "server.bn": ("average", "recalibrate", "local"),
+    "metrics.tensorboard": ("auto", "always", "never"),
+    "metrics.tensorboard_x": ("step", "wall"),
 }
 
 

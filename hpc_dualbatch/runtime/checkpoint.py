@@ -55,6 +55,8 @@ OPERATIONAL = frozenset(
         "server.preempt_wait_s",
         "checkpoint.every_epochs",  # when checkpoints are written, not what they hold
         "checkpoint.keep",
+        "metrics.tensorboard",  # event files beside metrics.jsonl: rebuilt from it on every start
+        "metrics.tensorboard_x",
     }
 )
 

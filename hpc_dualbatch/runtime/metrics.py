@@ -20,7 +20,8 @@ Record types (field `type`):
             tail, or the file was deleted), or an evaluation never came (its group was left out:
             ps/stalls.py): after_commit (the last commit still recorded), up_to_commit
             (the checkpoint's), missing_bytes, reason. Nothing is made up for them.
-Progress goes to stdout as plain lines (Slurm logs, mpirun output).
+Progress goes to stdout as plain lines (Slurm logs, mpirun output). TensorBoard event files
+are made from these same records as they are written (`MetricsLog(events=...)`, events.py).
 
 The checkpoint is fsynced, the metrics file is not: after a crash the file may be shorter than
 the checkpoint says, or end in NUL bytes or half a line. `repair` keeps the longest prefix of
@@ -46,16 +47,39 @@ def _write_failed(path: str, e: OSError) -> OutputError:
 
 
 class MetricsLog:
-    def __init__(self, path: str, truncate_to: int | None = None) -> None:
-        self.path = path
+    """The run's metrics.jsonl; `events` (runtime/events.py), where given, gets every record
+    the file holds when it opens and every record written after."""
+
+    def __init__(self, path: str, truncate_to: int | None = None, events: Any = None) -> None:
+        self.path, self.events = path, events
         try:
             self._f = open_regular(path)
             if truncate_to is not None and os.fstat(self._f.fileno()).st_size > truncate_to:
                 # Resume: drop records of work done after the checkpoint (it is done again). Only
                 # ever shorten: a shorter file was repaired by `repair` (never padded with NULs).
                 self._f.truncate(truncate_to)
+            kept = b""
+            if events is not None:
+                with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+                    kept = f.read()
         except OSError as e:
             raise _write_failed(path, e) from None
+        for line in kept.split(b"\n"):  # the event file is rebuilt from the records kept
+            rec = _record(line) if line.strip() else None
+            if rec is not None:
+                self._event("write", rec)
+        self._event("flush")
+
+    def _event(self, method: str, *args: Any) -> None:
+        if self.events is None:
+            return
+        try:
+            getattr(self.events, method)(*args)
+        except Exception as e:  # the event file is a view of this one: losing it never stops a run
+            print(
+                f"tensorboard: event files stopped ({type(e).__name__}: {e}); {self.path} goes on", flush=True
+            )
+            self.events = None
 
     def write(self, record: dict[str, Any]) -> None:
         try:
@@ -63,6 +87,7 @@ class MetricsLog:
             self._f.flush()
         except OSError as e:
             raise _write_failed(self.path, e) from None
+        self._event("write", record)
 
     def offset(self) -> int:
         self._f.flush()
@@ -70,6 +95,7 @@ class MetricsLog:
 
     def close(self) -> None:
         self._f.close()
+        self._event("close")
 
 
 def _record(line: bytes) -> dict[str, Any] | None:

@@ -86,9 +86,9 @@ def set_aside(out: str, metrics: str) -> None:
     aside = os.path.join(out, f"metrics-stopped-{n}.jsonl")
     try:
         os.replace(metrics, aside)
-        status = os.path.join(out, "status.json")
-        if os.path.exists(status):
-            os.replace(status, os.path.join(out, f"status-stopped-{n}.json"))
+        for name, kept in (("status.json", f"status-stopped-{n}.json"), ("tb", f"tb-stopped-{n}")):
+            if os.path.exists(os.path.join(out, name)):  # its status, its TensorBoard event files
+                os.replace(os.path.join(out, name), os.path.join(out, kept))
     except OSError as e:
         raise write_failed(f"output folder {out}", e) from None
     print(

@@ -10,7 +10,6 @@ parameter-server runs, so the results compare directly.
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any
 
@@ -20,8 +19,9 @@ from hpc_dualbatch.errors import DivergedError
 from hpc_dualbatch.method.schedule import lr_at, stage_at
 from hpc_dualbatch.ps.worker import SignalFlag, group_trainer, reduce_stats
 from hpc_dualbatch.runtime import checkpoint as C
+from hpc_dualbatch.runtime.events import open_log
 from hpc_dualbatch.runtime.flat import initial_weights
-from hpc_dualbatch.runtime.metrics import MetricsLog, Progress, commit_record, eval_record
+from hpc_dualbatch.runtime.metrics import Progress, commit_record, eval_record
 from hpc_dualbatch.runtime.runfolder import finish
 from hpc_dualbatch.runtime.topology import Topology, init_horovod
 from hpc_dualbatch.runtime.trainer import MiniEpoch
@@ -45,11 +45,7 @@ def run_sync(st: Any, topo: Topology) -> None:
     if ck is not None:
         trainer.flat.load_momentum(trainer.opt, momentum)
     start, elapsed = int(counters[0]), float(counters[1])
-    log = (
-        MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), ck.metrics_offset if ck else None)
-        if topo.rank == 0
-        else None
-    )
+    log = open_log(cfg, ck, 1) if topo.rank == 0 else None  # one commit per epoch
     progress = Progress()
     d = st.plan.d
     t0 = time.perf_counter()
