@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -50,3 +52,16 @@ def test_checkpoint_write_failure_keeps_the_previous_one(tmp_path, monkeypatch):
         C.save(str(tmp_path), C.Checkpoint(ck.weights, ck.momentum, 2, [2], 0, 0, {}))
     assert C.latest(str(tmp_path)) == first and C.load(first).commits == 1
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.rsplit("/", 1)[-1]]
+
+
+def test_a_config_saved_before_a_key_existed_compares_as_its_default():
+    """A checkpoint or run folder from before `server.outer` existed is the same configuration as
+    one with its default, and not as one that sets it."""
+    from hpc_dualbatch.config import Config
+
+    now = Config().to_dict()
+    older = json.loads(json.dumps(now))
+    del older["server"]["outer"], older["schedule"]["small_lr"]
+    assert C.config_differences(older, now, ("saved", "now")) == []
+    now["server"]["outer"] = "delayed"
+    assert C.config_differences(older, now, ("saved", "now")) == ["server.outer: saved 'none', now 'delayed'"]

@@ -208,9 +208,14 @@ def saved_config(ck: Checkpoint) -> dict[str, Any]:
 def config_differences(
     a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], ignore: frozenset[str] = OPERATIONAL
 ) -> list[str]:
-    """The keys where two resolved configs differ, outside `ignore`: "key: <names[0]> A, <names[1]> B"."""
+    """The keys where two resolved configs differ, outside `ignore`: "key: <names[0]> A, <names[1]> B".
+    A key one side lacks (a config saved before the key existed) counts as its default: a key is
+    added with the default that keeps the behaviour from before it."""
+    from hpc_dualbatch.config import Config
+
     # A JSON round trip makes both sides alike (int dict keys become strings).
-    fa, fb = _flatten(json.loads(json.dumps(a))), _flatten(json.loads(json.dumps(b)))
+    base = _flatten(json.loads(json.dumps(Config().to_dict())))
+    fa, fb = ({**base, **_flatten(json.loads(json.dumps(c)))} for c in (a, b))
     return [
         f"{k}: {names[0]} {show(fa.get(k))}, {names[1]} {show(fb.get(k))}"
         for k in sorted(set(fa) | set(fb))

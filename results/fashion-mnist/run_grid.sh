@@ -125,5 +125,7 @@ for part in $PARTS; do
       [ -f "$d/status.json" ] && grep -q '"state": "done"' "$d/status.json" && dirs+=("${d%/}")
     done
   done
-  [ ${#dirs[@]} -gt 0 ] && $PY -m hpc_dualbatch report "${dirs[@]}" --baseline sync --out "$OUT/$part"
+  targets=()  # the targets for this part, judged from the runs (report.md, targets.json)
+  [ -f "$OUT/targets-$part.json" ] && targets=(--targets "$OUT/targets-$part.json")
+  [ ${#dirs[@]} -gt 0 ] && $PY -m hpc_dualbatch report "${dirs[@]}" --baseline sync --out "$OUT/$part" "${targets[@]}"
 done
