@@ -12,8 +12,9 @@
 #              the server: the server without several groups).
 #   dualbatch  B_L = 512/384/256, a regime where all-large training loses to small batches at this
 #              budget: sync at B_L and at the planned B_S, ps-base, dual-batch and hybrid at
-#              n_S = 2 and 3 (the paper's best n_S at k = 1.05), and the ablations of the
-#              contribution factor, of stage_by and of adaptive planning.
+#              n_S = 2 and 3 (the paper's best n_S at k = 1.05), the ablations that say which
+#              server option lets the small groups help (push period, nova, the small groups'
+#              rate), and other epoch budgets for an accuracy-vs-wall-time frontier.
 #
 #   PARTS=dualbatch bash results/fashion-mnist/run_grid.sh   # one part, SEEDS="1 2 3"
 #   bash results/fashion-mnist/run_grid.sh                   # both parts
@@ -103,9 +104,19 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
     run dualbatch dual-ns$ns 5 "$s" "${P[@]}" --set workers.small=$ns "${FIXED[@]}"
     run dualbatch hybrid-ns$ns 5 "$s" "${P[@]}" --set workers.small=$ns
   done
-  run dualbatch hybrid-ns3-nofactor 5 "$s" "${P[@]}" --set workers.small=3 --set plan.factor=none
-  run dualbatch hybrid-ns3-stagecommit 5 "$s" "${P[@]}" --set workers.small=3 --set server.stage_by=commit
-  run dualbatch hybrid-ns3-static 5 "$s" "${P[@]}" --set workers.small=3 --set plan.adaptive=false
+  # which option lets the small groups help: each changes one key of dual-ns3
+  run dualbatch dual-ns3-push16 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" --set server.push_every=16
+  run dualbatch dual-ns3-nova 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" --set server.merge=nova
+  run dualbatch dual-ns3-lrsqrt 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" --set schedule.small_lr=sqrt
+  # equal wall time: other epoch budgets (<name>-e<epochs>, the LR decay at the same share of the
+  # run), so that report draws accuracy against wall seconds: cyclic progressive learning makes
+  # an epoch ~0.67x as long, so hybrid at 12 epochs takes about sync's 8
+  local E6=(--set schedule.epochs=6 --set "schedule.milestones=[4]")
+  local E12=(--set schedule.epochs=12 --set "schedule.milestones=[8]")
+  run dualbatch sync-e6 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}" "${E6[@]}"
+  run dualbatch sync-e12 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}" "${E12[@]}"
+  run dualbatch hybrid-ns3-e12 5 "$s" "${P[@]}" --set workers.small=3 "${E12[@]}"
+  run dualbatch dual-ns3-e12 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${E12[@]}"
 }
 
 for seed in $SEEDS; do
@@ -115,8 +126,8 @@ done
 # One report per part, from every finished run of it, configurations in this order.
 ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-push8 ps-base-nesterov
               ps-base-delayed ps-base-pushlr ps-rounds ps-single"
-ORDER_dualbatch="sync sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3 hybrid-ns3-nofactor
-                 hybrid-ns3-stagecommit hybrid-ns3-static"
+ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
+                 dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt hybrid-ns3-e12 dual-ns3-e12"
 for part in $PARTS; do
   order="ORDER_$part"
   dirs=()
