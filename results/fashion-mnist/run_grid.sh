@@ -61,6 +61,7 @@ run() {  # run PART NAME NP SEED overrides...
   { grep -m1 'model name' /proc/cpuinfo; nproc; hostname; } > "$dir/machine.txt" 2>/dev/null || true
   scripts/mpirun_local.sh -np "$np" $PY -m hpc_dualbatch train "${COMMON[@]}" --set "seed=$seed" \
     --set "out=$dir" "$@" > "$dir.log" 2>&1
+  rm -rf "$dir/checkpoints"  # the training state (MBs a run), not a result: metrics.jsonl holds those
   tail -n 1 "$dir.log"
 }
 
