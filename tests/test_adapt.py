@@ -475,3 +475,30 @@ def test_a_u_shaped_profile_adapts_along_its_falling_part() -> None:
             slow = 1.15 if g == 2 else 1.0  # the small group pays 15 % more per sample in the run
             ad.observe(g, Obs(20, b, share, slow * share * model.per_sample(b), warm=task == 0))
     assert ad.batches[2][20] > planned[2][20] and ad.share(2, 20) == plan.d_S
+
+
+@pytest.mark.parametrize("n_large, n_small", [(64, 64), (512, 512)])
+def test_a_replan_recomputes_only_what_a_new_task_changed(n_large, n_small, monkeypatch) -> None:
+    """Each task handed out re-plans; at hundreds of groups that must not recompute every group's
+    window statistics (it was n_S x n_L): after one group's new task, a re-plan recomputes that
+    group's alone, whatever the number of groups."""
+    from hpc_dualbatch.method import adapt
+
+    n = n_large + n_small
+    small = [False] * n_large + [True] * n_small
+    planned = {g: {24: 64 if not s else 16} for g, s in enumerate(small)}
+    ad = Adapter({24: FITS[24]}, {24: 64}, planned, small, (1000, 500), [1] * n)
+    for k in range(30):  # every group a task at its batch, then a re-plan, until the batches settle
+        for g in range(n):
+            ad.observe(g, _obs(24, ad.batches[g][24], ad.share(g, 24), 1.0, warm=k == 0))
+        if k and not ad.step(24)[1]:
+            break
+    assert not ad.step(24)[1]  # settled: no group's batch or share moves at scale 1
+    calls = []
+    for name in ("scale_of", "noise_of"):
+        real = getattr(adapt, name)
+        monkeypatch.setattr(adapt, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    h = n - 1
+    ad.observe(h, _obs(24, ad.batches[h][24], ad.share(h, 24), 1.2))
+    assert ad.replan(24) is not None  # h has a new task: it is re-planned
+    assert sorted(calls) == ["noise_of", "scale_of"]  # its own scale and noise; nobody else's

@@ -107,6 +107,9 @@ class Adapter:
         # (group, resolution) -> seen[group] when its batch there was last re-planned: a small
         # group's B_S moves only after the group has measured the batch it was given
         self.planned_at: dict[tuple[int, int], int] = {}
+        # (what, group, resolution) -> a scale or noise of that group's window: recomputed only
+        # after the group's window or batches change (`_forget`), so a re-plan costs O(n) lookups
+        self._memo: dict[tuple[str, int, int], Any] = {}
 
     @property
     def active(self) -> bool:
@@ -118,6 +121,21 @@ class Adapter:
         win.append(obs)
         del win[: -self.window]
         self.seen[g] = self.seen.get(g, 0) + 1
+        self._forget(g)
+
+    def _forget(self, g: int) -> None:
+        """g's window or batches changed: what was computed from them is stale."""
+        for key in [k for k in self._memo if k[1] == g]:
+            del self._memo[key]
+
+    def _of(self, what: str, g: int, res: int) -> Any:
+        """g's own scale at `res` ("scale": None without a usable task), its scale over all near
+        tasks ("near": None likewise) or the noise of its scale at `res` ("noise"), memoised."""
+        key = (what, g, res)
+        if key not in self._memo:
+            fits, tasks = self.role_fits(g), self.near(g) if what == "near" else self._at(g, res)
+            self._memo[key] = noise_of(fits, tasks) if what == "noise" else scale_of(fits, tasks)
+        return self._memo[key]
 
     def role_fits(self, g: int) -> dict[int, TimeFit]:
         """The profile group g is measured against, per resolution: its role's fits."""
@@ -141,21 +159,36 @@ class Adapter:
         near = self.near(g)
         return [o for o in near if o.resolution == res] or near
 
+    def _known_mean(self) -> float:
+        """The mean scale of the groups measured (all their near tasks), else 1: what a group
+        without measurements borrows."""
+        known = [s for h in range(len(self.small)) if (s := self._of("near", h, 0))]
+        return statistics.fmean(known) if known else 1.0
+
     def scale(self, g: int, res: int) -> float:
         """s_g at `res`: from g's tasks there, else from all its tasks, else the mean of the
         groups measured, else 1."""
-        own = scale_of(self.role_fits(g), self._at(g, res))
-        if own is not None:
-            return own
-        known = [s for h in range(len(self.small)) if (s := scale_of(self.role_fits(h), self.near(h)))]
-        return statistics.fmean(known) if known else 1.0
+        own = self._of("scale", g, res)
+        return own if own is not None else self._known_mean()
 
-    def tolerance(self, h: int, res: int) -> float:
-        """The relative time error small group h is left alone within at `res`: TOL, or the
-        standard error of its scale and of the large groups' mean scale where that is more."""
+    def scales(self, res: int) -> dict[int, float]:
+        """`scale` of every group at `res` in one pass over the groups (the borrowed mean is
+        computed once): O(n_groups x window)."""
+        own = {g: self._of("scale", g, res) for g in range(len(self.small))}
+        borrowed = self._known_mean() if None in own.values() else 1.0
+        return {g: borrowed if s is None else s for g, s in own.items()}
+
+    def pace_noise(self, res: int) -> float:
+        """Relative standard error of the large groups' mean scale at `res` (what T rests on)."""
         large = [g for g in range(len(self.small)) if not self.small[g]]
-        pace = math.sqrt(sum(noise_of(self.fits, self._at(g, res)) ** 2 for g in large)) / len(large)
-        return max(TOL, math.hypot(noise_of(self.role_fits(h), self._at(h, res)), pace))
+        return math.sqrt(sum(self._of("noise", g, res) ** 2 for g in large)) / len(large)
+
+    def tolerance(self, h: int, res: int, pace: float | None = None) -> float:
+        """The relative time error small group h is left alone within at `res`: TOL, or the
+        standard error of its scale and of the large groups' mean scale (`pace_noise`, computed
+        once per re-plan by the caller) where that is more."""
+        pace = self.pace_noise(res) if pace is None else pace
+        return max(TOL, math.hypot(self._of("noise", h, res), pace))
 
     def step(self, res: int) -> tuple[Replan | None, list[int]]:
         """`replan(res)`, and the groups whose batch or share at `res` it changed."""
@@ -188,10 +221,11 @@ class Adapter:
         B_L, sfit = self.large_batch[res], self.small_fits.get(res) or self.fits[res]
         # the plan's own B_S stays allowed where the profile puts it past the useful batch
         ceiling = max([useful_batch(sfit, B_L)] + [self.planned[h][res] for h in small])
+        pace = self.pace_noise(res)  # once: every small group's band shares it (O(n) per re-plan)
         out = replan(
             ReplanInput(
                 fit=self.fits[res],
-                scales={g: self.scale(g, res) for g in range(n)},
+                scales=self.scales(res),
                 large=[g for g in range(n) if not self.small[g]],
                 small=small,
                 B_L=B_L,
@@ -201,11 +235,13 @@ class Adapter:
                 small_fit=sfit,
                 previous={g: self.batches[g][res] for g in range(n)},
                 shares={g: self.shares[g][res] for g in range(n)},
-                tol={h: self.tolerance(h, res) for h in small},
+                tol={h: self.tolerance(h, res, pace) for h in small},
                 ceiling=ceiling,
             )
         )
         for h in fresh:
+            if self.batches[h][res] != out.batches[h]:
+                self._forget(h)  # its near tasks are counted from its batch
             self.batches[h][res], self.shares[h][res] = out.batches[h], out.shares[h]
         return Replan(
             {g: self.batches[g][res] for g in range(n)},
@@ -251,3 +287,4 @@ class Adapter:
         }
         self.seen = {int(g): int(k) for g, k in raw["seen"].items()}
         self.planned_at = {(int(g), int(r)): int(k) for g, r, k in raw["planned_at"]}
+        self._memo.clear()
