@@ -14,7 +14,7 @@ from hpc_dualbatch.runtime import checkpoint as C
 def test_checkpoint_round_trip_and_corruption(tmp_path):
     ck = C.Checkpoint(
         np.arange(5, dtype=np.float32),
-        np.ones((2, 3), np.float32),
+        C.Momenta.of([np.ones(3, np.float32), None], 3),
         7,
         [4, 3],
         12.5,
@@ -41,17 +41,58 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
 
 
 def test_checkpoint_write_failure_keeps_the_previous_one(tmp_path, monkeypatch):
-    ck = C.Checkpoint(np.zeros(3, np.float32), np.zeros((1, 3), np.float32), 1, [1], 0, 0, {})
+    ck = C.Checkpoint(
+        np.zeros(3, np.float32), C.Momenta.of([np.zeros(3, np.float32)] * 1, 3), 1, [1], 0, 0, {}
+    )
     first = C.save(str(tmp_path), ck)
 
     def no_space(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", no_space)
+    monkeypatch.setattr(C.os, "fsync", no_space)
     with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
         C.save(str(tmp_path), C.Checkpoint(ck.weights, ck.momentum, 2, [2], 0, 0, {}))
     assert C.latest(str(tmp_path)) == first and C.load(first).commits == 1
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.rsplit("/", 1)[-1]]
+
+
+def test_momentum_is_written_and_read_one_group_at_a_time(tmp_path, monkeypatch):
+    """A barrier writes each group's momentum as it arrives; a resume reads one group's when it is
+    asked for (a group without an entry restarts from zero); a writer given up on leaves the
+    previous checkpoint the latest and no file behind."""
+    first = C.save(
+        str(tmp_path),
+        C.Checkpoint(np.zeros(4, np.float32), C.Momenta.of([None] * 3, 4), 1, [1] * 3, 0, 0, {}),
+    )
+    w = C.Writer(str(tmp_path), 2)
+    for g in (2, 0):  # in the order the groups' momentum arrives
+        w.add_momentum(g, np.full(4, g + 1.0, np.float32))
+    path = w.finish(
+        C.Checkpoint(np.ones(4, np.float32), C.Momenta(3, 4, w.groups), 2, [1] * 3, 0, 0, {}), keep=3
+    )
+    reads = []
+    ck = C.load(path)
+    read = ck.momentum._read
+    monkeypatch.setattr(ck.momentum, "_read", lambda g: reads.append(g) or read(g))
+    assert (ck.momentum.n_groups, ck.momentum.n_params, ck.momentum.saved) == (3, 4, [0, 2]) and reads == []
+    assert [ck.momentum.get(g).tolist() for g in range(3)] == [[1.0] * 4, [0.0] * 4, [3.0] * 4]
+    assert reads == [0, 2]  # group 1 has no entry: zeros without a read
+    w = C.Writer(str(tmp_path), 3)
+    w.add_momentum(0, np.zeros(4, np.float32))
+    w.abort()
+    assert C.latest(str(tmp_path)) == path and sorted(
+        p.name for p in (tmp_path / "checkpoints").iterdir()
+    ) == [first.rsplit("/", 1)[-1], path.rsplit("/", 1)[-1]]
+
+
+def test_a_format_1_checkpoint_is_still_read(tmp_path):
+    """Format 1 held every group's momentum in one (n_groups, n_params) array."""
+    path = tmp_path / "ckpt-000000004.npz"
+    meta = {"format": 1, "commits": 4, "rounds": [2, 2], "elapsed": 1.0, "metrics_offset": 0, "config": {}}
+    momentum = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.savez(path, weights=np.zeros(5, np.float32), momentum=momentum, meta=np.array(json.dumps(meta)))
+    ck = C.load(str(path))
+    assert ck.commits == 4 and ck.momentum.n_groups == 2 and ck.momentum.get(1).tolist() == [3.0, 4.0, 5.0]
 
 
 def test_a_config_saved_before_a_key_existed_compares_as_its_default():

@@ -69,7 +69,7 @@ def fake_checkpoint(out: Path, cfg, commits: int = 2, offset: int = 0, data=None
         str(out),
         C.Checkpoint(
             np.zeros(4, np.float32),
-            np.zeros((2, 4), np.float32),
+            C.Momenta.of([np.zeros(4, np.float32)] * 2, 4),
             commits,
             [1, 1],
             1.0,

@@ -43,11 +43,17 @@ def test_merge_with_f_one_is_the_exact_mean():
 
 def test_delta_merge_applies_the_scaled_update_since_the_pull():
     w = np.array([1.0, 2.0, 3.0], np.float32)
-    pulled = np.array([0.0, 2.0, 2.0], np.float32)
-    wi = np.array([0.5, 4.0, 2.0], np.float32)  # update since the pull: [0.5, 2, 0]
-    merge_delta(w, wi, pulled, 0.25)
+    u = np.array([0.5, 4.0, 2.0], np.float32) - np.array([0.0, 2.0, 2.0], np.float32)  # the leader's update
+    merge_delta(w, u, 0.25)
     assert w.tolist() == [1.125, 2.5, 3.0]
-    assert wi.tolist() == [0.5, 2.0, 0.0]  # the receive buffer now holds the update
+
+
+def test_the_push_size_is_measured_against_what_the_rule_merges():
+    """paper: ||w_i - w|| of the pushed weights from the global ones; delta, nova: ||update||."""
+    none = np.zeros((2, 0), np.float32)
+    w, pushed = np.array([1.0, 1.0], np.float32), np.array([4.0, 5.0], np.float32)
+    assert make_rule("paper", "average", [1.0, 1.0], none, 0).distance(w, pushed) == pytest.approx(5.0)
+    assert make_rule("delta", "average", [1.0, 1.0], none, 0).distance(w, pushed) == pytest.approx(41**0.5)
 
 
 @pytest.mark.parametrize(
@@ -77,7 +83,7 @@ def test_one_round_of_delta_pushes_is_the_mean_of_the_groups_updates():
     pushed = [w0 + rng.standard_normal(50).astype(np.float32) for _ in range(4)]
     w = w0.copy()
     for k, wi in enumerate(pushed):
-        merge_delta(w, wi.copy(), w0, delta_weight(1.0, 4.0, 4, staleness=k))
+        merge_delta(w, wi - w0, delta_weight(1.0, 4.0, 4, staleness=k))  # the update from the pull w0
     np.testing.assert_allclose(w, np.mean(pushed, axis=0), atol=1e-5)
     assert distance(w, w0) == pytest.approx(float(np.linalg.norm(w - w0)), rel=1e-5)
 
@@ -140,8 +146,14 @@ def test_outer_rejects_an_impossible_setup():
     with pytest.raises(ValueError, match="every"):
         Outer(1.0, 0.9, 0, np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="outer momentum"):
-        make_rule("paper", "average", [1.0], np.zeros(2, np.float32), np.zeros((1, 0), np.float32), 0,
-                  Outer(1.0, 0.9, 1, np.zeros((2, 2), np.float32)))  # fmt: skip
+        make_rule(
+            "paper",
+            "average",
+            [1.0],
+            np.zeros((1, 0), np.float32),
+            0,
+            Outer(1.0, 0.9, 1, np.zeros((2, 2), np.float32)),
+        )
 
 
 @pytest.mark.parametrize(
@@ -167,10 +179,10 @@ def test_one_round_of_nova_pushes_is_the_step_of_all_samples_at_the_summed_batch
     batches, shares, eta = [64, 64, 16, 16], [1024, 1024, 512, 512], 0.1
     grads = [rng.standard_normal(8).astype(np.float32) for _ in batches]
     pushed = [w0 - eta * (d / b) * g for d, b, g in zip(shares, batches, grads)]
-    rule = make_rule("nova", "average", [1.0, 1.0, 0.5, 0.5], w0, np.zeros((4, 0), np.float32), 0)
+    rule = make_rule("nova", "average", [1.0, 1.0, 0.5, 0.5], np.zeros((4, 0), np.float32), 0)
     w = w0.copy()
-    for k, wi in enumerate(pushed):
-        rule.fold(PushInfo(k, k, eta, batches), w, wi.copy())
+    for k, wi in enumerate(pushed):  # each leader pushes its update from the common pull w0
+        rule.fold(PushInfo(k, k, eta, batches), w, wi - w0)
     expected = w0 - eta * sum(d * g for d, g in zip(shares, grads)) / sum(batches)
     np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-5)
 

@@ -178,7 +178,15 @@ def fake_run_folder(out: Path, data: str, saved_config: dict) -> str:
     cfg = config_from_dict(saved_config)
     return C.save(
         str(out),
-        C.Checkpoint(np.zeros(4, np.float32), np.zeros((2, 4), np.float32), 2, [1, 1], 1.0, 0, cfg.to_dict()),
+        C.Checkpoint(
+            np.zeros(4, np.float32),
+            C.Momenta.of([np.zeros(4, np.float32)] * 2, 4),
+            2,
+            [1, 1],
+            1.0,
+            0,
+            cfg.to_dict(),
+        ),
     )
 
 
@@ -457,7 +465,7 @@ def test_checkpoint_with_crafted_metadata_is_refused_with_a_message(tmp_path, me
     np.savez(
         path,
         weights=np.zeros(3, np.float32),
-        momentum=np.zeros((1, 3), np.float32),
+        momentum=np.zeros((1, 3), np.float32),  # (format 1's layout)
         meta=np.array(json.dumps(meta)),
     )
     with pytest.raises(CheckpointError, match=re.escape(str(path))):
@@ -465,7 +473,9 @@ def test_checkpoint_with_crafted_metadata_is_refused_with_a_message(tmp_path, me
 
 
 def test_leftover_temporary_checkpoint_is_never_picked(tmp_path):
-    ck = C.Checkpoint(np.zeros(3, np.float32), np.zeros((1, 3), np.float32), 4, [4], 0.0, 0, {})
+    ck = C.Checkpoint(
+        np.zeros(3, np.float32), C.Momenta.of([np.zeros(3, np.float32)] * 1, 3), 4, [4], 0.0, 0, {}
+    )
     good = C.save(str(tmp_path), ck)
     (tmp_path / "checkpoints" / "ckpt-000000005.npz.tmp99").write_bytes(b"half")
     assert C.latest(str(tmp_path)) == good

@@ -140,9 +140,9 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
 
         check_events(cfg.metrics.tensorboard)  # the rank that writes the metrics and event files
         lock, ck = F.prepare_out(cfg, bool(args.resume), staged)
-        if ck is not None and ck.momentum.shape[0] != cfg.n_groups:
+        if ck is not None and ck.momentum.n_groups != cfg.n_groups:
             raise CheckpointError(
-                f"checkpoint in {cfg.out} has {ck.momentum.shape[0]} groups, config {cfg.n_groups}"
+                f"checkpoint in {cfg.out} has {ck.momentum.n_groups} groups, config {cfg.n_groups}"
             )
         if ck is not None and file_kind(os.path.join(cfg.out, "config.yaml")) == "missing":
             print(
@@ -167,7 +167,7 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
     initial flat weights with `n_params` parameters, or the checkpoint's), served until the end."""
     from hpc_dualbatch.ps import checkpoints
     from hpc_dualbatch.ps.server import ParameterServer, ServerState
-    from hpc_dualbatch.ps.server_loop import serve
+    from hpc_dualbatch.ps.server_loop import peak_rss_mb, serve
     from hpc_dualbatch.runtime.events import open_log
 
     cfg, ck = st.cfg, st.ckpt
@@ -200,6 +200,7 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
         )
 
     def end(outcome: str, path: str | None) -> str:
+        account = server.account(peak_rss_mb())
         log.write(
             {
                 "type": "end",
@@ -208,10 +209,12 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
                 "wall": round(server.wall(), 3),
                 "server_cpu_seconds": round(server.cpu_seconds, 3),
                 "server_serve_seconds": round(server.serve_seconds, 3),
+                "server_busy_share": account["busy_share"],
+                "server_peak_rss_mb": account["peak_rss_mb"],
             }
         )
         log.close()
-        return F.finish(cfg, outcome, state.commits, server.wall(), path)
+        return F.finish(cfg, outcome, state.commits, server.wall(), path, account)
 
     try:
         outcome = serve(server, topo)

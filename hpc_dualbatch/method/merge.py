@@ -33,6 +33,11 @@ inner learning rate and applied at the current one (SlowMo, Wang et al. 2020, ar
 1910.00643), so a rate decay does not carry the steps of the rate before it. Momentum 0 and
 outer lr 1 are the plain rule.
 
+Under `delta` and `nova` a push carries the group's update ``w_i - w_pulled``, computed by its
+leader from the parameters it pulled (as BytePS's asynchronous mode does): the server keeps no
+copy of what each group pulled, so its state is O(n_params) whatever the number of groups, and
+the merge is one pass. Under `paper` a push carries the weights ``w_i`` (`pushes_update`).
+
 Batch-norm running statistics never take a delta (a variance moved by a difference of
 variances can turn negative): they are averaged with the paper's rule, or kept per
 group (`server.bn: local`).
@@ -72,10 +77,15 @@ def nova_weight(batch: int, batches: list[int], staleness: int) -> float:
     return batch / sum(batches) * min(1.0, len(batches) / (staleness + 1))
 
 
-def merge_delta(w: np.ndarray, wi: np.ndarray, pulled: np.ndarray, a: float) -> None:
-    """w <- w + a * (wi - pulled), in place; `wi` is overwritten with the update wi - pulled."""
-    d = torch.from_numpy(wi).sub_(torch.from_numpy(pulled))
-    torch.from_numpy(w).add_(d, alpha=a)
+def pushes_update(merge: str) -> bool:
+    """Whether a push under `server.merge` carries the group's update w_i - w_pulled (delta,
+    nova) rather than its weights w_i (paper): decided here for both ends of the exchange."""
+    return merge != "paper"
+
+
+def merge_delta(w: np.ndarray, u: np.ndarray, a: float) -> None:
+    """w <- w + a * u, in place (u: a group's update w_i - w_pulled)."""
+    torch.from_numpy(w).add_(torch.from_numpy(u), alpha=a)
 
 
 class Outer:
@@ -134,16 +144,23 @@ class MergeRule:
         self.group_buffers = group_buffers  # (n_groups, n_buffers), each group's own (bn: local)
         self.pulled_at = [merges] * self.n  # the merge count at each group's last pull
 
-    def pulled(self, g: int, params: np.ndarray, merges: int) -> None:
-        """Group g pulled `params` (a reply that lets it train) after `merges` merges."""
+    distance_is = "distance to the global weights"  # what `distance` measures, for messages
+
+    def pulled(self, g: int, merges: int) -> None:
+        """Group g pulled the global parameters (a reply that lets it train) after `merges` merges."""
         self.pulled_at[g] = merges
+
+    def distance(self, w: np.ndarray, pushed: np.ndarray) -> float:
+        """The size of a push: ||w_i - w|| of the pushed weights from the global ones."""
+        return distance(pushed, w)
 
     def staleness(self, g: int, merges: int) -> int:
         """Merges by other pushes since group g's pull."""
         return merges - self.pulled_at[g]
 
-    def fold(self, push: PushInfo, w: np.ndarray, wi: np.ndarray) -> float:
-        """Fold the pushed parameters `wi` into `w` in place; returns the push's weight."""
+    def fold(self, push: PushInfo, w: np.ndarray, pushed: np.ndarray) -> float:
+        """Fold the pushed parameters (`pushes_update`: the update, else the weights) into `w` in
+        place; returns the push's weight."""
         raise NotImplementedError
 
     def fold_buffers(self, g: int, buffers: np.ndarray, pushed: np.ndarray) -> None:
@@ -166,31 +183,34 @@ class PaperRule(MergeRule):
 
 
 class DeltaRule(MergeRule):
-    """Keeps the parameters each group last pulled (n_groups x n_params floats); applies the
-    weighted update directly or through outer momentum (`outer`)."""
+    """Applies the weighted update a push carries, directly or through outer momentum (`outer`)."""
+
+    distance_is = "norm of the update"
 
     def __init__(
-        self, factors: list[float], bn: str, group_buffers: np.ndarray, merges: int, params: np.ndarray,
+        self,
+        factors: list[float],
+        bn: str,
+        group_buffers: np.ndarray,
+        merges: int,
         outer: Outer | None = None,
-    ):  # fmt: skip
+    ):
         super().__init__(factors, bn, group_buffers, merges)
-        self.copies = np.repeat(params[None], self.n, 0)
         self.outer = outer
 
-    def pulled(self, g: int, params: np.ndarray, merges: int) -> None:
-        super().pulled(g, params, merges)
-        self.copies[g] = params
+    def distance(self, w: np.ndarray, pushed: np.ndarray) -> float:
+        """||w_i - w_pulled||: the update's own size."""
+        return float(torch.linalg.vector_norm(torch.from_numpy(pushed)))
 
     def weight(self, push: PushInfo) -> float:
         return delta_weight(self.factors[push.group], self.f_sum, self.n, push.staleness)
 
-    def fold(self, push: PushInfo, w: np.ndarray, wi: np.ndarray) -> float:
+    def fold(self, push: PushInfo, w: np.ndarray, pushed: np.ndarray) -> float:
         a = self.weight(push)
         if self.outer is None:
-            merge_delta(w, wi, self.copies[push.group], a)
+            merge_delta(w, pushed, a)
         else:
-            u = torch.from_numpy(wi).sub_(torch.from_numpy(self.copies[push.group])).numpy()
-            self.outer.step(w, u, a, push.lr)
+            self.outer.step(w, pushed, a, push.lr)
         return a
 
 
@@ -200,14 +220,18 @@ class NovaRule(DeltaRule):
 
 
 def make_rule(
-    merge: str, bn: str, factors: list[float], params: np.ndarray, group_buffers: np.ndarray, merges: int,
+    merge: str,
+    bn: str,
+    factors: list[float],
+    group_buffers: np.ndarray,
+    merges: int,
     outer: Outer | None = None,
-) -> MergeRule:  # fmt: skip
-    """The rule of `server.merge` (paper | delta | nova) starting from global parameters `params`;
-    `outer` (delta and nova only): the server's outer momentum."""
+) -> MergeRule:
+    """The rule of `server.merge` (paper | delta | nova); `outer` (delta and nova only): the
+    server's outer momentum."""
     if merge == "paper":
         if outer is not None:
             raise ValueError("outer momentum needs an update to act on: server.merge delta or nova")
         return PaperRule(factors, bn, group_buffers, merges)
     rule = NovaRule if merge == "nova" else DeltaRule
-    return rule(factors, bn, group_buffers, merges, params, outer)
+    return rule(factors, bn, group_buffers, merges, outer)

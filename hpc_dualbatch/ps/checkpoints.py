@@ -18,13 +18,25 @@ from hpc_dualbatch.runtime import checkpoint as C
 from hpc_dualbatch.runtime.metrics import gap_record
 
 
-def write(ps: Any, final: bool = False, missing: list[int] | None = None) -> str:
+def write(
+    ps: Any, writer: C.Writer | None = None, final: bool = False, missing: list[int] | None = None
+) -> str:
     """Write a checkpoint of the training state of `ps` (the `server.ParameterServer`; not
-    imported, since it imports this module). `final`: the run is done, so the saved model carries
-    the BN buffers its final evaluation used (recalibrated, or the evaluating group's own under
-    bn: local); training never reads them back. `missing`: groups left out (recorded; the resume
-    says so)."""
+    imported, since it imports this module). `writer`: the barrier's, holding the momentum the
+    parked groups sent. Without one (the end of a run): the checkpoint this process wrote last if
+    nothing was merged since (a preemption ends after its barrier), else a new one holding the
+    momentum of a resume nobody has trained from yet, or none (a finished run: training never
+    reads it back). `final`: the run is done, so the saved model carries the BN buffers its final
+    evaluation used (recalibrated, or the evaluating group's own under bn: local). `missing`:
+    groups left out (recorded; the resume says so)."""
     s = ps.s
+    if writer is None:
+        if not final and ps.written is not None and ps.written[0] == s.merges:
+            return ps.written[1]
+        writer = ps.checkpoint_writer()
+        if s.momenta is not None and s.merges == ps.resumed_merges:  # still the resumed state
+            for g in s.momenta.saved:
+                writer.add_momentum(g, s.momenta.get(g))
     weights = s.weights
     if final and ps.final_buffers is not None:
         weights = s.weights.copy()
@@ -37,14 +49,18 @@ def write(ps: Any, final: bool = False, missing: list[int] | None = None) -> str
         **({"outer_count": ps.outer.count} if ps.outer else {}),
     }
     ck = C.Checkpoint(
-        weights, s.momentum, s.commits, list(s.rounds), ps.wall(), ps.log.offset(), ps.cfg.to_dict(),
-        extra, group_buffers=s.group_buffers, outer=s.outer if ps.outer else None,
+        weights, C.Momenta(ps.n, ps.n_params, writer.groups), s.commits, list(s.rounds), ps.wall(),
+        ps.log.offset(), ps.cfg.to_dict(), extra, group_buffers=s.group_buffers,
+        outer=s.outer if ps.outer else None,
     )  # fmt: skip
-    return C.save(ps.cfg.out, ck, keep=ps.cfg.checkpoint.keep)
+    path = writer.finish(ck, keep=ps.cfg.checkpoint.keep)
+    ps.written = (s.merges, path)
+    return path
 
 
-def end_without(ps: Any, missing: list[int]) -> NoReturn:
-    """Checkpoint the state without the `missing` groups' work in flight, then raise StalledError."""
+def end_without(ps: Any, missing: list[int], writer: C.Writer) -> NoReturn:
+    """Checkpoint the state without the `missing` groups' work in flight (`writer` has no
+    momentum of theirs: they restart from zero on resume), then raise StalledError."""
     s, roster, now = ps.s, ps.roster, time.perf_counter()
     lost = [g for g in missing if g in roster.outstanding]
     for g in lost:
@@ -57,8 +73,7 @@ def end_without(ps: Any, missing: list[int]) -> NoReturn:
             ps.log.write(
                 gap_record(after_commit=s.commits, up_to_commit=s.commits, missing_bytes=0, reason=why)
             )
-    s.momentum[missing] = 0.0  # never received (or stale): restarts from zero on resume
-    path = write(ps, missing=missing)
+    path = write(ps, writer, missing=missing)
     who = ps.watch.who(missing, ps.group_ranks, now)
     message = left_out_message(who, ps.cfg, bool(ps.preempt), ps.watch.bound(), path, bool(lost))
     raise StalledError(message, "preempted" if ps.preempt else "stalled")

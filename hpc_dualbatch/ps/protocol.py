@@ -13,7 +13,9 @@ Conversation of one group leader (L) with the server (S)::
     S -> L  TAG_OPT  float32[n_params]                    only if reply has_state (resume)
     ... the group trains one mini-epoch (one task) in `pushes` parts; after each part but the last:
     L -> S  TAG_REQ  header(kind=MERGE)
-    L -> S  TAG_W    float32[n_weights]                   the group's weights (parameters, then buffers)
+    L -> S  TAG_W    float32[n_weights]                   the group's parameters (server.merge delta,
+                                                          nova: their update since the pull), then
+                                                          its BN buffers
     S -> L  reply as above, status CONTINUE: same task, merged weights
     ... after the last part:
     L -> S  TAG_REQ  header(kind=PUSH, stats...)          the task's commit

@@ -43,7 +43,7 @@ import numpy as np
 from hpc_dualbatch.config import Config
 from hpc_dualbatch.errors import CheckpointError, DivergedError
 from hpc_dualbatch.method.adapt import Adapter
-from hpc_dualbatch.method.merge import Outer, PushInfo, distance, make_rule
+from hpc_dualbatch.method.merge import Outer, PushInfo, make_rule
 from hpc_dualbatch.method.replan import Obs
 from hpc_dualbatch.ps import checkpoints
 from hpc_dualbatch.ps import protocol as P
@@ -56,48 +56,55 @@ from hpc_dualbatch.runtime.metrics import MetricsLog, Progress, commit_record, e
 
 @dataclass
 class ServerState:
+    """What the server holds: O(n_params) whatever the number of groups (the groups' momentum
+    is on the groups, gathered one group at a time into a checkpoint; `checkpoint.Momenta`)."""
+
     weights: np.ndarray  # parameters, then batch-norm buffers (flat.py)
-    momentum: np.ndarray  # (n_groups, n_params), sent to the groups on resume
+    n_params: int
     group_buffers: np.ndarray  # (n_groups, n_buffers): each group's own BN buffers (bn: local)
     commits: int = 0
     merges: int = 0  # pushes merged, commits included (staleness is counted in merges)
     rounds: list[int] = field(default_factory=list)  # mini-epochs handed to each group
     elapsed: float = 0.0  # training seconds before this process started (resume)
     pending_evals: dict[int, float] = field(default_factory=dict)  # group -> epoch to evaluate
-    resumed: bool = False
+    momenta: C.Momenta | None = None  # resume: the checkpoint's momentum, sent to each group once
     outer: np.ndarray | None = None  # (2, n_params): outer momentum and its round's sum (merge.Outer)
     outer_count: int = 0  # pushes the outer momentum has counted
+
+    @property
+    def resumed(self) -> bool:
+        return self.momenta is not None
 
     @classmethod
     def fresh(cls, weights: np.ndarray, n_params: int, n_groups: int, outer: bool = False) -> ServerState:
         """A new run from the initial flat `weights` (parameters, then buffers); `outer`: with
         the server's outer momentum (`server.outer`)."""
-        momentum = np.zeros((n_groups, n_params), np.float32)
         return cls(
-            weights, momentum, np.repeat(weights[None, n_params:], n_groups, 0), rounds=[0] * n_groups,
+            weights, n_params, np.repeat(weights[None, n_params:], n_groups, 0), rounds=[0] * n_groups,
             outer=np.zeros((2, n_params), np.float32) if outer else None,
         )  # fmt: skip
 
     @classmethod
     def from_checkpoint(cls, ck: C.Checkpoint, weights: np.ndarray, n_params: int, where: str) -> ServerState:
-        """The state a checkpoint holds, checked against the model (`weights`: its initial ones)."""
-        n_groups = ck.momentum.shape[0]
-        if ck.weights.shape != weights.shape or ck.momentum.shape[1] != n_params:
+        """The state a checkpoint holds (its arrays taken over, not copied), checked against the
+        model (`weights`: its initial ones)."""
+        n_groups = ck.momentum.n_groups
+        if ck.weights.shape != weights.shape or ck.momentum.n_params != n_params:
             raise CheckpointError(f"checkpoint in {where} does not fit the model ({ck.weights.size} weights)")
         gb = ck.group_buffers
         if gb is None or gb.shape != (n_groups, weights.size - n_params):
             raise CheckpointError(f"checkpoint in {where} holds no BN buffers for {n_groups} groups")
         return cls(
-            ck.weights.copy(),
-            ck.momentum.copy(),
-            gb.copy(),
+            ck.weights,
+            n_params,
+            gb,
             ck.commits,
             int(ck.extra.get("merges", ck.commits)),
             list(ck.rounds),
             ck.elapsed,
             {int(g): e for g, e in ck.extra.get("pending_evals", {}).items()},
-            resumed=True,
-            outer=None if ck.outer is None else ck.outer.copy(),
+            momenta=ck.momentum,
+            outer=ck.outer,
             outer_count=int(ck.extra.get("outer_count", 0)),
         )
 
@@ -126,7 +133,7 @@ class ParameterServer:
     ) -> None:
         self.cfg, self.groups, self.s, self.log = cfg, groups, state, log
         self.adapter = adapter if adapter is not None and adapter.active else None
-        self.n, self.n_params = len(groups), state.momentum.shape[1]
+        self.n, self.n_params = len(groups), state.n_params
         self.total = cfg.schedule.epochs * self.n
         self.tasks = Tasks(cfg, groups, self.adapter, log)
         sv = cfg.server
@@ -135,9 +142,10 @@ class ParameterServer:
             every = 1 if sv.outer == "nesterov" else self.n
             self.outer = Outer(sv.outer_lr, sv.outer_momentum, every, state.outer, state.outer_count)
         self.rule = make_rule(
-            sv.merge, sv.bn, [g.factor for g in groups], state.weights[: self.n_params], state.group_buffers,
-            state.merges, self.outer,
-        )  # fmt: skip
+            sv.merge, sv.bn, [g.factor for g in groups], state.group_buffers, state.merges, self.outer
+        )
+        self.written: tuple[int, str] | None = None  # (merges, path) of this process's last checkpoint
+        self.resumed_merges = state.merges  # (a state merged since holds no momentum of the resume)
         self.watch = Watch(self.n, sv.stall_s, sv.preempt_wait_s, time.perf_counter())
         self.roster = Roster(self.n, sv.order, state.resumed, self.watch.stalled)
         self.group_ranks: list[tuple[int, ...]] = [()] * self.n  # world ranks (the driver sets them)
@@ -146,6 +154,7 @@ class ParameterServer:
         self.t0 = time.perf_counter()
         self.progress = Progress()
         self.cpu_seconds = self.serve_seconds = 0.0  # the driver's account of its serving (end record)
+        self.busy_seconds = 0.0  # serving minus waiting for the next request
 
     def wall(self) -> float:
         return self.s.elapsed + time.perf_counter() - self.t0
@@ -162,8 +171,8 @@ class ParameterServer:
             s.rounds[g] += 1
             self.roster.outstanding.add(g)
         out = self._with_weights(g, task)
-        if task.has_state:
-            out.momentum = s.momentum[g]  # the group's momentum (resume)
+        if task.has_state and s.momenta is not None:
+            out.momentum = s.momenta.get(g)  # the group's momentum (resume), read from the checkpoint
             self.roster.send_state.discard(g)
         if status == P.Status.STOP:
             self.roster.stopped.add(g)
@@ -175,7 +184,7 @@ class ParameterServer:
         reply that lets the group train is its pull."""
         params, buffers = self.s.weights[: self.n_params], self.s.weights[self.n_params :]
         if task.status != P.Status.STOP:
-            self.rule.pulled(g, params, self.s.merges)
+            self.rule.pulled(g, self.s.merges)
         return Outgoing(g, task, params, self.rule.buffers_for(g, buffers))
 
     def answer(self, g: int) -> Outgoing:
@@ -188,9 +197,9 @@ class ParameterServer:
         """Fold group g's pushed weights `wbuf` into the global ones; returns diagnostics."""
         s, n_p, st = self.s, self.n_params, self.tasks.stage.get(g, TaskStage())
         w, wi = s.weights[:n_p], wbuf[:n_p]
-        dist = distance(wi, w)
+        dist = self.rule.distance(w, wi)
         if not math.isfinite(dist):  # before the merge: the global weights stay as they were
-            self._diverged(g, f"pushed weights are not finite (distance to the global weights {dist})")
+            self._diverged(g, f"pushed weights are not finite ({self.rule.distance_is} {dist})")
         push = PushInfo(g, self.rule.staleness(g, s.merges), st.lr, self.tasks.batches(st.resolution))
         a = self.rule.fold(push, w, wi)
         self.rule.fold_buffers(g, s.weights[n_p:], wbuf[n_p:])
@@ -265,19 +274,23 @@ class ParameterServer:
 
     # --- checkpoints ----------------------------------------------------------
     def barrier_full(self) -> bool:
-        """Every active group is parked at the barrier or left out: collect the parked groups'
-        momentum into `s.momentum[g]` (`leave_out` a group whose momentum does not come), then
-        call `checkpoint`."""
+        """Every active group is parked at the barrier or left out: open a `checkpoint_writer`,
+        write each parked group's momentum into it as it comes (`leave_out` a group whose momentum
+        does not come), then call `checkpoint`."""
         parked = self.roster.parked
         full = sorted(parked) == sorted(self.roster.active())
         return self.barrier and bool(parked or self.watch.stalled) and full
 
-    def checkpoint(self) -> list[Outgoing]:
-        """Write the checkpoint of a full barrier and release the parked groups; with groups
-        left out, write it without them and end the run (`checkpoints.end_without`)."""
+    def checkpoint_writer(self) -> C.Writer:
+        return C.Writer(self.cfg.out, self.s.commits)
+
+    def checkpoint(self, writer: C.Writer) -> list[Outgoing]:
+        """Finish the checkpoint of a full barrier (`writer` holds the parked groups' momentum)
+        and release the parked groups; with groups left out, finish it without them and end the
+        run (`checkpoints.end_without`)."""
         if self.watch.stalled:
-            checkpoints.end_without(self, sorted(self.watch.stalled))
-        checkpoints.write(self)
+            checkpoints.end_without(self, sorted(self.watch.stalled), writer)
+        checkpoints.write(self, writer)
         parked, self.roster.parked, self.barrier, self.watch.cutoff = self.roster.parked, [], False, None
         self.roster.next_rr = 0  # a resumed run restarts with HELLOs from group 0 on: so does round robin
         return [self.answer(g) for g in sorted(parked)]
@@ -309,6 +322,17 @@ class ParameterServer:
             if not self.watch.stalled and not self.preempt:
                 self.watch.cutoff = None
         self.roster.served(g, kind == P.Kind.EVAL)
+
+    def account(self, peak_rss_mb: float) -> dict[str, float]:
+        """The server's own account (status.json, the end record): how busy it was and its memory.
+        busy_share near 1: the server is the bottleneck (add a shard, or push less often)."""
+        serve = max(self.serve_seconds, 1e-9)
+        return {
+            "busy_share": round(self.busy_seconds / serve, 4),  # serving minus waiting, of serving
+            "cpu_per_wall": round(self.cpu_seconds / serve, 4),  # ~0 while it waits: no spinning
+            "serve_seconds": round(self.serve_seconds, 3),
+            "peak_rss_mb": round(peak_rss_mb, 1),
+        }
 
     def outcome(self) -> str:
         return "preempted" if self.preempt and self.s.commits < self.total else "done"

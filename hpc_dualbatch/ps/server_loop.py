@@ -74,26 +74,37 @@ def serve(ps: ParameterServer, topo: Any) -> str:
         return True
 
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    idle = 0.0  # seconds spent waiting for the next request: the rest of serving is busy
     while ps.roster.serving():
         ps.check_preempt()
         for out in ps.roster.release():  # order: rounds, after a group was left out
             send(out)
         if ps.barrier_full():
-            for h in [h for h in ps.roster.parked if h not in ps.watch.stalled]:  # each sends its momentum
-                if not P.send(world, send_state, leaders[h], P.TAG_REP, back, bound_from_now()):  # PS
-                    ps.leave_out([h], time.perf_counter(), for_good=True)
-                elif body(mbuf, h, P.TAG_OPT):  # PS: the group's momentum
-                    ps.s.momentum[h] = mbuf
-                else:
-                    mbuf = np.empty_like(mbuf)  # an abandoned receive may still write into the old one
-            for out in ps.checkpoint():  # (with groups left out: raises StalledError)
+            writer = ps.checkpoint_writer()  # each group's momentum goes to disk as it comes
+            try:
+                for h in [
+                    h for h in ps.roster.parked if h not in ps.watch.stalled
+                ]:  # each sends its momentum
+                    if not P.send(world, send_state, leaders[h], P.TAG_REP, back, bound_from_now()):  # PS
+                        ps.leave_out([h], time.perf_counter(), for_good=True)
+                    elif body(mbuf, h, P.TAG_OPT):  # PS: the group's momentum
+                        writer.add_momentum(h, mbuf)
+                    else:
+                        mbuf = np.empty_like(mbuf)  # an abandoned receive may still write into the old one
+                replies = ps.checkpoint(writer)  # (with groups left out: raises StalledError)
+            except BaseException:
+                writer.abort()  # (a finished writer has nothing left to drop)
+                raise
+            for out in replies:
                 send(out)
             continue
         g_next = ps.roster.next_group()
         src = MPI.ANY_SOURCE if g_next is None else leaders[g_next]
         tick = time.perf_counter() + TICK_S
         wake = min(tick, ps.watch.deadline(ps.roster.awaited()) or tick)
+        t_wait = time.perf_counter()
         status = P.recv(world, hdr, src, P.TAG_REQ, back, wake)  # PS: next request header
+        idle += time.perf_counter() - t_wait
         if status is None:  # nobody spoke in time: a request queued behind g_next is not silence
             queued = {g for g in ps.roster.awaited() if world.Iprobe(source=leaders[g], tag=P.TAG_REQ)}  # PS
             ps.on_silence(time.perf_counter(), queued)
@@ -120,6 +131,7 @@ def serve(ps: ParameterServer, topo: Any) -> str:
                 send(out)
     # The server's own CPU use while serving: it must sleep, not spin, while it waits.
     ps.cpu_seconds, ps.serve_seconds = _cpu_seconds() - cpu0, time.perf_counter() - wall0
+    ps.busy_seconds = ps.serve_seconds - idle
     ps.progress.line(
         f"server: {ps.s.commits} commits in {ps.wall():.1f}s; server CPU "
         f"{ps.cpu_seconds / max(ps.serve_seconds, 1e-9):.3f} s per wall second"
@@ -130,3 +142,8 @@ def serve(ps: ParameterServer, topo: Any) -> str:
 def _cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -17,6 +17,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpc_dualbatch.config import Config
+from hpc_dualbatch.method.merge import pushes_update
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.runtime.topology import Topology
 from hpc_dualbatch.runtime.trainer import GroupTrainer, MiniEpoch, MiniEpochStats
@@ -92,12 +93,17 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
     rep = np.zeros(P.HDR_LEN, np.float64)
     w = np.empty(trainer.flat.n_weights, np.float32)
     state = np.empty(n_p, np.float32)
+    # delta, nova: the leader keeps the parameters it pulled and pushes its update (merge.py)
+    pulled = np.empty(n_p, np.float32) if topo.is_leader and pushes_update(cfg.server.merge) else None
 
     def exchange(req: P.Request, push: bool) -> None:
         """Leader: send a request (and weights), wait for the reply; answer state requests."""
         world.Send(req.pack(), dest=0, tag=P.TAG_REQ)  # PS: request header
         if push:
-            world.Send(trainer.flat.weights(w), dest=0, tag=P.TAG_W)  # PS: the group's weights
+            trainer.flat.weights(w)
+            if pulled is not None:
+                np.subtract(w[:n_p], pulled, out=w[:n_p])  # the update since the pull
+            world.Send(w, dest=0, tag=P.TAG_W)  # PS: the group's weights or update, then BN buffers
         while True:
             P.recv(world, rep, 0, P.TAG_REP, back)  # PS: reply header
             if P.Task.unpack(rep).status != P.Status.SEND_STATE:
@@ -105,6 +111,8 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
             world.Send(trainer.flat.momentum(trainer.opt, state), dest=0, tag=P.TAG_OPT)  # PS: checkpoint
         P.recv(world, w[:n_p], 0, P.TAG_W, back)  # PS: merged parameters
         P.recv(world, w[n_p:], 0, P.TAG_BN, back)  # PS: BN buffers
+        if pulled is not None:
+            pulled[:] = w[:n_p]
         if P.Task.unpack(rep).has_state:
             P.recv(world, state, 0, P.TAG_OPT, back)  # PS: momentum on resume
 

@@ -6,8 +6,11 @@ Record types (field `type`):
             wall; on the server also wait (seconds in the task's mid-task exchanges),
             predicted (the adaptive plan's seconds for the task, where it has a fit) and the
             push's merge diagnostics: merge (merges so far), staleness (merges by other
-            pushes since the group's pull), distance (||pushed - global|| of the parameters
-            before the merge), scale (the weight the merge gave the push)
+            pushes since the group's pull), distance (the push's size: under server.merge
+            paper ||pushed - global|| of the parameters before the merge; under delta and nova
+            the norm of the update it carries, ||w_i - w_pulled||; runs made before pushes
+            carried updates recorded ||w_i - global|| under every rule), scale (the weight the
+            merge gave the push)
     merge   a push inside a task (server.push_every): group, round, merge, staleness,
             distance, scale, wall
     eval    the global weights at an epoch boundary on the test split: epoch, test_loss,
@@ -15,7 +18,10 @@ Record types (field `type`):
             on the server also bn (server.bn) and bn_seconds (recalibration before it)
     plan    a re-plan of adaptive planning that changed a group's batch or share: epoch,
             resolution, batches, shares, changed, target_seconds, scales, capped, wall
-    end     how the run ended: state (done, preempted, diverged, stalled), commits, wall
+    end     how the run ended: state (done, preempted, diverged, stalled), commits, wall; on the
+            server also server_cpu_seconds, server_serve_seconds, server_busy_share (serving
+            minus waiting for the next request, of serving) and server_peak_rss_mb (also in
+            status.json under "server")
     gap     records of work that a checkpoint holds were lost (a crash lost the file's unsynced
             tail, or the file was deleted), or an evaluation never came (its group was left out:
             ps/stalls.py): after_commit (the last commit still recorded), up_to_commit

@@ -114,7 +114,10 @@ def summarize(metrics_path: str) -> dict[str, Any]:
     }
 
 
-def finish(cfg: Config, outcome: str, commits: int, wall: float, ckpt_path: str | None) -> str:
+def finish(
+    cfg: Config, outcome: str, commits: int, wall: float, ckpt_path: str | None, server: dict | None = None
+) -> str:
+    """Write status.json (`server`: the parameter server's own account, see `ParameterServer.account`)."""
     summary = summarize(os.path.join(cfg.out, "metrics.jsonl"))
     status = {
         "state": outcome,
@@ -122,6 +125,7 @@ def finish(cfg: Config, outcome: str, commits: int, wall: float, ckpt_path: str 
         "wall_seconds": round(wall, 3),
         "checkpoint": ckpt_path,
         **summary,
+        **({"server": server} if server is not None else {}),
     }
     try:
         write_json(os.path.join(cfg.out, "status.json"), status)

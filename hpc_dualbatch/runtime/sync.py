@@ -37,7 +37,7 @@ def run_sync(st: Any, topo: Topology) -> None:
     counters = np.zeros(2, np.float64)  # epochs done, elapsed seconds
     ck = st.ckpt
     if ck is not None:  # rank 0 loaded it; everyone gets it by broadcast
-        weights[:], momentum[:], counters[:] = ck.weights, ck.momentum[0], (ck.commits, ck.elapsed)
+        weights[:], momentum[:], counters[:] = ck.weights, ck.momentum.get(0), (ck.commits, ck.elapsed)
     comm.Bcast(weights, root=0)  # MPI: group
     comm.Bcast(momentum, root=0)  # MPI
     comm.Bcast(counters, root=0)  # MPI
@@ -58,7 +58,7 @@ def run_sync(st: Any, topo: Topology) -> None:
             cfg.out,
             C.Checkpoint(
                 trainer.flat.weights(),
-                trainer.flat.momentum(trainer.opt)[None, :],
+                C.Momenta.of([trainer.flat.momentum(trainer.opt)], trainer.flat.n_params),
                 epochs_done,
                 [epochs_done],
                 elapsed + time.perf_counter() - t0,

@@ -277,7 +277,9 @@ def test_every_server_mode_merges_by_its_rule_and_a_signalled_run_resumes_bit_id
     run(full, **mode)
     first, _, _, specs = run(cut, preempt_round=1, **mode)
     if world.Get_rank() == 0:
-        parked_at = or_abort(lambda: C.load(C.latest(cut)).commits)
+        barrier = or_abort(lambda: C.load(C.latest(cut)))
+        parked_at = barrier.commits
+        saved = [bool(barrier.momentum.get(g).any()) for g in range(barrier.momentum.n_groups)]
         state = or_abort(lambda: json.load(open(os.path.join(cut, "status.json")))["state"])
     second, trainer, _, _ = run(cut, resume=True, **mode)
 
@@ -294,14 +296,19 @@ def test_every_server_mode_merges_by_its_rule_and_a_signalled_run_resumes_bit_id
             first == "preempted"
             and state == "preempted"
             and n <= parked_at < EPOCHS * n  # stopped early, after group 0's first commit
+            and saved == [True] * n  # every group's momentum is in the barrier's checkpoint
             and second == "done"
             and commits == list(range(1, EPOCHS * n + 1))  # the metrics continue, no repeats
             and groups(cut) == groups(full)  # round robin: the same order of commits
-            and np.array_equal(a.weights, b.weights)  # bit-identical to the uninterrupted run
-            and np.array_equal(a.momentum, b.momentum)
+            and np.array_equal(a.weights, b.weights)  # bit-identical to the uninterrupted run (so
+            # the groups' momentum went to the barrier's checkpoint and came back exactly)
+            and a.momentum.saved == b.momentum.saved == []  # a finished run's final checkpoint holds none
             and (outer == "none" or np.array_equal(a.outer, b.outer))
         )
-        return ok, why + f"; outcomes {first}/{second}, parked at {parked_at}, commits {commits}"
+        return (
+            ok,
+            why + f"; outcomes {first}/{second}, parked at {parked_at}, momentum {saved}, commits {commits}",
+        )
 
     agreed(world, check)
 
