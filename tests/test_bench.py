@@ -152,10 +152,11 @@ def test_exchange_two_ranks(tmp_path):
     res = load(out)
     assert res["command"].endswith(shlex.join(["-m", "hpc_dualbatch", "bench", "exchange", *argv]))
     assert res["machine"]["mpi_ranks"] == 2
-    assert [row["variant"] for row in res["rows"]] == ["raw", "ps", "ps_nomerge"]
+    assert [row["variant"] for row in res["rows"]] == ["raw", "delta", "paper", "nomerge"]
     for row in res["rows"]:
         assert row["mb_per_s"] > 0 and len(row["seconds_per_trip_all"]) == 2
-    assert res["ratio_ps"] > 0 and res["ratio_ps_nomerge"] > 0 and res["merge_ms"] >= 0
+    assert res["ratio_delta"] > 0 and res["ratio_paper"] > 0 and res["ratio_nomerge"] > 0
+    assert res["merge_ms_delta"] >= 0 and res["merge_ms_paper"] >= 0
     assert "ps / raw" in r.stdout
 
 
