@@ -17,6 +17,7 @@ COMMANDS = (
     "hpc_dualbatch.commands.plan",
     "hpc_dualbatch.commands.train",
     "hpc_dualbatch.commands.report",
+    "hpc_dualbatch.commands.simulate",
     "hpc_dualbatch.bench",
 )
 

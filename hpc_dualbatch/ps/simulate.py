@@ -1,0 +1,202 @@
+"""A discrete-event model of a parameter-server run: groups, server shards, the exchange between
+them, and the sleeping waits of both ends. Pure Python, no MPI: it predicts what one machine
+cannot run (hundreds of groups, several shards) from costs one machine can measure, and is
+checked against real runs at 2-6 ranks (`commands/simulate.py check`).
+
+What it models, per push (each group pushes `pushes` times per task; the last push is the commit):
+
+1. The group computes one part of its task: `compute` seconds (a trace of measured task times,
+   or a mean with random spread), then its leader sends the request header and its update.
+2. Each of the S shards (equal contiguous slices of the P weights) serves its requests one at a
+   time, in arrival order, as `server_loop.serve` does. An idle shard sleeps in `Backoff`
+   (first sleep `poll_min`, doubling to `poll_max`; a wait restarts every `TICK_S`), so it sees
+   a request at its first wake-up at or after the arrival, plus `wake` (the delay before a woken
+   process runs: ~0 on a dedicated node, milliseconds where busy workers share the cores); a
+   busy shard sees the next queued request as soon as it is done.
+3. Serving: receive the slice (latency + 4P/S bytes at `bandwidth`), merge it (`merge_s_per_float`
+   x P/S), send the reply slice the same way. A large message moves only while both ends are in
+   MPI, so the reply completes when the leader, sleeping in its own `Backoff` since it sent the
+   push, next wakes; the shard is busy until it sees the send complete at its own next wake-up.
+4. The leader's link carries the whole push and pull (8P bytes): the exchange takes at least
+   that. The group's other ranks, asleep in a `Backoff` broadcast since the part ended, resume at
+   their next wake-up after the leader.
+5. After a commit that closes an epoch (every n commits) the committing group evaluates
+   (`evals`: seconds, from the trace or a constant) before its next part.
+
+What it leaves out: checkpoints (barriers), adaptive re-planning (a trace holds its outcome),
+contention between groups for the leaders' links, and the allreduce inside a group (part of the
+measured compute). Outputs (`Outcome`): wall time, commits per second, each shard's busy share,
+the groups' mean exchange seconds per push, and samples per second where the caller gives samples.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+TICK_S = 1.0  # server_loop.TICK_S: a shard's wait for the next request restarts this often
+
+
+def next_wake(since: float, at: float, poll_min: float, poll_max: float, tick: float = math.inf) -> float:
+    """The first time at or after `at` that a `protocol.Backoff` wait begun at `since` tests its
+    request: at since, then after sleeps of poll_min, 2 poll_min, ... up to poll_max each; a wait
+    that restarts every `tick` seconds begins its sleeps again."""
+    if at <= since:
+        return since
+    if math.isfinite(tick):
+        since += math.floor((at - since) / tick) * tick
+    t, delay = since, poll_min
+    while t < at and delay < poll_max:  # the doubling part: at most log2(max/min) steps
+        t += delay
+        delay *= 2
+    if t >= at:
+        return t
+    return t + math.ceil((at - t) / poll_max) * poll_max  # then every poll_max
+
+
+@dataclass(frozen=True)
+class Link:
+    """What moving and merging weights costs: one direction of a link, and the merge."""
+
+    bandwidth: float  # bytes/s of one transfer
+    latency: float = 0.0  # s per message
+    merge_s_per_float: float = 0.0  # the server's merge (norm + fold) per weight, s
+
+    def transfer(self, nbytes: float) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class SimTask:
+    seconds: float  # of training (the exchanges excluded), split evenly over its pushes
+    pushes: int = 1  # server.push_every's split of the task (the last push is the commit)
+    samples: int = 0
+
+
+@dataclass(frozen=True)
+class SimGroup:
+    ranks: int  # ranks of the group (the leader and ranks - 1 peers)
+    tasks: Sequence[SimTask]  # in order, cycled when the run is longer
+
+
+@dataclass(frozen=True)
+class SimInput:
+    groups: Sequence[SimGroup]
+    floats: int  # P: weights per push (parameters and BN buffers)
+    link: Link
+    tasks: int  # tasks in the run (commits), handed out as in the server: while any remain
+    shards: int = 1
+    poll_min: float = 0.0002  # server.poll_min_s
+    poll_max: float = 0.005  # server.poll_max_s
+    wake: float = 0.0  # s from a wake-up to running (a loaded node's scheduling delay)
+    evals: Sequence[float] = ()  # seconds of the evaluation after commit n, 2n, ... (cycled)
+    spread: float = 0.0  # relative s.d. of a part's compute (lognormal), 0: the trace as is
+    seed: int = 0
+
+
+@dataclass
+class Outcome:
+    wall: float  # s from the first part's start to the last commit
+    commits: int
+    pushes: int
+    busy: list[float]  # each shard's busy seconds
+    exchange: float  # s the groups spent in exchanges, summed
+    samples: int = 0
+    mid_exchange: float = 0.0  # s of the pushes inside a task (what a commit record's `wait` sums)
+    mid_pushes: int = 0
+
+    @property
+    def commits_per_s(self) -> float:
+        return self.commits / self.wall if self.wall > 0 else 0.0
+
+    @property
+    def busy_share(self) -> float:
+        """The busiest shard's busy share of the run."""
+        return max(self.busy) / self.wall if self.wall > 0 else 0.0
+
+    @property
+    def exchange_per_push(self) -> float:
+        return self.exchange / self.pushes if self.pushes else 0.0
+
+    @property
+    def mid_exchange_per_push(self) -> float:
+        return self.mid_exchange / self.mid_pushes if self.mid_pushes else 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.wall if self.wall > 0 else 0.0
+
+
+def simulate(sim: SimInput) -> Outcome:
+    """Run the model until `sim.tasks` tasks are committed (see the module docstring)."""
+    n, S = len(sim.groups), sim.shards
+    if n < 1 or S < 1 or sim.tasks < 1 or sim.floats < 1:
+        raise ValueError(
+            f"need groups, shards, tasks and floats >= 1; got {n}, {S}, {sim.tasks}, {sim.floats}"
+        )
+    rng = random.Random(sim.seed)
+    tr = sim.link.transfer(4.0 * sim.floats / S)  # one slice, one way
+    merge = sim.link.merge_s_per_float * sim.floats / S
+    leader_link = 2 * sim.link.transfer(4.0 * sim.floats)  # the whole push and pull on one link
+    waits = (sim.poll_min, sim.poll_max)
+    free = [0.0] * S  # when each shard finished its last request (and began waiting again)
+    busy = [0.0] * S
+    issued, commits, pushes, samples, mid, mid_pushes = 0, 0, 0, 0, 0.0, 0
+    current: list[SimTask] = [SimTask(0.0)] * n  # the task each group trains
+    taken = [0] * n  # tasks each group has taken
+    exchange, wall = 0.0, 0.0
+
+    def part_seconds(g: int) -> float:
+        task = current[g]
+        t = task.seconds / task.pushes
+        return t * rng.lognormvariate(-(sim.spread**2) / 2, sim.spread) if sim.spread > 0 else t
+
+    def take(g: int, at: float) -> None:
+        nonlocal issued, seq
+        tasks = sim.groups[g].tasks
+        current[g] = tasks[taken[g] % len(tasks)]
+        taken[g] += 1
+        issued += 1
+        seq += 1
+        heapq.heappush(events, (at + part_seconds(g), seq, g, 0))
+
+    # events: (time the part ends, tie-break, group, part index within its task)
+    events: list[tuple[float, int, int, int]] = []
+    seq = 0
+    for g in range(min(n, sim.tasks)):  # every group is handed a task at the start (HELLO)
+        take(g, 0.0)
+    while events:
+        t0, _, g, part = heapq.heappop(events)
+        done = t0 + leader_link
+        for s in range(S):  # each shard serves this push's slice
+            if free[s] <= t0:  # asleep waiting: sees the header at a wake-up
+                seen = next_wake(free[s], t0, *waits, TICK_S) + sim.wake
+            else:  # busy: takes the queued request as soon as it is free
+                seen = free[s]
+            got = next_wake(seen, seen + tr, *waits)  # the slice (the leader is sending it)
+            post = got + merge  # merged; the reply handed to MPI
+            reply = next_wake(t0, post, *waits) + sim.wake + tr  # moves once the leader wakes
+            free[s] = next_wake(post, reply, *waits)  # the shard sees its send complete
+            busy[s] += free[s] - seen
+            done = max(done, reply)
+        if sim.groups[g].ranks > 1:  # the peers, asleep in a broadcast since t0, resume at their next wake
+            done = next_wake(t0, done, *waits) + sim.wake
+        exchange += done - t0
+        pushes += 1
+        if part < current[g].pushes - 1:  # a push inside the task
+            mid += done - t0
+            mid_pushes += 1
+            seq += 1
+            heapq.heappush(events, (done + part_seconds(g), seq, g, part + 1))
+            continue
+        commits += 1
+        samples += current[g].samples
+        wall = max(wall, done)
+        if sim.evals and commits % n == 0:  # this commit closed an epoch: its group evaluates
+            done += sim.evals[(commits // n - 1) % len(sim.evals)]
+        if issued < sim.tasks:
+            take(g, done)
+    return Outcome(wall, commits, pushes, busy, exchange, samples, mid, mid_pushes)

@@ -1,0 +1,53 @@
+"""The parameter server's discrete-event model (ps/simulate.py) on cases worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpc_dualbatch.ps.simulate import Link, SimGroup, SimInput, SimTask, next_wake, simulate
+
+
+def test_next_wake_follows_the_backoff_schedule():
+    # a wait begun at 0 tests at 0, 0.2, 0.6, 1.4, 3.0 (sleeps doubling from 0.2 ms), then every 2 ms
+    ms = [next_wake(0.0, at, 0.2, 2.0) for at in (0.0, 0.1, 0.2, 0.5, 1.0, 2.9, 3.0, 3.1, 5.0, 5.1)]
+    assert ms == pytest.approx([0.0, 0.2, 0.2, 0.6, 1.4, 3.0, 3.0, 5.0, 5.0, 7.0])
+    assert next_wake(0.0, 2.5, 0.2, 2.0, tick=2.0) == pytest.approx(2.6)  # restarted at 2.0
+
+
+def test_one_group_alone_pays_compute_plus_exchange_per_push():
+    """No sleeping (polls of ~0), 1 group, 1 shard: every push costs the transfer both ways on
+    each side's link plus the merge, nothing overlaps, so the run takes tasks x pushes x (part +
+    exchange) and the server is busy exactly for the exchanges."""
+    link = Link(bandwidth=4e6, latency=0.0, merge_s_per_float=1e-6)  # 1 MB: 0.25 s a way; merge 1 s
+    g = SimGroup(1, [SimTask(seconds=6.0, pushes=3, samples=300)])
+    out = simulate(SimInput([g], floats=1_000_000 // 4, link=link, tasks=4, poll_min=1e-9, poll_max=1e-9))
+    exchange = 0.25 + 0.25 + 0.25  # slice in, merge (250,000 floats x 1 us), reply out
+    assert out.commits == 4 and out.pushes == 12 and out.mid_pushes == 8
+    assert out.wall == pytest.approx(4 * (6.0 + 3 * exchange), rel=1e-6)
+    assert out.exchange_per_push == pytest.approx(exchange, rel=1e-6)
+    assert out.busy[0] == pytest.approx(12 * exchange, rel=1e-6)
+    assert out.samples_per_s == pytest.approx(1200 / out.wall)
+
+
+def test_a_saturated_server_caps_commits_at_one_per_service_time_and_shards_divide_it():
+    """Many groups with almost no compute: the server serves back to back, so commits/s tends to
+    1 / service; S shards serve a slice each and raise the cap S-fold (the leaders' links are fast)."""
+    link = Link(bandwidth=1e12, latency=0.0, merge_s_per_float=1e-6)  # merge only: 1 s per push
+    groups = [SimGroup(1, [SimTask(seconds=1e-3)])] * 16
+    base = dict(floats=1_000_000, link=link, tasks=400, poll_min=1e-9, poll_max=1e-9)
+    one = simulate(SimInput(groups, **base))
+    assert one.commits_per_s == pytest.approx(1.0, rel=0.02) and one.busy_share == pytest.approx(
+        1.0, rel=0.02
+    )
+    four = simulate(SimInput(groups, shards=4, **base))
+    assert four.commits_per_s == pytest.approx(4.0, rel=0.02)
+
+
+def test_a_sleeping_server_adds_its_wake_up_delay():
+    """One group, transfers free: the server, asleep since its last reply, sees each push at its
+    next Backoff wake-up; with a compute of 10 ms per push and sleeps capped at 5 ms that is
+    between 0 and 5 ms later, and the leader sees the reply at its own next wake-up."""
+    link = Link(bandwidth=1e15)
+    g = SimGroup(1, [SimTask(seconds=0.010)])
+    out = simulate(SimInput([g], floats=1, link=link, tasks=50, poll_min=0.0002, poll_max=0.005))
+    assert 0.0 < out.exchange_per_push <= 0.005 + 0.0062  # server wake, then the leader's
