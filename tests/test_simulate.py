@@ -51,3 +51,15 @@ def test_a_sleeping_server_adds_its_wake_up_delay():
     g = SimGroup(1, [SimTask(seconds=0.010)])
     out = simulate(SimInput([g], floats=1, link=link, tasks=50, poll_min=0.0002, poll_max=0.005))
     assert 0.0 < out.exchange_per_push <= 0.005 + 0.0062  # server wake, then the leader's
+
+
+def test_a_nonblocking_reply_frees_the_server_before_the_leader_wakes():
+    """The server's send of a large reply completes only once the sleeping leader wakes: a
+    blocking server is busy for that wait, one that hands the reply to MPI and serves on is not."""
+    link = Link(bandwidth=1e15)
+    groups = [SimGroup(1, [SimTask(seconds=0.004)])] * 8
+    base = dict(floats=1, link=link, tasks=200, poll_min=0.0002, poll_max=0.005)
+    blocking = simulate(SimInput(groups, **base))
+    overlapped = simulate(SimInput(groups, blocking_replies=False, **base))
+    assert overlapped.busy_share < 0.5 * blocking.busy_share
+    assert overlapped.training_share > blocking.training_share

@@ -1,7 +1,7 @@
 """`hpc-dualbatch simulate`: the parameter server's discrete-event model (`ps/simulate.py`).
 
     hpc-dualbatch simulate check RUN_DIR... --exchange results/bench/exchange-small.json [--wake-ms W]
-    hpc-dualbatch simulate scale [--out docs/scaling-sim.md]
+    hpc-dualbatch simulate scale [--gbps 100] [--merge-ns 0.5] [--out docs/scaling.md]
 
 `check` replays real runs: each group's measured task times (commit records: training seconds,
 the exchanges excluded), its pushes per task (merge records), the evaluations' seconds, the
@@ -9,6 +9,10 @@ model's size, and the exchange's costs from a `bench exchange` result (raw round
 bandwidth, the delta merge's ms -> seconds per weight); it prints the measured and predicted
 seconds per push inside a task (what commit records' `wait` sums) and commits per second, and
 their relative errors (goal: within 15 %).
+
+`scale` runs the model for the paper's workloads from 8 to 1,024 GPUs, for 1-16 server shards and
+push periods of 1, 4 and 16 steps, and prints (or writes into docs/scaling.md between its markers)
+the fewest shards that keep 95 % of the throughput without a server.
 """
 
 from __future__ import annotations
@@ -128,6 +132,100 @@ def check(args: argparse.Namespace) -> int:
     return 0
 
 
+# The paper's workloads (docs/scaling.md, "Inputs"): time per GPU step t(B) = a*B + b at B_L, the
+# train samples d, and the weights per push P of the two models.
+WORKLOADS = {
+    "CIFAR ResNet-18": (5.06e-4, 0.0156, 560, 50_000, 11_200_000),
+    "ImageNet ResNet-50": (5.68e-4, 0.0171, 1_110, 1_281_167, 25_600_000),
+}
+GPUS = (8, 16, 32, 64, 128, 256, 512, 1024)
+SHARDS = (1, 2, 4, 8, 16)
+PERIODS = (1, 4, 16)  # server.push_every, steps
+ENOUGH = 0.95  # of the throughput without any server: where a shard more stops paying
+
+
+def scale_point(
+    work: str, gpus: int, group: int, shards: int, period: int, link: Link, wake: float, blocking: bool = True
+) -> dict:
+    """One cluster: gpus / group groups, each training its share of an epoch at B_L per GPU and
+    pushing every `period` steps, 4 rounds of tasks, each part's time spread by 10 % (so the groups
+    do not push in lockstep); the throughput against no server at all."""
+    a, b, B_L, d, floats = WORKLOADS[work]
+    n = gpus // group
+    step = a * B_L + b  # s per step of every GPU of a group (its allreduce taken as free)
+    steps = max(1, round(d / (n * group * B_L)))  # per mini-epoch (at least one)
+    pushes = max(1, -(-steps // period))
+    task = SimTask(steps * step, pushes, steps * group * B_L)
+    sim = SimInput(
+        [SimGroup(group, [task])] * n, floats, link, 4 * n, shards=shards, wake=wake, spread=0.1,
+        blocking_replies=blocking,
+    )  # fmt: skip
+    out = simulate(sim)
+    return {"throughput": out.training_share, "busy": out.busy_share, "exchange_s": out.exchange_per_push}
+
+
+def shards_table(link: Link, wake: float, blocking: bool) -> list[str]:
+    """Markdown rows: per workload, group size and push period, the fewest shards that keep
+    ENOUGH of the throughput without a server, from 8 to 1,024 GPUs."""
+    rows = [
+        "| workload | GPUs per group | push every (steps) | "
+        + " | ".join(f"{n:,} GPUs" for n in GPUS)
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(GPUS),
+    ]
+    for work, (_, _, B_L, d, _) in WORKLOADS.items():
+        for group in (1, 8):
+            for period in PERIODS:
+                cells = []
+                for gpus in GPUS:
+                    if gpus < 2 * group or d < gpus * B_L:  # one group; or less than a step per GPU
+                        cells.append("-")
+                        continue
+                    kept = [
+                        scale_point(work, gpus, group, S, period, link, wake, blocking)["throughput"]
+                        for S in SHARDS
+                    ]
+                    need = next((S for S, x in zip(SHARDS, kept) if x >= ENOUGH), None)
+                    cells.append(f"{need if need else '>16'} ({kept[0]:.2f})")
+                rows.append(f"| {work} | {group} | {period} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def scale(args: argparse.Namespace) -> int:
+    link = Link(args.gbps * 1e9 / 8, args.latency_us * 1e-6, args.merge_ns * 1e-9)
+    wake = args.wake_ms / 1e3
+    lines = [
+        f"Simulated ({args.gbps:g} Gb/s links, {args.latency_us:g} us per message, merge {args.merge_ns:g} "
+        f"ns per weight, Backoff 0.2-5 ms, {args.wake_ms:g} ms wake-up, parts spread by 10 %; "
+        "`hpc-dualbatch simulate scale`). Each cell: the fewest server shards S (of "
+        f"{', '.join(map(str, SHARDS))}) at which the groups spend >= {ENOUGH:.0%} of their time "
+        "training (what they keep of the throughput without a server); in brackets that share with one "
+        "shard; '>16': not even 16 shards reach it; '-': a single group, or an epoch of less than one "
+        "step per GPU.",
+        "",
+        "Today's server (each reply sent before the next request is served):",
+        "",
+        *shards_table(link, wake, blocking=True),
+        "",
+        "With replies sent without blocking (a shard serves the next request while its reply is in flight):",
+        "",
+        *shards_table(link, wake, blocking=False),
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        from hpc_dualbatch.atomic import write_text
+
+        begin, end = "<!-- simulate scale -->\n", "<!-- /simulate scale -->"
+        doc = open(args.out, encoding="utf-8").read()
+        if begin not in doc or end not in doc:
+            raise ConfigError(f"{args.out} has no section marked {begin.strip()} ... {end} to replace")
+        head, rest = doc.split(begin, 1)
+        write_text(args.out, head + begin + text + end + rest.split(end, 1)[1])
+        print(f"updated {args.out}")
+    return 0
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "simulate", help="the parameter server's discrete-event model: check it, or scale it up"
@@ -146,3 +244,14 @@ def register(sub: Any) -> None:
     )
     c.add_argument("--out", default=None, help="write the comparison as JSON")
     c.set_defaults(func=check)
+    sc = s.add_parser("scale", help="shards needed from 8 to 1,024 GPUs for the paper's workloads")
+    sc.add_argument("--gbps", type=float, default=100.0, help="link speed, Gb/s (100: InfiniBand EDR)")
+    sc.add_argument("--latency-us", type=float, default=5.0, help="per message, us")
+    sc.add_argument(
+        "--merge-ns", type=float, default=0.5, help="the server's merge per weight, ns (bench exchange)"
+    )
+    sc.add_argument("--wake-ms", type=float, default=0.05, help="delay from a wake-up to running, ms")
+    sc.add_argument(
+        "--out", default=None, help="a markdown file whose marked section is replaced by the table"
+    )
+    sc.set_defaults(func=scale)

@@ -16,7 +16,8 @@ What it models, per push (each group pushes `pushes` times per task; the last pu
 3. Serving: receive the slice (latency + 4P/S bytes at `bandwidth`), merge it (`merge_s_per_float`
    x P/S), send the reply slice the same way. A large message moves only while both ends are in
    MPI, so the reply completes when the leader, sleeping in its own `Backoff` since it sent the
-   push, next wakes; the shard is busy until it sees the send complete at its own next wake-up.
+   push, next wakes; the shard is busy until it sees the send complete at its own next wake-up
+   (`blocking_replies`, as `server_loop` does), or serves on once the reply is handed to MPI.
 4. The leader's link carries the whole push and pull (8P bytes): the exchange takes at least
    that. The group's other ranks, asleep in a `Backoff` broadcast since the part ended, resume at
    their next wake-up after the leader.
@@ -95,6 +96,9 @@ class SimInput:
     evals: Sequence[float] = ()  # seconds of the evaluation after commit n, 2n, ... (cycled)
     spread: float = 0.0  # relative s.d. of a part's compute (lognormal), 0: the trace as is
     seed: int = 0
+    # True: a shard waits for its reply to be taken before the next request (server_loop today);
+    # False: it hands the reply to MPI and serves on (a nonblocking send; the scale issue's item 2)
+    blocking_replies: bool = True
 
 
 @dataclass
@@ -107,6 +111,15 @@ class Outcome:
     samples: int = 0
     mid_exchange: float = 0.0  # s of the pushes inside a task (what a commit record's `wait` sums)
     mid_pushes: int = 0
+    compute: float = 0.0  # s the groups trained, summed
+    active: float = 0.0  # s from the start to each group's last commit, summed over the groups
+
+    @property
+    def training_share(self) -> float:
+        """Of the groups' time until their last commit, the share spent training: what the run
+        keeps of the throughput the same groups reach without a server (and without the idle
+        tail at the end of a finite run, when groups run out of tasks)."""
+        return self.compute / self.active if self.active > 0 else 0.0
 
     @property
     def commits_per_s(self) -> float:
@@ -145,6 +158,7 @@ def simulate(sim: SimInput) -> Outcome:
     free = [0.0] * S  # when each shard finished its last request (and began waiting again)
     busy = [0.0] * S
     issued, commits, pushes, samples, mid, mid_pushes = 0, 0, 0, 0, 0.0, 0
+    computed, last_commit = 0.0, [0.0] * n
     current: list[SimTask] = [SimTask(0.0)] * n  # the task each group trains
     taken = [0] * n  # tasks each group has taken
     exchange, wall = 0.0, 0.0
@@ -154,14 +168,20 @@ def simulate(sim: SimInput) -> Outcome:
         t = task.seconds / task.pushes
         return t * rng.lognormvariate(-(sim.spread**2) / 2, sim.spread) if sim.spread > 0 else t
 
+    def start_part(g: int, at: float, part: int) -> None:
+        nonlocal seq, computed
+        seq += 1
+        t = part_seconds(g)
+        computed += t
+        heapq.heappush(events, (at + t, seq, g, part))
+
     def take(g: int, at: float) -> None:
-        nonlocal issued, seq
+        nonlocal issued
         tasks = sim.groups[g].tasks
         current[g] = tasks[taken[g] % len(tasks)]
         taken[g] += 1
         issued += 1
-        seq += 1
-        heapq.heappush(events, (at + part_seconds(g), seq, g, 0))
+        start_part(g, at, 0)
 
     # events: (time the part ends, tie-break, group, part index within its task)
     events: list[tuple[float, int, int, int]] = []
@@ -179,7 +199,8 @@ def simulate(sim: SimInput) -> Outcome:
             got = next_wake(seen, seen + tr, *waits)  # the slice (the leader is sending it)
             post = got + merge  # merged; the reply handed to MPI
             reply = next_wake(t0, post, *waits) + sim.wake + tr  # moves once the leader wakes
-            free[s] = next_wake(post, reply, *waits)  # the shard sees its send complete
+            # the shard sees its send complete, or serves on while it is in flight
+            free[s] = next_wake(post, reply, *waits) if sim.blocking_replies else post
             busy[s] += free[s] - seen
             done = max(done, reply)
         if sim.groups[g].ranks > 1:  # the peers, asleep in a broadcast since t0, resume at their next wake
@@ -189,14 +210,15 @@ def simulate(sim: SimInput) -> Outcome:
         if part < current[g].pushes - 1:  # a push inside the task
             mid += done - t0
             mid_pushes += 1
-            seq += 1
-            heapq.heappush(events, (done + part_seconds(g), seq, g, part + 1))
+            start_part(g, done, part + 1)
             continue
         commits += 1
         samples += current[g].samples
         wall = max(wall, done)
+        last_commit[g] = done
         if sim.evals and commits % n == 0:  # this commit closed an epoch: its group evaluates
             done += sim.evals[(commits // n - 1) % len(sim.evals)]
         if issued < sim.tasks:
             take(g, done)
-    return Outcome(wall, commits, pushes, busy, exchange, samples, mid, mid_pushes)
+    active = sum(last_commit)
+    return Outcome(wall, commits, pushes, busy, exchange, samples, mid, mid_pushes, computed, active)
