@@ -18,6 +18,7 @@ from hpc_dualbatch.method.schedule import (
     stage_at,
     stage_for_count,
     stage_table,
+    task_rate,
 )
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "hpc_dualbatch", "configs")
@@ -142,6 +143,19 @@ def test_warmup() -> None:
     assert lr_at(3.999, s) == pytest.approx(0.2, rel=1e-3)
     assert lr_at(4, s) == 0.2 and lr_at(8, s) == 0.02
     assert stage_at(1, s).lr == pytest.approx(0.02 + 0.18 / 4)
+
+
+def test_a_task_ramps_its_warm_up_per_step_over_its_share_of_the_epoch() -> None:
+    s = _sched(lr=[0.1, 0.01], milestones=[5], warmup_epochs=1)
+    assert task_rate(0.01, 0.0, 1, s) == 0.01  # warmup_ramp: task (the default): one rate
+    s = _sched(lr=[0.1, 0.01], milestones=[5], warmup_epochs=1, warmup_ramp="step")
+    one = task_rate(0.01, 0.0, 1, s)  # one group: the task is the whole first epoch
+    assert [one(f) for f in (0.0, 0.5)] == pytest.approx([lr_at(0.0, s), lr_at(0.5, s)])
+    third = task_rate(lr_at(0.5, s), 0.5, 4, s)  # 4 groups: the task covers [0.5, 0.75)
+    assert [third(f) for f in (0.0, 1.0)] == pytest.approx([lr_at(0.5, s), lr_at(0.75, s)])
+    small = task_rate(0.5 * lr_at(0.25, s), 0.25, 4, s)  # a small group at half the rate
+    assert small(0.5) == pytest.approx(0.5 * lr_at(0.375, s))
+    assert task_rate(0.1, 1.0, 4, s) == 0.1  # past the warm-up: one rate
 
 
 def test_dropout() -> None:

@@ -67,6 +67,10 @@ class ScheduleConfig:
     # A small group's learning rate: the large groups' (same, the method), or scaled by
     # (B_S/B_L)^(1/2) (sqrt, Hoffer et al. 2017) or B_S/B_L (linear, Goyal et al. 2017).
     small_lr: str = "same"
+    # In a parameter-server run, how a warm-up ramps inside a task: one rate per task, the rate
+    # at the task's place in the epoch (task), or per step across the task's 1/n of the epoch
+    # (step: with one group, exactly the synchronous run's per-step ramp). Sync runs ramp per step.
+    warmup_ramp: str = "task"
 
 
 @dataclass
@@ -190,6 +194,7 @@ CHOICES = {  # the valid values of each choice key: the one list every module ch
     "plan.factor": ("data_ratio", "sqrt", "none"),
     "schedule.resolution_mode": ("cyclic", "progressive", "fixed"),
     "schedule.small_lr": ("same", "sqrt", "linear"),
+    "schedule.warmup_ramp": ("task", "step"),
     "server.order": ("arrival", "round_robin", "rounds"),
     "server.stage_by": ("task", "commit"),
     "server.merge": ("paper", "delta", "nova"),

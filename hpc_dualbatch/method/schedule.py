@@ -27,6 +27,7 @@ Dropout rises with resolution (`schedule.dropout`, missing = 0).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hpc_dualbatch.config import CHOICES, ScheduleConfig
@@ -65,6 +66,18 @@ def lr_at(epoch: float, sched: ScheduleConfig) -> float:
         warm = base / 10 + (base - base / 10) * epoch / sched.warmup_epochs
         return min(lr, warm)
     return lr
+
+
+def task_rate(lr: float, e0: float, n_groups: int, sched: ScheduleConfig) -> float | Callable[[float], float]:
+    """The rate a parameter-server task trains at: `lr`, the rate the server gave it at its place
+    e0 (a fractional epoch) in the schedule; or, under `schedule.warmup_ramp: step` inside a
+    warm-up, the rate at each fraction f of the task, lr_at(e0 + f/n) scaled as `lr` is (a small
+    group's `small_lr`): the task covers 1/n of the epoch from e0. With one group that is the
+    synchronous run's per-step ramp."""
+    if sched.warmup_ramp != "step" or e0 >= sched.warmup_epochs:
+        return lr
+    scale = lr / lr_at(e0, sched)
+    return lambda f: scale * lr_at(e0 + f / n_groups, sched)
 
 
 def _sub_stage(epoch: int, start: int, end: int, resolutions: list[int]) -> int:

@@ -101,6 +101,7 @@ class Rep(IntEnum):  # wire positions of `Task`'s fields
     EVAL_EPOCH = 9
     HAS_STATE = 10
     PUSHES = 11
+    LR_EPOCH = 12
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class Task:
     eval_epoch: float = -1.0  # >= 0: evaluate this reply's weights and report them as this epoch
     has_state: bool = False  # a TAG_OPT buffer follows (resume)
     pushes: int = 1  # pushes in this task (MERGE x (pushes - 1), then PUSH)
+    lr_epoch: float = 0.0  # the fractional epoch `lr` is the rate at (schedule.warmup_ramp: step)
 
     def pack(self) -> np.ndarray:
         h = np.zeros(HDR_LEN, np.float64)
@@ -210,6 +212,7 @@ class Task:
         h[Rep.DROPOUT], h[Rep.EVAL_EPOCH], h[Rep.HAS_STATE], h[Rep.PUSHES] = (
             self.dropout, self.eval_epoch, self.has_state, self.pushes,
         )  # fmt: skip
+        h[Rep.LR_EPOCH] = self.lr_epoch
         return h
 
     @classmethod
@@ -227,6 +230,7 @@ class Task:
             float(h[Rep.EVAL_EPOCH]),
             bool(h[Rep.HAS_STATE]),
             int(h[Rep.PUSHES]),
+            float(h[Rep.LR_EPOCH]),
         )
 
 
@@ -291,6 +295,33 @@ def send(comm: Any, buf: np.ndarray, dest: int, tag: int, backoff: Backoff, unti
         return True
     _ABANDONED.append((req, buf))  # MPI may still read buf: keep both alive
     return False
+
+
+class InFlight:
+    """Sends handed to MPI and not yet known to be complete: the server posts a reply and serves
+    the next request while the reply travels (a large message moves only when its receiver, asleep
+    in its own Backoff, next tests it). `settle` waits for all of them before the server changes
+    what they read (the next merge), each within the bound it was posted with."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, np.ndarray, int, Until]] = []
+
+    def post(self, comm: Any, buf: np.ndarray, dest: int, tag: int, group: int, until: Until) -> None:
+        """Start sending `buf` (kept alive until it completes) on behalf of `group`."""
+        self.pending.append((comm.Isend(buf, dest=dest, tag=tag), buf, group, until))  # MPI
+
+    def settle(self, backoff: Backoff) -> list[int]:
+        """Wait for every posted send; returns the groups whose sends were not taken within their
+        bound (abandoned: MPI may still read the buffers, which stay alive)."""
+        late = []
+        for req, buf, group, until in self.pending:
+            if group in late:
+                _ABANDONED.append((req, buf))
+            elif backoff.wait(req, until) is None:
+                _ABANDONED.append((req, buf))
+                late.append(group)
+        self.pending = []
+        return late
 
 
 def bcast(comm: Any, buf: np.ndarray, backoff: Backoff, root: int = 0) -> None:

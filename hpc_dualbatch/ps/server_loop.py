@@ -7,6 +7,12 @@ parked (no reply) until every active group is parked; then each sends its moment
 server writes one checkpoint and releases them. No wait is unbounded where a group can stall:
 a request is awaited until `stalls.Watch.deadline`, a request's body and a momentum
 within the stall bound; a group that misses them is left out (ps/stalls.py).
+
+Replies are handed to MPI and travel while the server waits for and receives the next request
+(`protocol.InFlight`): a large message moves only when its receiver, asleep in its own Backoff,
+next tests it, and the server need not wait for that. They are settled (taken, or their group
+left out at the stall bound) before the next merge changes the weights they read, and before a
+checkpoint barrier.
 """
 
 from __future__ import annotations
@@ -53,17 +59,23 @@ def serve(ps: ParameterServer, topo: Any) -> str:
         started = time.perf_counter()
         return lambda: ps.watch.exchange_deadline(started)
 
+    flight = P.InFlight()
+
     def send(out: Outgoing) -> None:
-        """A reply, in the order of `Outgoing`; a group that does not take it within the stall
-        bound (a stopped rank stops receiving mid-message) is left out for good."""
+        """A reply, in the order of `Outgoing`, handed to MPI: the server serves on while it
+        travels (`settle` before anything it reads changes)."""
         dest, by = leaders[out.group], bound_from_now()
         parts = [(out.task.pack(), P.TAG_REP), (out.params, P.TAG_W), (out.buffers, P.TAG_BN)]
         if out.momentum is not None:
             parts.append((out.momentum, P.TAG_OPT))  # the group's momentum (resume)
         for buf, tag in parts:
-            if not P.send(world, buf, dest, tag, back, by):  # PS: header, parameters, BN buffers, momentum
-                ps.leave_out([out.group], time.perf_counter(), for_good=True)
-                return
+            flight.post(world, buf, dest, tag, out.group, by)  # PS: header, parameters, BN buffers, momentum
+
+    def settle() -> None:
+        """Every reply in flight taken; a group that does not take its reply within the stall
+        bound (a stopped rank stops receiving mid-message) is left out for good."""
+        for g in flight.settle(back):
+            ps.leave_out([g], time.perf_counter(), for_good=True)
 
     def body(buf: np.ndarray, g: int, tag: int) -> bool:
         """Receive what follows a request of group g; False (g left out) if it does not come
@@ -80,6 +92,7 @@ def serve(ps: ParameterServer, topo: Any) -> str:
         for out in ps.roster.release():  # order: rounds, after a group was left out
             send(out)
         if ps.barrier_full():
+            settle()
             writer = ps.checkpoint_writer()  # each group's momentum goes to disk as it comes
             try:
                 for h in [
@@ -127,8 +140,10 @@ def serve(ps: ParameterServer, topo: Any) -> str:
         elif not body(wbuf, g, P.TAG_W):  # PS: the group's weights (MERGE, PUSH)
             wbuf = np.empty_like(wbuf)
         else:  # MERGE or PUSH: none while g is parked at a barrier or held for its round
+            settle()  # the replies in flight read the weights this push changes
             for out in ps.on_merge(req, wbuf) if req.kind == P.Kind.MERGE else ps.on_push(req, wbuf):
                 send(out)
+    settle()
     # The server's own CPU use while serving: it must sleep, not spin, while it waits.
     ps.cpu_seconds, ps.serve_seconds = _cpu_seconds() - cpu0, time.perf_counter() - wall0
     ps.busy_seconds = ps.serve_seconds - idle

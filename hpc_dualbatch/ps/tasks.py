@@ -87,7 +87,7 @@ class Tasks:
             self.stage[g] = TaskStage(lr, res, spec.batch[res], predicted)
         return P.Task(
             status, lr, res, spec.batch[res], share, commits / self.n, commits, round_idx if run else 0,
-            stage.dropout, pushes=pushes,
+            stage.dropout, pushes=pushes, lr_epoch=at / self.n,
         )  # fmt: skip
 
     def batches(self, res: int) -> list[int]:

@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from hpc_dualbatch.config import Config
 from hpc_dualbatch.method.merge import pushes_update
+from hpc_dualbatch.method.schedule import task_rate
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.runtime.topology import Topology
 from hpc_dualbatch.runtime.trainer import GroupTrainer, MiniEpoch, MiniEpochStats
@@ -152,9 +153,8 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
         # the server's share for this task (adaptive planning may cut a slow small group's):
         # the group keeps its place in the partition and takes a prefix of its slice
         task_shares = [*shares[: topo.group], task.samples, *shares[topo.group + 1 :]]
-        work = MiniEpoch(
-            task.round, task_shares, task.resolution, task.batch, task.lr, task.dropout, task.pushes
-        )  # fmt: skip
+        lr = task_rate(task.lr, task.lr_epoch, topo.n_groups, cfg.schedule)  # (a warm-up may ramp per step)
+        work = MiniEpoch(task.round, task_shares, task.resolution, task.batch, lr, task.dropout, task.pushes)
         local = trainer.train_mini_epoch(work, mid_task_push)
         st, signalled = reduce_stats(gcomm, local, flag.raised)
         if topo.is_leader:
