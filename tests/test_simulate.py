@@ -17,7 +17,7 @@ def test_next_wake_follows_the_backoff_schedule():
 def test_one_group_alone_pays_compute_plus_exchange_per_push():
     """No sleeping (polls of ~0), 1 group, 1 shard: every push costs the transfer both ways on
     each side's link plus the merge, nothing overlaps, so the run takes tasks x pushes x (part +
-    exchange) and the server is busy exactly for the exchanges."""
+    exchange); the server is busy receiving and merging (and, with blocking replies, sending)."""
     link = Link(bandwidth=4e6, latency=0.0, merge_s_per_float=1e-6)  # 1 MB: 0.25 s a way; merge 1 s
     g = SimGroup(1, [SimTask(seconds=6.0, pushes=3, samples=300)])
     out = simulate(SimInput([g], floats=1_000_000 // 4, link=link, tasks=4, poll_min=1e-9, poll_max=1e-9))
@@ -25,8 +25,14 @@ def test_one_group_alone_pays_compute_plus_exchange_per_push():
     assert out.commits == 4 and out.pushes == 12 and out.mid_pushes == 8
     assert out.wall == pytest.approx(4 * (6.0 + 3 * exchange), rel=1e-6)
     assert out.exchange_per_push == pytest.approx(exchange, rel=1e-6)
-    assert out.busy[0] == pytest.approx(12 * exchange, rel=1e-6)
+    assert out.busy[0] == pytest.approx(12 * (0.25 + 0.25), rel=1e-6)  # the reply travels on its own
     assert out.samples_per_s == pytest.approx(1200 / out.wall)
+    blocking = simulate(
+        SimInput([g], floats=250_000, link=link, tasks=4, poll_min=1e-9, poll_max=1e-9, blocking_replies=True)
+    )
+    assert blocking.wall == pytest.approx(out.wall) and blocking.busy[0] == pytest.approx(
+        12 * exchange, rel=1e-6
+    )
 
 
 def test_a_saturated_server_caps_commits_at_one_per_service_time_and_shards_divide_it():
@@ -59,7 +65,7 @@ def test_a_nonblocking_reply_frees_the_server_before_the_leader_wakes():
     link = Link(bandwidth=1e15)
     groups = [SimGroup(1, [SimTask(seconds=0.004)])] * 8
     base = dict(floats=1, link=link, tasks=200, poll_min=0.0002, poll_max=0.005)
-    blocking = simulate(SimInput(groups, **base))
-    overlapped = simulate(SimInput(groups, blocking_replies=False, **base))
+    blocking = simulate(SimInput(groups, blocking_replies=True, **base))
+    overlapped = simulate(SimInput(groups, **base))
     assert overlapped.busy_share < 0.5 * blocking.busy_share
     assert overlapped.training_share > blocking.training_share

@@ -56,7 +56,9 @@ def model_floats(cfg: Any) -> int:
     ).n_weights
 
 
-def replay(run: str, link: Link, wake: float, floats: int | None = None) -> tuple[dict[str, float], SimInput]:
+def replay(
+    run: str, link: Link, wake: float, floats: int | None = None, blocking: bool = False
+) -> tuple[dict[str, float], SimInput]:
     """A run's measured trace as a model input, and what the run measured."""
     from hpc_dualbatch.config import load_config
     from hpc_dualbatch.runtime.metrics import read_metrics
@@ -87,7 +89,7 @@ def replay(run: str, link: Link, wake: float, floats: int | None = None) -> tupl
     sim = SimInput(
         groups, floats or model_floats(cfg), link, len(commits), poll_min=cfg.server.poll_min_s,
         poll_max=cfg.server.poll_max_s, wake=wake,
-        evals=[e["seconds"] + e.get("bn_seconds", 0.0) for e in evals],
+        evals=[e["seconds"] + e.get("bn_seconds", 0.0) for e in evals], blocking_replies=blocking,
     )  # fmt: skip
     measured = {
         "mid_exchange_per_push": sum(c.get("wait", 0.0) for c in commits) / max(len(merges), 1),
@@ -100,7 +102,7 @@ def check(args: argparse.Namespace) -> int:
     link, _ = link_from_bench(args.exchange)
     rows, errors = [], []
     for run in args.runs:
-        measured, sim = replay(run, link, args.wake_ms / 1e3, args.floats)
+        measured, sim = replay(run, link, args.wake_ms / 1e3, args.floats, args.blocking_replies)
         out = simulate(sim)
         pred = {"mid_exchange_per_push": out.mid_exchange_per_push, "commits_per_s": out.commits_per_s}
         err = {k: pred[k] / measured[k] - 1 if measured[k] else float("nan") for k in pred}
@@ -145,7 +147,7 @@ ENOUGH = 0.95  # of the throughput without any server: where a shard more stops 
 
 
 def scale_point(
-    work: str, gpus: int, group: int, shards: int, period: int, link: Link, wake: float, blocking: bool = True
+    work: str, gpus: int, group: int, shards: int, period: int, link: Link, wake: float, blocking: bool = False
 ) -> dict:
     """One cluster: gpus / group groups, each training its share of an epoch at B_L per GPU and
     pushing every `period` steps, 4 rounds of tasks, each part's time spread by 10 % (so the groups
@@ -203,11 +205,12 @@ def scale(args: argparse.Namespace) -> int:
         "shard; '>16': not even 16 shards reach it; '-': a single group, or an epoch of less than one "
         "step per GPU.",
         "",
-        "Today's server (each reply sent before the next request is served):",
+        "With blocking replies (each reply taken before the next request is served: the server "
+        "before `protocol.InFlight`):",
         "",
         *shards_table(link, wake, blocking=True),
         "",
-        "With replies sent without blocking (a shard serves the next request while its reply is in flight):",
+        "With replies in flight (a shard serves the next request while its reply travels: the server now):",
         "",
         *shards_table(link, wake, blocking=False),
     ]
@@ -242,6 +245,10 @@ def register(sub: Any) -> None:
     c.add_argument(
         "--floats", type=int, default=None, help="weights per push (default: from the run's model)"
     )
+    c.add_argument(
+        "--blocking-replies", action="store_true",
+        help="model the server before protocol.InFlight (runs whose code.txt predates it)",
+    )  # fmt: skip
     c.add_argument("--out", default=None, help="write the comparison as JSON")
     c.set_defaults(func=check)
     sc = s.add_parser("scale", help="shards needed from 8 to 1,024 GPUs for the paper's workloads")

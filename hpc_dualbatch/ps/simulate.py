@@ -16,8 +16,9 @@ What it models, per push (each group pushes `pushes` times per task; the last pu
 3. Serving: receive the slice (latency + 4P/S bytes at `bandwidth`), merge it (`merge_s_per_float`
    x P/S), send the reply slice the same way. A large message moves only while both ends are in
    MPI, so the reply completes when the leader, sleeping in its own `Backoff` since it sent the
-   push, next wakes; the shard is busy until it sees the send complete at its own next wake-up
-   (`blocking_replies`, as `server_loop` does), or serves on once the reply is handed to MPI.
+   push, next wakes. The shard serves on once the reply is handed to MPI (as `server_loop` does),
+   or, with `blocking_replies` (the server before `protocol.InFlight`), is busy until it sees the
+   send complete at its own next wake-up.
 4. The leader's link carries the whole push and pull (8P bytes): the exchange takes at least
    that. The group's other ranks, asleep in a `Backoff` broadcast since the part ended, resume at
    their next wake-up after the leader.
@@ -96,9 +97,9 @@ class SimInput:
     evals: Sequence[float] = ()  # seconds of the evaluation after commit n, 2n, ... (cycled)
     spread: float = 0.0  # relative s.d. of a part's compute (lognormal), 0: the trace as is
     seed: int = 0
-    # True: a shard waits for its reply to be taken before the next request (server_loop today);
-    # False: it hands the reply to MPI and serves on (a nonblocking send; the scale issue's item 2)
-    blocking_replies: bool = True
+    # False: a shard hands its reply to MPI and serves on (server_loop: protocol.InFlight); True:
+    # it waits for the reply to be taken before the next request (the server before InFlight)
+    blocking_replies: bool = False
 
 
 @dataclass
