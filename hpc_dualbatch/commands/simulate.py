@@ -147,7 +147,14 @@ ENOUGH = 0.95  # of the throughput without any server: where a shard more stops 
 
 
 def scale_point(
-    work: str, gpus: int, group: int, shards: int, period: int, link: Link, wake: float, blocking: bool = False
+    work: str,
+    gpus: int,
+    group: int,
+    shards: int,
+    period: int,
+    link: Link,
+    wake: float,
+    blocking: bool = False,
 ) -> dict:
     """One cluster: gpus / group groups, each training its share of an epoch at B_L per GPU and
     pushing every `period` steps, 4 rounds of tasks, each part's time spread by 10 % (so the groups
