@@ -180,17 +180,20 @@ def serve_shard(cfg: Any, topo: Any, state: ShardState, rule: Any, writer_for: A
             settle()
             groups = np.empty(order.n, np.int64)
             P.recv(world, groups, 0, TAG_ORDER, back)  # PS shards: whose momentum follows
-            writer, missing = writer_for(order.commits, order.final), []
+            writer = writer_for(order.commits)
+            done[:] = 0.0
+            done[0] = Op.CKPT
             for h in groups.tolist():
-                if (
-                    P.recv(world, mbuf, leaders[h], P.TAG_OPT, back, within()) is None
-                ):  # PS: h's momentum slice
-                    missing.append(h)
+                got = P.recv(world, mbuf, leaders[h], P.TAG_OPT, back, within())  # PS: h's momentum slice
+                if got is None:
+                    done[3 + h] = 1.0  # its momentum restarts from zero on resume
                     mbuf = np.empty_like(mbuf)  # an abandoned receive may still write into the old one
                 else:
                     writer.add_momentum(h, mbuf)
-            writer.finish_shard(state, rule)
-            done = np.array([Op.CKPT, len(missing), *missing], np.float64)
+            if order.has_state and state.momenta is not None:  # (carry: nobody trained since the resume)
+                for h in state.momenta.saved:
+                    writer.add_momentum(h, state.momenta.get(h))
+            writer.finish_part(state.weights, state.group_buffers, state.outer, {"commits": order.commits})
             world.Send(done, dest=0, tag=TAG_DONE)  # PS shards: this part is durable
         elif order.op == Op.STOP:
             settle()
