@@ -94,10 +94,9 @@ def serve(ps: ParameterServer, topo: Any) -> str:
         if ps.barrier_full():
             settle()
             writer = ps.checkpoint_writer()  # each group's momentum goes to disk as it comes
+            parked = [h for h in ps.roster.parked if h not in ps.watch.stalled]
             try:
-                for h in [
-                    h for h in ps.roster.parked if h not in ps.watch.stalled
-                ]:  # each sends its momentum
+                for h in parked:  # each sends its momentum
                     if not P.send(world, send_state, leaders[h], P.TAG_REP, back, bound_from_now()):  # PS
                         ps.leave_out([h], time.perf_counter(), for_good=True)
                     elif body(mbuf, h, P.TAG_OPT):  # PS: the group's momentum
