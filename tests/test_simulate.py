@@ -67,5 +67,5 @@ def test_a_nonblocking_reply_frees_the_server_before_the_leader_wakes():
     base = dict(floats=1, link=link, tasks=200, poll_min=0.0002, poll_max=0.005)
     blocking = simulate(SimInput(groups, blocking_replies=True, **base))
     overlapped = simulate(SimInput(groups, **base))
-    assert overlapped.busy_share < 0.5 * blocking.busy_share
+    assert overlapped.busy_share < 0.6 * blocking.busy_share
     assert overlapped.training_share > blocking.training_share

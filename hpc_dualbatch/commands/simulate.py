@@ -57,7 +57,7 @@ def model_floats(cfg: Any) -> int:
 
 
 def replay(
-    run: str, link: Link, wake: float, floats: int | None = None, blocking: bool = False
+    run: str, link: Link, wake: tuple[float, float], floats: int | None = None, blocking: bool = False
 ) -> tuple[dict[str, float], SimInput]:
     """A run's measured trace as a model input, and what the run measured."""
     from hpc_dualbatch.config import load_config
@@ -88,7 +88,7 @@ def replay(
     ]
     sim = SimInput(
         groups, floats or model_floats(cfg), link, len(commits), poll_min=cfg.server.poll_min_s,
-        poll_max=cfg.server.poll_max_s, wake=wake,
+        poll_max=cfg.server.poll_max_s, wake=wake[0], worker_wake=wake[1],
         evals=[e["seconds"] + e.get("bn_seconds", 0.0) for e in evals], blocking_replies=blocking,
     )  # fmt: skip
     measured = {
@@ -102,7 +102,8 @@ def check(args: argparse.Namespace) -> int:
     link, _ = link_from_bench(args.exchange)
     rows, errors = [], []
     for run in args.runs:
-        measured, sim = replay(run, link, args.wake_ms / 1e3, args.floats, args.blocking_replies)
+        wake = (args.wake_ms / 1e3, args.worker_wake_ms / 1e3)
+        measured, sim = replay(run, link, wake, args.floats, args.blocking_replies)
         out = simulate(sim)
         pred = {"mid_exchange_per_push": out.mid_exchange_per_push, "commits_per_s": out.commits_per_s}
         err = {k: pred[k] / measured[k] - 1 if measured[k] else float("nan") for k in pred}
@@ -127,7 +128,8 @@ def check(args: argparse.Namespace) -> int:
 
         write_json(
             args.out,
-            {"exchange": args.exchange, "wake_ms": args.wake_ms, "rows": rows, "worst": worst,
+            {"exchange": args.exchange, "wake_ms": args.wake_ms, "worker_wake_ms": args.worker_wake_ms,
+             "rows": rows, "worst": worst,
              "median_abs_error": {k: statistics.median(abs(e[k]) for e in errors) for k in errors[0]}},
         )  # fmt: skip
         print(f"wrote {args.out}")
@@ -166,8 +168,8 @@ def scale_point(
     pushes = max(1, -(-steps // period))
     task = SimTask(steps * step, pushes, steps * group * B_L)
     sim = SimInput(
-        [SimGroup(group, [task])] * n, floats, link, 4 * n, shards=shards, wake=wake, spread=0.1,
-        blocking_replies=blocking,
+        [SimGroup(group, [task])] * n, floats, link, 4 * n, shards=shards, wake=wake, worker_wake=wake,
+        spread=0.1, blocking_replies=blocking,
     )  # fmt: skip
     out = simulate(sim)
     return {"throughput": out.training_share, "busy": out.busy_share, "exchange_s": out.exchange_per_push}

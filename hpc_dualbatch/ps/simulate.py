@@ -6,19 +6,21 @@ checked against real runs at 2-6 ranks (`commands/simulate.py check`).
 What it models, per push (each group pushes `pushes` times per task; the last push is the commit):
 
 1. The group computes one part of its task: `compute` seconds (a trace of measured task times,
-   or a mean with random spread), then its leader sends the request header and its update.
+   or a mean with random spread), then its leader sends the request header and (a blocking
+   send) its update.
 2. Each of the S shards (equal contiguous slices of the P weights) serves its requests one at a
    time, in arrival order, as `server_loop.serve` does. An idle shard sleeps in `Backoff`
    (first sleep `poll_min`, doubling to `poll_max`; a wait restarts every `TICK_S`), so it sees
    a request at its first wake-up at or after the arrival, plus `wake` (the delay before a woken
-   process runs: ~0 on a dedicated node, milliseconds where busy workers share the cores); a
-   busy shard sees the next queued request as soon as it is done.
-3. Serving: receive the slice (latency + 4P/S bytes at `bandwidth`), merge it (`merge_s_per_float`
-   x P/S), send the reply slice the same way. A large message moves only while both ends are in
-   MPI, so the reply completes when the leader, sleeping in its own `Backoff` since it sent the
-   push, next wakes. The shard serves on once the reply is handed to MPI (as `server_loop` does),
-   or, with `blocking_replies` (the server before `protocol.InFlight`), is busy until it sees the
-   send complete at its own next wake-up.
+   process runs); a busy shard sees the next queued request as soon as it is done.
+3. Serving: the shard copies the slice in at its next test (latency + 4P/S bytes at
+   `bandwidth`), merges it (`merge_s_per_float` x P/S) and hands the reply to MPI. The leader,
+   asleep in its own `Backoff` since its send returned, copies the reply at its next wake-up plus
+   `worker_wake` (a worker's Python thread waits for the GIL its data loader may hold: up to
+   `sys.getswitchinterval()`, 5 ms). With replies in flight (as `server_loop` now sends them) the
+   BN buffers come with the header and the shard serves on at once; with `blocking_replies` (the
+   server before `protocol.InFlight`) the shard sends the BN buffers only once it has seen the
+   parameters taken (at its own next wake-up), and the leader sees them at its next one.
 4. The leader's link carries the whole push and pull (8P bytes): the exchange takes at least
    that. The group's other ranks, asleep in a `Backoff` broadcast since the part ended, resume at
    their next wake-up after the leader.
@@ -93,7 +95,10 @@ class SimInput:
     shards: int = 1
     poll_min: float = 0.0002  # server.poll_min_s
     poll_max: float = 0.005  # server.poll_max_s
-    wake: float = 0.0  # s from a wake-up to running (a loaded node's scheduling delay)
+    # mean s from a wake-up to running, drawn uniform in [0, 2x]: a server shard (its node's
+    # scheduling delay) and a worker (the GIL its loader thread may hold, the node)
+    wake: float = 0.0
+    worker_wake: float = 0.0
     evals: Sequence[float] = ()  # seconds of the evaluation after commit n, 2n, ... (cycled)
     spread: float = 0.0  # relative s.d. of a part's compute (lognormal), 0: the trace as is
     seed: int = 0
@@ -164,6 +169,9 @@ def simulate(sim: SimInput) -> Outcome:
     taken = [0] * n  # tasks each group has taken
     exchange, wall = 0.0, 0.0
 
+    def late(mean: float) -> float:
+        return rng.uniform(0.0, 2.0 * mean) if mean > 0 else 0.0
+
     def part_seconds(g: int) -> float:
         task = current[g]
         t = task.seconds / task.pushes
@@ -194,18 +202,21 @@ def simulate(sim: SimInput) -> Outcome:
         done = t0 + leader_link
         for s in range(S):  # each shard serves this push's slice
             if free[s] <= t0:  # asleep waiting: sees the header at a wake-up
-                seen = next_wake(free[s], t0, *waits, TICK_S) + sim.wake
+                seen = next_wake(free[s], t0, *waits, TICK_S) + late(sim.wake)
             else:  # busy: takes the queued request as soon as it is free
                 seen = free[s]
-            got = next_wake(seen, seen + tr, *waits)  # the slice (the leader is sending it)
-            post = got + merge  # merged; the reply handed to MPI
-            reply = next_wake(t0, post, *waits) + sim.wake + tr  # moves once the leader wakes
-            # the shard sees its send complete, or serves on while it is in flight
-            free[s] = next_wake(post, reply, *waits) if sim.blocking_replies else post
+            lead = seen + tr  # the leader's blocking send returns once the shard copied the slice
+            post = next_wake(seen, lead, *waits) + merge  # received at its test, merged, handed to MPI
+            reply = next_wake(lead, post, *waits) + late(sim.worker_wake) + tr  # the leader copies the reply
+            if sim.blocking_replies:  # BN buffers only after the shard saw the parameters taken
+                free[s] = next_wake(post, reply, *waits) + late(sim.wake)
+                reply = next_wake(reply, free[s], *waits) + late(sim.worker_wake)
+            else:
+                free[s] = post
             busy[s] += free[s] - seen
             done = max(done, reply)
         if sim.groups[g].ranks > 1:  # the peers, asleep in a broadcast since t0, resume at their next wake
-            done = next_wake(t0, done, *waits) + sim.wake
+            done = next_wake(t0, done, *waits) + late(sim.worker_wake)
         exchange += done - t0
         pushes += 1
         if part < current[g].pushes - 1:  # a push inside the task
