@@ -64,6 +64,7 @@ def test_a_sharded_checkpoint_is_its_parts_under_one_manifest(tmp_path):
     (lo0, hi0), (lo1, hi1) = slices(n_w, 2)
     part = C.Writer(str(tmp_path), 4, shard=1)
     part.add_momentum(0, np.full(n_p - lo1, 2.0, np.float32))
+    part.add_momentum(1, np.full(n_p - lo1, 5.0, np.float32))  # group 1's slice came here, not to shard 0
     part.finish_part(weights[lo1:hi1], np.zeros((2, n_w - n_p), np.float32), None, {"commits": 4})
     manifest = C.Writer(str(tmp_path), 4)
     manifest.add_momentum(0, np.full(hi0, 1.0, np.float32))
@@ -77,14 +78,20 @@ def test_a_sharded_checkpoint_is_its_parts_under_one_manifest(tmp_path):
     mine = C.load_part(got, path, 1)
     assert mine.weights.tolist() == weights[lo1:hi1].tolist()
     assert mine.momentum.get(0).tolist() == [2.0] * 3
-    assert mine.momentum.get(1).tolist() == [0.0, 0.0, 0.0]  # no entry: zeros
+    assert (
+        mine.momentum.saved == [0] and mine.momentum.get(1).tolist() == [0.0] * 3
+    )  # not in the manifest: zeros
     assert C.whole_weights(path).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 7.0, 8.0]  # with the evaluated buffers
     other = C.Writer(str(tmp_path), 9, shard=1)
     other.finish_part(weights[lo1:hi1], np.zeros((2, 2), np.float32), None, {"commits": 9})
     os.replace(other.path, path + ".shard1")  # a part of another commit in its place
     with pytest.raises(CheckpointError, match="does not belong to"):
         C.load_part(got, path, 1)
+    orphan = C.Writer(str(tmp_path), 6, shard=1)  # a part whose manifest never came (a crash)
+    orphan.finish_part(weights[lo1:hi1], np.zeros((2, 2), np.float32), None, {"commits": 6})
     later = C.Writer(str(tmp_path), 8)
     later.finish(C.Checkpoint(weights[lo0:hi0], C.Momenta(2, hi0, []), 8, [4, 4], 1.0, 0, {},
                               shards=ck.shards), keep=1)  # fmt: skip
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["ckpt-000000008.npz"]  # 4 and its part gone
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [
+        "ckpt-000000008.npz"
+    ]  # 4, its part, the orphan gone

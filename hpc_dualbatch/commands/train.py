@@ -238,35 +238,34 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
     return end(outcome, checkpoints.write(server, final=outcome == "done"))
 
 
-def run_shard(st: Setup, topo: Any, weights: np.ndarray, n_params: int, manifest: str | None) -> None:
-    """Server shard s >= 1: its slice of the weights (new, or its part of the checkpoint
-    `manifest`), and shard 0's orders carried out until the end (ps/shards.py)."""
+def run_shard(st: Setup, topo: Any, weights: np.ndarray, n_params: int, part: tuple | None) -> None:
+    """Server shard s >= 1: its slice of the weights (new, or `part`: (its part of the checkpoint,
+    the manifest's outer count)), and shard 0's orders carried out until the end (ps/shards.py)."""
     from hpc_dualbatch.method.merge import Outer, make_rule
     from hpc_dualbatch.ps.shards import ShardState, serve_shard, slices, split
 
     cfg, s, sv = st.cfg, topo.shard, st.cfg.server
     prm, buf = split(*slices(weights.size, cfg.n_servers)[s], n_params)
     n_local, outer_count = prm.stop - prm.start, 0
-    if manifest is not None:
-        whole = C.load(manifest)
-        part = C.load_part(whole, manifest, s)
-        state = ShardState(part.weights, n_local, part.group_buffers, part.outer, part.momentum)
-        outer_count = int(whole.extra.get("outer_count", 0))
+    if part is not None:
+        mine, outer_count = part
+        state = ShardState(mine.weights, n_local, mine.group_buffers, mine.outer, mine.momentum)
     else:
         w = weights[prm.start : buf.stop].copy()
         outer = np.zeros((2, n_local), np.float32) if sv.outer != "none" else None
         state = ShardState(w, n_local, np.repeat(w[None, n_local:], cfg.n_groups, 0), outer)
     outer_ = None
     if state.outer is not None:  # the same steps as shard 0's on this slice (merge.Outer)
-        outer_ = Outer(
-            sv.outer_lr,
-            sv.outer_momentum,
-            1 if sv.outer == "nesterov" else cfg.n_groups,
-            state.outer,
-            outer_count,
-        )
+        every = 1 if sv.outer == "nesterov" else cfg.n_groups
+        outer_ = Outer(sv.outer_lr, sv.outer_momentum, every, state.outer, outer_count)
     rule = make_rule(sv.merge, sv.bn, [g.factor for g in st.groups], state.group_buffers, 0, outer_)
     serve_shard(cfg, topo, state, rule, lambda commits: C.Writer(cfg.out, commits, shard=s))
+
+
+def shard_part(manifest: str, shard: int) -> tuple:
+    """Shard `shard`'s part of the checkpoint `manifest`, and the outer momentum's count."""
+    whole = C.load(manifest)
+    return C.load_part(whole, manifest, shard), int(whole.extra.get("outer_count", 0))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -284,10 +283,12 @@ def run(args: argparse.Namespace) -> int:
     if threads < st.cfg.threads and world.Get_rank() == 0:
         print(f"threads: {st.cfg.threads} asked, this process may use {threads} cores: {threads}", flush=True)
     torch.set_num_threads(threads)
-    manifest = None  # the checkpoint a sharded server resumes from: rank 0 found it
+    part = None  # a sharded server's resume: each other shard's part, read before anyone starts
     if st.cfg.n_servers > 1:
         found = C.latest(st.cfg.out) if world.Get_rank() == 0 and st.ckpt is not None else None
         manifest = world.bcast(found, root=0)  # MPI: every rank learns it (pickled, a path)
+        if manifest is not None:
+            part = agree(world, lambda: shard_part(manifest, topo.shard) if topo.shard > 0 else None)
     if st.cfg.mode == "sync":
         from hpc_dualbatch.runtime.sync import run_sync
 
@@ -298,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
         if topo.shard == 0:
             run_server(st, topo, *initial_weights(st.cfg, st.staged))
         else:
-            run_shard(st, topo, *initial_weights(st.cfg, st.staged), manifest)
+            run_shard(st, topo, *initial_weights(st.cfg, st.staged), part)
     else:
         from hpc_dualbatch.ps.worker import run_worker
 

@@ -1,4 +1,5 @@
-"""The asynchronous parameter server's state and decisions (rank 0), free of MPI.
+"""The asynchronous parameter server's state and decisions (rank 0; with `server.shards`, shard
+0 on its slice of the weights, which decides for all shards), free of MPI.
 
 `ParameterServer` is told what arrived (a group's `protocol.Request` and its buffers) and
 answers with the replies to send (`Outgoing`, each with its `protocol.Task`); the driver

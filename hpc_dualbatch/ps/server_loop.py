@@ -1,5 +1,5 @@
-"""The parameter server's driver (rank 0): every receive and send of the server side of
-the protocol (`protocol.py`), the signals and the sleeping wait; the decisions are
+"""The parameter server's driver (rank 0, shard 0 of `server.shards`): every receive and send
+of the server side of the protocol (`protocol.py`), the signals and the sleeping wait; the decisions are
 `server.ParameterServer`'s, which knows no MPI.
 
 Checkpoints are barriers: from a checkpoint commit on, each pushing group is merged and
@@ -31,6 +31,7 @@ from hpc_dualbatch.ps.shards import Op, Order, Orders, Parts, slices
 from hpc_dualbatch.runtime.topology import group_layout
 
 TICK_S = 1.0  # a wait for the next request wakes this often to act on a signal, seconds
+WRITE_S = 600.0  # s a server shard may take to write its checkpoint part (its slice: a few GB at most)
 
 
 def serve(ps: ParameterServer, topo: Any, n_weights: int, n_buffers: int) -> str:
@@ -38,9 +39,8 @@ def serve(ps: ParameterServer, topo: Any, n_weights: int, n_buffers: int) -> str
     is in. Returns "done" or "preempted"; sets ps.cpu_seconds and ps.serve_seconds. Raises
     StalledError (after a checkpoint) when a group is left out (`ParameterServer.leave_out`).
     `n_weights`, `n_buffers`: the whole model's (this shard holds a slice; an evaluation sends
-    every BN buffer to it). With
-    several shards (`server.shards`) this is shard 0: it tells the others what to apply and whom
-    to answer (`shards.Orders`), in the order it decides."""
+    every BN buffer to it). With several shards (`server.shards`) this is shard 0: it tells the
+    others what to apply and whom to answer (`shards.Orders`), in the order it decides."""
 
     def on_signal(signum: int, frame: Any) -> None:
         ps.preempt = signum  # SIGTERM / SIGUSR1 (Slurm before a time limit): checkpoint and stop
@@ -56,10 +56,15 @@ def serve(ps: ParameterServer, topo: Any, n_weights: int, n_buffers: int) -> str
     wbuf = np.empty_like(ps.s.weights)
     mbuf = np.empty(ps.n_params, np.float32)
     send_state = P.Task(P.Status.SEND_STATE).pack()  # at a barrier: "send your momentum"
-    orders = Orders(world, len(topo.servers), ps.n)
+
+    def allow() -> float:
+        """Seconds the leaders of an order may take now, by this shard's stall watch."""
+        now = time.perf_counter()
+        return ps.watch.exchange_deadline(now) - now
+
+    orders = Orders(world, len(topo.servers), ps.n, allow)
     if orders:  # the other shards' checkpoint parts, and their accounts at the end
-        bound = (ps.cfg.server.stall_s or 3600.0) + 2 * ps.cfg.server.preempt_wait_s
-        ps.parts = Parts(orders, back, bound, slices(n_weights, len(topo.servers)))
+        ps.parts = Parts(orders, back, WRITE_S, slices(n_weights, len(topo.servers)))
 
     def bound_from_now() -> P.Until:
         """How long an exchange with a group that has begun may take (`Watch.exchange_deadline`;

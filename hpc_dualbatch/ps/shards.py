@@ -7,8 +7,11 @@ A leader sends its request header to shard 0 and each shard its slice of the pus
 reply header from shard 0 and each shard's slice of the weights (`worker.py`). Because every
 shard applies the same pushes in the same order with the same weight, and the merge rules are
 elementwise, the shards' slices together are the weights one server would hold: a
-`round_robin` run is bit-identical to S = 1. What is not elementwise: the push's `distance`
-(shard 0's slice only) and its finiteness check (each shard checks its own slice).
+`round_robin` run ends with the weights of S = 1, bit for bit. What is not elementwise: the
+push's `distance` (logged for shard 0's slice only) and its finiteness check (each shard checks
+its own slice). Every order carries how long its leaders may take by shard 0's stall watch, so a
+shard gives up on a silent group when shard 0 does (an untaken reply is abandoned; a momentum
+slice that does not come is reported, and that group's momentum restarts from zero on resume).
 
 Orders, shard 0 -> shard s (TAG_ORDER, float64[ORDER_LEN]):
 
@@ -23,6 +26,7 @@ Orders, shard 0 -> shard s (TAG_ORDER, float64[ORDER_LEN]):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -71,28 +75,36 @@ class Order:
     commits: int = 0  # APPLY: the commit it belongs to (messages); CKPT: the checkpoint's
     has_state: bool = False  # REPLY: the group's momentum follows (resume); CKPT: carry the resumed
     n: int = 0  # CKPT: groups whose momentum follows
+    # s a shard may wait for the leaders this order involves: shard 0's own bound at the time
+    # (`stalls.Watch.exchange_deadline`: the stall bound, shortened by a preemption's cutoff), so
+    # every shard gives up on a group when shard 0 does; inf: never (server.stall_s 0)
+    allow: float = math.inf
 
     def pack(self) -> np.ndarray:
-        fields = [self.op, self.group, self.a, self.lr, self.commits, self.has_state, self.n, 0]
+        fields = [self.op, self.group, self.a, self.lr, self.commits, self.has_state, self.n, self.allow]
         return np.array(fields, np.float64)
 
     @classmethod
     def unpack(cls, h: np.ndarray) -> Order:
-        return cls(Op(int(h[0])), int(h[1]), float(h[2]), float(h[3]), int(h[4]), bool(h[5]), int(h[6]))
+        return cls(
+            Op(int(h[0])), int(h[1]), float(h[2]), float(h[3]), int(h[4]), bool(h[5]), int(h[6]), float(h[7])
+        )
 
 
 class Orders:
-    """Shard 0's side: what it tells the other shards (nothing with one shard). A shard's answer
+    """Shard 0's side: what it tells the other shards (nothing with one shard), each order with
+    the time its leaders get (`allow`, from shard 0's stall watch). A shard's answer
     (`Done`, float64[3 + n_groups]): [op, busy share, peak MiB, one flag per group whose momentum
     slice did not come] after a checkpoint part or at STOP."""
 
-    def __init__(self, world: Any, shards: int, n_groups: int) -> None:
-        self.world, self.others, self.n = world, range(1, shards), n_groups
+    def __init__(self, world: Any, shards: int, n_groups: int, allow: Any) -> None:
+        self.world, self.others, self.n, self.allow = world, range(1, shards), n_groups, allow
 
     def __bool__(self) -> bool:
         return len(self.others) > 0
 
     def send(self, order: Order, groups: list[int] | None = None) -> None:
+        order = dataclasses.replace(order, allow=self.allow())
         for s in self.others:
             self.world.Send(order.pack(), dest=s, tag=TAG_ORDER)  # PS shards: the next order (eager)
             if groups is not None:
@@ -137,40 +149,37 @@ def serve_shard(cfg: Any, topo: Any, state: ShardState, rule: Any, writer_for: A
     body = np.empty_like(state.weights)
     mbuf = np.empty(n_p, np.float32)
     flight = P.InFlight()
-    # shard 0 decides stalls; a shard waits longer than it would for a group, then gives up
-    bound = (cfg.server.stall_s if cfg.server.stall_s > 0 else math.inf) + cfg.server.preempt_wait_s
     t0, idle = time.perf_counter(), 0.0
 
-    def within() -> float:
-        return time.perf_counter() + bound
-
     def settle() -> None:
-        if flight.settle(back):
-            raise StalledError(f"server shard {topo.rank}: a group did not take its reply in time", "stalled")
+        """The replies in flight taken; one not taken in its allowance is abandoned: its group
+        went silent, and shard 0, on the same clock, leaves it out."""
+        flight.settle(back)
 
     while True:
         t_wait = time.perf_counter()
         P.recv(world, hdr, 0, TAG_ORDER, back)  # PS shards: shard 0's next order
         idle += time.perf_counter() - t_wait
         order = Order.unpack(hdr)
-        g = order.group
+        g, by = order.group, time.perf_counter() + order.allow
         if order.op == Op.APPLY:
             settle()  # the replies in flight read what this push changes
-            if P.recv(world, body, leaders[g], P.TAG_W, back, within()) is None:  # PS: g's slice of its push
+            if P.recv(world, body, leaders[g], P.TAG_W, back, by) is None:  # PS: g's slice of its push
                 raise StalledError(
                     f"server shard {topo.rank}: group {g}'s push did not come in time", "stalled"
                 )
             w, pushed = state.weights[:n_p], body[:n_p]
             if not np.isfinite(pushed).all():
-                raise DivergedError(
+                raise DivergedError(  # (the job ends here; status.json keeps the state it had)
                     f"training diverged at commit {order.commits}: group {g}'s push is not finite on "
-                    f"server shard {topo.rank}; nothing of it was merged there. Lower schedule.lr or "
-                    f"optim.momentum and start again, or resume from the last checkpoint in {cfg.out}"
+                    f"server shard {topo.rank} (its slice of the weights; shard 0 may have merged its own). "
+                    f"Lower schedule.lr or optim.momentum and start again, or resume from the last "
+                    f"checkpoint in {cfg.out}"
                 )
             rule.apply(w, pushed, order.a, order.lr)
             rule.fold_buffers(g, state.weights[n_p:], body[n_p:])
         elif order.op == Op.REPLY:
-            dest, by = leaders[g], within()
+            dest = leaders[g]
             flight.post(world, state.weights[:n_p], dest, P.TAG_W, g, by)  # PS: this slice's parameters
             flight.post(world, rule.buffers_for(g, state.weights[n_p:]), dest, P.TAG_BN, g, by)  # PS: BN
             if order.has_state:
@@ -184,7 +193,7 @@ def serve_shard(cfg: Any, topo: Any, state: ShardState, rule: Any, writer_for: A
             done[:] = 0.0
             done[0] = Op.CKPT
             for h in groups.tolist():
-                got = P.recv(world, mbuf, leaders[h], P.TAG_OPT, back, within())  # PS: h's momentum slice
+                got = P.recv(world, mbuf, leaders[h], P.TAG_OPT, back, by)  # PS: h's momentum slice
                 if got is None:
                     done[3 + h] = 1.0  # its momentum restarts from zero on resume
                     mbuf = np.empty_like(mbuf)  # an abandoned receive may still write into the old one
@@ -223,11 +232,15 @@ class Parts:
 
     def end(self) -> list[int]:
         """Wait until every part is durable; the groups some shard lacks a momentum slice of."""
-        done = self.orders.collect(self.back, time.perf_counter() + self.bound_s)
+        done = self.orders.collect(self.back, time.perf_counter() + self.bound_s + self.orders.allow())
         return sorted({h for d in done for h in range(self.orders.n) if d[3 + h]})
 
     def stop(self) -> list[dict]:
-        """Every other shard's account (busy share, peak memory), and they end."""
+        """Every other shard's account (busy share, peak memory), and they end; an empty list
+        when one does not answer (the run's results are written; the job then ends with it)."""
         self.orders.send(Order(Op.STOP))
-        done = self.orders.collect(self.back, time.perf_counter() + self.bound_s)
+        try:
+            done = self.orders.collect(self.back, time.perf_counter() + self.bound_s)
+        except StalledError:
+            return []
         return [{"busy_share": round(float(d[1]), 4), "peak_rss_mb": round(float(d[2]), 1)} for d in done]

@@ -89,7 +89,7 @@ class Checkpoint:
     group_buffers: np.ndarray | None = None  # (n_groups, n_buffers)
     outer: np.ndarray | None = None  # (2, n_params)
     # server.shards > 1: {"count": S, "slices": [[lo, hi], ...]}; this file (the manifest) holds
-    # shard 0's slice, `<file>.shard<s>` shard s's (checkpoint_shards.py)
+    # shard 0's slice, `<file>.shard<s>` shard s's (`load_part`)
     shards: dict[str, Any] | None = None
     final_buffers: np.ndarray | None = None  # a sharded final checkpoint: the BN buffers evaluated
 
@@ -164,6 +164,10 @@ class Writer:
         self._close_and_rename()
         for old in sorted(glob.glob(os.path.join(self.dir, f"{PREFIX}*.npz")))[:-keep]:
             for part in [old, *glob.glob(glob.escape(old) + ".shard*")]:  # (a sharded one's parts)
+                os.unlink(part)
+        for part in glob.glob(os.path.join(self.dir, f"{PREFIX}*.npz.shard*")):
+            manifest = part.rsplit(".shard", 1)[0]  # (an older part whose manifest never came: a crash)
+            if manifest < self.path and not os.path.exists(manifest):
                 os.unlink(part)
         return self.path
 
@@ -354,6 +358,7 @@ def load_part(manifest: Checkpoint, path: str, shard: int) -> Part:
     if commits != manifest.commits or weights.shape != (hi - lo,) or gb.ndim != 2:
         raise CheckpointError(f"checkpoint part {part} does not belong to {path} (another commit or slice)")
     n_p = weights.size - gb.shape[1]
+    saved = [g for g in saved if g in manifest.momentum.saved]  # a group some shard lacks restarts from zero
     info = {
         "format": FORMAT,
         "momentum": {"groups": manifest.momentum.n_groups, "params": n_p, "saved": saved},

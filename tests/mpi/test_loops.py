@@ -33,7 +33,7 @@ pytest.importorskip("mpi4py")
 import torch  # noqa: E402
 
 from hpc_dualbatch.atomic import write_json  # noqa: E402
-from hpc_dualbatch.commands.train import Setup, group_specs, run_server, run_shard  # noqa: E402
+from hpc_dualbatch.commands.train import Setup, group_specs, run_server, run_shard, shard_part  # noqa: E402
 from hpc_dualbatch.config import config_from_dict  # noqa: E402
 from hpc_dualbatch.method.merge import delta_weight, nova_weight  # noqa: E402
 from hpc_dualbatch.method.plan import plan_from_config  # noqa: E402
@@ -168,7 +168,13 @@ def _run(out: str, preempt_round: int | None, resume: bool, world, **over):
         flat = StubTrainer(topo, Flag(), None).flat
         setup = Setup(cfg, None, plan, specs, C.load(manifest) if manifest else None, None)
         if topo.shard > 0:  # another shard of a sharded server
-            run_shard(setup, topo, flat.weights(), flat.n_params, manifest)
+            run_shard(
+                setup,
+                topo,
+                flat.weights(),
+                flat.n_params,
+                shard_part(manifest, topo.shard) if manifest else None,
+            )
             return None, None, cfg, specs
         write_json(os.path.join(out, "plan.json"), plan.to_dict())  # as train.setup does
         outcome = run_server(setup, topo, flat.weights(), flat.n_params)
