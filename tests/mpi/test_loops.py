@@ -324,31 +324,39 @@ def test_every_server_mode_merges_by_its_rule_and_a_signalled_run_resumes_bit_id
     agreed(world, check)
 
 
-@pytest.mark.mpi(min_size=3)
-def test_two_server_shards_train_bit_identically_to_one_and_resume_exactly(shared_dir):
-    """server.shards: 2 splits the weights between ranks 0 and 1; under round_robin the run ends
-    with the weights of the same groups served by one server (run on every rank but rank 1),
-    bit for bit, and a run signalled during group 0's 2nd task resumes across both shards to the
+@pytest.mark.parametrize(
+    "shards, merge, bn, outer",
+    [
+        pytest.param(2, "delta", "recalibrate", "none", marks=pytest.mark.mpi(min_size=3)),
+        # 3 shards of the stub's 16 weights: the last holds parameters and every BN buffer
+        pytest.param(3, "paper", "average", "none", marks=pytest.mark.mpi(min_size=4)),
+        pytest.param(2, "nova", "local", "delayed", marks=pytest.mark.mpi(min_size=3)),
+    ],
+)
+def test_server_shards_train_bit_identically_to_one_and_resume_exactly(shared_dir, shards, merge, bn, outer):
+    """server.shards splits the weights between ranks 0 .. S-1; under round_robin the run ends
+    with the weights of the same groups served by one server (run on every rank but 1 .. S-1),
+    bit for bit, and a run signalled during group 0's 2nd task resumes across the shards to the
     same weights again."""
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
-    mode = dict(
-        server__order="round_robin", plan__adaptive=False, server__merge="delta", server__bn="recalibrate"
-    )
+    mode = dict(server__order="round_robin", plan__adaptive=False, server__merge=merge, server__bn=bn)
+    mode.update(server__outer=outer)
     one, two, cut = (os.path.join(shared_dir, name) for name in ("one", "two", "cut"))
-    sub = world.Split(MPI.UNDEFINED if world.Get_rank() == 1 else 0, world.Get_rank())  # MPI: all but rank 1
+    others = 0 < world.Get_rank() < shards  # the ranks that are shards 1 .. S-1 below
+    sub = world.Split(MPI.UNDEFINED if others else 0, world.Get_rank())  # MPI: one server and the groups
     if sub != MPI.COMM_NULL:
         run(one, world=sub, **mode)
         sub.Free()
-    run(two, server__shards=2, **mode)
-    run(cut, preempt_round=1, server__shards=2, **mode)
+    run(two, server__shards=shards, **mode)
+    run(cut, preempt_round=1, server__shards=shards, **mode)
     if world.Get_rank() == 0:
         parked_at = or_abort(lambda: C.load(C.latest(cut)).commits)
         parts = or_abort(
             lambda: sorted(p.name for p in __import__("pathlib").Path(cut, "checkpoints").iterdir())
         )
-    run(cut, resume=True, server__shards=2, **mode)
+    run(cut, resume=True, server__shards=shards, **mode)
 
     def check() -> tuple[bool, str]:
         if world.Get_rank() != 0:
@@ -359,8 +367,8 @@ def test_two_server_shards_train_bit_identically_to_one_and_resume_exactly(share
             np.array_equal(w1, w2) and np.array_equal(w2, w3)
             and groups(one) == groups(two) == groups(cut)
             and 0 < parked_at < len(groups(two))
-            and any(p.endswith(".shard1") for p in parts)  # the second shard's part beside the manifest
-            and len(status["server"]["shards"]) == 1  # the other shard's account
+            and all(any(p.endswith(f".shard{s}") for p in parts) for s in range(1, shards))  # the parts
+            and len(status["server"]["shards"]) == shards - 1  # the other shards' accounts
         )  # fmt: skip
         return ok, f"max |w1 - w2| {np.abs(w1 - w2).max()}, |w2 - w3| {np.abs(w2 - w3).max()}, parts {parts}"
 
