@@ -9,6 +9,7 @@ import pytest
 
 from hpc_dualbatch.errors import CheckpointError
 from hpc_dualbatch.runtime import checkpoint as C
+from hpc_dualbatch.runtime import resume as R
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):
@@ -25,9 +26,9 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     path = C.save(str(tmp_path), ck, keep=2)
     got = C.load(path)
     assert np.array_equal(got.weights, ck.weights) and got.commits == 7 and got.rounds == [4, 3]
-    C.check_compatible(path, got.config, {"seed": 1, "plan": {"large_batch": {20: 64}}, "out": "elsewhere"})
+    R.check_compatible(path, got.config, {"seed": 1, "plan": {"large_batch": {20: 64}}, "out": "elsewhere"})
     with pytest.raises(CheckpointError, match="seed: checkpoint 1, now 2"):
-        C.check_compatible(path, got.config, {"seed": 2, "plan": {"large_batch": {20: 64}}})
+        R.check_compatible(path, got.config, {"seed": 2, "plan": {"large_batch": {20: 64}}})
     for i in range(3):  # only the newest `keep` stay
         C.save(str(tmp_path), C.Checkpoint(ck.weights, ck.momentum, 8 + i, [1, 1], 0, 0, {}), keep=2)
     assert [p.split("-")[-1] for p in sorted(map(str, (tmp_path / "checkpoints").glob("*.npz")))] == [
@@ -103,6 +104,6 @@ def test_a_config_saved_before_a_key_existed_compares_as_its_default():
     now = Config().to_dict()
     older = json.loads(json.dumps(now))
     del older["server"]["outer"], older["schedule"]["small_lr"]
-    assert C.config_differences(older, now, ("saved", "now")) == []
+    assert R.config_differences(older, now, ("saved", "now")) == []
     now["server"]["outer"] = "delayed"
-    assert C.config_differences(older, now, ("saved", "now")) == ["server.outer: saved 'none', now 'delayed'"]
+    assert R.config_differences(older, now, ("saved", "now")) == ["server.outer: saved 'none', now 'delayed'"]

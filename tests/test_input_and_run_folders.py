@@ -33,6 +33,7 @@ from hpc_dualbatch.config import config_from_dict, load_config
 from hpc_dualbatch.data import SyntheticSpec, TrainLoader, open_staged, prepare
 from hpc_dualbatch.errors import CheckpointError, ConfigError, DataError, HDBError, OutputError, PlanError
 from hpc_dualbatch.runtime import checkpoint as C
+from hpc_dualbatch.runtime import resume as R
 from hpc_dualbatch.runtime import runfolder as F
 from hpc_dualbatch.runtime.metrics import MetricsLog, read_metrics, repair
 from tests.helpers import (
@@ -195,18 +196,18 @@ def test_operational_keys_may_change_on_resume_identity_keys_may_not(tmp_path, s
         checkpoint__every_epochs=3,
     )
     moved["metrics"] = {"tensorboard": "never", "tensorboard_x": "wall"}
-    C.check_compatible("ck.npz", saved, config_from_dict(moved).to_dict())  # accepted
+    R.check_compatible("ck.npz", saved, config_from_dict(moved).to_dict())  # accepted
     older = {k: v for k, v in saved.items() if k != "metrics"}  # made before the metrics section
-    C.check_compatible("ck.npz", older, config_from_dict(raw).to_dict())
+    R.check_compatible("ck.npz", older, config_from_dict(raw).to_dict())
     for key, value in [("server__order", "arrival"), ("data__augment", False), ("plan__k", 1.1)]:
         with pytest.raises(CheckpointError, match=key.replace("__", ".")):
-            C.check_compatible(
+            R.check_compatible(
                 "ck.npz", saved, config_from_dict({**raw, **_nested(key, value, raw)}).to_dict()
             )
     # A key this version does not know (added later) is identity too.
     with pytest.raises(CheckpointError, match="server.new_key: checkpoint None, now 1"):
-        C.check_compatible("ck.npz", saved, {**saved, "server": {**saved["server"], "new_key": 1}})
-    assert "data.path" in C.OPERATIONAL and "seed" not in C.OPERATIONAL
+        R.check_compatible("ck.npz", saved, {**saved, "server": {**saved["server"], "new_key": 1}})
+    assert "data.path" in R.OPERATIONAL and "seed" not in R.OPERATIONAL
 
 
 def _nested(key: str, value, raw: dict) -> dict:
@@ -219,11 +220,11 @@ def test_data_is_compared_by_content_not_path(tmp_path, synthetic_h5):
     moved.parent.mkdir()
     shutil.copy(synthetic_h5, moved)
     before = open_staged(synthetic_h5).fingerprint()
-    C.check_same_data("ck.npz", before, open_staged(str(moved)).fingerprint(), str(moved))  # accepted
+    R.check_same_data("ck.npz", before, open_staged(str(moved)).fingerprint(), str(moved))  # accepted
     changed = edited(tmp_path, synthetic_h5, _shift_labels, "changed.h5")  # same shapes, other labels
     with pytest.raises(CheckpointError, match=r"other data than the staged file .*changed.h5.*labels_sha256"):
-        C.check_same_data("ck.npz", before, open_staged(changed).fingerprint(), changed)
-    C.check_same_data("ck.npz", None, before, synthetic_h5)  # a checkpoint from before fingerprints
+        R.check_same_data("ck.npz", before, open_staged(changed).fingerprint(), changed)
+    R.check_same_data("ck.npz", None, before, synthetic_h5)  # a checkpoint from before fingerprints
 
 
 def test_resume_checks_the_data_fingerprint_saved_with_the_checkpoint(tmp_path, synthetic_h5):

@@ -52,7 +52,7 @@ def mpi_check(groups: list[int]) -> str:
 
     from hpc_dualbatch.runtime.topology import build_topology, init_horovod
 
-    topo = build_topology(groups, with_server=True)
+    topo = build_topology(groups, servers=1)
     got = -1.0
     if not topo.is_server:
         hvd = init_horovod(topo)

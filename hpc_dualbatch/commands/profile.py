@@ -123,7 +123,7 @@ def _run_job(cfg: Any, args: argparse.Namespace, world: Any) -> int:
     from hpc_dualbatch.runtime.topology import check_world_size
 
     def check() -> dict[int, list[int]]:
-        check_world_size(world.Get_size(), cfg.workers.groups, True)
+        check_world_size(world.Get_size(), cfg.workers.groups, cfg.server.shards)  # train's ranks
         if not (cfg.data.path and file_kind(cfg.data.path) != "missing"):
             raise PlanError(
                 f"profile as an MPI job trains on the staged data, but data.path = '{cfg.data.path}' "

@@ -64,7 +64,9 @@ def profile_job(cfg: Any, sizes: dict[int, list[int]], steps: int, repeats: int)
     from hpc_dualbatch.runtime.trainer import MiniEpoch
 
     world = MPI.COMM_WORLD
-    topo = build_topology(cfg.workers.groups, True, world)
+    topo = build_topology(cfg.workers.groups, cfg.server.shards, world)
+    if topo.shard > 0:  # a server shard beside the one that collects: nothing to measure
+        return None
     torch.set_num_threads(threads_per_rank(topo, cfg.threads))  # as `train` sets them
     res_list = list(cfg.schedule.resolutions)
     n_points = sum(len(sizes[r]) for r in res_list)

@@ -35,8 +35,8 @@ import yaml
 from hpc_dualbatch.atomic import check_regular, file_kind, write_json, write_text
 from hpc_dualbatch.commands import frontier
 from hpc_dualbatch.errors import DataError, OutputError
-from hpc_dualbatch.runtime.checkpoint import OPERATIONAL, config_differences
 from hpc_dualbatch.runtime.metrics import read_metrics
+from hpc_dualbatch.runtime.resume import OPERATIONAL, config_differences
 from hpc_dualbatch.yaml_safe import load as load_yaml
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")

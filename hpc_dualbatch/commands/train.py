@@ -35,6 +35,7 @@ from hpc_dualbatch.errors import CheckpointError, ConfigError, DivergedError, St
 from hpc_dualbatch.runtime import checkpoint as C
 from hpc_dualbatch.runtime import runfolder as F
 from hpc_dualbatch.runtime.launch import agree
+from hpc_dualbatch.runtime.resume import saved_config
 
 
 @dataclass
@@ -65,7 +66,7 @@ def _config(args: argparse.Namespace) -> Config:
                 raise ConfigError(
                     f"--resume {args.resume}: no config.yaml and no checkpoint there; is it a run folder?"
                 )
-            return config_from_dict(C.saved_config(C.load(newest)), overrides)
+            return config_from_dict(saved_config(C.load(newest)), overrides)
     return load_config(path, overrides)
 
 
@@ -121,8 +122,8 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
     cfg = _config(args)
     from hpc_dualbatch.runtime.topology import check_hetjob, check_world_size
 
-    check_world_size(world.Get_size(), cfg.workers.groups, cfg.mode == "ps")
-    check_hetjob(cfg.workers.groups, cfg.workers.small, cfg.mode == "ps")
+    check_world_size(world.Get_size(), cfg.workers.groups, cfg.n_servers)
+    check_hetjob(cfg.workers.groups, cfg.workers.small, cfg.n_servers)
     staged = open_staged(cfg.data.path)
     staged.check_resolutions(cfg.schedule.resolutions)
     staged.check_trainable()
@@ -163,18 +164,23 @@ def setup(args: argparse.Namespace, world: Any) -> Setup:
 
 
 def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
-    """Rank 0 of a parameter-server run: the server's state (new from `weights`, the run's
-    initial flat weights with `n_params` parameters, or the checkpoint's), served until the end."""
+    """Rank 0 of a parameter-server run (shard 0 of `server.shards`): the server's state (new
+    from `weights`, the run's initial flat weights with `n_params` parameters, or the
+    checkpoint's; with shards, the first slice of them), served until the end."""
     from hpc_dualbatch.ps import checkpoints
     from hpc_dualbatch.ps.server import ParameterServer, ServerState
     from hpc_dualbatch.ps.server_loop import peak_rss_mb, serve
+    from hpc_dualbatch.ps.shards import slices, split
     from hpc_dualbatch.runtime.events import open_log
 
     cfg, ck = st.cfg, st.ckpt
+    n_weights, n_buffers = weights.size, weights.size - n_params
+    prm, buf = split(*slices(n_weights, cfg.n_servers)[0], n_params)  # this shard's slice
+    weights, n_local = weights[prm.start : buf.stop], prm.stop - prm.start
     if ck is not None:
-        state = ServerState.from_checkpoint(ck, weights, n_params, cfg.out)
+        state = ServerState.from_checkpoint(ck, weights, n_local, cfg.out)
     else:
-        state = ServerState.fresh(weights, n_params, cfg.n_groups, outer=cfg.server.outer != "none")
+        state = ServerState.fresh(weights, n_local, cfg.n_groups, outer=cfg.server.outer != "none")
     log = open_log(cfg, ck, cfg.n_groups)
     adapter = make_adapter(cfg, st.plan, st.groups)
     if adapter is not None and ck is not None and "adapt" in ck.extra:
@@ -201,6 +207,8 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
 
     def end(outcome: str, path: str | None) -> str:
         account = server.account(peak_rss_mb())
+        if server.parts is not None and outcome in ("done", "preempted"):  # the other shards' accounts
+            account["shards"] = server.parts.stop()
         log.write(
             {
                 "type": "end",
@@ -217,7 +225,7 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
         return F.finish(cfg, outcome, state.commits, server.wall(), path, account)
 
     try:
-        outcome = serve(server, topo)
+        outcome = serve(server, topo, n_weights, n_buffers)
     except DivergedError:  # status.json says so, then the job ends with the message (MPI_Abort)
         end("diverged", None)
         raise
@@ -230,6 +238,36 @@ def run_server(st: Setup, topo: Any, weights: np.ndarray, n_params: int) -> str:
     return end(outcome, checkpoints.write(server, final=outcome == "done"))
 
 
+def run_shard(st: Setup, topo: Any, weights: np.ndarray, n_params: int, part: tuple | None) -> None:
+    """Server shard s >= 1: its slice of the weights (new, or `part`: (its part of the checkpoint,
+    the manifest's outer count)), and shard 0's orders carried out until the end (ps/shards.py)."""
+    from hpc_dualbatch.method.merge import Outer, make_rule
+    from hpc_dualbatch.ps.shards import ShardState, serve_shard, slices, split
+
+    cfg, s, sv = st.cfg, topo.shard, st.cfg.server
+    prm, buf = split(*slices(weights.size, cfg.n_servers)[s], n_params)
+    n_local, outer_count = prm.stop - prm.start, 0
+    if part is not None:
+        mine, outer_count = part
+        state = ShardState(mine.weights, n_local, mine.group_buffers, mine.outer, mine.momentum)
+    else:
+        w = weights[prm.start : buf.stop].copy()
+        outer = np.zeros((2, n_local), np.float32) if sv.outer != "none" else None
+        state = ShardState(w, n_local, np.repeat(w[None, n_local:], cfg.n_groups, 0), outer)
+    outer_ = None
+    if state.outer is not None:  # the same steps as shard 0's on this slice (merge.Outer)
+        every = 1 if sv.outer == "nesterov" else cfg.n_groups
+        outer_ = Outer(sv.outer_lr, sv.outer_momentum, every, state.outer, outer_count)
+    rule = make_rule(sv.merge, sv.bn, [g.factor for g in st.groups], state.group_buffers, 0, outer_)
+    serve_shard(cfg, topo, state, rule, lambda commits: C.Writer(cfg.out, commits, shard=s))
+
+
+def shard_part(manifest: str, shard: int) -> tuple:
+    """Shard `shard`'s part of the checkpoint `manifest`, and the outer momentum's count."""
+    whole = C.load(manifest)
+    return C.load_part(whole, manifest, shard), int(whole.extra.get("outer_count", 0))
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from mpi4py import MPI
@@ -240,11 +278,17 @@ def run(args: argparse.Namespace) -> int:
     st = agree(world, lambda: setup(args, world))
     if world.Get_rank() == 0:
         F.bind_run_files(st.cfg.out, st.staged, st.ckpt)
-    topo = agree(world, lambda: build_topology(st.cfg.workers.groups, st.cfg.mode == "ps", world))
+    topo = agree(world, lambda: build_topology(st.cfg.workers.groups, st.cfg.n_servers, world))
     threads = threads_per_rank(topo, st.cfg.threads)
     if threads < st.cfg.threads and world.Get_rank() == 0:
         print(f"threads: {st.cfg.threads} asked, this process may use {threads} cores: {threads}", flush=True)
     torch.set_num_threads(threads)
+    part = None  # a sharded server's resume: each other shard's part, read before anyone starts
+    if st.cfg.n_servers > 1:
+        found = C.latest(st.cfg.out) if world.Get_rank() == 0 and st.ckpt is not None else None
+        manifest = world.bcast(found, root=0)  # MPI: every rank learns it (pickled, a path)
+        if manifest is not None:
+            part = agree(world, lambda: shard_part(manifest, topo.shard) if topo.shard > 0 else None)
     if st.cfg.mode == "sync":
         from hpc_dualbatch.runtime.sync import run_sync
 
@@ -252,7 +296,10 @@ def run(args: argparse.Namespace) -> int:
     elif topo.is_server:
         from hpc_dualbatch.runtime.flat import initial_weights
 
-        run_server(st, topo, *initial_weights(st.cfg, st.staged))
+        if topo.shard == 0:
+            run_server(st, topo, *initial_weights(st.cfg, st.staged))
+        else:
+            run_shard(st, topo, *initial_weights(st.cfg, st.staged), part)
     else:
         from hpc_dualbatch.ps.worker import run_worker
 

@@ -14,6 +14,7 @@ from hpc_dualbatch.config.schema import (
     MAX_POLL_S,
     MAX_PREFETCH,
     MAX_PX,
+    MAX_SHARDS,
     MAX_WIDTH,
     CheckpointConfig,
     Config,
@@ -184,6 +185,11 @@ def _check_server(sv: ServerConfig) -> None:
     _positive("server.poll_min_s", sv.poll_min_s)
     _positive("server.push_every", sv.push_every, allow_zero=True)
     _positive("server.bn_samples", sv.bn_samples)
+    if not 1 <= sv.shards <= MAX_SHARDS:
+        raise ConfigError(
+            f"config key 'server.shards' is {sv.shards}; valid: 1 to {MAX_SHARDS} server ranks (each owns a "
+            f"slice of the weights; docs/scaling.md says how many a cluster needs)"
+        )
     for key in ("poll_min_s", "poll_max_s"):
         if getattr(sv, key) > MAX_POLL_S:
             raise ConfigError(

@@ -122,6 +122,10 @@ class ServerConfig:
     # while the rate is high, seldom after it decays (post-local SGD, Lin et al. 2020, arXiv
     # 1808.07217). Empty: push_every throughout.
     push_every_by_lr: list[int] = field(default_factory=list)
+    # Server ranks (world ranks 0 .. shards-1), each owning a contiguous slice of the flat
+    # weights: pushes and pulls are split across them, so the server's link and merge scale with
+    # S (docs/scaling.md says where a shard more pays). Shard 0 decides everything else.
+    shards: int = 1
     poll_min_s: float = 0.0002  # sleeping back-off while waiting: first sleep, seconds
     poll_max_s: float = 0.005  # ... doubling up to this; bounds the added latency per message
     # A group not heard from for this long is stalled (a stopped, hung or crashed rank): the
@@ -175,9 +179,15 @@ class Config:
     def n_groups(self) -> int:
         return len(self.workers.groups)
 
+    @property
+    def n_servers(self) -> int:
+        """Server ranks: server.shards in a parameter-server run, none in a synchronous one."""
+        return self.server.shards if self.mode == "ps" else 0
+
 
 MAX_EPOCHS = 100_000  # schedule.epochs: far beyond any recipe; bounds the per-epoch work of `plan`
 MAX_POLL_S = 1.0  # server.poll_*_s: a longer sleep would add seconds of latency to every message
+MAX_SHARDS = 64  # server.shards: docs/scaling.md's model needs at most 16 at 1,024 GPUs
 # Upper bounds of values that size memory or overflow arithmetic: far beyond any recipe, low
 # enough that a typo is a message rather than an allocation traceback or NaN at the first step.
 MAX_LR = 100.0  # schedule.lr: SGD recipes stay <= ~10 even with linear scaling to huge batches

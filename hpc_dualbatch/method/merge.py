@@ -158,10 +158,20 @@ class MergeRule:
         """Merges by other pushes since group g's pull."""
         return merges - self.pulled_at[g]
 
-    def fold(self, push: PushInfo, w: np.ndarray, pushed: np.ndarray) -> float:
-        """Fold the pushed parameters (`pushes_update`: the update, else the weights) into `w` in
-        place; returns the push's weight."""
+    def weight(self, push: PushInfo) -> float:
+        """The push's weight a: how much of it the global weights take."""
         raise NotImplementedError
+
+    def apply(self, w: np.ndarray, pushed: np.ndarray, a: float, lr: float) -> None:
+        """Fold the pushed parameters (`pushes_update`: the update, else the weights) into `w` in
+        place with weight `a` (a server shard applies its slice with the weight shard 0 chose)."""
+        raise NotImplementedError
+
+    def fold(self, push: PushInfo, w: np.ndarray, pushed: np.ndarray) -> float:
+        """Fold a push into `w` in place; returns its weight."""
+        a = self.weight(push)
+        self.apply(w, pushed, a, push.lr)
+        return a
 
     def fold_buffers(self, g: int, buffers: np.ndarray, pushed: np.ndarray) -> None:
         """BN running statistics: the group's own kept (local), else averaged by the paper's rule."""
@@ -176,10 +186,12 @@ class MergeRule:
 
 
 class PaperRule(MergeRule):
-    def fold(self, push: PushInfo, w: np.ndarray, wi: np.ndarray) -> float:
+    def weight(self, push: PushInfo) -> float:
         f = self.factors[push.group]
-        merge_paper(w, wi, f)
         return f / (1.0 + f)
+
+    def apply(self, w: np.ndarray, pushed: np.ndarray, a: float, lr: float) -> None:
+        torch.from_numpy(w).lerp_(torch.from_numpy(pushed), a)  # = merge_paper with a = f/(1+f)
 
 
 class DeltaRule(MergeRule):
@@ -205,13 +217,11 @@ class DeltaRule(MergeRule):
     def weight(self, push: PushInfo) -> float:
         return delta_weight(self.factors[push.group], self.f_sum, self.n, push.staleness)
 
-    def fold(self, push: PushInfo, w: np.ndarray, pushed: np.ndarray) -> float:
-        a = self.weight(push)
+    def apply(self, w: np.ndarray, pushed: np.ndarray, a: float, lr: float) -> None:
         if self.outer is None:
             merge_delta(w, pushed, a)
         else:
-            self.outer.step(w, pushed, a, push.lr)
-        return a
+            self.outer.step(w, pushed, a, lr)
 
 
 class NovaRule(DeltaRule):

@@ -34,13 +34,20 @@ def write(
         if not final and ps.written is not None and ps.written[0] == s.merges:
             return ps.written[1]
         writer = ps.checkpoint_writer()
-        if s.momenta is not None and s.merges == ps.resumed_merges:  # still the resumed state
+        carry = s.momenta is not None and s.merges == ps.resumed_merges  # still the resumed state
+        if ps.parts is not None:  # the other shards write their parts too
+            ps.parts.begin(s.commits, [], carry)
+        if carry:
             for g in s.momenta.saved:
                 writer.add_momentum(g, s.momenta.get(g))
-    weights = s.weights
+    lacking = ps.parts.end() if ps.parts is not None else []  # every part durable before the manifest
+    weights, final_buffers = s.weights, None
     if final and ps.final_buffers is not None:
-        weights = s.weights.copy()
-        weights[ps.n_params :] = ps.final_buffers
+        if ps.parts is not None:  # the buffers live on other shards: the manifest carries the evaluated ones
+            final_buffers = ps.final_buffers
+        else:
+            weights = s.weights.copy()
+            weights[ps.n_params :] = ps.final_buffers
     extra: dict[str, Any] = {
         "pending_evals": {str(g): e for g, e in s.pending_evals.items()},
         "merges": s.merges,
@@ -48,10 +55,12 @@ def write(
         **({"adapt": ps.adapter.state()} if ps.adapter else {}),
         **({"outer_count": ps.outer.count} if ps.outer else {}),
     }
+    saved = [g for g in writer.groups if g not in lacking]  # a group some shard lacks restarts from zero
     ck = C.Checkpoint(
-        weights, C.Momenta(ps.n, ps.n_params, writer.groups), s.commits, list(s.rounds), ps.wall(),
+        weights, C.Momenta(ps.n, ps.n_params, saved), s.commits, list(s.rounds), ps.wall(),
         ps.log.offset(), ps.cfg.to_dict(), extra, group_buffers=s.group_buffers,
-        outer=s.outer if ps.outer else None,
+        outer=s.outer if ps.outer else None, shards=ps.parts.meta if ps.parts is not None else None,
+        final_buffers=final_buffers,
     )  # fmt: skip
     path = writer.finish(ck, keep=ps.cfg.checkpoint.keep)
     ps.written = (s.merges, path)

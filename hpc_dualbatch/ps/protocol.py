@@ -30,6 +30,11 @@ Checkpoint barrier (every `checkpoint.every_epochs`, and on SIGTERM/SIGUSR1)::
     L -> S  TAG_OPT  float32[n_params]                    the group's momentum buffers
     S -> L  reply as above, once every group's state is in and the checkpoint is written
 
+With `server.shards` S > 1 the server is ranks 0 .. S-1, each owning a contiguous slice of the
+flat weights (`shards.py`): headers (TAG_REQ, TAG_REP) and an evaluation's BN buffers go to
+and from rank 0 only; every weight, BN-buffer and momentum message above goes to (or comes
+from) each shard, shard s with its slice, in shard order.
+
 Messages between one pair of ranks with one tag arrive in the order sent (MPI
 non-overtaking rule), which is what keeps the weights after their header.
 Headers are float64 arrays of fixed length (integers up to 2**53 are exact), written and read

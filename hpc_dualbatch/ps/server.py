@@ -1,4 +1,5 @@
-"""The asynchronous parameter server's state and decisions (rank 0), free of MPI.
+"""The asynchronous parameter server's state and decisions (rank 0; with `server.shards`, shard
+0 on its slice of the weights, which decides for all shards), free of MPI.
 
 `ParameterServer` is told what arrived (a group's `protocol.Request` and its buffers) and
 answers with the replies to send (`Outgoing`, each with its `protocol.Task`); the driver
@@ -145,6 +146,10 @@ class ParameterServer:
             sv.merge, sv.bn, [g.factor for g in groups], state.group_buffers, state.merges, self.outer
         )
         self.written: tuple[int, str] | None = None  # (merges, path) of this process's last checkpoint
+        self.last_push: tuple[int, float, float] = (-1, 0.0, 0.0)  # group, weight a, inner lr (shards)
+        self.parts = (
+            None  # server.shards > 1: shards.Parts, the other shards' checkpoint parts (the driver's)
+        )
         self.resumed_merges = state.merges  # (a state merged since holds no momentum of the resume)
         self.watch = Watch(self.n, sv.stall_s, sv.preempt_wait_s, time.perf_counter())
         self.roster = Roster(self.n, sv.order, state.resumed, self.watch.stalled)
@@ -204,6 +209,7 @@ class ParameterServer:
         a = self.rule.fold(push, w, wi)
         self.rule.fold_buffers(g, s.weights[n_p:], wbuf[n_p:])
         s.merges += 1
+        self.last_push = (g, a, st.lr)
         return {
             "merge": s.merges,
             "staleness": push.staleness,

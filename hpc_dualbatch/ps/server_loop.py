@@ -1,5 +1,5 @@
-"""The parameter server's driver (rank 0): every receive and send of the server side of
-the protocol (`protocol.py`), the signals and the sleeping wait; the decisions are
+"""The parameter server's driver (rank 0, shard 0 of `server.shards`): every receive and send
+of the server side of the protocol (`protocol.py`), the signals and the sleeping wait; the decisions are
 `server.ParameterServer`'s, which knows no MPI.
 
 Checkpoints are barriers: from a checkpoint commit on, each pushing group is merged and
@@ -27,15 +27,20 @@ from mpi4py import MPI
 
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.ps.server import Outgoing, ParameterServer
+from hpc_dualbatch.ps.shards import Op, Order, Orders, Parts, slices
 from hpc_dualbatch.runtime.topology import group_layout
 
 TICK_S = 1.0  # a wait for the next request wakes this often to act on a signal, seconds
+WRITE_S = 600.0  # s a server shard may take to write its checkpoint part (its slice: a few GB at most)
 
 
-def serve(ps: ParameterServer, topo: Any) -> str:
+def serve(ps: ParameterServer, topo: Any, n_weights: int, n_buffers: int) -> str:
     """Serve the groups' leaders until every group has been told STOP and its last evaluation
     is in. Returns "done" or "preempted"; sets ps.cpu_seconds and ps.serve_seconds. Raises
-    StalledError (after a checkpoint) when a group is left out (`ParameterServer.leave_out`)."""
+    StalledError (after a checkpoint) when a group is left out (`ParameterServer.leave_out`).
+    `n_weights`, `n_buffers`: the whole model's (this shard holds a slice; an evaluation sends
+    every BN buffer to it). With several shards (`server.shards`) this is shard 0: it tells the
+    others what to apply and whom to answer (`shards.Orders`), in the order it decides."""
 
     def on_signal(signum: int, frame: Any) -> None:
         ps.preempt = signum  # SIGTERM / SIGUSR1 (Slurm before a time limit): checkpoint and stop
@@ -44,14 +49,22 @@ def serve(ps: ParameterServer, topo: Any) -> str:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, on_signal)
     world, leaders = topo.world, topo.leaders
-    layout = group_layout(ps.cfg.workers.groups, True)
+    layout = group_layout(ps.cfg.workers.groups, len(topo.servers))
     ps.group_ranks = [tuple(r for r, x in enumerate(layout) if x == g) for g in range(ps.n)]
     back = P.Backoff(ps.cfg.server.poll_min_s, ps.cfg.server.poll_max_s)
     hdr = np.zeros(P.HDR_LEN, np.float64)
     wbuf = np.empty_like(ps.s.weights)
     mbuf = np.empty(ps.n_params, np.float32)
     send_state = P.Task(P.Status.SEND_STATE).pack()  # at a barrier: "send your momentum"
-    n_p = ps.n_params
+
+    def allow() -> float:
+        """Seconds the leaders of an order may take now, by this shard's stall watch."""
+        now = time.perf_counter()
+        return ps.watch.exchange_deadline(now) - now
+
+    orders = Orders(world, len(topo.servers), ps.n, allow)
+    if orders:  # the other shards' checkpoint parts, and their accounts at the end
+        ps.parts = Parts(orders, back, WRITE_S, slices(n_weights, len(topo.servers)))
 
     def bound_from_now() -> P.Until:
         """How long an exchange with a group that has begun may take (`Watch.exchange_deadline`;
@@ -70,6 +83,8 @@ def serve(ps: ParameterServer, topo: Any) -> str:
             parts.append((out.momentum, P.TAG_OPT))  # the group's momentum (resume)
         for buf, tag in parts:
             flight.post(world, buf, dest, tag, out.group, by)  # PS: header, parameters, BN buffers, momentum
+        if orders:  # the other shards send their slices
+            orders.send(Order(Op.REPLY, out.group, has_state=out.momentum is not None))
 
     def settle() -> None:
         """Every reply in flight taken; a group that does not take its reply within the stall
@@ -95,6 +110,8 @@ def serve(ps: ParameterServer, topo: Any) -> str:
             settle()
             writer = ps.checkpoint_writer()  # each group's momentum goes to disk as it comes
             parked = [h for h in ps.roster.parked if h not in ps.watch.stalled]
+            if ps.parts is not None:  # every shard takes its slice of each parked group's momentum
+                ps.parts.begin(ps.s.commits, parked)
             try:
                 for h in parked:  # each sends its momentum
                     if not P.send(world, send_state, leaders[h], P.TAG_REP, back, bound_from_now()):  # PS
@@ -131,7 +148,7 @@ def serve(ps: ParameterServer, topo: Any) -> str:
             continue
         ps.served(g, req.kind)
         if req.kind == P.Kind.EVAL:
-            bufs = np.empty(wbuf.size - n_p, np.float32)
+            bufs = np.empty(n_buffers, np.float32)
             if body(bufs, g, P.TAG_BN) and req.evaluation is not None:  # PS: the BN buffers it used
                 ps.on_eval(g, req.evaluation, bufs)
         elif req.kind == P.Kind.HELLO:
@@ -140,7 +157,11 @@ def serve(ps: ParameterServer, topo: Any) -> str:
             wbuf = np.empty_like(wbuf)
         else:  # MERGE or PUSH: none while g is parked at a barrier or held for its round
             settle()  # the replies in flight read the weights this push changes
-            for out in ps.on_merge(req, wbuf) if req.kind == P.Kind.MERGE else ps.on_push(req, wbuf):
+            outs = ps.on_merge(req, wbuf) if req.kind == P.Kind.MERGE else ps.on_push(req, wbuf)
+            if orders:  # the other shards fold their slices with this push's weight
+                h, a, lr = ps.last_push
+                orders.send(Order(Op.APPLY, h, a, lr, ps.s.commits))
+            for out in outs:
                 send(out)
     settle()
     # The server's own CPU use while serving: it must sleep, not spin, while it waits.

@@ -20,6 +20,7 @@ from hpc_dualbatch.config import Config
 from hpc_dualbatch.method.merge import pushes_update
 from hpc_dualbatch.method.schedule import task_rate
 from hpc_dualbatch.ps import protocol as P
+from hpc_dualbatch.ps.shards import slices, split
 from hpc_dualbatch.runtime.topology import Topology
 from hpc_dualbatch.runtime.trainer import GroupTrainer, MiniEpoch, MiniEpochStats
 
@@ -96,26 +97,35 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
     state = np.empty(n_p, np.float32)
     # delta, nova: the leader keeps the parameters it pulled and pushes its update (merge.py)
     pulled = np.empty(n_p, np.float32) if topo.is_leader and pushes_update(cfg.server.merge) else None
+    # each server shard's slice of the flat weights: its parameters and its BN buffers (shards.py)
+    parts = [
+        (rank, *split(lo, hi, n_p)) for rank, (lo, hi) in zip(topo.servers, slices(w.size, len(topo.servers)))
+    ]
 
     def exchange(req: P.Request, push: bool) -> None:
         """Leader: send a request (and weights), wait for the reply; answer state requests."""
-        world.Send(req.pack(), dest=0, tag=P.TAG_REQ)  # PS: request header
+        world.Send(req.pack(), dest=0, tag=P.TAG_REQ)  # PS: request header (shard 0 decides)
         if push:
             trainer.flat.weights(w)
             if pulled is not None:
                 np.subtract(w[:n_p], pulled, out=w[:n_p])  # the update since the pull
-            world.Send(w, dest=0, tag=P.TAG_W)  # PS: the group's weights or update, then BN buffers
+            for rank, prm, buf in parts:  # each shard its slice: parameters (or update), BN buffers
+                world.Send(w[prm.start : buf.stop], dest=rank, tag=P.TAG_W)  # PS
         while True:
             P.recv(world, rep, 0, P.TAG_REP, back)  # PS: reply header
             if P.Task.unpack(rep).status != P.Status.SEND_STATE:
                 break
-            world.Send(trainer.flat.momentum(trainer.opt, state), dest=0, tag=P.TAG_OPT)  # PS: checkpoint
-        P.recv(world, w[:n_p], 0, P.TAG_W, back)  # PS: merged parameters
-        P.recv(world, w[n_p:], 0, P.TAG_BN, back)  # PS: BN buffers
+            trainer.flat.momentum(trainer.opt, state)
+            for rank, prm, _ in parts:
+                world.Send(state[prm], dest=rank, tag=P.TAG_OPT)  # PS: checkpoint (each shard its slice)
+        for rank, prm, buf in parts:
+            P.recv(world, w[prm], rank, P.TAG_W, back)  # PS: merged parameters
+            P.recv(world, w[buf], rank, P.TAG_BN, back)  # PS: BN buffers
         if pulled is not None:
             pulled[:] = w[:n_p]
         if P.Task.unpack(rep).has_state:
-            P.recv(world, state, 0, P.TAG_OPT, back)  # PS: momentum on resume
+            for rank, prm, _ in parts:
+                P.recv(world, state[prm], rank, P.TAG_OPT, back)  # PS: momentum on resume
 
     def share_reply() -> P.Task:
         P.bcast(gcomm, rep, back)  # MPI: the leader's reply to the whole group

@@ -36,37 +36,10 @@ import numpy as np
 
 from hpc_dualbatch.atomic import check_regular
 from hpc_dualbatch.errors import CheckpointError
-from hpc_dualbatch.yaml_safe import show
 
 FORMAT = 2  # (1: every group's momentum in one array; still read)
 READS = (1, 2)
 PREFIX = "ckpt-"
-# Config keys a resume may change: where things are and how fast they run, never what is
-# computed. Every other key, including any key added later, is part of the run's identity and
-# must match the checkpoint. The staged data is compared by content (`data_fingerprint`), not
-# by `data.path`, so a requeued job may stage it to another node-local folder.
-OPERATIONAL = frozenset(
-    {
-        "out",  # the run folder itself
-        "data.path",  # a node-local copy of the same file
-        "data.in_memory",  # RAM or streamed reads: the same pixels either way
-        "data.in_memory_max_mb",
-        "data.prefetch",  # batches loaded ahead in a thread
-        "data.eval_batch",  # evaluation batch per rank (sums over the same samples)
-        "device",  # a requeued job may land on other hardware
-        "threads",
-        "workers.slowdown",  # a simulated slower node (benchmarks): how fast, not what
-        "server.poll_min_s",  # how often a waiting rank polls
-        "server.poll_max_s",
-        "server.stall_s",  # when a silent group is declared stalled
-        "server.preempt_wait_s",
-        "checkpoint.every_epochs",  # when checkpoints are written, not what they hold
-        "checkpoint.keep",
-        "metrics.tensorboard",  # event files beside metrics.jsonl: rebuilt from it on every start
-        "metrics.tensorboard_x",
-    }
-)
-
 # The staged data's fingerprint is kept with every checkpoint a process writes once the run's
 # data is bound (`bind_data`, called by `train` on the rank that writes checkpoints).
 _DATA: dict[str, Any] | None = None
@@ -115,6 +88,10 @@ class Checkpoint:
     data: dict[str, Any] | None = None  # fingerprint of the staged data (None: older checkpoint)
     group_buffers: np.ndarray | None = None  # (n_groups, n_buffers)
     outer: np.ndarray | None = None  # (2, n_params)
+    # server.shards > 1: {"count": S, "slices": [[lo, hi], ...]}; this file (the manifest) holds
+    # shard 0's slice, `<file>.shard<s>` shard s's (`load_part`)
+    shards: dict[str, Any] | None = None
+    final_buffers: np.ndarray | None = None  # a sharded final checkpoint: the BN buffers evaluated
 
 
 def checkpoint_dir(out: str) -> str:
@@ -126,9 +103,11 @@ class Writer:
     group's momentum as it arrives (`add_momentum`, one n_params buffer at a time), then the rest.
     An OSError at any part leaves the previous checkpoint as it was (CheckpointError)."""
 
-    def __init__(self, out: str, commits: int) -> None:
+    def __init__(self, out: str, commits: int, shard: int = 0) -> None:
         self.dir = checkpoint_dir(out)
         self.path = os.path.join(self.dir, f"{PREFIX}{commits:09d}.npz")
+        if shard:  # server shard s >= 1: its part beside the manifest shard 0 writes last
+            self.path += f".shard{shard}"
         self.tmp = self.path + f".tmp{os.getpid()}"
         self.groups: list[int] = []
         self.n_params = 0
@@ -170,15 +149,45 @@ class Writer:
             "momentum": {
                 "groups": ck.momentum.n_groups,
                 "params": ck.momentum.n_params,
-                "saved": self.groups,
+                "saved": [g for g in self.groups if g in ck.momentum.saved],
             },
+            **({"shards": ck.shards} if ck.shards else {}),
         }
+        if ck.final_buffers is not None:
+            self._add("final_buffers", ck.final_buffers)
         self._add("weights", ck.weights)
         self._add("meta", np.array(json.dumps(meta)))
         if ck.group_buffers is not None:
             self._add("group_buffers", ck.group_buffers)
         if ck.outer is not None:
             self._add("outer", ck.outer)
+        self._close_and_rename()
+        for old in sorted(glob.glob(os.path.join(self.dir, f"{PREFIX}*.npz")))[:-keep]:
+            for part in [old, *glob.glob(glob.escape(old) + ".shard*")]:  # (a sharded one's parts)
+                os.unlink(part)
+        for part in glob.glob(os.path.join(self.dir, f"{PREFIX}*.npz.shard*")):
+            manifest = part.rsplit(".shard", 1)[0]  # (an older part whose manifest never came: a crash)
+            if manifest < self.path and not os.path.exists(manifest):
+                os.unlink(part)
+        return self.path
+
+    def finish_part(
+        self, weights: np.ndarray, group_buffers: np.ndarray, outer: np.ndarray | None, meta: dict
+    ) -> str:
+        """Server shard s >= 1: its slice of the weights, of each group's BN buffers and of the
+        outer momentum, durable under its name; the manifest (shard 0's, written after every
+        part) is what makes the checkpoint."""
+        assert self._zip is not None
+        self._add("weights", weights)
+        self._add("group_buffers", group_buffers)
+        if outer is not None:
+            self._add("outer", outer)
+        self._add("meta", np.array(json.dumps({**meta, "saved": self.groups})))
+        self._close_and_rename()
+        return self.path
+
+    def _close_and_rename(self) -> None:
+        assert self._zip is not None and self._file is not None
         try:
             self._zip.close()
             self._file.flush()
@@ -187,9 +196,6 @@ class Writer:
             os.replace(self.tmp, self.path)
         except OSError as e:
             self._fail(e)
-        for old in sorted(glob.glob(os.path.join(self.dir, f"{PREFIX}*.npz")))[:-keep]:
-            os.unlink(old)
-        return self.path
 
     def abort(self) -> None:
         """Drop the unfinished file (the previous checkpoint stays the latest)."""
@@ -279,6 +285,7 @@ def load(path: str) -> Checkpoint:
         weights, meta = z["weights"], json.loads(str(z["meta"]))
         group_buffers = z["group_buffers"] if "group_buffers" in z.files else None
         outer = z["outer"] if "outer" in z.files else None
+        final_buffers = z["final_buffers"] if "final_buffers" in z.files else None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except _READ_ERRORS as e:
@@ -302,6 +309,8 @@ def load(path: str) -> Checkpoint:
             dict(meta["data"]) if meta.get("data") is not None else None,
             group_buffers,
             outer,
+            dict(meta["shards"]) if meta.get("shards") else None,
+            final_buffers,
         )
     except (KeyError, TypeError, ValueError, AttributeError, zipfile.BadZipFile) as e:
         raise CheckpointError(
@@ -318,71 +327,53 @@ def load(path: str) -> Checkpoint:
     return ck
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+@dataclass
+class Part:
+    """Server shard s's part of a sharded checkpoint (`<manifest>.shard<s>`)."""
+
+    weights: np.ndarray  # its slice of the flat weights
+    group_buffers: np.ndarray  # (n_groups, BN buffers in the slice)
+    outer: np.ndarray | None  # (2, parameters in the slice)
+    momentum: Momenta  # each group's slice
 
 
-def saved_config(ck: Checkpoint) -> dict[str, Any]:
-    """The config a checkpoint was made with, as `Config.to_dict` gave it: JSON stored the integer
-    keys of the per-resolution maps (plan.large_batch, schedule.dropout, ...) as strings."""
-
-    def restore(v: Any) -> Any:
-        if not isinstance(v, dict):
-            return v
-        return {int(k) if isinstance(k, str) and k.isdigit() else k: restore(x) for k, x in v.items()}
-
-    return restore(ck.config)
-
-
-def config_differences(
-    a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], ignore: frozenset[str] = OPERATIONAL
-) -> list[str]:
-    """The keys where two resolved configs differ, outside `ignore`: "key: <names[0]> A, <names[1]> B".
-    A key one side lacks (a config saved before the key existed) counts as its default: a key is
-    added with the default that keeps the behaviour from before it."""
-    from hpc_dualbatch.config import Config
-
-    # A JSON round trip makes both sides alike (int dict keys become strings).
-    base = _flatten(json.loads(json.dumps(Config().to_dict())))
-    fa, fb = ({**base, **_flatten(json.loads(json.dumps(c)))} for c in (a, b))
-    return [
-        f"{k}: {names[0]} {show(fa.get(k))}, {names[1]} {show(fb.get(k))}"
-        for k in sorted(set(fa) | set(fb))
-        if k not in ignore and fa.get(k) != fb.get(k)
-    ]
-
-
-def check_compatible(path: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A resume must use the config the checkpoint was made with; only the OPERATIONAL keys
-    (where things are, how fast they run) may differ."""
-    diffs = config_differences(saved, current, ("checkpoint", "now"))
-    if diffs:
+def load_part(manifest: Checkpoint, path: str, shard: int) -> Part:
+    """Shard `shard`'s part of the sharded checkpoint whose manifest (`path`, loaded as
+    `manifest`) shard 0 wrote after every part: it must hold the same commit and the slice the
+    manifest names."""
+    part = f"{path}.shard{shard}"
+    check_regular(part, "checkpoint part", CheckpointError, "resume from another checkpoint")
+    lo, hi = (manifest.shards or {"slices": [[0, 0]] * (shard + 1)})["slices"][shard]
+    try:
+        z = np.load(part, allow_pickle=False)  # NpzFile: the momentum entries are read when asked for
+        weights, meta, gb = z["weights"], json.loads(str(z["meta"])), z["group_buffers"]
+        outer = z["outer"] if "outer" in z.files else None
+        commits, saved = int(meta["commits"]), [int(g) for g in meta["saved"]]
+    except FileNotFoundError:
         raise CheckpointError(
-            f"checkpoint {path} was made with another config ({'; '.join(diffs[:3])}); "
-            f"resume with the same config (only {', '.join(sorted(OPERATIONAL))} may change), "
-            f"or start a new run in another output folder"
-        )
+            f"checkpoint part {part} does not exist: the checkpoint is incomplete"
+        ) from None
+    except (*_READ_ERRORS, TypeError) as e:
+        raise _corrupt(part, e) from None
+    if commits != manifest.commits or weights.shape != (hi - lo,) or gb.ndim != 2:
+        raise CheckpointError(f"checkpoint part {part} does not belong to {path} (another commit or slice)")
+    n_p = weights.size - gb.shape[1]
+    saved = [g for g in saved if g in manifest.momentum.saved]  # a group some shard lacks restarts from zero
+    info = {
+        "format": FORMAT,
+        "momentum": {"groups": manifest.momentum.n_groups, "params": n_p, "saved": saved},
+    }
+    return Part(weights, gb, outer, _momenta(part, z, info))
 
 
-def check_same_data(path: str, saved: dict[str, Any] | None, current: dict[str, Any], data_path: str) -> None:
-    """The staged data must hold what it held when the checkpoint was made (its path may move)."""
-    if saved is None or saved.get("digest") == current.get("digest"):
-        return  # a checkpoint from before fingerprints were kept, or the same content
-    first = ["train_samples", "test_samples", "classes", "channels", "resolutions", "encoding", "source"]
-    keys = first + sorted((set(saved) | set(current)) - set(first) - {"digest"})
-    diffs = [
-        f"{k}: checkpoint {show(saved.get(k))}, now {show(current.get(k))}"
-        for k in keys
-        if saved.get(k) != current.get(k)
-    ] or [f"content digest: checkpoint {saved.get('digest')}, now {current.get('digest')}"]
-    raise CheckpointError(
-        f"checkpoint {path} was made with other data than the staged file '{data_path}' holds now "
-        f"({'; '.join(diffs[:3])}); resume with the file the run started with (it may be moved: "
-        f"--set data.path=...), or start a new run in another output folder"
-    )
+def whole_weights(path: str) -> np.ndarray:
+    """The flat weights a checkpoint holds, assembled from its parts where the server was
+    sharded (with a final checkpoint's evaluated BN buffers): for tools and tests; a server shard
+    reads only its own part (`load_part`)."""
+    ck = load(path)
+    if not ck.shards:
+        return ck.weights
+    w = np.concatenate([ck.weights] + [load_part(ck, path, s).weights for s in range(1, ck.shards["count"])])
+    if ck.final_buffers is not None and ck.final_buffers.size:
+        w[-ck.final_buffers.size :] = ck.final_buffers  # the BN buffers are the tail of the flat weights
+    return w

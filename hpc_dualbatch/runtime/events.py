@@ -1,7 +1,7 @@
 """TensorBoard event files in `<out>/tb/`, beside metrics.jsonl: `metrics.tensorboard` auto
 (where the tensorboard package is importable; else one line says none are written), always (a
 start-up error without it) or never; `metrics.tensorboard_x` step or wall. Both may change on a
-resume (checkpoint.OPERATIONAL).
+resume (resume.OPERATIONAL).
 
 They hold nothing of their own: `MetricsLog` hands every record it writes to `EventLog.write`,
 and `scalars` maps a record to TensorBoard points, so the records are built once (metrics.py)

@@ -16,6 +16,7 @@ from hpc_dualbatch.atomic import open_regular, write_json
 from hpc_dualbatch.config import Config
 from hpc_dualbatch.errors import ConfigError, OutputError
 from hpc_dualbatch.runtime import checkpoint as C
+from hpc_dualbatch.runtime import resume as R
 from hpc_dualbatch.runtime.metrics import read_metrics, repair
 
 
@@ -70,9 +71,9 @@ def prepare_out(cfg: Config, resume: bool, staged: Any = None) -> tuple[Any, Any
             f"choose another folder (--set out=...)"
         )
     ck = C.load(path)
-    C.check_compatible(path, ck.config, cfg.to_dict())
+    R.check_compatible(path, ck.config, cfg.to_dict())
     if staged is not None:
-        C.check_same_data(path, ck.data, staged.fingerprint(), cfg.data.path)
+        R.check_same_data(path, ck.data, staged.fingerprint(), cfg.data.path)
     return lock, ck
 
 

@@ -1,9 +1,11 @@
 """MPI topology, decided in one place: who is the server, who is in which group.
 
-Parameter-server mode (`mode: ps`), for `workers.groups = [g_0, g_1, ...]`::
+Parameter-server mode (`mode: ps`), for `workers.groups = [g_0, g_1, ...]` and S =
+`server.shards`::
 
-    rank 0                      the parameter server (no Horovod, no model training)
-    ranks 1 .. g_0              worker group 0   (its group rank 0 is the leader)
+    ranks 0 .. S-1              the parameter server's shards (no Horovod, no model training);
+                                shard 0 decides, each shard owns a slice of the weights
+    ranks S .. S+g_0-1          worker group 0   (its group rank 0 is the leader)
     next g_1 ranks              worker group 1
     ...
 
@@ -38,6 +40,12 @@ class Topology:
     leaders: tuple[int, ...]  # world rank of each group's leader
     local_rank: int  # rank among the processes on this node (GPU choice)
     local_size: int  # processes on this node (threads_per_rank)
+    servers: tuple[int, ...] = (0,)  # world ranks of the server's shards (0 .. S-1)
+
+    @property
+    def shard(self) -> int:
+        """This rank's server shard (0 decides), or -1 on a worker."""
+        return self.rank if self.role == "server" else -1
 
     @property
     def is_server(self) -> bool:
@@ -52,19 +60,20 @@ class Topology:
         return len(self.leaders)
 
 
-def group_layout(groups: list[int], with_server: bool) -> list[int]:
-    """Group index of each world rank (-1 = server). Pure, for tests and the docs."""
-    layout = [-1] if with_server else []
+def group_layout(groups: list[int], servers: int) -> list[int]:
+    """Group index of each world rank (-1 = a server shard; `servers`: their number, 0 in sync
+    mode, where True counts as 1). Pure, for tests and the docs."""
+    layout = [-1] * int(servers)
     for g, n in enumerate(groups):
         layout += [g] * n
     return layout
 
 
-def expected_world_size(groups: list[int], with_server: bool) -> int:
-    return sum(groups) + (1 if with_server else 0)
+def expected_world_size(groups: list[int], servers: int) -> int:
+    return sum(groups) + int(servers)
 
 
-def check_world_size(actual: int, groups: list[int], with_server: bool) -> None:
+def check_world_size(actual: int, groups: list[int], servers: int) -> None:
     slurm_ntasks = os.environ.get("SLURM_NTASKS", "")
     # A wrong PMI plugin starts every task of an srun step as a singleton of size 1, without an
     # error. Only that case is a sign of it: under mpirun inside an allocation the ranks inherit
@@ -74,16 +83,17 @@ def check_world_size(actual: int, groups: list[int], with_server: bool) -> None:
             f"MPI world size is 1 but Slurm started SLURM_NTASKS={slurm_ntasks} tasks: the ranks did "
             f"not join one MPI world; launch with srun --mpi=pmix (or the PMI plugin your MPI was built with)"
         )
-    expected = expected_world_size(groups, with_server)
+    expected = expected_world_size(groups, servers)
     if actual != expected:
-        who = f"1 server + {sum(groups)} worker ranks" if with_server else f"{sum(groups)} worker ranks"
+        shards = f"{int(servers)} server ranks (server.shards)" if servers > 1 else "1 server"
+        who = f"{shards} + {sum(groups)} worker ranks" if servers else f"{sum(groups)} worker ranks"
         raise ConfigError(
             f"world size is {actual} but the config needs {expected} ({who}, workers.groups = {groups}); "
             f"launch with mpirun -np {expected} / srun -n {expected}, or change workers.groups"
         )
 
 
-def hetjob_components(groups: list[int], small: int) -> list[tuple[int, str]]:
+def hetjob_components(groups: list[int], small: int, servers: int = 1) -> list[tuple[int, str]]:
     """Tasks per component of a Slurm hetjob for this config: the server, the large, the small groups.
 
     The small-batch groups are the last `small` groups, so one `srun --het-group=0,1,2` (ranks
@@ -92,14 +102,14 @@ def hetjob_components(groups: list[int], small: int) -> list[tuple[int, str]]:
     """
     n_large = small_groups(len(groups), small).count(False)
     parts = [
-        (1, "the server"),
+        (int(servers), "the server" if servers == 1 else f"the server's {servers} shards"),
         (sum(groups[:n_large]), "the large-batch groups"),
         (sum(groups[n_large:]), f"the small-batch groups (the last {small})"),
     ]
     return [(n, what) for n, what in parts if n > 0]
 
 
-def check_hetjob(groups: list[int], small: int, with_server: bool, env: Any = None) -> None:
+def check_hetjob(groups: list[int], small: int, servers: int, env: Any = None) -> None:
     """Inside a step of a Slurm heterogeneous job, check each component's task count against the config.
 
     Reads SLURM_HET_SIZE and SLURM_NTASKS_HET_GROUP_<n> (srun sets them in every task of a hetjob
@@ -107,10 +117,10 @@ def check_hetjob(groups: list[int], small: int, with_server: bool, env: Any = No
     """
     env = os.environ if env is None else env
     size = env.get("SLURM_HET_SIZE", "")
-    if not with_server or not size.isdigit() or "SLURM_STEP_ID" not in env:
+    if not servers or not size.isdigit() or "SLURM_STEP_ID" not in env:
         return
     actual = [env.get(f"SLURM_NTASKS_HET_GROUP_{c}", "?") for c in range(int(size))]
-    expected = hetjob_components(groups, small)
+    expected = hetjob_components(groups, small, servers)
     if actual != [str(n) for n, _ in expected]:
         want = ", ".join(f"component {c}: {n} for {what}" for c, (n, what) in enumerate(expected))
         raise ConfigError(
@@ -120,14 +130,15 @@ def check_hetjob(groups: list[int], small: int, with_server: bool, env: Any = No
         )
 
 
-def build_topology(groups: list[int], with_server: bool, world: Any = None) -> Topology:
-    """Split COMM_WORLD into the server and the worker groups. Collective over `world`."""
+def build_topology(groups: list[int], servers: int, world: Any = None) -> Topology:
+    """Split COMM_WORLD into the server's shards (`servers` of them; True counts as 1, False as
+    none) and the worker groups. Collective over `world`."""
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD if world is None else world
     rank, size = world.Get_rank(), world.Get_size()
-    check_world_size(size, groups, with_server)  # every rank checks the same numbers
-    layout = group_layout(groups, with_server)
+    check_world_size(size, groups, servers)  # every rank checks the same numbers
+    layout = group_layout(groups, servers)
     group = layout[rank]
     color = MPI.UNDEFINED if group < 0 else group
     group_comm = world.Split(color, rank)  # MPI: collective on COMM_WORLD
@@ -135,8 +146,9 @@ def build_topology(groups: list[int], with_server: bool, world: Any = None) -> T
     local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
     leaders = tuple(layout.index(g) for g in range(len(groups)))
+    shards = tuple(range(int(servers)))
     if group < 0:
-        return Topology(world, rank, size, "server", -1, None, 0, 0, leaders, local_rank, local_size)
+        return Topology(world, rank, size, "server", -1, None, 0, 0, leaders, local_rank, local_size, shards)
     return Topology(
         world,
         rank,
@@ -149,6 +161,7 @@ def build_topology(groups: list[int], with_server: bool, world: Any = None) -> T
         leaders,
         local_rank,
         local_size,
+        shards,
     )
 
 

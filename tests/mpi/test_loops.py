@@ -33,7 +33,7 @@ pytest.importorskip("mpi4py")
 import torch  # noqa: E402
 
 from hpc_dualbatch.atomic import write_json  # noqa: E402
-from hpc_dualbatch.commands.train import Setup, group_specs, run_server  # noqa: E402
+from hpc_dualbatch.commands.train import Setup, group_specs, run_server, run_shard, shard_part  # noqa: E402
 from hpc_dualbatch.config import config_from_dict  # noqa: E402
 from hpc_dualbatch.method.merge import delta_weight, nova_weight  # noqa: E402
 from hpc_dualbatch.method.plan import plan_from_config  # noqa: E402
@@ -142,31 +142,42 @@ def or_abort(fn, *args, **kwargs):
         MPI.COMM_WORLD.Abort(1)  # MPI: ends every rank
 
 
-def run(out: str, preempt_round: int | None = None, resume: bool = False, **over):
-    """One run of the real loops (under `or_abort`). Returns (outcome on rank 0 or None, this
-    rank's trainer or None, the config, the group specs)."""
-    return or_abort(_run, out, preempt_round, resume, **over)
+def run(out: str, preempt_round: int | None = None, resume: bool = False, world=None, **over):
+    """One run of the real loops (under `or_abort`) on `world` (default COMM_WORLD). Returns
+    (outcome on rank 0 or None, this rank's trainer or None, the config, the group specs)."""
+    return or_abort(_run, out, preempt_round, resume, world, **over)
 
 
-def _run(out: str, preempt_round: int | None, resume: bool, **over):
+def _run(out: str, preempt_round: int | None, resume: bool, world, **over):
     from mpi4py import MPI
 
     from hpc_dualbatch.runtime.topology import build_topology
 
-    world = MPI.COMM_WORLD
-    groups = groups_for(world.Get_size())
+    world = MPI.COMM_WORLD if world is None else world
+    shards = over.get("server__shards", 1)
+    groups = groups_for(world.Get_size() - shards + 1)
     over = {"schedule__epochs": EPOCHS, "plan__k": 1.05 if len(groups) > 1 else 1.0, **over}
     raw = tiny_config("unused.h5", out, workers__groups=groups, workers__small=len(groups) - 1, **over)
     cfg = config_from_dict(raw)
     plan = plan_from_config(cfg, SAMPLES)
     specs = group_specs(cfg, plan)
-    topo = build_topology(groups, with_server=True, world=world)
+    topo = build_topology(groups, shards, world=world)
     if topo.is_server:
         os.makedirs(out, exist_ok=True)
-        write_json(os.path.join(out, "plan.json"), plan.to_dict())  # as train.setup does
-        ck = C.load(C.latest(out)) if resume else None
+        manifest = C.latest(out) if resume else None
         flat = StubTrainer(topo, Flag(), None).flat
-        outcome = run_server(Setup(cfg, None, plan, specs, ck, None), topo, flat.weights(), flat.n_params)
+        setup = Setup(cfg, None, plan, specs, C.load(manifest) if manifest else None, None)
+        if topo.shard > 0:  # another shard of a sharded server
+            run_shard(
+                setup,
+                topo,
+                flat.weights(),
+                flat.n_params,
+                shard_part(manifest, topo.shard) if manifest else None,
+            )
+            return None, None, cfg, specs
+        write_json(os.path.join(out, "plan.json"), plan.to_dict())  # as train.setup does
+        outcome = run_server(setup, topo, flat.weights(), flat.n_params)
         return outcome, None, cfg, specs
     flag = Flag()
     trainer = StubTrainer(topo, flag, preempt_round, cfg.workers.slowdown.get(topo.group, 1.0))
@@ -309,6 +320,62 @@ def test_every_server_mode_merges_by_its_rule_and_a_signalled_run_resumes_bit_id
             ok,
             why + f"; outcomes {first}/{second}, parked at {parked_at}, momentum {saved}, commits {commits}",
         )
+
+    agreed(world, check)
+
+
+@pytest.mark.parametrize(
+    "size, shards, merge, bn, outer",
+    [  # each at one world size (make test runs them all, at 3 and 4 ranks)
+        pytest.param(3, 2, "delta", "recalibrate", "none", marks=pytest.mark.mpi(min_size=3)),
+        # 3 shards of the stub's 16 weights: the last holds parameters and every BN buffer
+        pytest.param(4, 3, "paper", "average", "none", marks=pytest.mark.mpi(min_size=4)),
+        # 2 shards and a group of 2 ranks
+        pytest.param(4, 2, "nova", "local", "delayed", marks=pytest.mark.mpi(min_size=4)),
+    ],
+)
+def test_server_shards_train_bit_identically_to_one_and_resume_exactly(
+    shared_dir, size, shards, merge, bn, outer
+):
+    """server.shards splits the weights between ranks 0 .. S-1; under round_robin the run ends
+    with the weights of the same groups served by one server (run on every rank but 1 .. S-1),
+    bit for bit, and a run signalled during group 0's 2nd task resumes across the shards to the
+    same weights again."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    if world.Get_size() != size:
+        pytest.skip(f"runs at {size} ranks")
+    mode = dict(server__order="round_robin", plan__adaptive=False, server__merge=merge, server__bn=bn)
+    mode.update(server__outer=outer, schedule__epochs=3, schedule__milestones=[2])
+    one, two, cut = (os.path.join(shared_dir, name) for name in ("one", "two", "cut"))
+    others = 0 < world.Get_rank() < shards  # the ranks that are shards 1 .. S-1 below
+    sub = world.Split(MPI.UNDEFINED if others else 0, world.Get_rank())  # MPI: one server and the groups
+    if sub != MPI.COMM_NULL:
+        run(one, world=sub, **mode)
+        sub.Free()
+    run(two, server__shards=shards, **mode)
+    run(cut, preempt_round=1, server__shards=shards, **mode)
+    if world.Get_rank() == 0:
+        parked_at = or_abort(lambda: C.load(C.latest(cut)).commits)
+        parts = or_abort(
+            lambda: sorted(p.name for p in __import__("pathlib").Path(cut, "checkpoints").iterdir())
+        )
+    run(cut, resume=True, server__shards=shards, **mode)
+
+    def check() -> tuple[bool, str]:
+        if world.Get_rank() != 0:
+            return True, ""
+        w1, w2, w3 = (C.whole_weights(C.latest(out)) for out in (one, two, cut))
+        status = json.load(open(os.path.join(two, "status.json")))
+        ok = (
+            np.array_equal(w1, w2) and np.array_equal(w2, w3)
+            and groups(one) == groups(two) == groups(cut)
+            and 0 < parked_at < len(groups(two))
+            and all(any(p.endswith(f".shard{s}") for p in parts) for s in range(1, shards))  # the parts
+            and len(status["server"]["shards"]) == shards - 1  # the other shards' accounts
+        )  # fmt: skip
+        return ok, f"max |w1 - w2| {np.abs(w1 - w2).max()}, |w2 - w3| {np.abs(w2 - w3).max()}, parts {parts}"
 
     agreed(world, check)
 

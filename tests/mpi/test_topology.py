@@ -20,7 +20,7 @@ def topo():
 
     from hpc_dualbatch.runtime.topology import build_topology
 
-    return build_topology(groups_for(MPI.COMM_WORLD.Get_size()), with_server=True)
+    return build_topology(groups_for(MPI.COMM_WORLD.Get_size()), servers=1)
 
 
 @pytest.mark.mpi(min_size=2)
