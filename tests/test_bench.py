@@ -157,7 +157,7 @@ def test_exchange_two_ranks(tmp_path):
         assert row["mb_per_s"] > 0 and len(row["seconds_per_trip_all"]) == 2
     assert res["ratio_delta"] > 0 and res["ratio_paper"] > 0 and res["ratio_nomerge"] > 0
     assert res["merge_ms_delta"] >= 0 and res["merge_ms_paper"] >= 0
-    assert "ps / raw" in r.stdout
+    assert "delta / raw" in r.stdout
 
 
 @pytest.mark.job
