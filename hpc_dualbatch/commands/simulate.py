@@ -155,12 +155,13 @@ def scale_point(
     shards: int,
     period: int,
     link: Link,
-    wake: float,
+    wake: tuple[float, float],
     blocking: bool = False,
 ) -> dict:
     """One cluster: gpus / group groups, each training its share of an epoch at B_L per GPU and
     pushing every `period` steps, 4 rounds of tasks, each part's time spread by 10 % (so the groups
-    do not push in lockstep); the throughput against no server at all."""
+    do not push in lockstep); the throughput against no server at all. `wake`: (server, worker)
+    mean wake-up delays, s."""
     a, b, B_L, d, floats = WORKLOADS[work]
     n = gpus // group
     step = a * B_L + b  # s per step of every GPU of a group (its allreduce taken as free)
@@ -168,14 +169,14 @@ def scale_point(
     pushes = max(1, -(-steps // period))
     task = SimTask(steps * step, pushes, steps * group * B_L)
     sim = SimInput(
-        [SimGroup(group, [task])] * n, floats, link, 4 * n, shards=shards, wake=wake, worker_wake=wake,
+        [SimGroup(group, [task])] * n, floats, link, 4 * n, shards=shards, wake=wake[0], worker_wake=wake[1],
         spread=0.1, blocking_replies=blocking,
     )  # fmt: skip
     out = simulate(sim)
     return {"throughput": out.training_share, "busy": out.busy_share, "exchange_s": out.exchange_per_push}
 
 
-def shards_table(link: Link, wake: float, blocking: bool) -> list[str]:
+def shards_table(link: Link, wake: tuple[float, float], blocking: bool) -> list[str]:
     """Markdown rows: per workload, group size and push period, the fewest shards that keep
     ENOUGH of the throughput without a server, from 8 to 1,024 GPUs."""
     rows = [
@@ -204,10 +205,11 @@ def shards_table(link: Link, wake: float, blocking: bool) -> list[str]:
 
 def scale(args: argparse.Namespace) -> int:
     link = Link(args.gbps * 1e9 / 8, args.latency_us * 1e-6, args.merge_ns * 1e-9)
-    wake = args.wake_ms / 1e3
+    wake = (args.wake_ms / 1e3, args.worker_wake_ms / 1e3)
     lines = [
         f"Simulated ({args.gbps:g} Gb/s links, {args.latency_us:g} us per message, merge {args.merge_ns:g} "
-        f"ns per weight, Backoff 0.2-5 ms, {args.wake_ms:g} ms wake-up, parts spread by 10 %; "
+        f"ns per weight, Backoff 0.2-5 ms, wake-ups {args.wake_ms:g} ms (server) and "
+        f"{args.worker_wake_ms:g} ms (workers), parts spread by 10 %; "
         "`hpc-dualbatch simulate scale`). Each cell: the fewest server shards S (of "
         f"{', '.join(map(str, SHARDS))}) at which the groups spend >= {ENOUGH:.0%} of their time "
         "training (what they keep of the throughput without a server); in brackets that share with one "
@@ -248,9 +250,15 @@ def register(sub: Any) -> None:
     )
     c.add_argument("runs", nargs="+", help="parameter-server run folders")
     c.add_argument("--exchange", required=True, help="a `bench exchange` result (JSON): link and merge costs")
-    c.add_argument(
-        "--wake-ms", type=float, default=0.0, help="delay from a wake-up to running, ms (a loaded node)"
+    wakes = (
+        ("--wake-ms", "server: mean delay from a wake-up to running, ms"),
+        (
+            "--worker-wake-ms",
+            "worker: mean delay from a wake-up to running Python, ms (the GIL a loader thread holds)",
+        ),
     )
+    for flag, help_ in wakes:
+        c.add_argument(flag, type=float, default=0.0, help=help_)
     c.add_argument(
         "--floats", type=int, default=None, help="weights per push (default: from the run's model)"
     )
@@ -266,7 +274,13 @@ def register(sub: Any) -> None:
     sc.add_argument(
         "--merge-ns", type=float, default=0.5, help="the server's merge per weight, ns (bench exchange)"
     )
-    sc.add_argument("--wake-ms", type=float, default=0.05, help="delay from a wake-up to running, ms")
+    sc.add_argument(
+        "--wake-ms", type=float, default=0.05, help="server: mean delay from a wake-up to running, ms"
+    )
+    sc.add_argument(
+        "--worker-wake-ms", type=float, default=2.5,
+        help="worker: the same, ms (2.5: fitted on this machine's runs, `simulate check`)",
+    )  # fmt: skip
     sc.add_argument(
         "--out", default=None, help="a markdown file whose marked section is replaced by the table"
     )
