@@ -27,6 +27,14 @@ if [ "$(id -u)" = 0 ]; then  # make the unprivileged user, then run this script 
   home=$(getent passwd "$USER_NAME" | cut -d: -f6)
   copy=$(mktemp -d "$home/hpc_dualbatch-src.XXXXXX")
   git -C "$repo" archive HEAD | tar -x -C "$copy"  # the committed tree, as a clone would give it
+  # the site's pip settings (a cluster's mirror or wheel folder), as its users get them
+  for conf in "${XDG_CONFIG_HOME:-$HOME/.config}/pip/pip.conf" "$HOME/.pip/pip.conf"; do
+    if [ -f "$conf" ]; then
+      mkdir -p "$home/.config/pip" && cp "$conf" "$home/.config/pip/pip.conf"
+      chown -R "$USER_NAME:" "$home/.config"
+      break
+    fi
+  done
   chown -R "$USER_NAME:" "$copy"
   mkdir -p "$(dirname "$log")"
   status=0
