@@ -405,7 +405,9 @@ def test_a_stopped_rank_is_named_and_the_run_checkpoints_without_it_then_resumes
 @pytest.mark.job
 @mpi
 def test_second_run_in_the_same_folder_is_refused_while_the_first_completes(tmp_path, synthetic_h5):
-    epochs = 4
+    # long enough that the first run is still going when it is stopped (4 epochs of this tiny
+    # config once ended between taking the lock and the SIGSTOP)
+    epochs = 12
     job, out = start_run(tmp_path, synthetic_h5, epochs)
     ranks: dict[int, int] = {}
     try:
