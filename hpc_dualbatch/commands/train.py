@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
         found = C.latest(st.cfg.out) if world.Get_rank() == 0 and st.ckpt is not None else None
         manifest = world.bcast(found, root=0)  # MPI: every rank learns it (pickled, a path)
         if manifest is not None:
-            part = agree(world, lambda: shard_part(manifest, topo.shard) if topo.shard > 0 else None)
+            part = agree(world, lambda: shard_part(manifest, topo.shard) if topo.shard > 0 else None)  # MPI
     if st.cfg.mode == "sync":
         from hpc_dualbatch.runtime.sync import run_sync
 

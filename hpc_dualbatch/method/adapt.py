@@ -107,9 +107,9 @@ class Adapter:
         # (group, resolution) -> seen[group] when its batch there was last re-planned: a small
         # group's B_S moves only after the group has measured the batch it was given
         self.planned_at: dict[tuple[int, int], int] = {}
-        # (what, group, resolution) -> a scale or noise of that group's window: recomputed only
-        # after the group's window or batches change (`_forget`), so a re-plan costs O(n) lookups
-        self._memo: dict[tuple[str, int, int], Any] = {}
+        # group -> (what, resolution) -> a scale or noise of its window: recomputed only after the
+        # group's window or batches change (`_forget`), so a re-plan costs O(n) lookups
+        self._memo: dict[int, dict[tuple[str, int], Any]] = {}
 
     @property
     def active(self) -> bool:
@@ -125,17 +125,16 @@ class Adapter:
 
     def _forget(self, g: int) -> None:
         """g's window or batches changed: what was computed from them is stale."""
-        for key in [k for k in self._memo if k[1] == g]:
-            del self._memo[key]
+        self._memo.pop(g, None)
 
     def _of(self, what: str, g: int, res: int) -> Any:
         """g's own scale at `res` ("scale": None without a usable task), its scale over all near
         tasks ("near": None likewise) or the noise of its scale at `res` ("noise"), memoised."""
-        key = (what, g, res)
-        if key not in self._memo:
+        memo = self._memo.setdefault(g, {})
+        if (what, res) not in memo:
             fits, tasks = self.role_fits(g), self.near(g) if what == "near" else self._at(g, res)
-            self._memo[key] = noise_of(fits, tasks) if what == "noise" else scale_of(fits, tasks)
-        return self._memo[key]
+            memo[(what, res)] = noise_of(fits, tasks) if what == "noise" else scale_of(fits, tasks)
+        return memo[(what, res)]
 
     def role_fits(self, g: int) -> dict[int, TimeFit]:
         """The profile group g is measured against, per resolution: its role's fits."""

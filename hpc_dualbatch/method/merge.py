@@ -58,7 +58,12 @@ def merge_paper(w: np.ndarray, wi: np.ndarray, f: float) -> None:
     pass over both buffers, where the literal formula costs three numpy passes (the merge is
     the server's largest cost per push, see docs/scaling.md).
     """
-    torch.from_numpy(w).lerp_(torch.from_numpy(wi), f / (1.0 + f))
+    lerp(w, wi, f / (1.0 + f))
+
+
+def lerp(w: np.ndarray, wi: np.ndarray, t: float) -> None:
+    """w <- w + t*(wi - w), in place, one pass."""
+    torch.from_numpy(w).lerp_(torch.from_numpy(wi), t)
 
 
 def delta_weight(f: float, f_sum: float, n_groups: int, staleness: int) -> float:
@@ -191,7 +196,7 @@ class PaperRule(MergeRule):
         return f / (1.0 + f)
 
     def apply(self, w: np.ndarray, pushed: np.ndarray, a: float, lr: float) -> None:
-        torch.from_numpy(w).lerp_(torch.from_numpy(pushed), a)  # = merge_paper with a = f/(1+f)
+        lerp(w, pushed, a)  # = merge_paper with a = f/(1+f)
 
 
 class DeltaRule(MergeRule):
