@@ -78,6 +78,12 @@ server_part() {  # server_part SEED
   # one group of 4 ranks at 4 x 64 per step, as sync: B_L is a group's batch
   run server ps-single 5 "$s" --set "plan.large_batch={20: 512, 24: 384, 28: 256}" "${ALL_LARGE[@]}" \
     "${FIXED[@]}" --set "workers.groups=[4]"
+  # the warm-up ramped per step (schedule.warmup_ramp: step) instead of per task, one key changed
+  # against ps-base-push4 and ps-single (both ran when the default push period was 16)
+  run server ps-base-rampstep "${PS[@]}" --set server.push_every=4 --set schedule.warmup_ramp=step
+  run server ps-single-rampstep 5 "$s" --set "plan.large_batch={20: 512, 24: 384, 28: 256}" \
+    "${ALL_LARGE[@]}" "${FIXED[@]}" --set "workers.groups=[4]" --set server.push_every=16 \
+    --set schedule.warmup_ramp=step
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -109,6 +115,10 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
   run dualbatch dual-ns3-push16 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" --set server.push_every=16
   run dualbatch dual-ns3-nova 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" --set server.merge=nova
   run dualbatch dual-ns3-lrsqrt 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" --set schedule.small_lr=sqrt
+  # does the small groups' sqrt rate carry to n_S = 2 and to the hybrid (before it becomes the default)
+  local SQRT=(--set schedule.small_lr=sqrt)
+  run dualbatch dual-ns2-lrsqrt 5 "$s" "${P[@]}" --set workers.small=2 "${FIXED[@]}" "${SQRT[@]}"
+  run dualbatch hybrid-ns3-lrsqrt 5 "$s" "${P[@]}" --set workers.small=3 "${SQRT[@]}"
   # equal wall time: other epoch budgets (<name>-e<epochs>, the LR decay at the same share of the
   # run), so that report draws accuracy against wall seconds: cyclic progressive learning makes
   # an epoch ~0.67x as long, so hybrid at 12 epochs takes about sync's 8
@@ -118,6 +128,7 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
   run dualbatch sync-e12 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}" "${E12[@]}"
   run dualbatch hybrid-ns3-e12 5 "$s" "${P[@]}" --set workers.small=3 "${E12[@]}"
   run dualbatch dual-ns3-e12 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${E12[@]}"
+  run dualbatch hybrid-ns3-lrsqrt-e12 5 "$s" "${P[@]}" --set workers.small=3 "${E12[@]}" "${SQRT[@]}"
 }
 
 for seed in $SEEDS; do
@@ -126,9 +137,10 @@ done
 
 # One report per part, from every finished run of it, configurations in this order.
 ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-push8 ps-base-nesterov
-              ps-base-delayed ps-base-pushlr ps-rounds ps-single"
+              ps-base-delayed ps-base-pushlr ps-rounds ps-single ps-base-rampstep ps-single-rampstep"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
-                 dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt hybrid-ns3-e12 dual-ns3-e12"
+                 dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
+                 hybrid-ns3-e12 hybrid-ns3-lrsqrt-e12 dual-ns3-e12"
 for part in $PARTS; do
   order="ORDER_$part"
   dirs=()
