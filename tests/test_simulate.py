@@ -8,9 +8,11 @@ from hpc_dualbatch.ps.simulate import Link, SimGroup, SimInput, SimTask, next_wa
 
 
 def test_next_wake_follows_the_backoff_schedule():
-    # a wait begun at 0 tests at 0, 0.2, 0.6, 1.4, 3.0 (sleeps doubling from 0.2 ms), then every 2 ms
-    ms = [next_wake(0.0, at, 0.2, 2.0) for at in (0.0, 0.1, 0.2, 0.5, 1.0, 2.9, 3.0, 3.1, 5.0, 5.1)]
-    assert ms == pytest.approx([0.0, 0.2, 0.2, 0.6, 1.4, 3.0, 3.0, 5.0, 5.0, 7.0])
+    # (ms) a wait begun at 0 tests every 0.2 up to 2.0, then sleeps a tenth of the wait so far
+    # (tests at 2.0 x 1.1^k) until that reaches 2.0 (at 2.0 x 1.1^25 = 21.67), then every 2.0
+    ats = (0.0, 0.1, 1.05, 2.1, 2.5, 3.0, 30.0)
+    want = [0.0, 0.2, 1.2, 2.2, 2.0 * 1.1**3, 2.0 * 1.1**5, 2.0 * 1.1**25 + 10.0]
+    assert [next_wake(0.0, at, 0.2, 2.0) for at in ats] == pytest.approx(want)
     assert next_wake(0.0, 2.5, 0.2, 2.0, tick=2.0) == pytest.approx(2.6)  # restarted at 2.0
 
 
@@ -69,3 +71,19 @@ def test_a_nonblocking_reply_frees_the_server_before_the_leader_wakes():
     overlapped = simulate(SimInput(groups, **base))
     assert overlapped.busy_share < 0.6 * blocking.busy_share
     assert overlapped.training_share > blocking.training_share
+
+
+def test_overlap_hides_a_push_shorter_than_a_part_and_waits_for_a_longer_one():
+    # one group, 2 tasks of 4 parts of 1 s; a push and pull of `transfer` s, no wake-up delays
+    def run(transfer: float, overlap: bool):
+        link = Link(bandwidth=4.0 / (transfer / 2))  # one float, transfer/2 s each way
+        g = SimGroup(1, [SimTask(seconds=4.0, pushes=4)])
+        return simulate(SimInput([g], 1, link, tasks=2, poll_min=1e-9, poll_max=1e-9, overlap=overlap))
+
+    blocking, hidden, longer = run(0.1, False), run(0.1, True), run(1.5, True)
+    assert blocking.wall == pytest.approx(8 + 8 * 0.1)  # every push waited for
+    assert hidden.wall == pytest.approx(8 + 2 * 0.1)  # only each task's last push
+    assert hidden.mid_exchange == pytest.approx(0.0)
+    # a push longer than a part: each of a task's last 3 parts waits for the reply 0.5 s
+    assert longer.mid_exchange == pytest.approx(2 * 3 * (1.5 - 1.0))
+    assert longer.wall == pytest.approx(2 * (4 + 3 * 0.5 + 1.5))

@@ -90,6 +90,7 @@ def replay(
         groups, floats or model_floats(cfg), link, len(commits), poll_min=cfg.server.poll_min_s,
         poll_max=cfg.server.poll_max_s, wake=wake[0], worker_wake=wake[1],
         evals=[e["seconds"] + e.get("bn_seconds", 0.0) for e in evals], blocking_replies=blocking,
+        overlap=cfg.server.overlap,
     )  # fmt: skip
     measured = {
         "mid_exchange_per_push": sum(c.get("wait", 0.0) for c in commits) / max(len(merges), 1),
@@ -157,6 +158,7 @@ def scale_point(
     link: Link,
     wake: tuple[float, float],
     blocking: bool = False,
+    overlap: bool = False,
 ) -> dict:
     """One cluster: gpus / group groups, each training its share of an epoch at B_L per GPU and
     pushing every `period` steps, 4 rounds of tasks, each part's time spread by 10 % (so the groups
@@ -170,13 +172,13 @@ def scale_point(
     task = SimTask(steps * step, pushes, steps * group * B_L)
     sim = SimInput(
         [SimGroup(group, [task])] * n, floats, link, 4 * n, shards=shards, wake=wake[0], worker_wake=wake[1],
-        spread=0.1, blocking_replies=blocking,
+        spread=0.1, blocking_replies=blocking, overlap=overlap,
     )  # fmt: skip
     out = simulate(sim)
     return {"throughput": out.training_share, "busy": out.busy_share, "exchange_s": out.exchange_per_push}
 
 
-def shards_table(link: Link, wake: tuple[float, float], blocking: bool) -> list[str]:
+def shards_table(link: Link, wake: tuple[float, float], blocking: bool, overlap: bool = False) -> list[str]:
     """Markdown rows: per workload, group size and push period, the fewest shards that keep
     ENOUGH of the throughput without a server, from 8 to 1,024 GPUs."""
     rows = [
@@ -194,7 +196,7 @@ def shards_table(link: Link, wake: tuple[float, float], blocking: bool) -> list[
                         cells.append("-")
                         continue
                     kept = [
-                        scale_point(work, gpus, group, S, period, link, wake, blocking)["throughput"]
+                        scale_point(work, gpus, group, S, period, link, wake, blocking, overlap)["throughput"]
                         for S in SHARDS
                     ]
                     need = next((S for S, x in zip(SHARDS, kept) if x >= ENOUGH), None)
@@ -224,6 +226,11 @@ def scale(args: argparse.Namespace) -> int:
         "With replies in flight (a shard serves the next request while its reply travels: the server now):",
         "",
         *shards_table(link, wake, blocking=False),
+        "",
+        "With replies in flight and `server.overlap: true` (a group trains on while a push inside its "
+        "task travels):",
+        "",
+        *shards_table(link, wake, blocking=False, overlap=True),
     ]
     text = "\n".join(lines) + "\n"
     print(text, end="")

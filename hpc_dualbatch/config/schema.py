@@ -122,12 +122,19 @@ class ServerConfig:
     # while the rate is high, seldom after it decays (post-local SGD, Lin et al. 2020, arXiv
     # 1808.07217). Empty: push_every throughout.
     push_every_by_lr: list[int] = field(default_factory=list)
+    # A group trains on while its push inside a task travels (its leader's thread sends it and
+    # takes the reply): the reply is folded in at the next push point as reply + the steps taken
+    # since the push, so the group sees the other groups' updates one push period later (one
+    # period more staleness), and the exchange leaves the group's critical path. Pushes that end
+    # a task stay blocking (their reply is the next task). Overlap Local-SGD (Wang et al. 2020,
+    # arXiv 2002.09539) does the same with an anchor model. docs/server.md, "Overlap".
+    overlap: bool = False
     # Server ranks (world ranks 0 .. shards-1), each owning a contiguous slice of the flat
     # weights: pushes and pulls are split across them, so the server's link and merge scale with
     # S (docs/scaling.md says where a shard more pays). Shard 0 decides everything else.
     shards: int = 1
     poll_min_s: float = 0.0002  # sleeping back-off while waiting: first sleep, seconds
-    poll_max_s: float = 0.005  # ... doubling up to this; bounds the added latency per message
+    poll_max_s: float = 0.005  # ... a tenth of the wait so far, up to this (protocol.next_sleep)
     # A group not heard from for this long is stalled (a stopped, hung or crashed rank): the
     # server checkpoints without it and ends the job naming it (docs/reliability.md). The bound
     # used is the larger of this and 4x the longest silence any group has shown in the run, so

@@ -10,20 +10,24 @@ What it models, per push (each group pushes `pushes` times per task; the last pu
    send) its update.
 2. Each of the S shards (equal contiguous slices of the P weights) serves its requests one at a
    time, in arrival order, as `server_loop.serve` does. An idle shard sleeps in `Backoff`
-   (first sleep `poll_min`, doubling to `poll_max`; a wait restarts every `TICK_S`), so it sees
-   a request at its first wake-up at or after the arrival, plus `wake` (the delay before a woken
-   process runs); a busy shard sees the next queued request as soon as it is done.
+   (`protocol.next_sleep`: a tenth of the wait so far, `poll_min` .. `poll_max`; a wait restarts
+   every `TICK_S`), so it sees a request at its first wake-up at or after the arrival, plus
+   `wake` (the delay before a woken process runs); a busy shard sees the next queued request as
+   soon as it is done.
 3. Serving: the shard copies the slice in at its next test (latency + 4P/S bytes at
    `bandwidth`), merges it (`merge_s_per_float` x P/S) and hands the reply to MPI. The leader,
    asleep in its own `Backoff` since its send returned, copies the reply at its next wake-up plus
    `worker_wake` (a worker's Python thread waits for the GIL its data loader may hold: up to
-   `sys.getswitchinterval()`, 5 ms). With replies in flight (as `server_loop` now sends them) the
-   BN buffers come with the header and the shard serves on at once; with `blocking_replies` (the
-   server before `protocol.InFlight`) the shard sends the BN buffers only once it has seen the
-   parameters taken (at its own next wake-up), and the leader sees them at its next one.
+   `sys.getswitchinterval()`, which worker ranks set to 0.5 ms). With replies in flight (as
+   `server_loop` now sends them) the BN buffers come with the header and the shard serves on at
+   once; with `blocking_replies` (the server before `protocol.InFlight`) the shard sends the BN
+   buffers only once it has seen the parameters taken (at its own next wake-up), and the leader
+   sees them at its next one.
 4. The leader's link carries the whole push and pull (8P bytes): the exchange takes at least
    that. The group's other ranks, asleep in a `Backoff` broadcast since the part ended, resume at
-   their next wake-up after the leader.
+   their next wake-up after the leader. With `overlap` (server.overlap) a push inside a task does
+   not stop the group: its next part starts at once, and when that part ends the group waits for
+   the reply if it has not come (the task's last push stays blocking).
 5. After a commit that closes an epoch (every n commits) the committing group evaluates
    (`evals`: seconds, from the trace or a constant) before its next part.
 
@@ -41,24 +45,26 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hpc_dualbatch.ps.protocol import next_sleep
+
 TICK_S = 1.0  # server_loop.TICK_S: a shard's wait for the next request restarts this often
 
 
 def next_wake(since: float, at: float, poll_min: float, poll_max: float, tick: float = math.inf) -> float:
     """The first time at or after `at` that a `protocol.Backoff` wait begun at `since` tests its
-    request: at since, then after sleeps of poll_min, 2 poll_min, ... up to poll_max each; a wait
-    that restarts every `tick` seconds begins its sleeps again."""
+    request: at since, then after each sleep of `protocol.next_sleep`; a wait that restarts every
+    `tick` seconds begins its sleeps again."""
     if at <= since:
         return since
     if math.isfinite(tick):
         since += math.floor((at - since) / tick) * tick
-    t, delay = since, poll_min
-    while t < at and delay < poll_max:  # the doubling part: at most log2(max/min) steps
+    t = since
+    while t < at:
+        delay = next_sleep(t - since, poll_min, poll_max)
+        if delay >= poll_max:  # from here every poll_max
+            return t + math.ceil((at - t) / poll_max) * poll_max
         t += delay
-        delay *= 2
-    if t >= at:
-        return t
-    return t + math.ceil((at - t) / poll_max) * poll_max  # then every poll_max
+    return t
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,9 @@ class SimInput:
     # False: a shard hands its reply to MPI and serves on (server_loop: protocol.InFlight); True:
     # it waits for the reply to be taken before the next request (the server before InFlight)
     blocking_replies: bool = False
+    # server.overlap: a group trains its next part while a push inside its task travels, and
+    # waits for that push's reply only when the next part ends
+    overlap: bool = False
 
 
 @dataclass
@@ -165,6 +174,7 @@ def simulate(sim: SimInput) -> Outcome:
     busy = [0.0] * S
     issued, commits, pushes, samples, mid, mid_pushes = 0, 0, 0, 0, 0.0, 0
     computed, last_commit = 0.0, [0.0] * n
+    replied = [0.0] * n  # overlap: when the reply to each group's push in flight is taken
     current: list[SimTask] = [SimTask(0.0)] * n  # the task each group trains
     taken = [0] * n  # tasks each group has taken
     exchange, wall = 0.0, 0.0
@@ -199,6 +209,12 @@ def simulate(sim: SimInput) -> Outcome:
         take(g, 0.0)
     while events:
         t0, _, g, part = heapq.heappop(events)
+        if replied[g] > t0:  # overlap: the part is done, the reply to the push before it is not
+            mid += replied[g] - t0
+            exchange += replied[g] - t0
+            seq += 1
+            heapq.heappush(events, (replied[g], seq, g, part))
+            continue
         done = t0 + leader_link
         for s in range(S):  # each shard serves this push's slice
             if free[s] <= t0:  # asleep waiting: sees the header at a wake-up
@@ -217,13 +233,18 @@ def simulate(sim: SimInput) -> Outcome:
             done = max(done, reply)
         if sim.groups[g].ranks > 1:  # the peers, asleep in a broadcast since t0, resume at their next wake
             done = next_wake(t0, done, *waits) + late(sim.worker_wake)
-        exchange += done - t0
         pushes += 1
         if part < current[g].pushes - 1:  # a push inside the task
-            mid += done - t0
             mid_pushes += 1
+            if sim.overlap:  # the group trains on; the reply is waited for when the next part ends
+                replied[g] = done
+                start_part(g, t0, part + 1)
+                continue
+            exchange += done - t0
+            mid += done - t0
             start_part(g, done, part + 1)
             continue
+        exchange += done - t0
         commits += 1
         samples += current[g].samples
         wall = max(wall, done)

@@ -10,7 +10,11 @@ the group's MPI sum (the synchronous baseline and the profiler use it too).
 from __future__ import annotations
 
 import signal
+import sys
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -62,10 +66,18 @@ class SignalFlag:
         self.raised = signum
 
 
+# Python hands the GIL to a waiting thread after this many seconds (default 5 ms). A leader
+# asleep in Backoff while its loader thread holds the GIL woke up to 6 ms late at 5 ms and 0.7 ms
+# at 0.5 ms (a sleeping thread beside a busy Python thread, this machine); the simulator's fitted
+# wake-up of a worker (2.5 ms mean, simulate check) is that wait.
+SWITCH_INTERVAL_S = 0.0005
+
+
 def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> None:
     """A worker rank of a parameter-server run: Horovod on the group, the real trainer, the loop."""
     from hpc_dualbatch.runtime.topology import init_horovod
 
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     hvd = init_horovod(topo)
     worker_loop(cfg, topo, group_trainer(cfg, staged, topo, hvd), shares, SignalFlag())
     hvd.shutdown()
@@ -127,6 +139,31 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
             for rank, prm, _ in parts:
                 P.recv(world, state[prm], rank, P.TAG_OPT, back)  # PS: momentum on resume
 
+    # server.overlap: the leader's mid-task push travels on a thread while the group trains on
+    ahead = Ahead(world, parts, back, n_p, w.size, pulled) if cfg.server.overlap and topo.is_leader else None
+    in_flight = False  # (every rank of the group keeps it: they share the leader's corrections)
+
+    def settle_ahead() -> None:
+        """All ranks: the push in flight answered; every rank takes the leader's corrected weights."""
+        nonlocal in_flight
+        if in_flight:
+            if ahead is not None:
+                trainer.flat.weights(w)
+                ahead.settle(w)
+            P.bcast(gcomm, w, back)  # MPI: the leader's weights to the whole group
+            trainer.flat.load_weights(w)
+            in_flight = False
+
+    def push_ahead() -> None:
+        """All ranks, at a push point inside a task (server.overlap): the push before it settled,
+        this one started; the group trains on."""
+        nonlocal in_flight
+        settle_ahead()
+        if ahead is not None:
+            trainer.flat.weights(w)
+            ahead.start(P.Request(P.Kind.MERGE, topo.group, task.round), w)
+        in_flight = True
+
     def share_reply() -> P.Task:
         P.bcast(gcomm, rep, back)  # MPI: the leader's reply to the whole group
         P.bcast(gcomm, w, back)  # MPI
@@ -165,7 +202,10 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
         task_shares = [*shares[: topo.group], task.samples, *shares[topo.group + 1 :]]
         lr = task_rate(task.lr, task.lr_epoch, topo.n_groups, cfg.schedule)  # (a warm-up may ramp per step)
         work = MiniEpoch(task.round, task_shares, task.resolution, task.batch, lr, task.dropout, task.pushes)
-        local = trainer.train_mini_epoch(work, mid_task_push)
+        local = trainer.train_mini_epoch(work, push_ahead if cfg.server.overlap else mid_task_push)
+        t_settle = time.perf_counter()
+        settle_ahead()  # (the task's last push is blocking: its reply is the next task)
+        local = replace(local, wait=local.wait + time.perf_counter() - t_settle)
         st, signalled = reduce_stats(gcomm, local, flag.raised)
         if topo.is_leader:
             done = P.Request(
@@ -181,3 +221,63 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
             )
             exchange(done, push=True)
         task = share_reply()
+
+
+class Ahead:
+    """The leader's push in flight (server.overlap): a thread sends a mid-task push and receives
+    its reply while the group trains on; `settle` folds the reply in as reply + the steps taken
+    since the push. Only this thread talks to the server meanwhile (mpi4py's MPI is initialised
+    THREAD_MULTIPLE; Horovod's own thread uses the group's communicator)."""
+
+    def __init__(self, world: Any, parts: list, back: P.Backoff, n_p: int, n_weights: int, pulled: Any):
+        self.world, self.parts, self.back, self.n_p = world, parts, back, n_p
+        self.pulled = pulled  # delta, nova: the parameters last pulled (the update is relative to them)
+        self.snap = np.empty(n_p, np.float32)  # the parameters pushed
+        self.out = np.empty(n_weights, np.float32)  # the push's body, then the reply
+        self.rep = np.zeros(P.HDR_LEN, np.float64)
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self, req: P.Request, w: np.ndarray) -> None:
+        """Push `w` (the group's weights now) on the thread."""
+        n_p = self.n_p
+        self.snap[:] = w[:n_p]
+        if self.pulled is not None:
+            np.subtract(w[:n_p], self.pulled, out=self.out[:n_p])  # the update since the pull
+        else:
+            self.out[:n_p] = w[:n_p]
+        self.out[n_p:] = w[n_p:]
+        self.thread = threading.Thread(target=self._exchange, args=(req,), name="hpc_dualbatch-push")
+        self.thread.daemon = True  # (an error on the training thread ends the process meanwhile)
+        self.thread.start()
+
+    def _exchange(self, req: P.Request) -> None:
+        world, out = self.world, self.out
+        try:
+            world.Send(req.pack(), dest=0, tag=P.TAG_REQ)  # PS: request header (shard 0 decides)
+            for rank, prm, buf in self.parts:  # (a sleeping send: a blocking one would spin beside training)
+                P.send(world, out[prm.start : buf.stop], rank, P.TAG_W, self.back, None)  # PS: update, BN
+            P.recv(world, self.rep, 0, P.TAG_REP, self.back)  # PS: reply header
+            status = P.Task.unpack(self.rep).status
+            if status != P.Status.CONTINUE:
+                raise RuntimeError(f"protocol error: a push inside a task was answered {status.name}")
+            for rank, prm, buf in self.parts:  # (the sends are done: the reply lands in their buffer)
+                P.recv(world, out[prm], rank, P.TAG_W, self.back)  # PS: merged parameters
+                P.recv(world, out[buf], rank, P.TAG_BN, self.back)  # PS: BN buffers (not used: see settle)
+        except BaseException as e:  # raised again on the training thread by settle
+            self.error = e
+
+    def settle(self, w: np.ndarray) -> None:
+        """Wait for the reply; `w` (the group's weights now) becomes reply + (w - pushed) in its
+        parameters. The BN buffers stay the group's: training normalises with batch statistics,
+        and an evaluation's come from the server with the task's last, blocking, pull."""
+        assert self.thread is not None
+        self.thread.join()
+        self.thread = None
+        if self.error is not None:
+            raise self.error
+        n_p, reply = self.n_p, self.out[: self.n_p]
+        np.subtract(w[:n_p], self.snap, out=w[:n_p])
+        w[:n_p] += reply
+        if self.pulled is not None:
+            self.pulled[:] = reply

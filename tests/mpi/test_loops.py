@@ -74,6 +74,8 @@ class StubTrainer:
         self.slowdown = slowdown
         self.tasks: list[tuple[int, int, int, float, int, int]] = []
 
+    n_params = 12  # Linear(3, 2) weight and bias, BatchNorm1d(2) weight and bias
+
     def train_mini_epoch(self, work, exchange):
         round_idx, shares, resolution, batch, lr, pushes = (
             work.round_idx, work.shares, work.resolution, work.batch, work.lr, work.pushes
@@ -264,18 +266,20 @@ def mode_checks(out: str, specs, merge: str, bn: str, push_every: int) -> tuple[
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize(
-    "merge, bn, push_every, outer",
+    "merge, bn, push_every, outer, overlap",
     [
-        ("delta", "recalibrate", 4, "none"),
-        ("paper", "average", 0, "none"),
-        ("delta", "local", 4, "none"),
-        ("delta", "average", 2, "none"),
-        ("nova", "recalibrate", 4, "delayed"),
-        ("delta", "recalibrate", 2, "nesterov"),
+        ("delta", "recalibrate", 4, "none", False),
+        ("paper", "average", 0, "none", False),
+        ("delta", "local", 4, "none", False),
+        ("delta", "average", 2, "none", False),
+        ("nova", "recalibrate", 4, "delayed", False),
+        ("delta", "recalibrate", 2, "nesterov", False),
+        ("delta", "recalibrate", 4, "none", True),
+        ("paper", "local", 3, "none", True),
     ],
 )
 def test_every_server_mode_merges_by_its_rule_and_a_signalled_run_resumes_bit_identical(
-    shared_dir, merge, bn, push_every, outer
+    shared_dir, merge, bn, push_every, outer, overlap
 ):
     """A rank of group 0 is signalled during its 2nd task: the server checkpoints at a barrier
     and stops every group; the resumed run ends with the uninterrupted run's weights, momentum
@@ -284,6 +288,7 @@ def test_every_server_mode_merges_by_its_rule_and_a_signalled_run_resumes_bit_id
 
     world = MPI.COMM_WORLD
     mode = dict(server__merge=merge, server__bn=bn, server__push_every=push_every, server__outer=outer)
+    mode.update(server__overlap=overlap)
     full, cut = os.path.join(shared_dir, "full"), os.path.join(shared_dir, "cut")
     run(full, **mode)
     first, _, _, specs = run(cut, preempt_round=1, **mode)
@@ -320,6 +325,36 @@ def test_every_server_mode_merges_by_its_rule_and_a_signalled_run_resumes_bit_id
             ok,
             why + f"; outcomes {first}/{second}, parked at {parked_at}, momentum {saved}, commits {commits}",
         )
+
+    agreed(world, check)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_overlap_folds_the_reply_in_with_the_steps_taken_since_the_push(shared_dir):
+    """server.overlap, under round_robin and delta. One group (2 or 3 ranks): the reply is the
+    pushed weights themselves (a = 1), so reply + the steps since the push is where the group
+    would be without overlap: the parameters end equal to a run without it (to float32 rounding:
+    the reply is rebuilt from an update). Two groups (4 ranks): the reply carries the other
+    group's update one push later, so the runs differ; every merge still follows the rule. (The
+    paper's rule with overlap: the resume test above.)"""
+    merge = "delta"
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    mode = dict(server__order="round_robin", plan__adaptive=False, server__merge=merge, server__push_every=2)
+    off, on = os.path.join(shared_dir, "off"), os.path.join(shared_dir, "on")
+    run(off, **mode)
+    outcome, _, _, specs = run(on, server__overlap=True, **mode)
+
+    def check() -> tuple[bool, str]:
+        if world.Get_rank() != 0:
+            return True, ""
+        n_p = StubTrainer.n_params
+        a, b = (C.load(C.latest(out)).weights[:n_p] for out in (off, on))
+        ok, why = mode_checks(on, specs, merge, "recalibrate", 2)
+        same = np.allclose(a, b, rtol=0, atol=1e-5)
+        ok &= outcome == "done" and (same if len(specs) == 1 else not np.array_equal(a, b))
+        return ok, why + f"; {len(specs)} groups, max |off - on| {np.abs(a - b).max()}"
 
     agreed(world, check)
 
