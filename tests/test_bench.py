@@ -152,10 +152,10 @@ def test_exchange_two_ranks(tmp_path):
     res = load(out)
     assert res["command"].endswith(shlex.join(["-m", "hpc_dualbatch", "bench", "exchange", *argv]))
     assert res["machine"]["mpi_ranks"] == 2
-    assert [row["variant"] for row in res["rows"]] == ["raw", "delta", "paper", "nomerge"]
+    assert [row["variant"] for row in res["rows"]] == ["raw", "wire", "delta", "paper", "nomerge"]
     for row in res["rows"]:
         assert row["mb_per_s"] > 0 and len(row["seconds_per_trip_all"]) == 2
-    assert res["ratio_delta"] > 0 and res["ratio_paper"] > 0 and res["ratio_nomerge"] > 0
+    assert all(res[f"ratio_{v}"] > 0 for v in ("delta", "paper", "nomerge", "wire"))
     assert res["merge_ms_delta"] >= 0 and res["merge_ms_paper"] >= 0
     assert "delta / raw" in r.stdout
 
@@ -174,12 +174,13 @@ def test_overhead_quick(tmp_path):
     r = bench("overhead", "--quick", "--out", str(out), timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
     res = load(out)
-    assert len(res["ps_runs"]) == len(res["limit_runs"]) == 1
-    ps, limit = res["ps_runs"][0], res["limit_runs"][0]
-    assert ps["samples"] == limit["samples"] == 2 * 512  # the same work: epochs x d
-    assert ps["commits"] == 2 * 2
-    assert res["ratio"] > 0 and 0 <= res["server_cpu_per_wall"] < 1
-    assert 0 < res["duty_cycle"] <= 1.01  # training share of the workers' time (clock rounding: <= 1.01)
+    assert len(res["ps_runs"]) == len(res["overlap_runs"]) == len(res["limit_runs"]) == 1
+    ps, ov, limit = res["ps_runs"][0], res["overlap_runs"][0], res["limit_runs"][0]
+    assert ps["samples"] == ov["samples"] == limit["samples"] == 2 * 512  # the same work: epochs x d
+    assert ps["commits"] == ov["commits"] == 2 * 2
+    assert res["ratio"] > 0 and res["ratio_overlap"] > 0 and 0 <= res["server_cpu_per_wall"] < 1
+    for key in ("duty_cycle", "duty_cycle_overlap"):  # training share of the workers' time
+        assert 0 < res[key] <= 1.01, key  # (clock rounding: <= 1.01)
 
 
 @pytest.mark.job

@@ -106,9 +106,9 @@ def median_ratio(numerators: list[float], denominators: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
-def alternate(repeats: int, kinds: tuple[str, str], job: Callable[[str, int], dict]) -> dict[str, list]:
-    """`repeats` pairs of jobs, kinds[0] first in even repeats and kinds[1] first in odd ones (a
-    drifting load favours neither); job(kind, repeat) returns a dict with img_s."""
+def alternate(repeats: int, kinds: tuple[str, ...], job: Callable[[str, int], dict]) -> dict[str, list]:
+    """`repeats` rounds of one job per kind, in order in even rounds and reversed in odd ones (a
+    drifting load favours none); job(kind, repeat) returns a dict with img_s."""
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for i in range(repeats):
         for kind in kinds if i % 2 == 0 else kinds[::-1]:

@@ -3,9 +3,11 @@
     mpirun -np 2 python -m hpc_dualbatch bench exchange [--floats 11200000] [--iters 8] [--repeats 5]
 
 Rank 1 plays a group leader, rank 0 the server, each with the code its role runs in a training
-job (`protocol.py`'s sleeping receives and sends, the merge rule's `distance` and `fold`, the
+job (`protocol.py`'s sleeping receives, replies in flight, the merge rule's `distance` and `fold`, the
 leader's update w_i - w_pulled under `delta`); raw, delta (the default), paper (the method's rule)
-and nomerge alternate in one job. Goal: delta >= 0.9 x raw. Method: docs/bench.md.
+and nomerge (the leader's update, no merge) alternate in one job with wire (the protocol's
+messages and waits alone, no arithmetic at either end). Goal: delta >= 0.9 x raw. Method:
+docs/bench.md.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from mpi4py import MPI
 
 from hpc_dualbatch.bench import _harness as H
 from hpc_dualbatch.errors import ConfigError
-from hpc_dualbatch.method.merge import PushInfo, make_rule, pushes_update
+from hpc_dualbatch.method.merge import PushInfo, make_rule
 from hpc_dualbatch.ps import protocol as P
 
-VARIANTS = ("raw", "delta", "paper", "nomerge")
+VARIANTS = ("raw", "wire", "delta", "paper", "nomerge")
 RESNET18_FLOATS = 11_200_000  # CIFAR ResNet-18 weights (11.17 M parameters + BN buffers)
 N_BUFFERS = 9_600  # its BN running means and variances (the tail of the flat weights)
 GROUPS = 4  # the merge rule's groups (staleness and weights as in a 4-group job)
@@ -32,10 +34,11 @@ def _server(world, variant: str, iters: int, w: np.ndarray, wbuf: np.ndarray, ba
     do them; returns the seconds spent merging (distance, fold, BN buffers)."""
     hdr = np.zeros(P.HDR_LEN, np.float64)
     n_p = w.size - N_BUFFERS
-    rule = None if variant in ("raw", "nomerge") else make_rule(
+    rule = None if variant in ("raw", "wire", "nomerge") else make_rule(
         variant, "average", [1.0] * GROUPS, np.zeros((GROUPS, N_BUFFERS), np.float32), 0
     )  # fmt: skip
     merge_s = 0.0
+    flight = P.InFlight()  # replies travel while the next request is received (server_loop.serve)
     for k in range(iters):
         if variant == "raw":
             world.Recv(wbuf, source=1, tag=P.TAG_W)  # MPI: raw receive
@@ -44,6 +47,7 @@ def _server(world, variant: str, iters: int, w: np.ndarray, wbuf: np.ndarray, ba
         status = P.recv(world, hdr, MPI.ANY_SOURCE, P.TAG_REQ, back)  # PS: next request header
         src = status.Get_source()
         P.recv(world, wbuf, src, P.TAG_W, back)  # PS: the group's parameters (or update), BN buffers
+        flight.settle(back)  # the reply in flight reads the weights this push changes
         if rule is not None:
             t0 = time.perf_counter()
             rule.distance(w[:n_p], wbuf[:n_p])  # (the server's finiteness check and diagnostic)
@@ -56,7 +60,8 @@ def _server(world, variant: str, iters: int, w: np.ndarray, wbuf: np.ndarray, ba
             (w[:n_p], P.TAG_W),
             (w[n_p:], P.TAG_BN),
         ):
-            P.send(world, buf, src, tag, back, None)  # PS: reply header, parameters, BN buffers
+            flight.post(world, buf, src, tag, 0, None)  # PS: reply header, parameters, BN buffers
+    flight.settle(back)
     return merge_s
 
 
@@ -65,7 +70,7 @@ def _leader(world, variant: str, iters: int, w: np.ndarray, back) -> float:
     `iters` round trips (what the ratios use)."""
     rep = np.zeros(P.HDR_LEN, np.float64)
     n_p = w.size - N_BUFFERS
-    pulled = w[:n_p].copy() if variant != "raw" and pushes_update(variant) else None
+    pulled = w[:n_p].copy() if variant in ("delta", "nomerge") else None  # (they push an update)
     t0 = time.perf_counter()
     for _ in range(iters):
         if variant == "raw":
@@ -139,11 +144,12 @@ def main(argv: list[str]) -> int:
         + f"\n({nbytes / 1e6:.1f} MB per direction per round trip; merge alone (server): delta "
         f"{1e3 * merge_s['delta']:.2f} ms, paper {1e3 * merge_s['paper']:.2f} ms per push; delta / raw = "
         f"{ratio['delta']:.2f}x (goal >= 0.9x), paper {ratio['paper']:.2f}x, "
-        f"without merge {ratio['nomerge']:.2f}x)"
+        f"without merge {ratio['nomerge']:.2f}x, the protocol alone (wire) {ratio['wire']:.2f}x)"
     )
     H.write_result(
         args.out, "exchange", args, argv, bytes_per_direction=nbytes, rows=rows,
         ratio_delta=ratio["delta"], ratio_paper=ratio["paper"], ratio_nomerge=ratio["nomerge"],
+        ratio_wire=ratio["wire"],
         merge_ms_delta=1e3 * merge_s["delta"], merge_ms_paper=1e3 * merge_s["paper"],
         goal="ratio_delta >= 0.9",
     )  # fmt: skip

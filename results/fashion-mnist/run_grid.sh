@@ -42,7 +42,8 @@ PY=.venv/bin/python
 COMMON=(--config hpc_dualbatch/configs/fashion_mnist.yaml --set "data.path=$DATA"
         --set model.width=8 --set "workers.groups=[1, 1, 1, 1]" --set plan.samples_per_epoch=30000
         --set schedule.epochs=8 --set "schedule.milestones=[5]" --set "schedule.lr=[0.1, 0.01]"
-        --set checkpoint.every_epochs=0)
+        --set checkpoint.every_epochs=0
+        --set schedule.small_lr=same --set schedule.warmup_ramp=task)  # the defaults round two ran at
 SYNC=(--set mode=sync --set "workers.groups=[4]" --set workers.small=0 --set plan.k=1.0)
 ALL_LARGE=(--set workers.small=0 --set plan.k=1.0)
 FIXED=(--set schedule.resolution_mode=fixed)
@@ -84,6 +85,8 @@ server_part() {  # server_part SEED
   run server ps-single-rampstep 5 "$s" --set "plan.large_batch={20: 512, 24: 384, 28: 256}" \
     "${ALL_LARGE[@]}" "${FIXED[@]}" --set "workers.groups=[4]" --set server.push_every=16 \
     --set schedule.warmup_ramp=step
+  # a group trains on while its push inside a task travels (server.overlap), against ps-base-push4
+  run server ps-base-overlap "${PS[@]}" --set server.push_every=4 --set server.overlap=true
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -119,6 +122,8 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
   local SQRT=(--set schedule.small_lr=sqrt)
   run dualbatch dual-ns2-lrsqrt 5 "$s" "${P[@]}" --set workers.small=2 "${FIXED[@]}" "${SQRT[@]}"
   run dualbatch hybrid-ns3-lrsqrt 5 "$s" "${P[@]}" --set workers.small=3 "${SQRT[@]}"
+  run dualbatch dual-ns3-lrsqrt-overlap 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}" \
+    --set server.overlap=true
   # equal wall time: other epoch budgets (<name>-e<epochs>, the LR decay at the same share of the
   # run), so that report draws accuracy against wall seconds: cyclic progressive learning makes
   # an epoch ~0.67x as long, so hybrid at 12 epochs takes about sync's 8
@@ -137,9 +142,11 @@ done
 
 # One report per part, from every finished run of it, configurations in this order.
 ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-push8 ps-base-nesterov
-              ps-base-delayed ps-base-pushlr ps-rounds ps-single ps-base-rampstep ps-single-rampstep"
+              ps-base-delayed ps-base-pushlr ps-rounds ps-single ps-base-rampstep ps-single-rampstep
+              ps-base-overlap"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
+                 dual-ns3-lrsqrt-overlap
                  hybrid-ns3-e12 hybrid-ns3-lrsqrt-e12 dual-ns3-e12"
 for part in $PARTS; do
   order="ORDER_$part"
