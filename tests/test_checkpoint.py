@@ -103,7 +103,23 @@ def test_a_config_saved_before_a_key_existed_compares_as_its_default():
 
     now = Config().to_dict()
     older = json.loads(json.dumps(now))
-    del older["server"]["outer"], older["schedule"]["small_lr"]
+    del older["server"]["outer"]
     assert R.config_differences(older, now, ("saved", "now")) == []
     now["server"]["outer"] = "delayed"
     assert R.config_differences(older, now, ("saved", "now")) == ["server.outer: saved 'none', now 'delayed'"]
+
+
+def test_a_key_whose_default_changed_compares_as_what_ran_before_it():
+    """schedule.small_lr was added as `same` and is `sqrt` by default now: a config saved before
+    it existed ran at `same`, so it differs from today's default and equals an explicit `same`."""
+    from hpc_dualbatch.config import Config
+
+    now = Config().to_dict()
+    older = json.loads(json.dumps(now))
+    del older["schedule"]["small_lr"], older["schedule"]["warmup_ramp"]
+    assert R.config_differences(older, now, ("saved", "now")) == [
+        "schedule.small_lr: saved 'same', now 'sqrt'",
+        "schedule.warmup_ramp: saved 'task', now 'step'",
+    ]
+    now["schedule"].update(small_lr="same", warmup_ramp="task")
+    assert R.config_differences(older, now, ("saved", "now")) == []

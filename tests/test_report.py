@@ -183,7 +183,8 @@ def test_frontier_through_budgets_and_targets_judged_exactly(tmp_path):
             "label": "t1",
         },
         {"kind": "frontier", "family": "hyb", "reference": "sync", "margin": 0.5, "label": "t3"},
-        {"kind": "frontier", "family": "hyb", "reference": "sync-e12", "label": "out of range"},
+        {"kind": "frontier", "family": "hyb", "reference": "sync-e12", "label": "past"},
+        {"kind": "frontier", "family": "sync", "reference": "hyb", "label": "before"},
         {"kind": "no_fall", "configs": ["hyb", "hyb-e12"], "points": 5, "label": "t4"},
     ]
     (tmp_path / "t.json").write_text(json.dumps(targets))
@@ -199,7 +200,9 @@ def test_frontier_through_budgets_and_targets_judged_exactly(tmp_path):
     assert not got["t1"]["met"]
     # hyb's frontier: (60 s, 78 %) -> (140 s, 84 %); at sync's 100 s: 81 %, needed 81 + 0.5
     assert got["t3"]["value"] == pytest.approx(81.0) and not got["t3"]["met"]
-    assert got["out of range"]["value"] is None and not got["out of range"]["met"]
+    # past hyb's longest budget (140 s) at sync-e12's 150 s: its best budget, 84 %, has ended
+    assert got["past"]["value"] == pytest.approx(84.0) and not got["past"]["met"]
+    assert got["before"]["value"] is None and not got["before"]["met"]  # 60 s: no sync budget ended
     assert got["t4"]["value"] == pytest.approx(6.0) and not got["t4"]["met"]
     md = (out / "report.md").read_text()
     assert "| t3 | frontier | 81.50 % | hyb at 100 s: 81.00 % (+0.00 vs 81.00) | **no** |" in md

@@ -146,9 +146,9 @@ def test_warmup() -> None:
 
 
 def test_a_task_ramps_its_warm_up_per_step_over_its_share_of_the_epoch() -> None:
-    s = _sched(lr=[0.1, 0.01], milestones=[5], warmup_epochs=1)
-    assert task_rate(0.01, 0.0, 1, s) == 0.01  # warmup_ramp: task (the default): one rate
-    s = _sched(lr=[0.1, 0.01], milestones=[5], warmup_epochs=1, warmup_ramp="step")
+    s = _sched(lr=[0.1, 0.01], milestones=[5], warmup_epochs=1, warmup_ramp="task")
+    assert task_rate(0.01, 0.0, 1, s) == 0.01  # warmup_ramp: task: one rate
+    s = _sched(lr=[0.1, 0.01], milestones=[5], warmup_epochs=1)  # warmup_ramp: step (the default)
     one = task_rate(0.01, 0.0, 1, s)  # one group: the task is the whole first epoch
     assert [one(f) for f in (0.0, 0.5)] == pytest.approx([lr_at(0.0, s), lr_at(0.5, s)])
     third = task_rate(lr_at(0.5, s), 0.5, 4, s)  # 4 groups: the task covers [0.5, 0.75)

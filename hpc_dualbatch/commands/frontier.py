@@ -12,8 +12,9 @@ A targets file is a JSON list; each target one of:
         mean final accuracy of A >= that of B + margin points (and, if given, mean wall of A
         <= max_wall_ratio x that of B)
     {"kind": "frontier", "family": A, "reference": B, "margin": 0.5}
-        A's frontier, interpolated linearly at B's mean wall seconds, >= B + margin points (not
-        met where B's wall time lies outside A's budgets: said so)
+        A's frontier, interpolated linearly at B's mean wall seconds, >= B + margin points (past
+        A's longest budget: A's best budget, which has ended by then; not met where B's wall
+        time lies before A's shortest budget: said so)
     {"kind": "no_fall", "configs": [A, ...], "points": 5}
         no evaluation after epoch 1 more than `points` below the one before, in any seed
 
@@ -50,13 +51,15 @@ def frontiers(summary: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
 
 
 def at_wall(points: list[dict[str, Any]], wall: float) -> float | None:
-    """Mean final accuracy (%) of a frontier, linear in wall seconds; None outside its range."""
+    """Mean final accuracy (%) of a frontier, linear in wall seconds between its budgets; past
+    its longest budget, the best of its budgets (each has ended by then); None before its
+    shortest (nothing has ended)."""
     for a, b in zip(points, points[1:]):
         if a["wall"] <= wall <= b["wall"]:
             t = (wall - a["wall"]) / (b["wall"] - a["wall"]) if b["wall"] > a["wall"] else 0.0
             return a["acc"] + t * (b["acc"] - a["acc"])
-    if points and abs(points[0]["wall"] - wall) <= 1e-9 * max(1.0, wall):
-        return points[0]["acc"]
+    if points and wall >= points[-1]["wall"] - 1e-9 * max(1.0, wall):
+        return max(p["acc"] for p in points)
     return None
 
 
@@ -100,8 +103,15 @@ def judge(targets: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[s
                 raise DataError(f"target names family '{t['family']}', not among {', '.join(sorted(fronts))}")
             v = at_wall(fronts[t["family"]], wall)
             need = b + t.get("margin", 0.0)
-            note = f"{t['family']} at {wall:.0f} s: " + (
-                "outside its budgets' wall times" if v is None else f"{v:.2f} % ({v - b:+.2f} vs {b:.2f})"
+            past = fronts[t["family"]][-1]["wall"]
+            note = (
+                f"{t['family']} at {wall:.0f} s: "
+                + (
+                    "before its shortest budget ended"
+                    if v is None
+                    else f"{v:.2f} % ({v - b:+.2f} vs {b:.2f})"
+                )
+                + (f", its budgets all ended by {past:.0f} s" if v is not None and wall > past else "")
             )
             out.append({**t, "label": label, "value": v, "needed": need, "met": v is not None and v >= need,
                         "note": note})  # fmt: skip

@@ -58,16 +58,22 @@ def saved_config(ck: Any) -> dict[str, Any]:
     return restore(ck.config)
 
 
+# The value a key had in effect before it existed, for keys whose default has changed since: a
+# saved config that lacks such a key ran with this value (every other key was added with the
+# default that kept the behaviour from before it).
+BEFORE_KEY = {"schedule.small_lr": "same", "schedule.warmup_ramp": "task"}
+
+
 def config_differences(
     a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], ignore: frozenset[str] = OPERATIONAL
 ) -> list[str]:
     """The keys where two resolved configs differ, outside `ignore`: "key: <names[0]> A, <names[1]> B".
-    A key one side lacks (a config saved before the key existed) counts as its default: a key is
-    added with the default that keeps the behaviour from before it."""
+    A key one side lacks (a config saved before the key existed) counts as the behaviour from
+    before it: its default, or BEFORE_KEY's value where the default has changed since."""
     from hpc_dualbatch.config import Config
 
     # A JSON round trip makes both sides alike (int dict keys become strings).
-    base = _flatten(json.loads(json.dumps(Config().to_dict())))
+    base = {**_flatten(json.loads(json.dumps(Config().to_dict()))), **BEFORE_KEY}
     fa, fb = ({**base, **_flatten(json.loads(json.dumps(c)))} for c in (a, b))
     return [
         f"{k}: {names[0]} {show(fa.get(k))}, {names[1]} {show(fb.get(k))}"

@@ -201,7 +201,7 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
 
     world = MPI.COMM_WORLD
     out = os.path.join(shared_dir, "a")
-    outcome, trainer, cfg, specs = run(out)
+    outcome, trainer, cfg, specs = run(out, schedule__small_lr="same")  # (the stages' own rates)
     n = len(specs)
     commits = world.bcast(or_abort(records, out, "commit") if world.Get_rank() == 0 else None)  # MPI
 
