@@ -87,3 +87,14 @@ def test_overlap_hides_a_push_shorter_than_a_part_and_waits_for_a_longer_one():
     # a push longer than a part: each of a task's last 3 parts waits for the reply 0.5 s
     assert longer.mid_exchange == pytest.approx(2 * 3 * (1.5 - 1.0))
     assert longer.wall == pytest.approx(2 * (4 + 3 * 0.5 + 1.5))
+
+
+def test_the_leaders_arithmetic_is_on_the_groups_time_overlapped_or_not():
+    # as above, plus 0.05 s of the leader's own arithmetic per push (update, copy of the reply)
+    def run(overlap: bool):
+        link = Link(bandwidth=4.0 / 0.05, update_s_per_float=0.05)  # one float: 0.05 s each way
+        g = SimGroup(1, [SimTask(seconds=4.0, pushes=4)])
+        return simulate(SimInput([g], 1, link, tasks=2, poll_min=1e-9, poll_max=1e-9, overlap=overlap))
+
+    assert run(False).wall == pytest.approx(8 + 8 * (0.05 + 0.1))
+    assert run(True).wall == pytest.approx(8 + 8 * 0.05 + 2 * 0.1)  # the transfers of 6 pushes hidden

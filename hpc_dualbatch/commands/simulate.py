@@ -1,7 +1,7 @@
 """`hpc-dualbatch simulate`: the parameter server's discrete-event model (`ps/simulate.py`).
 
     hpc-dualbatch simulate check RUN_DIR... --exchange results/bench/exchange-small.json [--wake-ms W]
-    hpc-dualbatch simulate scale [--gbps 100] [--merge-ns 0.5] [--out docs/scaling.md]
+    hpc-dualbatch simulate scale [--gbps 100] [--merge-ns 0.29] [--update-ns 0.4] [--out docs/scaling.md]
 
 `check` replays real runs: each group's measured task times (commit records: training seconds,
 the exchanges excluded), its pushes per task (merge records), the evaluations' seconds, the
@@ -40,8 +40,13 @@ def link_from_bench(path: str) -> tuple[Link, int]:
             f"{path} is not a result of this version's `bench exchange` (no {e}): run "
             "`mpirun -np 2 hpc-dualbatch bench exchange --out FILE` and give that FILE"
         ) from None
-    # a raw round trip moves the floats there and back, one after the other
-    return Link(bandwidth=2 * 4 * floats / raw, merge_s_per_float=merge_ms / 1e3 / floats), floats
+    # a raw round trip moves the floats there and back, one after the other; the leader's own
+    # arithmetic is what `nomerge` (update, no merge) takes beyond `wire` (no arithmetic): results
+    # from before `wire` existed give none
+    trip = {row["variant"]: row["seconds_per_trip"] for row in r["rows"]}
+    update = max(0.0, trip["nomerge"] - trip["wire"]) / floats if {"wire", "nomerge"} <= set(trip) else 0.0
+    link = Link(2 * 4 * floats / raw, merge_s_per_float=merge_ms / 1e3 / floats, update_s_per_float=update)
+    return link, floats
 
 
 def model_floats(cfg: Any) -> int:
@@ -206,11 +211,12 @@ def shards_table(link: Link, wake: tuple[float, float], blocking: bool, overlap:
 
 
 def scale(args: argparse.Namespace) -> int:
-    link = Link(args.gbps * 1e9 / 8, args.latency_us * 1e-6, args.merge_ns * 1e-9)
+    link = Link(args.gbps * 1e9 / 8, args.latency_us * 1e-6, args.merge_ns * 1e-9, args.update_ns * 1e-9)
     wake = (args.wake_ms / 1e3, args.worker_wake_ms / 1e3)
     lines = [
         f"Simulated ({args.gbps:g} Gb/s links, {args.latency_us:g} us per message, merge {args.merge_ns:g} "
-        f"ns per weight, Backoff 0.2-5 ms, wake-ups {args.wake_ms:g} ms (server) and "
+        f"ns per weight, the leader's update {args.update_ns:g} ns per weight, Backoff 0.2-5 ms (a tenth "
+        f"of the wait so far), wake-ups {args.wake_ms:g} ms (server) and "
         f"{args.worker_wake_ms:g} ms (workers), parts spread by 10 %; "
         "`hpc-dualbatch simulate scale`). Each cell: the fewest server shards S (of "
         f"{', '.join(map(str, SHARDS))}) at which the groups spend >= {ENOUGH:.0%} of their time "
@@ -279,14 +285,19 @@ def register(sub: Any) -> None:
     sc.add_argument("--gbps", type=float, default=100.0, help="link speed, Gb/s (100: InfiniBand EDR)")
     sc.add_argument("--latency-us", type=float, default=5.0, help="per message, us")
     sc.add_argument(
-        "--merge-ns", type=float, default=0.5, help="the server's merge per weight, ns (bench exchange)"
+        "--merge-ns", type=float, default=0.29, help="the server's merge per weight, ns (bench exchange)"
     )
+    sc.add_argument(
+        "--update-ns", type=float, default=0.4,
+        help="the leader's update and copy of the reply per weight, ns (bench exchange: nomerge - wire)",
+    )  # fmt: skip
     sc.add_argument(
         "--wake-ms", type=float, default=0.05, help="server: mean delay from a wake-up to running, ms"
     )
     sc.add_argument(
-        "--worker-wake-ms", type=float, default=2.5,
-        help="worker: the same, ms (2.5: fitted on this machine's runs, `simulate check`)",
+        "--worker-wake-ms", type=float, default=0.3,
+        help="worker: the same, ms (half the 0.5 ms GIL switch interval worker ranks set, as 2.5 ms "
+        "was half the default 5 ms in `simulate check`)",
     )  # fmt: skip
     sc.add_argument(
         "--out", default=None, help="a markdown file whose marked section is replaced by the table"

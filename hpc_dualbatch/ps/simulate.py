@@ -6,8 +6,9 @@ checked against real runs at 2-6 ranks (`commands/simulate.py check`).
 What it models, per push (each group pushes `pushes` times per task; the last push is the commit):
 
 1. The group computes one part of its task: `compute` seconds (a trace of measured task times,
-   or a mean with random spread), then its leader sends the request header and (a blocking
-   send) its update.
+   or a mean with random spread), then its leader computes its update and, after the reply,
+   copies it (`update_s_per_float` x P, counted before the push) and sends the request header
+   and (a blocking send) its update.
 2. Each of the S shards (equal contiguous slices of the P weights) serves its requests one at a
    time, in arrival order, as `server_loop.serve` does. An idle shard sleeps in `Backoff`
    (`protocol.next_sleep`: a tenth of the wait so far, `poll_min` .. `poll_max`; a wait restarts
@@ -74,6 +75,9 @@ class Link:
     bandwidth: float  # bytes/s of one transfer
     latency: float = 0.0  # s per message
     merge_s_per_float: float = 0.0  # the server's merge (norm + fold) per weight, s
+    # the leader's own arithmetic per weight, s: its update w_i - w_pulled before the push and its
+    # copy of the reply after it (under overlap the update and the fold-in of the reply)
+    update_s_per_float: float = 0.0
 
     def transfer(self, nbytes: float) -> float:
         return self.latency + nbytes / self.bandwidth
@@ -169,6 +173,7 @@ def simulate(sim: SimInput) -> Outcome:
     tr = sim.link.transfer(4.0 * sim.floats / S)  # one slice, one way
     merge = sim.link.merge_s_per_float * sim.floats / S
     leader_link = 2 * sim.link.transfer(4.0 * sim.floats)  # the whole push and pull on one link
+    leader_math = sim.link.update_s_per_float * sim.floats  # on the group's time, push or not overlapped
     waits = (sim.poll_min, sim.poll_max)
     free = [0.0] * S  # when each shard finished its last request (and began waiting again)
     busy = [0.0] * S
@@ -208,13 +213,14 @@ def simulate(sim: SimInput) -> Outcome:
     for g in range(min(n, sim.tasks)):  # every group is handed a task at the start (HELLO)
         take(g, 0.0)
     while events:
-        t0, _, g, part = heapq.heappop(events)
-        if replied[g] > t0:  # overlap: the part is done, the reply to the push before it is not
-            mid += replied[g] - t0
-            exchange += replied[g] - t0
+        t_end, _, g, part = heapq.heappop(events)
+        if replied[g] > t_end:  # overlap: the part is done, the reply to the push before it is not
+            mid += replied[g] - t_end
+            exchange += replied[g] - t_end
             seq += 1
             heapq.heappush(events, (replied[g], seq, g, part))
             continue
+        t0 = t_end + leader_math  # the leader's arithmetic, then the push leaves
         done = t0 + leader_link
         for s in range(S):  # each shard serves this push's slice
             if free[s] <= t0:  # asleep waiting: sees the header at a wake-up
@@ -238,13 +244,15 @@ def simulate(sim: SimInput) -> Outcome:
             mid_pushes += 1
             if sim.overlap:  # the group trains on; the reply is waited for when the next part ends
                 replied[g] = done
+                mid += leader_math
+                exchange += leader_math
                 start_part(g, t0, part + 1)
                 continue
-            exchange += done - t0
-            mid += done - t0
+            exchange += done - t_end
+            mid += done - t_end
             start_part(g, done, part + 1)
             continue
-        exchange += done - t0
+        exchange += done - t_end
         commits += 1
         samples += current[g].samples
         wall = max(wall, done)
