@@ -134,14 +134,15 @@ def test_factor_modes() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"k": 0.99}, "must be >= 1"),
-        ({"k": float("nan")}, "must be >= 1"),
+        ({"k": 0.99}, r"must be in 1\.\.100"),
+        ({"k": float("nan")}, r"must be in 1\.\.100"),
+        ({"k": 1e308, "n_small": 4}, r"must be in 1\.\.100"),  # (k x d overflowed a float)
         ({"n_small": 0, "k": 1.05}, "workers.small"),
         ({"n_small": 5}, "0..4"),
         ({"n_small": -1}, "0..4"),
         ({"n": 0, "n_small": 0, "k": 1.0}, ">= 1"),
         ({"d": 3}, "smaller than the 4 groups"),
-        ({"k": 1.4, "n_small": 1}, "d_S <= 0"),  # 3 * 1.4/4 * d > d
+        ({"k": 1.4, "n_small": 1}, "k must be below n/n_L = 1.333"),  # 3 * 1.4/4 * d > d
         ({"large_batch": {}}, "plan.large_batch is empty"),
         ({"large_batch": {24: 0, 32: 560}}, "integer >= 1"),
         ({"fits": {24: FITS[24]}}, "no time fit for 32 px"),

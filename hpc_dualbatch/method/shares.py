@@ -28,17 +28,26 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+MAX_K = 100.0  # k: a small group may take this many times a plain epoch's time at most (the paper: 1.05-1.10)
+
+
 def check_inputs(n: int, n_small: int, k: float, d: int) -> None:
     """Refuse a group count, k, n_S or d that no plan can be made from, saying what would work."""
     if n < 1:
         raise PlanError(f"the number of worker groups n is {n}; it must be >= 1")
-    if not math.isfinite(k) or k < 1:
+    if not math.isfinite(k) or not 1 <= k <= MAX_K:
         raise PlanError(
-            f"the extra-time ratio k is {k}; it must be >= 1 "
+            f"the extra-time ratio k is {k}; it must be in 1..{MAX_K:g} "
             "(1 = plain training; the paper uses 1.05 or 1.10)"
         )
     if not 0 <= n_small <= n:
         raise PlanError(f"n_S (workers.small) is {n_small}; it must be in 0..{n} (the number of groups)")
+    if 0 < n_small < n and k >= n / (n - n_small):
+        raise PlanError(
+            f"k = {k} gives the {n - n_small} large groups k x d/n samples each, all of d or more, and "
+            f"leaves none for the {n_small} small group(s); k must be below n/n_L = {n / (n - n_small):.4g}: "
+            "lower plan.k or use more small groups"
+        )
     if n_small == 0 and k > 1:
         raise PlanError(
             f"k = {k} > 1 buys extra time for small-batch groups, but n_S (workers.small) is 0; "

