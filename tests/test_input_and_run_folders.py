@@ -601,14 +601,16 @@ def test_bad_start_ends_every_rank_with_one_message(tmp_path, synthetic_h5, case
 @pytest.mark.job
 @mpi
 def test_crash_before_the_first_checkpoint_then_the_same_command_and_resume_work(tmp_path, synthetic_h5):
-    """SIGKILL of a worker before any checkpoint; the fresh command (and --resume) start over."""
+    """SIGKILL of a worker before any checkpoint; the fresh command (and --resume) start over.
+    8 epochs (16 tasks), so that the run is still going when the first commit has been seen (at 3
+    a run once ended in that window, its worker gone before the kill)."""
     cfg = write_config(
         tmp_path / "run.yaml",
         tiny_config(
             synthetic_h5,
             tmp_path / "run",
-            schedule__epochs=3,
-            schedule__milestones=[2],
+            schedule__epochs=8,
+            schedule__milestones=[6],
             checkpoint__every_epochs=0,
         ),
     )
@@ -634,7 +636,7 @@ def test_crash_before_the_first_checkpoint_then_the_same_command_and_resume_work
     assert "starting it from commit 0" in r.stdout
     assert status(out)["state"] == "done"
     commits = [x["commit"] for x in read_metrics(str(metrics)) if x["type"] == "commit"]
-    assert commits == list(range(1, 7))
+    assert commits == list(range(1, 17))
     assert (out / "metrics-stopped-1.jsonl").exists()
 
 

@@ -154,7 +154,7 @@ def test_sigterm_to_a_non_leader_rank_checkpoints_and_stops_the_run(tmp_path, sy
         tiny_config(
             synthetic_h5,
             tmp_path / "t",
-            schedule__epochs=4,
+            schedule__epochs=8,  # (still running when the first commit is seen: see the crash test)
             checkpoint__every_epochs=0,
             workers__groups=[2, 1],
         ),
@@ -173,11 +173,11 @@ def test_sigterm_to_a_non_leader_rank_checkpoints_and_stops_the_run(tmp_path, sy
         raise
     assert job.returncode == 0, out
     status = json.loads((tmp_path / "t" / "status.json").read_text())
-    assert status["state"] == "preempted" and status["commits"] < 8, status
+    assert status["state"] == "preempted" and status["commits"] < 16, status
     r = hdb(4, "train", "--resume", str(tmp_path / "t"))
     assert r.returncode == 0, r.stdout + r.stderr
     commits, _ = commits_and_evals(tmp_path / "t")
-    assert commits == list(range(1, 9))
+    assert commits == list(range(1, 17))
 
 
 @pytest.mark.job
