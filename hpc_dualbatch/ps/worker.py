@@ -136,9 +136,7 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
             trainer.flat.momentum(trainer.opt, state)
             for rank, prm, _ in parts:
                 world.Send(state[prm], dest=rank, tag=P.TAG_OPT)  # PS: checkpoint (each shard its slice)
-        for rank, prm, buf in parts:
-            P.recv(world, w[prm], rank, P.TAG_W, back)  # PS: merged parameters
-            P.recv(world, w[buf], rank, P.TAG_BN, back)  # PS: BN buffers
+        recv_slices(world, parts, w, back)  # PS: merged parameters and BN buffers
         if pulled is not None:
             pulled[:] = w[:n_p]
         if P.Task.unpack(rep).has_state:
@@ -164,9 +162,11 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
         """All ranks, at a push point inside a task (server.overlap): the push before it settled,
         this one started; the group trains on."""
         nonlocal in_flight
-        settle_ahead()
-        if ahead is not None:
+        if in_flight:
+            settle_ahead()  # (w now holds the weights the group has)
+        elif ahead is not None:
             trainer.flat.weights(w)
+        if ahead is not None:
             ahead.start(P.Request(P.Kind.MERGE, topo.group, task.round), w)
         in_flight = True
 
@@ -229,6 +229,13 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
         task = share_reply()
 
 
+def recv_slices(world: Any, parts: list, into: np.ndarray, back: P.Backoff) -> None:
+    """Each server shard's slice of the merged weights into `into`: parameters, BN buffers."""
+    for rank, prm, buf in parts:
+        P.recv(world, into[prm], rank, P.TAG_W, back)  # PS: merged parameters
+        P.recv(world, into[buf], rank, P.TAG_BN, back)  # PS: BN buffers
+
+
 class Ahead:
     """The leader's push in flight (server.overlap): a thread sends a mid-task push and receives
     its reply while the group trains on; `settle` folds the reply in as reply + the steps taken
@@ -267,9 +274,8 @@ class Ahead:
             status = P.Task.unpack(self.rep).status
             if status != P.Status.CONTINUE:
                 raise RuntimeError(f"protocol error: a push inside a task was answered {status.name}")
-            for rank, prm, buf in self.parts:  # (the sends are done: the reply lands in their buffer)
-                P.recv(world, out[prm], rank, P.TAG_W, self.back)  # PS: merged parameters
-                P.recv(world, out[buf], rank, P.TAG_BN, self.back)  # PS: BN buffers (not used: see settle)
+            # (the sends are done: the reply lands in their buffer; its BN buffers unused, see settle)
+            recv_slices(world, self.parts, out, self.back)  # PS: merged parameters and BN buffers
         except BaseException as e:  # raised again on the training thread by settle
             self.error = e
 
