@@ -11,6 +11,7 @@ from hpc_dualbatch.method.schedule import (
     Stage,
     dropout_at,
     epoch_of_commit,
+    eval_resolution,
     format_stage_table,
     lr_at,
     lr_stages,
@@ -172,6 +173,16 @@ def test_commits() -> None:
     assert stage_for_count(21, 3, s) == stage_at(7, s)
     with pytest.raises(ValueError):
         epoch_of_commit(-1, 3, s)
+
+
+def test_an_evaluation_uses_the_resolution_of_the_last_epoch_trained() -> None:
+    s = _sched()  # epochs 1-10 at 8, 8, 8, 12, 12, 16, 16 | 8, 12, 16 px
+    assert [eval_resolution(e, s) for e in range(1, 11)] == [8, 8, 8, 12, 12, 16, 16, 8, 12, 16]
+    assert eval_resolution(7, s) == 16  # the cycle's last epoch, though the next task is at 8 px
+    assert eval_resolution(6.5, s) == 16 and eval_resolution(0.25, s) == 8  # inside an epoch
+    for bad in (0, -1, 10.5):
+        with pytest.raises(ValueError, match="epochs_done"):
+            eval_resolution(bad, s)
 
 
 def test_out_of_range() -> None:

@@ -27,6 +27,7 @@ Dropout rises with resolution (`schedule.dropout`, missing = 0).
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,6 +107,17 @@ def resolution_at(epoch: int, sched: ScheduleConfig) -> int:
     raise ValueError(
         f"unknown resolution_mode {mode!r}; valid: {', '.join(CHOICES['schedule.resolution_mode'])}"
     )
+
+
+def eval_resolution(epochs_done: float, sched: ScheduleConfig) -> int:
+    """Resolution (px) of the evaluation after `epochs_done` epochs (> 0): that of the last epoch
+    trained, as the method's code evaluates at the current training resolution. (A server hands
+    out the evaluation with the next epoch's first task, whose resolution may already be the next
+    sub-stage's: a cycle's first low-resolution task would otherwise evaluate the weights trained
+    at the highest.)"""
+    if not 0 < epochs_done <= sched.epochs:
+        raise ValueError(f"epochs_done must be in (0, {sched.epochs}], got {epochs_done}")
+    return resolution_at(math.ceil(epochs_done) - 1, sched)
 
 
 def dropout_at(resolution: int, sched: ScheduleConfig) -> float:

@@ -23,7 +23,7 @@ from mpi4py import MPI
 from hpc_dualbatch.config import Config
 from hpc_dualbatch.errors import ConfigError
 from hpc_dualbatch.method.merge import pushes_update
-from hpc_dualbatch.method.schedule import task_rate
+from hpc_dualbatch.method.schedule import eval_resolution, task_rate
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.ps.shards import slices, split
 from hpc_dualbatch.runtime.topology import Topology
@@ -193,10 +193,11 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
         if task.has_state:
             trainer.flat.load_momentum(trainer.opt, state)
         if task.eval_epoch >= 0:
-            bn_secs = trainer.recalibrate(task.resolution) if cfg.server.bn == "recalibrate" else 0.0
-            loss, acc, n, secs = trainer.evaluate(task.resolution)
+            res = eval_resolution(task.eval_epoch, cfg.schedule)  # (not the new task's: see there)
+            bn_secs = trainer.recalibrate(res) if cfg.server.bn == "recalibrate" else 0.0
+            loss, acc, n, secs = trainer.evaluate(res)
             if topo.is_leader:
-                ev = P.Evaluation(task.eval_epoch, loss, acc, n, secs, task.resolution, bn_secs)
+                ev = P.Evaluation(task.eval_epoch, loss, acc, n, secs, res, bn_secs)
                 world.Send(
                     P.Request(P.Kind.EVAL, topo.group, evaluation=ev).pack(), dest=0, tag=P.TAG_REQ
                 )  # PS

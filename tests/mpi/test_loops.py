@@ -230,6 +230,8 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
             and [r["commit"] for r in commits] == list(range(1, EPOCHS * n + 1))
             and stages == planned
             and [r["epoch"] for r in evals] == list(range(1, EPOCHS + 1))  # once per epoch
+            # at the resolution each epoch trained at (12, 12, 16, 12), not the next task's
+            and [r["resolution"] for r in evals] == [stage_at(e, cfg.schedule).resolution for e in range(EPOCHS)]
             and all(r["test_acc"] == 0.5 for r in evals)
             and len(merges) > 0  # push_every: pushes inside each task
             and C.load(C.latest(out)).commits == EPOCHS * n  # the final checkpoint
