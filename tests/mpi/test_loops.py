@@ -37,7 +37,7 @@ from hpc_dualbatch.commands.train import Setup, group_specs, run_server, run_sha
 from hpc_dualbatch.config import config_from_dict  # noqa: E402
 from hpc_dualbatch.method.merge import delta_weight, nova_weight  # noqa: E402
 from hpc_dualbatch.method.plan import plan_from_config  # noqa: E402
-from hpc_dualbatch.method.schedule import stage_at  # noqa: E402
+from hpc_dualbatch.method.schedule import resolution_at, stage_at  # noqa: E402
 from hpc_dualbatch.ps.worker import worker_loop  # noqa: E402
 from hpc_dualbatch.runtime import checkpoint as C  # noqa: E402
 from hpc_dualbatch.runtime.flat import FlatModel  # noqa: E402
@@ -231,7 +231,7 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
             and stages == planned
             and [r["epoch"] for r in evals] == list(range(1, EPOCHS + 1))  # once per epoch
             # at the resolution each epoch trained at (12, 12, 16, 12), not the next task's
-            and [r["resolution"] for r in evals] == [stage_at(e, cfg.schedule).resolution for e in range(EPOCHS)]
+            and [r["resolution"] for r in evals] == [resolution_at(e, cfg.schedule) for e in range(EPOCHS)]
             and all(r["test_acc"] == 0.5 for r in evals)
             and len(merges) > 0  # push_every: pushes inside each task
             and C.load(C.latest(out)).commits == EPOCHS * n  # the final checkpoint
