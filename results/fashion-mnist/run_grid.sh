@@ -137,6 +137,12 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
   # about sync-small's wall time (the hybrid's epoch ~0.67x sync's, sync-small 1.15x sync)
   local E14=(--set schedule.epochs=14 --set "schedule.milestones=[9]")
   run dualbatch hybrid-ns3-lrsqrt-e14 5 "$s" "${P[@]}" --set workers.small=3 "${E14[@]}" "${SQRT[@]}"
+  # the three sqrt hybrids again from 86ac0a5 on (-evalfix), where a mid-run evaluation uses the
+  # resolution of the epoch it evaluates; before, a cycle's first 20-px task evaluated the
+  # weights just trained at 28 px (the falls of the runs above; their finals are unaffected)
+  run dualbatch hybrid-ns3-lrsqrt-evalfix-e12 5 "$s" "${P[@]}" --set workers.small=3 "${E12[@]}" "${SQRT[@]}"
+  run dualbatch hybrid-ns3-lrsqrt-evalfix-e14 5 "$s" "${P[@]}" --set workers.small=3 "${E14[@]}" "${SQRT[@]}"
+  run dualbatch hybrid-ns3-lrsqrt-evalfix 5 "$s" "${P[@]}" --set workers.small=3 "${SQRT[@]}"
 }
 
 for seed in $SEEDS; do
@@ -150,7 +156,8 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
-                 hybrid-ns3-e12 hybrid-ns3-lrsqrt-e12 hybrid-ns3-lrsqrt-e14 dual-ns3-e12"
+                 hybrid-ns3-e12 hybrid-ns3-lrsqrt-e12 hybrid-ns3-lrsqrt-e14 dual-ns3-e12
+                 hybrid-ns3-lrsqrt-evalfix hybrid-ns3-lrsqrt-evalfix-e12 hybrid-ns3-lrsqrt-evalfix-e14"
 for part in $PARTS; do
   order="ORDER_$part"
   dirs=()
