@@ -124,9 +124,10 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
         """Leader: send a request (and weights), wait for the reply; answer state requests."""
         world.Send(req.pack(), dest=0, tag=P.TAG_REQ)  # PS: request header (shard 0 decides)
         if push:
-            trainer.flat.weights(w)
             if pulled is not None:
-                np.subtract(w[:n_p], pulled, out=w[:n_p])  # the update since the pull
+                trainer.flat.update_since(pulled, w)  # the update since the pull (delta, nova)
+            else:
+                trainer.flat.weights(w)
             for rank, prm, buf in parts:  # each shard its slice: parameters (or update), BN buffers
                 world.Send(w[prm.start : buf.stop], dest=rank, tag=P.TAG_W)  # PS
         while True:
