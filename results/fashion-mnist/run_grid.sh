@@ -87,6 +87,13 @@ server_part() {  # server_part SEED
     --set schedule.warmup_ramp=step
   # a group trains on while its push inside a task travels (server.overlap), against ps-base-push4
   run server ps-base-overlap "${PS[@]}" --set server.push_every=4 --set server.overlap=true
+  # frequent pushes once a push no longer copies the model tensor by tensor (FlatModel, from
+  # 937f0af on), with the step ramp; `sync` again in the same sitting, one seed before them,
+  # so that their wall time is compared with a sync run made beside them
+  run server sync-r2 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  for every in 1 2; do
+    run server ps-base-push$every-rampstep "${PS[@]}" --set server.push_every=$every --set schedule.warmup_ramp=step
+  done
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -152,7 +159,7 @@ done
 # One report per part, from every finished run of it, configurations in this order.
 ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-push8 ps-base-nesterov
               ps-base-delayed ps-base-pushlr ps-rounds ps-single ps-base-rampstep ps-single-rampstep
-              ps-base-overlap"
+              ps-base-overlap sync-r2 ps-base-push1-rampstep ps-base-push2-rampstep"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
