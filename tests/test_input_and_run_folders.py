@@ -177,6 +177,17 @@ def test_status_counts_the_gaps(tmp_path):
     assert F.summarize(str(path))["metrics_gaps"] == 1
 
 
+def test_the_final_accuracy_is_the_last_epochs_though_its_evaluation_reached_the_log_first(tmp_path):
+    """Two groups evaluate concurrently: epoch 4's (the final) may be logged before epoch 3's."""
+    path = tmp_path / "metrics.jsonl"
+    ev = [{"type": "eval", "epoch": e, "test_loss": 1.0 - a, "test_acc": a, "wall": w}
+          for e, a, w in [(1.0, 0.5, 1.0), (2.0, 0.6, 2.0), (4.0, 0.8, 3.0), (3.0, 0.7, 3.5)]]  # fmt: skip
+    path.write_bytes(lines(*ev))
+    s = F.summarize(str(path))
+    assert s["final_test_acc"] == 0.8 and s["final_test_loss"] == pytest.approx(0.2)
+    assert s["best_test_acc"] == 0.8 and s["epochs_evaluated"] == 4
+
+
 # --- 4: identity and operational keys; data compared by content --------------------------------
 
 

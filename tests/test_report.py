@@ -220,3 +220,14 @@ def test_a_bad_targets_file_is_one_message(tmp_path):
     summary = summarize([load_run(fake_run(tmp_path / "a-s1", [0.5], 10.0))], None)
     with pytest.raises(DataError, match="configuration 'nope', not among a"):
         frontier.judge([{"kind": "above", "config": "a", "reference": "nope"}], summary)
+
+
+def test_a_run_is_read_in_epoch_order_though_its_evaluations_reached_the_log_out_of_order(tmp_path):
+    path = fake_run(tmp_path / "a-s1", [0.5, 0.6, 0.7, 0.8], 10.0)  # epochs 1-4
+    m = tmp_path / "a-s1" / "metrics.jsonl"
+    recs = [json.loads(x) for x in m.read_text().splitlines()]
+    recs[3], recs[4] = recs[4], recs[3]  # epoch 4's evaluation logged before epoch 3's
+    m.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    run = load_run(path)
+    assert run.final_acc == 0.8 and [e["epoch"] for e in run.evals] == [1, 2, 3, 4]
+    assert run.max_drop == 0.0  # (in log order: 0.8 -> 0.7, a fall of 0.1 that never happened)

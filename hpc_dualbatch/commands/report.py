@@ -35,7 +35,7 @@ import yaml
 from hpc_dualbatch.atomic import check_regular, file_kind, write_json, write_text
 from hpc_dualbatch.commands import frontier
 from hpc_dualbatch.errors import DataError, OutputError
-from hpc_dualbatch.runtime.metrics import read_metrics
+from hpc_dualbatch.runtime.metrics import evaluations, read_metrics
 from hpc_dualbatch.runtime.resume import OPERATIONAL, config_differences
 from hpc_dualbatch.yaml_safe import load as load_yaml
 
@@ -75,7 +75,7 @@ def load_run(path: str) -> Run:
             f"{'; '.join(sorted({str(g.get('reason')) for g in gaps}))}); its accuracies come from "
             "the evaluations that remain"
         )
-    evals = [r for r in recs if r["type"] == "eval"]
+    evals = evaluations(recs)
     ends = [r for r in recs if r["type"] == "end"]
     if not evals or not ends or ends[-1]["state"] != "done":
         raise DataError(f"run {path} has not finished (no final evaluation / end record with state done)")

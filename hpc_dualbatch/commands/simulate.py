@@ -66,7 +66,7 @@ def replay(
 ) -> tuple[dict[str, float], SimInput]:
     """A run's measured trace as a model input, and what the run measured."""
     from hpc_dualbatch.config import load_config
-    from hpc_dualbatch.runtime.metrics import read_metrics
+    from hpc_dualbatch.runtime.metrics import evaluations, read_metrics
 
     cfg = load_config(os.path.join(run, "config.yaml"))
     if cfg.mode != "ps":
@@ -74,7 +74,7 @@ def replay(
     recs = read_metrics(os.path.join(run, "metrics.jsonl"))
     commits = [r for r in recs if r["type"] == "commit"]
     merges = [r for r in recs if r["type"] == "merge"]
-    evals = sorted((r for r in recs if r["type"] == "eval"), key=lambda r: r["epoch"])
+    evals = evaluations(recs)
     if not commits:
         raise ConfigError(f"{run}: metrics.jsonl holds no commits")
     mid = {}

@@ -234,6 +234,13 @@ def eval_record(
     return {**rec, "wall": round(wall, 3)}
 
 
+def evaluations(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run's eval records in epoch order. The log holds them as they arrived: two groups'
+    evaluations can end out of order (the final one before the one of the epoch before), so
+    "the last evaluation" and "the fall from one to the next" must not take the log's order."""
+    return sorted((r for r in recs if r["type"] == "eval"), key=lambda r: r["epoch"])
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """Every record of a metrics file; a line that is not a valid record is a `DataError`
     naming the file, the line and what is wrong (never a JSONDecodeError traceback)."""

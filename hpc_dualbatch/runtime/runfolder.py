@@ -17,7 +17,7 @@ from hpc_dualbatch.config import Config
 from hpc_dualbatch.errors import ConfigError, OutputError
 from hpc_dualbatch.runtime import checkpoint as C
 from hpc_dualbatch.runtime import resume as R
-from hpc_dualbatch.runtime.metrics import read_metrics, repair
+from hpc_dualbatch.runtime.metrics import evaluations, read_metrics, repair
 
 
 def write_failed(what: str, e: OSError) -> OutputError:
@@ -101,7 +101,7 @@ def set_aside(out: str, metrics: str) -> None:
 
 def summarize(metrics_path: str) -> dict[str, Any]:
     recs = read_metrics(metrics_path)
-    evals = [r for r in recs if r["type"] == "eval"]
+    evals = evaluations(recs)
     gaps = [r for r in recs if r["type"] == "gap"]
     missing = {"metrics_gaps": len(gaps)} if gaps else {}  # records lost in a crash (see metrics.py)
     if not evals:

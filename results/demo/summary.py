@@ -24,7 +24,8 @@ def run_row(path: str) -> dict:
     timing, plan, status = load("timing.json"), load("plan.json"), load("status.json")
     with open(os.path.join(path, "metrics.jsonl"), encoding="utf-8") as f:
         recs = [json.loads(line) for line in f if line.strip()]
-    evals = [100 * r["test_acc"] for r in recs if r["type"] == "eval"]
+    # (in epoch order: two groups' evaluations can reach the log out of order)
+    evals = [100 * r["test_acc"] for r in sorted((r for r in recs if r["type"] == "eval"), key=lambda r: r["epoch"])]
     drops = [a - b for a, b in zip(evals, evals[1:])]  # from epoch 1 to 2 onwards
     trace = [f"{r['resolution']}:{r['batch']}" + ("" if r["samples"] == plan["d_S"] else f"({r['samples']})")
              for r in recs if r["type"] == "commit" and r["small"]]  # fmt: skip

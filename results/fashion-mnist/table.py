@@ -21,7 +21,8 @@ def records(path: str) -> list[dict]:
 
 
 def evals(path: str) -> list[float]:
-    return [r["test_acc"] for r in records(path) if r["type"] == "eval"]
+    evs = sorted((r for r in records(path) if r["type"] == "eval"), key=lambda r: r["epoch"])  # (log: as arrived)
+    return [r["test_acc"] for r in evs]
 
 
 def wall(part: str, name: str, seed: int) -> float:
