@@ -15,6 +15,8 @@ import os
 import statistics
 import sys
 
+from hpc_dualbatch.runtime.metrics import evaluations, read_metrics
+
 
 def run_row(path: str) -> dict:
     def load(name: str):
@@ -22,10 +24,8 @@ def run_row(path: str) -> dict:
             return json.load(f)
 
     timing, plan, status = load("timing.json"), load("plan.json"), load("status.json")
-    with open(os.path.join(path, "metrics.jsonl"), encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    # (in epoch order: two groups' evaluations can reach the log out of order)
-    evals = [100 * r["test_acc"] for r in sorted((r for r in recs if r["type"] == "eval"), key=lambda r: r["epoch"])]
+    recs = read_metrics(os.path.join(path, "metrics.jsonl"))
+    evals = [100 * r["test_acc"] for r in evaluations(recs)]  # (in epoch order, not the log's)
     drops = [a - b for a, b in zip(evals, evals[1:])]  # from epoch 1 to 2 onwards
     trace = [f"{r['resolution']}:{r['batch']}" + ("" if r["samples"] == plan["d_S"] else f"({r['samples']})")
              for r in recs if r["type"] == "commit" and r["small"]]  # fmt: skip

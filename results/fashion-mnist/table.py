@@ -12,23 +12,19 @@ import json
 import os
 import sys
 
+from hpc_dualbatch.runtime.metrics import evaluations, read_metrics
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def records(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def evals(path: str) -> list[float]:
-    evs = sorted((r for r in records(path) if r["type"] == "eval"), key=lambda r: r["epoch"])  # (log: as arrived)
-    return [r["test_acc"] for r in evs]
+    return [r["test_acc"] for r in evaluations(read_metrics(path))]  # (in epoch order)
 
 
 def wall(part: str, name: str, seed: int) -> float:
     ends = [
         r
-        for r in records(os.path.join(HERE, "runs", part, f"{name}-s{seed}", "metrics.jsonl"))
+        for r in read_metrics(os.path.join(HERE, "runs", part, f"{name}-s{seed}", "metrics.jsonl"))
         if r["type"] == "end"
     ]
     return ends[-1]["wall"]
