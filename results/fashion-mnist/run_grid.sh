@@ -94,6 +94,16 @@ server_part() {  # server_part SEED
   for every in 1 2; do
     run server ps-base-push$every-rampstep "${PS[@]}" --set server.push_every=$every --set schedule.warmup_ramp=step
   done
+  # outer momentum at SlowMo's values (Wang et al. 2020, arXiv 1910.00643; fairscale's SlowMo
+  # wrapper defaults to slow lr 1.0, slow momentum 0.5) instead of DiLoCo's 0.7 / 0.9, which
+  # assume an AdamW inner optimiser and diverged here (ps-base-nesterov, ps-base-delayed): the
+  # momentum step once per round of n pushes (delayed), at the default push period and ramp;
+  # `sync` and the default again beside it (this sitting's machine)
+  local DEF=(--set server.push_every=4 --set schedule.warmup_ramp=step)
+  run server sync-r3 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run server ps-base-rampstep-r3 "${PS[@]}" "${DEF[@]}"
+  run server ps-base-slowmo "${PS[@]}" "${DEF[@]}" --set server.outer=delayed --set server.outer_lr=1.0 \
+    --set server.outer_momentum=0.5
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -159,7 +169,8 @@ done
 # One report per part, from every finished run of it, configurations in this order.
 ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-push8 ps-base-nesterov
               ps-base-delayed ps-base-pushlr ps-rounds ps-single ps-base-rampstep ps-single-rampstep
-              ps-base-overlap sync-r2 ps-base-push1-rampstep ps-base-push2-rampstep"
+              ps-base-overlap sync-r2 ps-base-push1-rampstep ps-base-push2-rampstep sync-r3
+              ps-base-rampstep-r3 ps-base-slowmo"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
