@@ -98,7 +98,9 @@ class ServerConfig:
     # Outer momentum on the steps of delta / nova (docs/server.md): none; nesterov (at every
     # push); delayed (plain steps as pushes arrive, the momentum step once every n pushes: Liu et
     # al. 2024, arXiv 2401.09135). Rate and momentum: DiLoCo's (Douillard et al. 2023, arXiv
-    # 2311.08105); the buffer is kept in units of the inner rate (SlowMo, arXiv 1910.00643).
+    # 2311.08105); the buffer is kept in units of the inner rate (SlowMo, arXiv 1910.00643). Off:
+    # DiLoCo's values and SlowMo's (lr 1.0, momentum 0.5) both lost 8-10 points on the
+    # Fashion-MNIST grid (3 seeds each; docs/server.md, "server.outer").
     outer: str = "none"
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
