@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from hpc_dualbatch.runtime import flat as flat_module
 from hpc_dualbatch.runtime.engine import recalibrate_bn
-from hpc_dualbatch.runtime.flat import FlatModel
+from hpc_dualbatch.runtime.flat import FlatModel, push_body
 from hpc_dualbatch.runtime.model import build_model
 
 
@@ -66,14 +67,32 @@ def test_training_steps_and_bn_updates_show_in_the_flat_weights_and_loads_reach_
     assert np.array_equal(flat.weights(), concat(model))
 
 
-def test_a_pushs_update_is_the_weights_less_the_pulled_parameters_with_the_buffers_as_they_are():
+@pytest.mark.parametrize("rule", ["delta", "paper"])
+@pytest.mark.parametrize("chunk", [None, 1000])  # the module's 1 MiB (one chunk here), and many
+def test_a_push_carries_the_update_or_the_weights_with_the_buffers_and_its_leader_measures_it(
+    monkeypatch, rule, chunk
+):
+    """delta, nova: the weights less the pulled parameters, bit for bit numpy's float32
+    difference; paper: the parameters. BN buffers as they are; the model untouched; the norm is
+    the parameter part's (float64 reference), and NaN or inf in any parameter makes it non-finite."""
+    if chunk is not None:
+        monkeypatch.setattr(flat_module, "CHUNK", chunk)
     model, flat = model_and_flat()
-    pulled = np.random.default_rng(2).standard_normal(flat.n_params).astype(np.float32)
+    n = flat.n_params
+    pulled = np.random.default_rng(2).standard_normal(n).astype(np.float32) if rule == "delta" else None
     w, out = flat.weights(), np.full(flat.n_weights, np.nan, np.float32)
-    assert flat.update_since(pulled, out) is out
-    assert np.array_equal(out[: flat.n_params], w[: flat.n_params] - pulled)  # float32, as numpy's
-    assert np.array_equal(out[flat.n_params :], w[flat.n_params :])
+    norm = flat.push_body(pulled, out)
+    want = w[:n] - pulled if pulled is not None else w[:n]
+    assert np.array_equal(out[:n], want) and np.array_equal(out[n:], w[n:])
+    assert norm == pytest.approx(float(np.linalg.norm(want.astype(np.float64))), rel=1e-5)
     assert np.array_equal(flat.weights(), w)  # the model untouched
+    for bad in (np.nan, np.inf):
+        with torch.no_grad():
+            flat.flat[n // 2] = bad
+        assert not np.isfinite(flat.push_body(pulled, out))
+    in_place = w.copy()  # the leader's own buffer as the weights (a GPU model's host copy)
+    assert push_body(torch.from_numpy(in_place), pulled, in_place, n) == pytest.approx(norm, rel=1e-6)
+    assert np.array_equal(in_place[:n], want) and np.array_equal(in_place[n:], w[n:])
 
 
 def test_two_models_from_one_seed_give_one_flat_vector_and_momentum_round_trips():

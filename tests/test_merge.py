@@ -49,11 +49,15 @@ def test_delta_merge_applies_the_scaled_update_since_the_pull():
 
 
 def test_the_push_size_is_measured_against_what_the_rule_merges():
-    """paper: ||w_i - w|| of the pushed weights from the global ones; delta, nova: ||update||."""
+    """paper: ||w_i - w|| of the pushed weights from the global ones, on the server; delta, nova:
+    ||update||, the norm its leader measured (the server reads no weights for it)."""
     none = np.zeros((2, 0), np.float32)
     w, pushed = np.array([1.0, 1.0], np.float32), np.array([4.0, 5.0], np.float32)
-    assert make_rule("paper", "average", [1.0, 1.0], none, 0).distance(w, pushed) == pytest.approx(5.0)
-    assert make_rule("delta", "average", [1.0, 1.0], none, 0).distance(w, pushed) == pytest.approx(41**0.5)
+    leaders = float(np.linalg.norm(pushed))
+    paper = make_rule("paper", "average", [1.0, 1.0], none, 0)
+    assert paper.distance(w, pushed, leaders) == pytest.approx(5.0)
+    for rule in ("delta", "nova"):
+        assert make_rule(rule, "average", [1.0, 1.0], none, 0).distance(w, pushed, leaders) == leaders
 
 
 @pytest.mark.parametrize(

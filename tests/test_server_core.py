@@ -126,8 +126,9 @@ def test_a_preempt_flag_parks_every_group_then_stops(tmp_path):
 
 @pytest.mark.parametrize("where", ["loss", "weights"])
 def test_a_non_finite_push_stops_the_run_and_merges_nothing(tmp_path, where):
-    """A NaN train loss or non-finite pushed weights end the run with a message naming the commit,
-    group, learning rate and momentum; the global weights stay as they were."""
+    """A NaN train loss or non-finite pushed weights (the leader's norm of its push) end the run
+    with a message naming the commit, group, learning rate and momentum; the global weights stay
+    as they were."""
     from hpc_dualbatch.errors import DivergedError
 
     ps = make(tmp_path, server__merge="paper", server__bn="average")
@@ -138,8 +139,9 @@ def test_a_non_finite_push_stops_the_run_and_merges_nothing(tmp_path, where):
     wbuf = np.full(N_P + N_B, 4.0, np.float32)
     if where == "loss":
         h = dataclasses.replace(h, loss=np.nan)
-    else:
+    else:  # as its leader sends it: the body and the norm it measured over the whole push
         wbuf[1] = np.inf
+        h = dataclasses.replace(h, norm=float(np.linalg.norm(wbuf[:N_P])))
     with pytest.raises(DivergedError) as e:
         ps.on_push(h, wbuf)
     assert "training diverged at commit 2" in str(e.value) and "group 1's" in str(e.value)

@@ -4,10 +4,10 @@
 
 Rank 1 plays a group leader, rank 0 the server, each with the code its role runs in a training
 job (`protocol.py`'s sleeping receives, replies in flight, the merge rule's `distance` and `fold`, the
-leader's update w_i - w_pulled under `delta`); raw, delta (the default), paper (the method's rule)
-and nomerge (the leader's update, no merge) alternate in one job with wire (the protocol's
-messages and waits alone, no arithmetic at either end). Goal: delta >= 0.9 x raw. Method:
-docs/bench.md.
+leader's update w_i - w_pulled under `delta` and its norm, `flat.push_body`); raw, delta (the
+default), paper (the method's rule) and nomerge (the leader's update, no merge) alternate in one
+job with wire (the protocol's messages and waits alone, no arithmetic at either end). Goal:
+delta >= 0.9 x raw. Method: docs/bench.md.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import statistics
 import time
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
 from hpc_dualbatch.bench import _harness as H
 from hpc_dualbatch.errors import ConfigError
 from hpc_dualbatch.method.merge import PushInfo, make_rule
 from hpc_dualbatch.ps import protocol as P
+from hpc_dualbatch.runtime.flat import push_body
 
 VARIANTS = ("raw", "wire", "delta", "paper", "nomerge")
 RESNET18_FLOATS = 11_200_000  # CIFAR ResNet-18 weights (11.17 M parameters + BN buffers)
@@ -45,12 +47,12 @@ def _server(world, variant: str, iters: int, w: np.ndarray, wbuf: np.ndarray, ba
             world.Send(w, dest=1, tag=P.TAG_W)  # MPI: raw send
             continue
         status = P.recv(world, hdr, MPI.ANY_SOURCE, P.TAG_REQ, back)  # PS: next request header
-        src = status.Get_source()
+        src, norm = status.Get_source(), P.Request.unpack(hdr).norm
         P.recv(world, wbuf, src, P.TAG_W, back)  # PS: the group's parameters (or update), BN buffers
         flight.settle(back)  # the reply in flight reads the weights this push changes
         if rule is not None:
             t0 = time.perf_counter()
-            rule.distance(w[:n_p], wbuf[:n_p])  # (the server's finiteness check and diagnostic)
+            rule.distance(w[:n_p], wbuf[:n_p], norm)  # (delta: the leader's norm; paper: a pass)
             rule.fold(PushInfo(0, k % GROUPS, 0.1, [64] * GROUPS), w[:n_p], wbuf[:n_p])
             rule.fold_buffers(0, w[n_p:], wbuf[n_p:])
             rule.pulled(0, k)
@@ -77,9 +79,8 @@ def _leader(world, variant: str, iters: int, w: np.ndarray, back) -> float:
             world.Send(w, dest=0, tag=P.TAG_W)  # MPI: raw send
             world.Recv(w, source=0, tag=P.TAG_W)  # MPI: raw receive
             continue
-        world.Send(P.Request(P.Kind.MERGE, 0).pack(), dest=0, tag=P.TAG_REQ)  # PS: request header
-        if pulled is not None:
-            np.subtract(w[:n_p], pulled, out=w[:n_p])  # the update since the pull
+        norm = 0.0 if variant == "wire" else push_body(torch.from_numpy(w), pulled, w, n_p)  # (in place)
+        world.Send(P.Request(P.Kind.MERGE, 0, norm=norm).pack(), dest=0, tag=P.TAG_REQ)  # PS: request header
         world.Send(w, dest=0, tag=P.TAG_W)  # PS: parameters (or update), BN buffers
         P.recv(world, rep, 0, P.TAG_REP, back)  # PS: reply header
         P.recv(world, w[:n_p], 0, P.TAG_W, back)  # PS: merged parameters

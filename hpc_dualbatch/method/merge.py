@@ -36,7 +36,9 @@ outer lr 1 are the plain rule.
 Under `delta` and `nova` a push carries the group's update ``w_i - w_pulled``, computed by its
 leader from the parameters it pulled (as BytePS's asynchronous mode does): the server keeps no
 copy of what each group pulled, so its state is O(n_params) whatever the number of groups, and
-the merge is one pass. Under `paper` a push carries the weights ``w_i`` (`pushes_update`).
+the merge is one pass. The leader also measures its push (the norm in the request header), so
+the server's finiteness check and logged distance read no weights. Under `paper` a push carries
+the weights ``w_i`` (`pushes_update`).
 
 Batch-norm running statistics never take a delta (a variance moved by a difference of
 variances can turn negative): they are averaged with the paper's rule, or kept per
@@ -149,14 +151,13 @@ class MergeRule:
         self.group_buffers = group_buffers  # (n_groups, n_buffers), each group's own (bn: local)
         self.pulled_at = [merges] * self.n  # the merge count at each group's last pull
 
-    distance_is = "distance to the global weights"  # what `distance` measures, for messages
-
     def pulled(self, g: int, merges: int) -> None:
         """Group g pulled the global parameters (a reply that lets it train) after `merges` merges."""
         self.pulled_at[g] = merges
 
-    def distance(self, w: np.ndarray, pushed: np.ndarray) -> float:
-        """The size of a push: ||w_i - w|| of the pushed weights from the global ones."""
+    def distance(self, w: np.ndarray, pushed: np.ndarray, norm: float) -> float:
+        """The size of a push (`norm`: ||pushed||, its leader's): ||w_i - w|| of the pushed
+        weights from the global ones (with server shards, of this shard's slice)."""
         return distance(pushed, w)
 
     def staleness(self, g: int, merges: int) -> int:
@@ -202,8 +203,6 @@ class PaperRule(MergeRule):
 class DeltaRule(MergeRule):
     """Applies the weighted update a push carries, directly or through outer momentum (`outer`)."""
 
-    distance_is = "norm of the update"
-
     def __init__(
         self,
         factors: list[float],
@@ -215,9 +214,9 @@ class DeltaRule(MergeRule):
         super().__init__(factors, bn, group_buffers, merges)
         self.outer = outer
 
-    def distance(self, w: np.ndarray, pushed: np.ndarray) -> float:
-        """||w_i - w_pulled||: the update's own size."""
-        return float(torch.linalg.vector_norm(torch.from_numpy(pushed)))
+    def distance(self, w: np.ndarray, pushed: np.ndarray, norm: float) -> float:
+        """||w_i - w_pulled||: the update's own size, as its leader measured it (no pass here)."""
+        return norm
 
     def weight(self, push: PushInfo) -> float:
         return delta_weight(self.factors[push.group], self.f_sum, self.n, push.staleness)

@@ -12,13 +12,14 @@ Conversation of one group leader (L) with the server (S)::
     S -> L  TAG_BN   float32[n_buffers]                   BN buffers: global, or the group's own (bn: local)
     S -> L  TAG_OPT  float32[n_params]                    only if reply has_state (resume)
     ... the group trains one mini-epoch (one task) in `pushes` parts; after each part but the last:
-    L -> S  TAG_REQ  header(kind=MERGE)
+    L -> S  TAG_REQ  header(kind=MERGE, norm)             norm: of the pushed parameters (update
+                                                          or weights), measured by the leader
     L -> S  TAG_W    float32[n_weights]                   the group's parameters (server.merge delta,
                                                           nova: their update since the pull), then
                                                           its BN buffers
     S -> L  reply as above, status CONTINUE: same task, merged weights
     ... after the last part:
-    L -> S  TAG_REQ  header(kind=PUSH, stats...)          the task's commit
+    L -> S  TAG_REQ  header(kind=PUSH, stats..., norm)    the task's commit
     L -> S  TAG_W    float32[n_weights]
     S -> L  reply as above (RUN with the next task, or STOP)
     L -> S  TAG_REQ  header(kind=EVAL, ...)               after evaluating a reply's weights
@@ -57,7 +58,7 @@ TAG_W = 13  # weights, either way
 TAG_OPT = 14  # optimiser (momentum) state, either way
 TAG_BN = 15  # batch-norm buffers, either way
 
-HDR_LEN = 16
+HDR_LEN = 17
 
 
 class Kind(IntEnum):  # request kinds, leader -> server
@@ -91,6 +92,7 @@ class Req(IntEnum):  # wire positions of `Request`'s fields
     EVAL_RESOLUTION = 13
     EVAL_BN_SECONDS = 14
     WAIT = 15
+    NORM = 16
 
 
 class Rep(IntEnum):  # wire positions of `Task`'s fields
@@ -137,6 +139,7 @@ class Request:
     preempt: bool = False  # a rank of the group got SIGTERM/SIGUSR1
     wait: float = 0.0  # seconds the task spent in its MERGE exchanges (not in `seconds`)
     evaluation: Evaluation | None = None
+    norm: float = 0.0  # MERGE, PUSH: L2 norm of the pushed parameters' part (flat.push_body)
 
     def pack(self) -> np.ndarray:
         h = np.zeros(HDR_LEN, np.float64)
@@ -147,7 +150,7 @@ class Request:
             self.samples,
         )
         h[Req.SECONDS], h[Req.LOSS], h[Req.ACC] = self.seconds, self.loss, self.acc
-        h[Req.PREEMPT], h[Req.WAIT], h[Req.EVAL_EPOCH] = self.preempt, self.wait, -1
+        h[Req.PREEMPT], h[Req.WAIT], h[Req.EVAL_EPOCH], h[Req.NORM] = self.preempt, self.wait, -1, self.norm
         if (e := self.evaluation) is not None:
             h[Req.EVAL_EPOCH], h[Req.EVAL_LOSS], h[Req.EVAL_ACC] = e.epoch, e.loss, e.acc
             h[Req.EVAL_SAMPLES], h[Req.EVAL_SECONDS] = e.samples, e.seconds
@@ -179,6 +182,7 @@ class Request:
             bool(h[Req.PREEMPT]),
             float(h[Req.WAIT]),
             evaluation,
+            float(h[Req.NORM]),
         )
 
 

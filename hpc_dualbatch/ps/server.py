@@ -198,13 +198,14 @@ class ParameterServer:
         return self._reply(g, P.Status.RUN if more else P.Status.STOP)
 
     # --- requests ------------------------------------------------------------
-    def _merge(self, g: int, wbuf: np.ndarray) -> dict[str, float]:
-        """Fold group g's pushed weights `wbuf` into the global ones; returns diagnostics."""
+    def _merge(self, g: int, wbuf: np.ndarray, norm: float) -> dict[str, float]:
+        """Fold group g's push `wbuf` into the global weights; `norm`: the norm of its parameter
+        part, measured by its leader over the whole push (every shard's slice). Returns diagnostics."""
         s, n_p, st = self.s, self.n_params, self.tasks.stage.get(g, TaskStage())
         w, wi = s.weights[:n_p], wbuf[:n_p]
-        dist = self.rule.distance(w, wi)
-        if not math.isfinite(dist):  # before the merge: the global weights stay as they were
-            self._diverged(g, f"pushed weights are not finite ({self.rule.distance_is} {dist})")
+        if not math.isfinite(norm):  # before the merge: the global weights stay as they were
+            self._diverged(g, f"pushed weights are not finite (norm of the push {norm})")
+        dist = self.rule.distance(w, wi, norm)
         push = PushInfo(g, self.rule.staleness(g, s.merges), st.lr, self.tasks.batches(st.resolution))
         a = self.rule.fold(push, w, wi)
         self.rule.fold_buffers(g, s.weights[n_p:], wbuf[n_p:])
@@ -227,7 +228,7 @@ class ParameterServer:
     def on_merge(self, req: P.Request, wbuf: np.ndarray) -> list[Outgoing]:
         """A push inside a task: merge, log, answer CONTINUE with the merged weights (under
         order: rounds once the round is complete)."""
-        g, d = req.group, self._merge(req.group, wbuf)
+        g, d = req.group, self._merge(req.group, wbuf, req.norm)
         self.log.write(merge_record(group=g, round_idx=req.round, wall=self.wall(), **d))
         return self.roster.hold(g, lambda: self._with_weights(g, P.Task(P.Status.CONTINUE)), commit=False)
 
@@ -237,7 +238,7 @@ class ParameterServer:
         s, g = self.s, req.group
         if not math.isfinite(req.loss):
             self._diverged(g, f"train loss is {req.loss}")
-        d = self._merge(g, wbuf)
+        d = self._merge(g, wbuf, req.norm)
         s.commits += 1
         self.roster.outstanding.discard(g)
         if req.preempt and not self.preempt:

@@ -7,9 +7,11 @@ A leader sends its request header to shard 0 and each shard its slice of the pus
 reply header from shard 0 and each shard's slice of the weights (`worker.py`). Because every
 shard applies the same pushes in the same order with the same weight, and the merge rules are
 elementwise, the shards' slices together are the weights one server would hold: a
-`round_robin` run ends with the weights of S = 1, bit for bit. What is not elementwise: the
-push's `distance` (logged for shard 0's slice only) and its finiteness check (each shard checks
-its own slice). Every order carries how long its leaders may take by shard 0's stall watch, so a
+`round_robin` run ends with the weights of S = 1, bit for bit. What is not elementwise, the
+push's size, its leader measures over the whole push (`Request.norm`): shard 0 checks it for
+finiteness before any shard folds its slice (a non-finite push ends the run "diverged" and
+merges nothing anywhere); under `merge: paper` the logged distance to the global weights is shard
+0's slice's. Every order carries how long its leaders may take by shard 0's stall watch, so a
 shard gives up on a silent group when shard 0 does (an untaken reply is abandoned; a momentum
 slice that does not come is reported, and that group's momentum restarts from zero on resume).
 
@@ -36,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from hpc_dualbatch.errors import DivergedError, StalledError
+from hpc_dualbatch.errors import StalledError
 from hpc_dualbatch.ps import protocol as P
 
 TAG_ORDER = 16  # shard 0 -> shard s
@@ -168,15 +170,8 @@ def serve_shard(cfg: Any, topo: Any, state: ShardState, rule: Any, writer_for: A
                 raise StalledError(
                     f"server shard {topo.rank}: group {g}'s push did not come in time", "stalled"
                 )
-            w, pushed = state.weights[:n_p], body[:n_p]
-            if not np.isfinite(pushed).all():
-                raise DivergedError(  # (the job ends here; status.json keeps the state it had)
-                    f"training diverged at commit {order.commits}: group {g}'s push is not finite on "
-                    f"server shard {topo.rank} (its slice of the weights; shard 0 may have merged its own). "
-                    f"Lower schedule.lr or optim.momentum and start again, or resume from the last "
-                    f"checkpoint in {cfg.out}"
-                )
-            rule.apply(w, pushed, order.a, order.lr)
+            # (finite: shard 0 checked the leader's norm of the whole push before ordering this)
+            rule.apply(state.weights[:n_p], body[:n_p], order.a, order.lr)
             rule.fold_buffers(g, state.weights[n_p:], body[n_p:])
         elif order.op == Op.REPLY:
             dest = leaders[g]

@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
 from hpc_dualbatch.config import Config
@@ -26,6 +27,7 @@ from hpc_dualbatch.method.merge import pushes_update
 from hpc_dualbatch.method.schedule import eval_resolution, task_rate
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.ps.shards import slices, split
+from hpc_dualbatch.runtime.flat import push_body
 from hpc_dualbatch.runtime.topology import Topology
 from hpc_dualbatch.runtime.trainer import GroupTrainer, MiniEpoch, MiniEpochStats
 
@@ -122,12 +124,10 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
 
     def exchange(req: P.Request, push: bool) -> None:
         """Leader: send a request (and weights), wait for the reply; answer state requests."""
+        if push:  # the update since the pull (delta, nova) or the weights (paper), and its norm
+            req = replace(req, norm=trainer.flat.push_body(pulled, w))
         world.Send(req.pack(), dest=0, tag=P.TAG_REQ)  # PS: request header (shard 0 decides)
         if push:
-            if pulled is not None:
-                trainer.flat.update_since(pulled, w)  # the update since the pull (delta, nova)
-            else:
-                trainer.flat.weights(w)
             for rank, prm, buf in parts:  # each shard its slice: parameters (or update), BN buffers
                 world.Send(w[prm.start : buf.stop], dest=rank, tag=P.TAG_W)  # PS
         while True:
@@ -255,13 +255,8 @@ class Ahead:
 
     def start(self, req: P.Request, w: np.ndarray) -> None:
         """Push `w` (the group's weights now) on the thread."""
-        n_p = self.n_p
-        self.snap[:] = w[:n_p]
-        if self.pulled is not None:
-            np.subtract(w[:n_p], self.pulled, out=self.out[:n_p])  # the update since the pull
-        else:
-            self.out[:n_p] = w[:n_p]
-        self.out[n_p:] = w[n_p:]
+        self.snap[:] = w[: self.n_p]
+        req = replace(req, norm=push_body(torch.from_numpy(w), self.pulled, self.out, self.n_p))
         self.thread = threading.Thread(target=self._exchange, args=(req,), name="hpc_dualbatch-push")
         self.thread.daemon = True  # (an error on the training thread ends the process meanwhile)
         self.thread.start()

@@ -8,6 +8,7 @@ is None. The momentum vector follows the parameters in the same order.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,35 @@ def initial_weights(cfg: Any, staged: Any) -> tuple[np.ndarray, int]:
     model = build_model(cfg.model.arch, staged.num_classes, staged.channels, cfg.model.width)
     flat = FlatModel(model)
     return flat.weights(), flat.n_params
+
+
+# Floats a push's body is written and measured in at a time (1 MiB): the norm reads each chunk
+# while it is still in the L2 cache, so measuring the push costs a fraction of a pass over it.
+CHUNK = 1 << 18
+
+
+def push_body(w: torch.Tensor, pulled: np.ndarray | None, out: np.ndarray, n_params: int) -> float:
+    """`out` <- what a push carries, from the weights `w` (float32[n_weights], CPU; may be `out`
+    itself): the parameters' update since the pull `w - pulled` (server.merge delta, nova) or,
+    with `pulled` None, the parameters themselves (paper), then the BN buffers as they are.
+    Returns the L2 norm of the parameter part: the push's size, which the server logs and checks
+    for finiteness before it merges (NaN or inf in any parameter makes it non-finite), so no
+    server shard reads the body twice. Elementwise the same float32 arithmetic as one `sub`."""
+    o = torch.from_numpy(out)
+    if w.data_ptr() != o.data_ptr():
+        o[n_params:].copy_(w[n_params:])
+    p = None if pulled is None else torch.from_numpy(pulled)
+    squares = 0.0  # float64: the chunks' float32 norms squared
+    for lo in range(0, n_params, CHUNK):
+        hi = min(lo + CHUNK, n_params)
+        chunk = o[lo:hi]
+        if p is not None:
+            torch.sub(w[lo:hi], p[lo:hi], out=chunk)
+        elif w.data_ptr() != o.data_ptr():
+            chunk.copy_(w[lo:hi])
+        norm = float(torch.linalg.vector_norm(chunk))
+        squares += norm * norm  # (inf stays inf; ** would raise on overflow)
+    return math.sqrt(squares)
 
 
 class FlatModel:
@@ -69,17 +99,13 @@ class FlatModel:
         torch.from_numpy(out).copy_(self.flat)
         return out
 
-    def update_since(self, pulled: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """`out` <- the weights with `pulled` (float32[n_params]) taken from the parameters: a
-        push's update w_i - w_pulled and the BN buffers, in one pass over the model on a CPU."""
-        n = self.n_params
+    def push_body(self, pulled: np.ndarray | None, out: np.ndarray) -> float:
+        """`out` <- what a push carries (`push_body`) from the model's weights; returns the norm
+        of its parameter part. On a GPU one copy to the host first, the arithmetic there."""
         if self.flat.device.type == "cpu":
-            torch.sub(self.flat[:n], torch.from_numpy(pulled), out=torch.from_numpy(out[:n]))
-            torch.from_numpy(out[n:]).copy_(self.flat[n:])
-        else:  # (one copy to the host, then the difference there)
-            self.weights(out)
-            np.subtract(out[:n], pulled, out=out[:n])
-        return out
+            return push_body(self.flat, pulled, out, self.n_params)
+        self.weights(out)
+        return push_body(torch.from_numpy(out), pulled, out, self.n_params)
 
     @torch.no_grad()
     def load_weights(self, flat: np.ndarray) -> None:

@@ -7,9 +7,10 @@ Record types (field `type`):
             predicted (the adaptive plan's seconds for the task, where it has a fit) and the
             push's merge diagnostics: merge (merges so far), staleness (merges by other
             pushes since the group's pull), distance (the push's size: under server.merge
-            paper ||pushed - global|| of the parameters before the merge; under delta and nova
-            the norm of the update it carries, ||w_i - w_pulled||; runs made before pushes
-            carried updates recorded ||w_i - global|| under every rule), scale (the weight the
+            paper ||pushed - global|| of the parameters before the merge, with server shards of
+            shard 0's slice; under delta and nova the norm of the update it carries,
+            ||w_i - w_pulled||, measured by its leader over the whole push; runs made before
+            pushes carried updates recorded ||w_i - global|| under every rule), scale (the weight the
             merge gave the push)
     merge   a push inside a task (server.push_every): group, round, merge, staleness,
             distance, scale, wall
