@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hpc_dualbatch.runtime import flat as flat_module
 from hpc_dualbatch.runtime.engine import recalibrate_bn
 from hpc_dualbatch.runtime.flat import FlatModel, push_body
 from hpc_dualbatch.runtime.model import build_model
@@ -68,15 +67,10 @@ def test_training_steps_and_bn_updates_show_in_the_flat_weights_and_loads_reach_
 
 
 @pytest.mark.parametrize("rule", ["delta", "paper"])
-@pytest.mark.parametrize("chunk", [None, 1000])  # the module's 1 MiB (one chunk here), and many
-def test_a_push_carries_the_update_or_the_weights_with_the_buffers_and_its_leader_measures_it(
-    monkeypatch, rule, chunk
-):
+def test_a_push_carries_the_update_or_the_weights_with_the_buffers_and_its_leader_measures_it(rule):
     """delta, nova: the weights less the pulled parameters, bit for bit numpy's float32
     difference; paper: the parameters. BN buffers as they are; the model untouched; the norm is
     the parameter part's (float64 reference), and NaN or inf in any parameter makes it non-finite."""
-    if chunk is not None:
-        monkeypatch.setattr(flat_module, "CHUNK", chunk)
     model, flat = model_and_flat()
     n = flat.n_params
     pulled = np.random.default_rng(2).standard_normal(n).astype(np.float32) if rule == "delta" else None

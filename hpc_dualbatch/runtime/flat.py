@@ -8,7 +8,6 @@ is None. The momentum vector follows the parameters in the same order.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -28,33 +27,23 @@ def initial_weights(cfg: Any, staged: Any) -> tuple[np.ndarray, int]:
     return flat.weights(), flat.n_params
 
 
-# Floats a push's body is written and measured in at a time (1 MiB): the norm reads each chunk
-# while it is still in the L2 cache, so measuring the push costs a fraction of a pass over it.
-CHUNK = 1 << 18
-
-
 def push_body(w: torch.Tensor, pulled: np.ndarray | None, out: np.ndarray, n_params: int) -> float:
     """`out` <- what a push carries, from the weights `w` (float32[n_weights], CPU; may be `out`
     itself): the parameters' update since the pull `w - pulled` (server.merge delta, nova) or,
     with `pulled` None, the parameters themselves (paper), then the BN buffers as they are.
     Returns the L2 norm of the parameter part: the push's size, which the server logs and checks
     for finiteness before it merges (NaN or inf in any parameter makes it non-finite), so no
-    server shard reads the body twice. Elementwise the same float32 arithmetic as one `sub`."""
-    o = torch.from_numpy(out)
-    if w.data_ptr() != o.data_ptr():
+    server shard reads the body twice. One pass more on the leader, one fewer on the server,
+    which serves every group: 2.3 ms at ResNet-18 size on one core here; written chunk by chunk
+    (1 MiB) to read the norm from cache it took longer (per-chunk overhead, evictions)."""
+    o, same = torch.from_numpy(out), w.data_ptr() == out.ctypes.data
+    if pulled is not None:
+        torch.sub(w[:n_params], torch.from_numpy(pulled), out=o[:n_params])
+    elif not same:
+        o[:n_params].copy_(w[:n_params])
+    if not same:
         o[n_params:].copy_(w[n_params:])
-    p = None if pulled is None else torch.from_numpy(pulled)
-    squares = 0.0  # float64: the chunks' float32 norms squared
-    for lo in range(0, n_params, CHUNK):
-        hi = min(lo + CHUNK, n_params)
-        chunk = o[lo:hi]
-        if p is not None:
-            torch.sub(w[lo:hi], p[lo:hi], out=chunk)
-        elif w.data_ptr() != o.data_ptr():
-            chunk.copy_(w[lo:hi])
-        norm = float(torch.linalg.vector_norm(chunk))
-        squares += norm * norm  # (inf stays inf; ** would raise on overflow)
-    return math.sqrt(squares)
+    return float(torch.linalg.vector_norm(o[:n_params]))
 
 
 class FlatModel:
