@@ -1,7 +1,7 @@
 """`hpc-dualbatch simulate`: the parameter server's discrete-event model (`ps/simulate.py`).
 
     hpc-dualbatch simulate check RUN_DIR... --exchange results/bench/exchange-small.json [--wake-ms W]
-    hpc-dualbatch simulate scale [--gbps 100] [--merge-ns 0.29] [--update-ns 0.4] [--out docs/scaling.md]
+    hpc-dualbatch simulate scale [--gbps 100] [--merge-ns 0.20] [--update-ns 0.52] [--out docs/scaling.md]
 
 `check` replays real runs: each group's measured task times (commit records: training seconds,
 the exchanges excluded), its pushes per task (merge records), the evaluations' seconds, the
@@ -285,11 +285,14 @@ def register(sub: Any) -> None:
     sc.add_argument("--gbps", type=float, default=100.0, help="link speed, Gb/s (100: InfiniBand EDR)")
     sc.add_argument("--latency-us", type=float, default=5.0, help="per message, us")
     sc.add_argument(
-        "--merge-ns", type=float, default=0.29, help="the server's merge per weight, ns (bench exchange)"
-    )
+        "--merge-ns", type=float, default=0.20,
+        help="the server's merge per weight, ns (bench exchange on AMD EPYC, 0.29, times 0.69: the fold "
+        "alone since the leader measures its push, results/bench/exchange-ab-2026-12-05)",
+    )  # fmt: skip
     sc.add_argument(
-        "--update-ns", type=float, default=0.4,
-        help="the leader's update and copy of the reply per weight, ns (bench exchange: nomerge - wire)",
+        "--update-ns", type=float, default=0.52,
+        help="the leader's update, its norm and copy of the reply per weight, ns (bench exchange: nomerge "
+        "- wire; AMD EPYC 0.4 before the norm, times 1.31, results/bench/exchange-ab-2026-12-05)",
     )  # fmt: skip
     sc.add_argument(
         "--wake-ms", type=float, default=0.05, help="server: mean delay from a wake-up to running, ms"
