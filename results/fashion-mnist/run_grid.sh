@@ -104,6 +104,13 @@ server_part() {  # server_part SEED
   run server ps-base-rampstep-r3 "${PS[@]}" "${DEF[@]}"
   run server ps-base-slowmo "${PS[@]}" "${DEF[@]}" --set server.outer=delayed --set server.outer_lr=1.0 \
     --set server.outer_momentum=0.5
+  # the control behind the defaults' gap: barrier-synchronous rounds (every group pushes, the
+  # server merges them all, then answers) at the default period and at every step, beside
+  # ps-base-rampstep-r3 on the same machine: rounds at 4 separate asynchrony from 4 local steps,
+  # rounds at 1 are synchronous SGD through the server (the server path without either)
+  for every in 4 1; do
+    run server ps-rounds-push$every "${PS[@]}" "${DEF[@]}" --set server.push_every=$every --set server.order=rounds
+  done
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -170,7 +177,7 @@ done
 ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-push8 ps-base-nesterov
               ps-base-delayed ps-base-pushlr ps-rounds ps-single ps-base-rampstep ps-single-rampstep
               ps-base-overlap sync-r2 ps-base-push1-rampstep ps-base-push2-rampstep sync-r3
-              ps-base-rampstep-r3 ps-base-slowmo"
+              ps-base-rampstep-r3 ps-base-slowmo ps-rounds-push4 ps-rounds-push1"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
