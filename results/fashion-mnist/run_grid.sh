@@ -167,6 +167,12 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
   run dualbatch hybrid-ns3-lrsqrt-evalfix-e12 5 "$s" "${P[@]}" --set workers.small=3 "${E12[@]}" "${SQRT[@]}"
   run dualbatch hybrid-ns3-lrsqrt-evalfix-e14 5 "$s" "${P[@]}" --set workers.small=3 "${E14[@]}" "${SQRT[@]}"
   run dualbatch hybrid-ns3-lrsqrt-evalfix 5 "$s" "${P[@]}" --set workers.small=3 "${SQRT[@]}"
+  # barrier-synchronous rounds (server.order: rounds) with small-batch groups, against the same
+  # configuration asynchronous and `sync`, all three again on this sitting's machine (-r3)
+  run dualbatch sync-r3 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run dualbatch dual-ns3-lrsqrt-r3 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}"
+  run dualbatch dual-ns3-lrsqrt-rounds 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}" \
+    --set server.order=rounds
 }
 
 for seed in $SEEDS; do
@@ -182,7 +188,8 @@ ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 du
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
                  hybrid-ns3-e12 hybrid-ns3-lrsqrt-e12 hybrid-ns3-lrsqrt-e14 dual-ns3-e12
-                 hybrid-ns3-lrsqrt-evalfix hybrid-ns3-lrsqrt-evalfix-e12 hybrid-ns3-lrsqrt-evalfix-e14"
+                 hybrid-ns3-lrsqrt-evalfix hybrid-ns3-lrsqrt-evalfix-e12 hybrid-ns3-lrsqrt-evalfix-e14
+                 sync-r3 dual-ns3-lrsqrt-r3 dual-ns3-lrsqrt-rounds"
 for part in $PARTS; do
   order="ORDER_$part"
   dirs=()
