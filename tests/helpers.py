@@ -94,11 +94,15 @@ def rank_pids(job: subprocess.Popen, n: int, timeout: float = 60) -> dict[int, i
 
     Open MPI gives every rank a process group of its own (so `pgrep -g <mpirun's pgid>` finds
     only mpirun), but the ranks stay in mpirun's session, which `start()` made new: the ranks
-    are the processes of that session whose environment holds OMPI_COMM_WORLD_RANK.
+    are the processes of that session whose environment holds OMPI_COMM_WORLD_RANK. A rank's
+    own children inherit that environment (a short-lived helper at start-up, e.g. the
+    `ldconfig -p` that ctypes' find_library runs): a rank is the one whose parent is not a
+    process of the same rank (a CI run once signalled such a helper after it had exited).
     """
     found: dict[int, int] = {}
 
     def scan() -> bool:
+        procs: dict[int, dict[int, int]] = {}  # rank -> {pid: parent pid}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -107,11 +111,17 @@ def rank_pids(job: subprocess.Popen, n: int, timeout: float = 60) -> dict[int, i
                     continue
                 with open(f"/proc/{entry}/environ", "rb") as f:
                     env = f.read().split(b"\0")
-            except OSError:  # gone meanwhile
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):  # gone meanwhile
                 continue
             for var in env:
                 if var.startswith(b"OMPI_COMM_WORLD_RANK="):
-                    found[int(var.split(b"=", 1)[1])] = int(entry)
+                    procs.setdefault(int(var.split(b"=", 1)[1]), {})[int(entry)] = ppid
+        for rank, pids in procs.items():
+            roots = [pid for pid, ppid in pids.items() if ppid not in pids]
+            if len(roots) == 1:
+                found[rank] = roots[0]
         return len(found) >= n
 
     wait_for(scan, timeout, f"{n} rank processes of job {job.pid}", poll=0.2)
