@@ -95,9 +95,9 @@ def rank_pids(job: subprocess.Popen, n: int, timeout: float = 60) -> dict[int, i
     Open MPI gives every rank a process group of its own (so `pgrep -g <mpirun's pgid>` finds
     only mpirun), but the ranks stay in mpirun's session, which `start()` made new: the ranks
     are the processes of that session whose environment holds OMPI_COMM_WORLD_RANK. A rank's
-    own children inherit that environment (a short-lived helper at start-up, e.g. the
-    `ldconfig -p` that ctypes' find_library runs): a rank is the one whose parent is not a
-    process of the same rank (a CI run once signalled such a helper after it had exited).
+    own children inherit that environment (each rank runs a short-lived `uname -p` at start-up,
+    platform.processor's): a rank is the one whose parent is not a process of the same rank (a
+    CI run once signalled such a helper after it had exited).
     """
     found: dict[int, int] = {}
 

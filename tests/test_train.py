@@ -67,9 +67,8 @@ def test_hybrid_run_with_a_two_rank_group_learns(tmp_path, synthetic_h5):
     assert commits == list(range(1, 9))
     assert sorted(evals) == [1.0, 2.0, 3.0, 4.0]  # (two groups' evaluations may end out of order)
     recs = read_metrics(str(out / "metrics.jsonl"))
-    assert (
-        status["final_test_acc"] == evaluations(recs)[-1]["test_acc"] and evaluations(recs)[-1]["epoch"] == 4
-    )
+    last = evaluations(recs)[-1]
+    assert status["final_test_acc"] == last["test_acc"] and last["epoch"] == 4
     small = {r["batch"] for r in recs if r["type"] == "commit" and r["small"]}
     large = {r["batch"] for r in recs if r["type"] == "commit" and not r["small"]}
     assert small == {32} and large == {64}
