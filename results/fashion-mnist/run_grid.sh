@@ -111,6 +111,14 @@ server_part() {  # server_part SEED
   for every in 4 1; do
     run server ps-rounds-push$every "${PS[@]}" "${DEF[@]}" --set server.push_every=$every --set server.order=rounds
   done
+  # less SGD momentum in the groups: asynchrony itself acts as momentum (Mitliagkas et al. 2016,
+  # arXiv 1605.09774: about 1 - 1/M with M asynchronous workers; Liu et al. 2018, arXiv
+  # 1806.01660: an asynchronous momentum SGD needs less momentum than a synchronous one), so
+  # 0.9 on top of 4 asynchronous groups may be too much; sync again beside them (-r4)
+  run server sync-r4 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  for mom in 0.8 0.6; do
+    run server ps-base-mom${mom/./} "${PS[@]}" "${DEF[@]}" --set optim.momentum=$mom
+  done
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -183,7 +191,8 @@ done
 ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-push8 ps-base-nesterov
               ps-base-delayed ps-base-pushlr ps-rounds ps-single ps-base-rampstep ps-single-rampstep
               ps-base-overlap sync-r2 ps-base-push1-rampstep ps-base-push2-rampstep sync-r3
-              ps-base-rampstep-r3 ps-base-slowmo ps-rounds-push4 ps-rounds-push1"
+              ps-base-rampstep-r3 ps-base-slowmo ps-rounds-push4 ps-rounds-push1 sync-r4 ps-base-mom08
+              ps-base-mom06"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
