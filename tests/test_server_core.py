@@ -74,9 +74,29 @@ def test_round_robin_run_with_barriers_evals_and_stop(tmp_path):
     assert (
         sorted(ps.roster.eval_asked) == [0, 1] and ps.roster.serving()
     )  # epoch 3's eval came with group 1's STOP, epoch 4's with 0's
-    ps.on_eval(1, evaluation(3.0), np.zeros(N_B, np.float32))
-    ps.on_eval(0, evaluation(4.0), np.zeros(N_B, np.float32))
+    assert ps.on_eval(1, evaluation(3.0), np.zeros(N_B, np.float32)) == []  # told STOP: no pull
+    assert ps.on_eval(0, evaluation(4.0), np.zeros(N_B, np.float32)) == []
     assert not ps.roster.serving() and ps.outcome() == "done"
+
+
+def test_an_evaluation_is_answered_with_the_weights_merged_meanwhile(tmp_path):
+    """The group whose commit closed an epoch evaluates that commit's weights while the others
+    push; its evaluation is answered with the weights now (its pull), so its next push counts
+    its staleness from there and is not damped."""
+    mode = dict(server__merge="delta", server__bn="average", server__order="arrival")
+    ps = make(tmp_path, checkpoint__every_epochs=0, **mode)
+    ps.answer(0), ps.answer(1)
+    ps.on_push(push(P.Kind.PUSH, 1, 0, 80), np.full(N_P + N_B, 1.0, np.float32))
+    (closing,) = ps.on_push(push(P.Kind.PUSH, 0, 0, 100), np.full(N_P + N_B, 2.0, np.float32))
+    assert closing.task.eval_epoch == 1.0 and closing.task.status == P.Status.RUN
+    for _ in range(3):  # group 1 pushes while group 0 evaluates
+        ps.on_merge(push(P.Kind.MERGE, 1, 1, 80), np.full(N_P + N_B, 1.0, np.float32))
+    (pull,) = ps.on_eval(0, evaluation(1.0), np.zeros(N_B, np.float32))
+    assert pull.group == 0 and pull.task.status == P.Status.CONTINUE and pull.momentum is None
+    np.testing.assert_array_equal(pull.params, ps.s.weights[:N_P])  # the weights after all 5 merges
+    ps.on_merge(push(P.Kind.MERGE, 0, 1, 100), np.full(N_P + N_B, 1.0, np.float32))
+    merges = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["type"] in ("commit", "merge")]
+    assert [(r["group"], r["staleness"]) for r in merges][-1] == (0, 0)  # 3 without the pull: damped
 
 
 def evaluation(epoch: float) -> P.Evaluation:

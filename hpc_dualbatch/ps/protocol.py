@@ -25,6 +25,8 @@ Conversation of one group leader (L) with the server (S)::
     L -> S  TAG_REQ  header(kind=EVAL, ...)               after evaluating a reply's weights
     L -> S  TAG_BN   float32[n_buffers]                   the BN buffers that evaluation used
                                                           (when the reply asked: eval_epoch >= 0)
+    S -> L  reply as above, status CONTINUE               unless the reply was STOP: the weights
+                                                          merged meanwhile, which the task trains from
 Checkpoint barrier (every `checkpoint.every_epochs`, and on SIGTERM/SIGUSR1)::
 
     S -> L  TAG_REP  header(status=SEND_STATE)            instead of the reply to a PUSH

@@ -266,8 +266,11 @@ class ParameterServer:
             return self.roster.release()  # (under order: rounds the held groups go on to their commits)
         return self.roster.hold(g, lambda: self.answer(g), commit=True)
 
-    def on_eval(self, g: int, ev: P.Evaluation, bufs: np.ndarray) -> None:
-        """An evaluation result and the BN buffers it was made with."""
+    def on_eval(self, g: int, ev: P.Evaluation, bufs: np.ndarray) -> list[Outgoing]:
+        """An evaluation result and the BN buffers it was made with. A group with a task to train
+        is answered with the weights now (status CONTINUE), its pull: it evaluated the weights
+        of its commit while the other groups pushed, and would otherwise train its next push
+        period from them and push an update that many merges stale (damped to a few percent)."""
         if ev.epoch == self.cfg.schedule.epochs:
             self.final_buffers = bufs
         self.roster.eval_asked.pop(g, None)
@@ -278,6 +281,10 @@ class ParameterServer:
         )  # fmt: skip
         self.log.write(rec)
         self.progress.evaluation(rec)
+        if g in self.roster.stopped:  # its last evaluation: nothing left to train
+            return []
+        self.watch.answered(g, time.perf_counter())
+        return [self._with_weights(g, P.Task(P.Status.CONTINUE))]
 
     # --- checkpoints ----------------------------------------------------------
     def barrier_full(self) -> bool:

@@ -150,7 +150,8 @@ def serve(ps: ParameterServer, topo: Any, n_weights: int, n_buffers: int) -> str
         if req.kind == P.Kind.EVAL:
             bufs = np.empty(n_buffers, np.float32)
             if body(bufs, g, P.TAG_BN) and req.evaluation is not None:  # PS: the BN buffers it used
-                ps.on_eval(g, req.evaluation, bufs)
+                for out in ps.on_eval(g, req.evaluation, bufs):  # its pull, unless it was told STOP
+                    send(out)
         elif req.kind == P.Kind.HELLO:
             send(ps.answer(g))
         elif not body(wbuf, g, P.TAG_W):  # PS: the group's weights (MERGE, PUSH)

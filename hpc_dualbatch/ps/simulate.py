@@ -30,7 +30,9 @@ What it models, per push (each group pushes `pushes` times per task; the last pu
    not stop the group: its next part starts at once, and when that part ends the group waits for
    the reply if it has not come (the task's last push stays blocking).
 5. After a commit that closes an epoch (every n commits) the committing group evaluates
-   (`evals`: seconds, from the trace or a constant) before its next part.
+   (`evals`: seconds, from the trace or a constant), then pulls the weights merged meanwhile
+   (one copy of P floats over its link; the shards only hand that reply to MPI, left out)
+   before its next part.
 
 What it leaves out: checkpoints (barriers), adaptive re-planning (a trace holds its outcome),
 contention between groups for the leaders' links, and the allreduce inside a group (part of the
@@ -172,7 +174,8 @@ def simulate(sim: SimInput) -> Outcome:
     rng = random.Random(sim.seed)
     tr = sim.link.transfer(4.0 * sim.floats / S)  # one slice, one way
     merge = sim.link.merge_s_per_float * sim.floats / S
-    leader_link = 2 * sim.link.transfer(4.0 * sim.floats)  # the whole push and pull on one link
+    pull = sim.link.transfer(4.0 * sim.floats)  # the whole model one way on the leader's link
+    leader_link = 2 * pull  # the whole push and pull
     leader_math = sim.link.update_s_per_float * sim.floats  # on the group's time, push or not overlapped
     waits = (sim.poll_min, sim.poll_max)
     free = [0.0] * S  # when each shard finished its last request (and began waiting again)
@@ -258,7 +261,7 @@ def simulate(sim: SimInput) -> Outcome:
         wall = max(wall, done)
         last_commit[g] = done
         if sim.evals and commits % n == 0:  # this commit closed an epoch: its group evaluates
-            done += sim.evals[(commits // n - 1) % len(sim.evals)]
+            done += sim.evals[(commits // n - 1) % len(sim.evals)] + pull
         if issued < sim.tasks:
             take(g, done)
     active = sum(last_commit)

@@ -130,6 +130,10 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
         if push:
             for rank, prm, buf in parts:  # each shard its slice: parameters (or update), BN buffers
                 world.Send(w[prm.start : buf.stop], dest=rank, tag=P.TAG_W)  # PS
+        receive()
+
+    def receive() -> None:
+        """Leader: the reply to a request (answering state requests first), its weights into `w`."""
         while True:
             P.recv(world, rep, 0, P.TAG_REP, back)  # PS: reply header
             if P.Task.unpack(rep).status != P.Status.SEND_STATE:
@@ -203,6 +207,11 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
                     P.Request(P.Kind.EVAL, topo.group, evaluation=ev).pack(), dest=0, tag=P.TAG_REQ
                 )  # PS
                 world.Send(trainer.flat.buffers_flat(), dest=0, tag=P.TAG_BN)  # PS: the BN buffers used
+            if task.status != P.Status.STOP:  # the weights merged meanwhile: train on from them
+                if topo.is_leader:
+                    receive()  # (the server answers an evaluation with its pull: ParameterServer.on_eval)
+                P.bcast(gcomm, w, back)  # MPI: the leader's pull to the whole group
+                trainer.flat.load_weights(w)
         if task.status == P.Status.STOP:
             break
         # the server's share for this task (adaptive planning may cut a slow small group's):

@@ -218,6 +218,13 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
     def server_side() -> tuple[bool, str]:
         status = json.load(open(os.path.join(out, "status.json")))
         evals, merges = records(out, "eval"), records(out, "merge")
+        recs = read_metrics(os.path.join(out, "metrics.jsonl"))
+        pushes = [(i, r["group"], r) for i, r in enumerate(recs) if r["type"] in ("merge", "commit")]
+        after_eval = [  # each evaluating group's first push after its evaluation, if it pushed again
+            next(p for j, h, p in pushes if j > i and h == r["group"])
+            for i, r in enumerate(recs)
+            if r["type"] == "eval" and any(j > i and h == r["group"] for j, h, _ in pushes)
+        ]
         # every epoch's stage is trained by n tasks (which group takes which task is the server's)
         stages = sorted((r["resolution"], r["lr"]) for r in commits)
         planned = sorted(
@@ -235,8 +242,13 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
             and all(r["test_acc"] == 0.5 for r in evals)
             and len(merges) > 0  # push_every: pushes inside each task
             and C.load(C.latest(out)).commits == EPOCHS * n  # the final checkpoint
+            # an evaluating group pulls once it is done: under round robin its next push is
+            # served before any other group's, so nothing was merged since its pull
+            and len(after_eval) > 0
+            and all(r["staleness"] == 0 for r in after_eval)
         )
-        return ok, f"status {status}, stages {stages}, evals {[r['epoch'] for r in evals]}"
+        epochs = [r["epoch"] for r in evals]
+        return ok, f"status {status}, stages {stages}, evals {epochs}, pushes after them {after_eval}"
 
     agreed(world, check)
 
