@@ -98,3 +98,26 @@ def test_the_leaders_arithmetic_is_on_the_groups_time_overlapped_or_not():
 
     assert run(False).wall == pytest.approx(8 + 8 * (0.05 + 0.1))
     assert run(True).wall == pytest.approx(8 + 8 * 0.05 + 2 * 0.1)  # the transfers of 6 pushes hidden
+
+
+def test_rounds_answer_every_push_with_the_rounds_last():
+    """order: rounds, transfers free: a group whose parts take 0.9 s waits for one whose parts
+    take 2 s at every push, where under arrival it takes the tasks the slow group would have."""
+
+    def run(rounds: bool):
+        groups = [
+            SimGroup(1, [SimTask(seconds=1.8, pushes=2)]),
+            SimGroup(1, [SimTask(seconds=4.0, pushes=2)]),
+        ]
+        return simulate(
+            SimInput(groups, 1, Link(bandwidth=1e15), 4, poll_min=1e-9, poll_max=1e-9, rounds=rounds)
+        )
+
+    rounds, arrival = run(True), run(False)
+    assert rounds.wall == pytest.approx(8.0) and rounds.commits == 4  # 2 tasks each, 2 s a round
+    assert rounds.exchange == pytest.approx(4 * 1.1)  # the fast group waits 1.1 s at each of its pushes
+    assert rounds.training_share == pytest.approx((2 * 1.8 + 2 * 4.0) / 16.0)
+    assert arrival.wall == pytest.approx(3 * 1.8)  # the fast group trains 3 tasks, the slow one 1
+    assert arrival.training_share == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="rounds"):
+        simulate(SimInput([SimGroup(1, [SimTask(1.0)])], 1, Link(1e15), 1, rounds=True, overlap=True))

@@ -95,7 +95,7 @@ def replay(
         groups, floats or model_floats(cfg), link, len(commits), poll_min=cfg.server.poll_min_s,
         poll_max=cfg.server.poll_max_s, wake=wake[0], worker_wake=wake[1],
         evals=[e["seconds"] + e.get("bn_seconds", 0.0) for e in evals], blocking_replies=blocking,
-        overlap=cfg.server.overlap,
+        overlap=cfg.server.overlap, rounds=cfg.server.order == "rounds",
     )  # fmt: skip
     measured = {
         "mid_exchange_per_push": sum(c.get("wait", 0.0) for c in commits) / max(len(merges), 1),
@@ -164,6 +164,7 @@ def scale_point(
     wake: tuple[float, float],
     blocking: bool = False,
     overlap: bool = False,
+    rounds: bool = False,
 ) -> dict:
     """One cluster: gpus / group groups, each training its share of an epoch at B_L per GPU and
     pushing every `period` steps, 4 rounds of tasks, each part's time spread by 10 % (so the groups
@@ -177,7 +178,7 @@ def scale_point(
     task = SimTask(steps * step, pushes, steps * group * B_L)
     sim = SimInput(
         [SimGroup(group, [task])] * n, floats, link, 4 * n, shards=shards, wake=wake[0], worker_wake=wake[1],
-        spread=0.1, blocking_replies=blocking, overlap=overlap,
+        spread=0.1, blocking_replies=blocking, overlap=overlap, rounds=rounds,
     )  # fmt: skip
     out = simulate(sim)
     return {"throughput": out.training_share, "busy": out.busy_share, "exchange_s": out.exchange_per_push}
@@ -210,6 +211,33 @@ def shards_table(link: Link, wake: tuple[float, float], blocking: bool, overlap:
     return rows
 
 
+def rounds_table(link: Link, wake: tuple[float, float]) -> list[str]:
+    """Markdown rows: the groups' training share under `server.order: rounds` (every push waits
+    for the round's slowest part) at the shard count `arrival` needs (its table), then arrival's."""
+    rows = [
+        "| workload | GPUs per group | push every (steps) | "
+        + " | ".join(f"{n:,} GPUs" for n in GPUS)
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(GPUS),
+    ]
+    for work, (_, _, B_L, d, _) in WORKLOADS.items():
+        for group in (1, 8):
+            for period in PERIODS:
+                cells = []
+                for gpus in GPUS:
+                    if gpus < 2 * group or d < gpus * B_L:
+                        cells.append("-")
+                        continue
+                    for S in SHARDS:  # the fewest that keep ENOUGH under arrival (else the most)
+                        arrival = scale_point(work, gpus, group, S, period, link, wake)["throughput"]
+                        if arrival >= ENOUGH:
+                            break
+                    rounds = scale_point(work, gpus, group, S, period, link, wake, rounds=True)["throughput"]
+                    cells.append(f"{rounds:.2f} ({arrival:.2f})")
+                rows.append(f"| {work} | {group} | {period} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def scale(args: argparse.Namespace) -> int:
     link = Link(args.gbps * 1e9 / 8, args.latency_us * 1e-6, args.merge_ns * 1e-9, args.update_ns * 1e-9)
     wake = (args.wake_ms / 1e3, args.worker_wake_ms / 1e3)
@@ -237,6 +265,13 @@ def scale(args: argparse.Namespace) -> int:
         "task travels):",
         "",
         *shards_table(link, wake, blocking=False, overlap=True),
+        "",
+        "With `server.order: rounds` (each push answered once every group has pushed), replies in "
+        "flight: the share of their time the groups train, at the shard count the second table "
+        "gives `arrival`; in brackets `arrival`'s share there. Every round waits for its slowest "
+        "part (parts spread by 10 %), which no shard count removes:",
+        "",
+        *rounds_table(link, wake),
     ]
     text = "\n".join(lines) + "\n"
     print(text, end="")

@@ -28,7 +28,9 @@ What it models, per push (each group pushes `pushes` times per task; the last pu
    that. The group's other ranks, asleep in a `Backoff` broadcast since the part ended, resume at
    their next wake-up after the leader. With `overlap` (server.overlap) a push inside a task does
    not stop the group: its next part starts at once, and when that part ends the group waits for
-   the reply if it has not come (the task's last push stays blocking).
+   the reply if it has not come (the task's last push stays blocking). With `rounds`
+   (server.order: rounds) a push is answered only once every group with a task has pushed: each
+   group's reply comes when the round's last would (`roster.Roster.hold`).
 5. After a commit that closes an epoch (every n commits) the committing group evaluates
    (`evals`: seconds, from the trace or a constant), then pulls the weights merged meanwhile
    (one copy of P floats over its link; the shards only hand that reply to MPI, left out)
@@ -120,6 +122,9 @@ class SimInput:
     # server.overlap: a group trains its next part while a push inside its task travels, and
     # waits for that push's reply only when the next part ends
     overlap: bool = False
+    # server.order: rounds: every push is answered once each group with a task has pushed (its
+    # reply then comes with the round's last); modelled without overlap only
+    rounds: bool = False
 
 
 @dataclass
@@ -171,6 +176,8 @@ def simulate(sim: SimInput) -> Outcome:
         raise ValueError(
             f"need groups, shards, tasks and floats >= 1; got {n}, {S}, {sim.tasks}, {sim.floats}"
         )
+    if sim.rounds and sim.overlap:
+        raise ValueError("the model covers order: rounds without server.overlap only")
     rng = random.Random(sim.seed)
     tr = sim.link.transfer(4.0 * sim.floats / S)  # one slice, one way
     merge = sim.link.merge_s_per_float * sim.floats / S
@@ -186,6 +193,8 @@ def simulate(sim: SimInput) -> Outcome:
     current: list[SimTask] = [SimTask(0.0)] * n  # the task each group trains
     taken = [0] * n  # tasks each group has taken
     exchange, wall = 0.0, 0.0
+    in_task: set[int] = set()  # groups with a task not yet committed
+    held: dict[int, tuple[int, float, float]] = {}  # order: rounds: group -> (part, its end, reply)
 
     def late(mean: float) -> float:
         return rng.uniform(0.0, 2.0 * mean) if mean > 0 else 0.0
@@ -208,7 +217,27 @@ def simulate(sim: SimInput) -> Outcome:
         current[g] = tasks[taken[g] % len(tasks)]
         taken[g] += 1
         issued += 1
+        in_task.add(g)
         start_part(g, at, 0)
+
+    def answered(g: int, part: int, t_end: float, done: float) -> None:
+        """Group g's push after `part` (ended at t_end) is answered at `done`: it trains on."""
+        nonlocal exchange, mid, mid_pushes, commits, samples, wall
+        exchange += done - t_end
+        if part < current[g].pushes - 1:  # a push inside the task
+            mid_pushes += 1
+            mid += done - t_end
+            start_part(g, done, part + 1)
+            return
+        commits += 1
+        samples += current[g].samples
+        wall = max(wall, done)
+        last_commit[g] = done
+        in_task.discard(g)
+        if sim.evals and commits % n == 0:  # this commit closed an epoch: its group evaluates
+            done += sim.evals[(commits // n - 1) % len(sim.evals)] + pull
+        if issued < sim.tasks:
+            take(g, done)
 
     # events: (time the part ends, tie-break, group, part index within its task)
     events: list[tuple[float, int, int, int]] = []
@@ -243,26 +272,21 @@ def simulate(sim: SimInput) -> Outcome:
         if sim.groups[g].ranks > 1:  # the peers, asleep in a broadcast since t0, resume at their next wake
             done = next_wake(t0, done, *waits) + late(sim.worker_wake)
         pushes += 1
-        if part < current[g].pushes - 1:  # a push inside the task
-            mid_pushes += 1
-            if sim.overlap:  # the group trains on; the reply is waited for when the next part ends
-                replied[g] = done
-                mid += leader_math
-                exchange += leader_math
-                start_part(g, t0, part + 1)
-                continue
-            exchange += done - t_end
-            mid += done - t_end
-            start_part(g, done, part + 1)
+        if sim.overlap and part < current[g].pushes - 1:  # the group trains on; the reply is
+            mid_pushes += 1  # waited for when the next part ends
+            replied[g] = done
+            mid += leader_math
+            exchange += leader_math
+            start_part(g, t0, part + 1)
             continue
-        exchange += done - t_end
-        commits += 1
-        samples += current[g].samples
-        wall = max(wall, done)
-        last_commit[g] = done
-        if sim.evals and commits % n == 0:  # this commit closed an epoch: its group evaluates
-            done += sim.evals[(commits // n - 1) % len(sim.evals)] + pull
-        if issued < sim.tasks:
-            take(g, done)
+        if not sim.rounds:
+            answered(g, part, t_end, done)
+            continue
+        held[g] = (part, t_end, done)  # order: rounds: answered once every group with a task pushed
+        if len(held) == len(in_task):
+            release = max(d for _, _, d in held.values())  # the last reply of the round
+            for h, (p, t, _) in sorted(held.items()):
+                answered(h, p, t, release)
+            held.clear()
     active = sum(last_commit)
     return Outcome(wall, commits, pushes, busy, exchange, samples, mid, mid_pushes, computed, active)
