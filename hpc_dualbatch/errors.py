@@ -41,12 +41,14 @@ class DivergedError(HDBError):
     exit_code = 3
 
     @classmethod
-    def at(cls, commit: int, epoch: float, group: int, what: str, lr: float, momentum: float, batch: int,
-           px: int, out: str) -> DivergedError:  # fmt: skip
+    def at(cls, commit: int, epoch: float, group: int, what: str, lr: float, momentum: tuple[str, float],
+           batch: int, px: int, out: str) -> DivergedError:  # fmt: skip
+        """`momentum`: (config key, value), `Config.momentum`."""
+        key, mu = momentum
         return cls(
             f"training diverged at commit {commit} (epoch {epoch:.2f}): group {group}'s {what}, training at "
-            f"lr {lr:g}, optim.momentum {momentum:g}, batch {batch}, {px} px; nothing of it was merged. "
-            f"Lower schedule.lr or optim.momentum and start again, or resume from the last checkpoint "
+            f"lr {lr:g}, {key} {mu:g}, batch {batch}, {px} px; nothing of it was merged. "
+            f"Lower schedule.lr or {key} and start again, or resume from the last checkpoint "
             f"in {out}/checkpoints"
         )
 

@@ -66,6 +66,7 @@ def test_dotted_overrides_parse_yaml_values():
         ("server.order=round_robin", "'plan.adaptive' is true with server.order 'round_robin'"),
         ("optim.momentum=5", "'optim.momentum' must be in [0, 1), got 5"),
         ("optim.momentum=1.0", "'optim.momentum' must be in [0, 1)"),
+        ("optim.ps_momentum=-0.1", "'optim.ps_momentum' must be in [0, 1), got -0.1"),
         ("schedule.warmup_epochs=11", "'schedule.warmup_epochs' is 11, more than the run's schedule.epochs"),
         ("plan.min_small_batch=0", "'plan.min_small_batch' must be > 0"),
         # values without a natural upper bound: bounded, so a typo is a message, not NaN or an

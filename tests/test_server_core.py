@@ -165,7 +165,7 @@ def test_a_non_finite_push_stops_the_run_and_merges_nothing(tmp_path, where):
     with pytest.raises(DivergedError) as e:
         ps.on_push(h, wbuf)
     assert "training diverged at commit 2" in str(e.value) and "group 1's" in str(e.value)
-    assert "optim.momentum 0.9" in str(e.value) and "lr " in str(e.value)
+    assert "optim.ps_momentum 0.8" in str(e.value) and "lr " in str(e.value)  # the groups' momentum
     np.testing.assert_array_equal(ps.s.weights, before)
     assert ps.s.commits == 1
 

@@ -55,3 +55,23 @@ def test_every_rank_takes_the_same_number_of_steps(n, batch, size):
     assert len(set(got.tolist())) == len(got)  # disjoint
     dropped = n - len(got)
     assert 0 <= dropped < size  # at most a last step smaller than the group
+
+
+@pytest.mark.parametrize("mode, momentum", [("ps", 0.7), ("sync", 0.95)])
+def test_a_group_trains_at_its_modes_momentum(tmp_path, mode, momentum):
+    """A parameter-server run's groups take optim.ps_momentum, a synchronous run optim.momentum."""
+    from types import SimpleNamespace
+
+    from hpc_dualbatch.config import config_from_dict
+    from hpc_dualbatch.runtime.trainer import GroupTrainer
+    from tests.helpers import tiny_config
+
+    raw = tiny_config("unused.h5", tmp_path / "run", optim={"momentum": 0.95, "ps_momentum": 0.7}, mode=mode)
+    if mode == "sync":
+        raw.update(workers={"groups": [1], "small": 0}, plan={**raw["plan"], "k": 1.0})
+    cfg = config_from_dict(raw)
+    staged = SimpleNamespace(num_classes=10, channels=1, num_samples=lambda split: 100)
+    topo = SimpleNamespace(group=0, group_rank=0, group_size=1, local_rank=0)
+    trainer = GroupTrainer(cfg, staged, topo, lambda opt, params: opt, lambda x: None)
+    assert cfg.momentum == (f"optim.{'ps_' if mode == 'ps' else ''}momentum", momentum)
+    assert [g["momentum"] for g in trainer.opt.param_groups] == [momentum]

@@ -175,8 +175,9 @@ def _check_paths(cfg: Config) -> None:
 
 
 def _check_optim(o: OptimConfig) -> None:
-    if not 0.0 <= o.momentum < 1.0:  # >= 1: every step adds more than the last; NaN follows
-        raise ConfigError(f"config key 'optim.momentum' must be in [0, 1), got {o.momentum}")
+    for key, value in (("momentum", o.momentum), ("ps_momentum", o.ps_momentum)):
+        if not 0.0 <= value < 1.0:  # >= 1: every step adds more than the last; NaN follows
+            raise ConfigError(f"config key 'optim.{key}' must be in [0, 1), got {value}")
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
 
 

@@ -221,7 +221,7 @@ class ParameterServer:
     def _diverged(self, g: int, what: str) -> None:
         st, s = self.tasks.stage.get(g, TaskStage()), self.s
         raise DivergedError.at(
-            s.commits + 1, s.commits / self.n, g, what, st.lr, self.cfg.optim.momentum, st.batch,
+            s.commits + 1, s.commits / self.n, g, what, st.lr, self.cfg.momentum, st.batch,
             st.resolution, self.cfg.out,
         )  # fmt: skip
 

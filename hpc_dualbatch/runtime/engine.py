@@ -28,9 +28,13 @@ def pick_device(choice: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.SGD:
+def make_optimizer(
+    model: nn.Module, cfg: OptimConfig, lr: float, momentum: float | None = None
+) -> torch.optim.SGD:
+    """SGD at `momentum` (default cfg.momentum: a run passes `Config.momentum`'s, by mode)."""
     # Same LR for both batch sizes (method section 1: no linear scaling).
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    mu = cfg.momentum if momentum is None else momentum
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=mu, weight_decay=cfg.weight_decay)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

@@ -116,7 +116,7 @@ class GroupTrainer:
             self.device
         )
         self.flat = FlatModel(self.model)
-        opt = make_optimizer(self.model, cfg.optim, cfg.schedule.lr[0])
+        opt = make_optimizer(self.model, cfg.optim, cfg.schedule.lr[0], cfg.momentum[1])
         # gradients are averaged over the group's ranks; momentum stays in the group
         self.opt = wrap_optimizer(opt, self.model.named_parameters())
         self.n_train = staged.num_samples("train")

@@ -43,7 +43,8 @@ COMMON=(--config hpc_dualbatch/configs/fashion_mnist.yaml --set "data.path=$DATA
         --set model.width=8 --set "workers.groups=[1, 1, 1, 1]" --set plan.samples_per_epoch=30000
         --set schedule.epochs=8 --set "schedule.milestones=[5]" --set "schedule.lr=[0.1, 0.01]"
         --set checkpoint.every_epochs=0
-        --set schedule.small_lr=same --set schedule.warmup_ramp=task)  # the defaults round two ran at
+        --set schedule.small_lr=same --set schedule.warmup_ramp=task  # the defaults round two ran at
+        --set optim.ps_momentum=0.9)  # (before this key the groups took optim.momentum)
 SYNC=(--set mode=sync --set "workers.groups=[4]" --set workers.small=0 --set plan.k=1.0)
 ALL_LARGE=(--set workers.small=0 --set plan.k=1.0)
 FIXED=(--set schedule.resolution_mode=fixed)
@@ -114,11 +115,15 @@ server_part() {  # server_part SEED
   # less SGD momentum in the groups: asynchrony itself acts as momentum (Mitliagkas et al. 2016,
   # arXiv 1605.09774: about 1 - 1/M with M asynchronous workers; Liu et al. 2018, arXiv
   # 1806.01660: an asynchronous momentum SGD needs less momentum than a synchronous one), so
-  # 0.9 on top of 4 asynchronous groups may be too much; sync again beside them (-r4)
+  # 0.9 on top of 4 asynchronous groups may be too much; sync again beside them (-r4). (These
+  # ran at e6a8e05 with optim.momentum=$mom, which then set the groups' momentum too.)
   run server sync-r4 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
   for mom in 0.8 0.6; do
-    run server ps-base-mom${mom/./} "${PS[@]}" "${DEF[@]}" --set optim.momentum=$mom
+    run server ps-base-mom${mom/./} "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=$mom
   done
+  # the package's defaults since: momentum 0.8 in the groups (optim.ps_momentum) and the
+  # evaluating group's pull after its evaluation (from cee326a on)
+  run server ps-base-mom08-pull "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -181,6 +186,10 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
   run dualbatch dual-ns3-lrsqrt-r3 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}"
   run dualbatch dual-ns3-lrsqrt-rounds 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}" \
     --set server.order=rounds
+  # the groups' momentum 0.8 (optim.ps_momentum) and the evaluating group's pull, beside sync
+  run dualbatch sync-r4 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run dualbatch dual-ns3-lrsqrt-mom08-pull 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}" \
+    --set optim.ps_momentum=0.8
 }
 
 for seed in $SEEDS; do
@@ -192,13 +201,13 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               ps-base-delayed ps-base-pushlr ps-rounds ps-single ps-base-rampstep ps-single-rampstep
               ps-base-overlap sync-r2 ps-base-push1-rampstep ps-base-push2-rampstep sync-r3
               ps-base-rampstep-r3 ps-base-slowmo ps-rounds-push4 ps-rounds-push1 sync-r4 ps-base-mom08
-              ps-base-mom06"
+              ps-base-mom06 ps-base-mom08-pull"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
                  hybrid-ns3-e12 hybrid-ns3-lrsqrt-e12 hybrid-ns3-lrsqrt-e14 dual-ns3-e12
                  hybrid-ns3-lrsqrt-evalfix hybrid-ns3-lrsqrt-evalfix-e12 hybrid-ns3-lrsqrt-evalfix-e14
-                 sync-r3 dual-ns3-lrsqrt-r3 dual-ns3-lrsqrt-rounds"
+                 sync-r3 dual-ns3-lrsqrt-r3 dual-ns3-lrsqrt-rounds sync-r4 dual-ns3-lrsqrt-mom08-pull"
 for part in $PARTS; do
   order="ORDER_$part"
   dirs=()
