@@ -19,6 +19,7 @@
 #   PARTS=dualbatch bash results/fashion-mnist/run_grid.sh   # one part, SEEDS="1 2 3"
 #   bash results/fashion-mnist/run_grid.sh                   # both parts
 #   PARTS=server SEEDS="1" bash results/fashion-mnist/run_grid.sh
+#   PARTS=server SEEDS="4 5" ONLY="sync-r4 ps-base-mom08-pull" bash ...   # only these configurations
 #
 # Finished runs are skipped, so the grid continues across sittings; seeds run in the outer loop,
 # so every configuration has its first seed before any has its second. Each run's exact command
@@ -52,6 +53,7 @@ FIXED=(--set schedule.resolution_mode=fixed)
 run() {  # run PART NAME NP SEED overrides...
   local part=$1 name=$2 np=$3 seed=$4; shift 4
   local dir=$OUT/runs/$part/$name-s$seed
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   if [ -f "$dir/status.json" ] && grep -q '"state": "done"' "$dir/status.json"; then return; fi
   rm -rf "$dir"
   mkdir -p "$OUT/runs/$part"
@@ -124,6 +126,9 @@ server_part() {  # server_part SEED
   # the package's defaults since: momentum 0.8 in the groups (optim.ps_momentum) and the
   # evaluating group's pull after its evaluation (from cee326a on)
   run server ps-base-mom08-pull "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8
+  # and 0.9 on the same code, the pair the default rests on (seeds 4-5 of these three:
+  # SEEDS="4 5" ONLY="sync-r4 ps-base-mom08-pull ps-base-mom09-pull")
+  run server ps-base-mom09-pull "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.9
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -201,7 +206,7 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               ps-base-delayed ps-base-pushlr ps-rounds ps-single ps-base-rampstep ps-single-rampstep
               ps-base-overlap sync-r2 ps-base-push1-rampstep ps-base-push2-rampstep sync-r3
               ps-base-rampstep-r3 ps-base-slowmo ps-rounds-push4 ps-rounds-push1 sync-r4 ps-base-mom08
-              ps-base-mom06 ps-base-mom08-pull"
+              ps-base-mom06 ps-base-mom08-pull ps-base-mom09-pull"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
