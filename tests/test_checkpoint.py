@@ -123,3 +123,17 @@ def test_a_key_whose_default_changed_compares_as_what_ran_before_it():
     ]
     now["schedule"].update(small_lr="same", warmup_ramp="task")
     assert R.config_differences(older, now, ("saved", "now")) == []
+
+
+def test_a_config_saved_before_ps_momentum_existed_trained_its_groups_at_optim_momentum():
+    """Before optim.ps_momentum the groups took optim.momentum: an older config at momentum 0.95
+    equals one with both at 0.95, and differs from today's default 0.8 under the new key."""
+    from hpc_dualbatch.config import Config
+
+    now = Config().to_dict()
+    now["optim"]["momentum"] = 0.95
+    older = json.loads(json.dumps(now))
+    del older["optim"]["ps_momentum"]
+    assert R.config_differences(older, now, ("saved", "now")) == ["optim.ps_momentum: saved 0.95, now 0.8"]
+    now["optim"]["ps_momentum"] = 0.95
+    assert R.config_differences(older, now, ("saved", "now")) == []

@@ -60,8 +60,12 @@ def saved_config(ck: Any) -> dict[str, Any]:
 
 # The value a key had in effect before it existed, for keys whose default has changed since: a
 # saved config that lacks such a key ran with this value (every other key was added with the
-# default that kept the behaviour from before it).
-BEFORE_KEY = {"schedule.small_lr": "same", "schedule.warmup_ramp": "task"}
+# default that kept the behaviour from before it). A string names another key of the same config.
+BEFORE_KEY = {
+    "schedule.small_lr": "same",
+    "schedule.warmup_ramp": "task",
+    "optim.ps_momentum": "=optim.momentum",  # the groups trained at optim.momentum before it
+}
 
 
 def config_differences(
@@ -73,8 +77,17 @@ def config_differences(
     from hpc_dualbatch.config import Config
 
     # A JSON round trip makes both sides alike (int dict keys become strings).
-    base = {**_flatten(json.loads(json.dumps(Config().to_dict()))), **BEFORE_KEY}
-    fa, fb = ({**base, **_flatten(json.loads(json.dumps(c)))} for c in (a, b))
+    base = _flatten(json.loads(json.dumps(Config().to_dict())))
+
+    def resolved(c: dict[str, Any]) -> dict[str, Any]:
+        own = _flatten(json.loads(json.dumps(c)))
+        out = {**base, **own}
+        for k, v in BEFORE_KEY.items():
+            if k not in own:
+                out[k] = out[v[1:]] if isinstance(v, str) and v.startswith("=") else v
+        return out
+
+    fa, fb = resolved(a), resolved(b)
     return [
         f"{k}: {names[0]} {show(fa.get(k))}, {names[1]} {show(fb.get(k))}"
         for k in sorted(set(fa) | set(fb))
