@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 from hpc_dualbatch.errors import ConfigError
@@ -184,9 +185,9 @@ def scale_point(
     return {"throughput": out.training_share, "busy": out.busy_share, "exchange_s": out.exchange_per_push}
 
 
-def shards_table(link: Link, wake: tuple[float, float], blocking: bool, overlap: bool = False) -> list[str]:
-    """Markdown rows: per workload, group size and push period, the fewest shards that keep
-    ENOUGH of the throughput without a server, from 8 to 1,024 GPUs."""
+def _table(cell: Callable[[str, int, int, int], str]) -> list[str]:
+    """Markdown rows: per workload, group size and push period, `cell(work, gpus, group,
+    period)` from 8 to 1,024 GPUs ('-': a single group, or less than a step per GPU)."""
     rows = [
         "| workload | GPUs per group | push every (steps) | "
         + " | ".join(f"{n:,} GPUs" for n in GPUS)
@@ -196,46 +197,40 @@ def shards_table(link: Link, wake: tuple[float, float], blocking: bool, overlap:
     for work, (_, _, B_L, d, _) in WORKLOADS.items():
         for group in (1, 8):
             for period in PERIODS:
-                cells = []
-                for gpus in GPUS:
-                    if gpus < 2 * group or d < gpus * B_L:  # one group; or less than a step per GPU
-                        cells.append("-")
-                        continue
-                    kept = [
-                        scale_point(work, gpus, group, S, period, link, wake, blocking, overlap)["throughput"]
-                        for S in SHARDS
-                    ]
-                    need = next((S for S, x in zip(SHARDS, kept) if x >= ENOUGH), None)
-                    cells.append(f"{need if need else '>16'} ({kept[0]:.2f})")
+                cells = [
+                    "-" if gpus < 2 * group or d < gpus * B_L else cell(work, gpus, group, period)
+                    for gpus in GPUS
+                ]
                 rows.append(f"| {work} | {group} | {period} | " + " | ".join(cells) + " |")
     return rows
+
+
+def shards_table(link: Link, wake: tuple[float, float], blocking: bool, overlap: bool = False) -> list[str]:
+    """The fewest shards that keep ENOUGH of the throughput without a server, and in brackets
+    the throughput with one."""
+
+    def cell(work: str, gpus: int, group: int, period: int) -> str:
+        point = (work, gpus, group)
+        kept = [scale_point(*point, S, period, link, wake, blocking, overlap)["throughput"] for S in SHARDS]
+        need = next((S for S, x in zip(SHARDS, kept) if x >= ENOUGH), None)
+        return f"{need if need else '>16'} ({kept[0]:.2f})"
+
+    return _table(cell)
 
 
 def rounds_table(link: Link, wake: tuple[float, float]) -> list[str]:
-    """Markdown rows: the groups' training share under `server.order: rounds` (every push waits
-    for the round's slowest part) at the shard count `arrival` needs (its table), then arrival's."""
-    rows = [
-        "| workload | GPUs per group | push every (steps) | "
-        + " | ".join(f"{n:,} GPUs" for n in GPUS)
-        + " |",
-        "|---|---:|---:|" + "---:|" * len(GPUS),
-    ]
-    for work, (_, _, B_L, d, _) in WORKLOADS.items():
-        for group in (1, 8):
-            for period in PERIODS:
-                cells = []
-                for gpus in GPUS:
-                    if gpus < 2 * group or d < gpus * B_L:
-                        cells.append("-")
-                        continue
-                    for S in SHARDS:  # the fewest that keep ENOUGH under arrival (else the most)
-                        arrival = scale_point(work, gpus, group, S, period, link, wake)["throughput"]
-                        if arrival >= ENOUGH:
-                            break
-                    rounds = scale_point(work, gpus, group, S, period, link, wake, rounds=True)["throughput"]
-                    cells.append(f"{rounds:.2f} ({arrival:.2f})")
-                rows.append(f"| {work} | {group} | {period} | " + " | ".join(cells) + " |")
-    return rows
+    """The groups' training share under `server.order: rounds` (every push waits for the round's
+    slowest part) at the shard count `arrival` needs (its table), and in brackets arrival's."""
+
+    def cell(work: str, gpus: int, group: int, period: int) -> str:
+        for S in SHARDS:  # the fewest that keep ENOUGH under arrival (else the most)
+            arrival = scale_point(work, gpus, group, S, period, link, wake)["throughput"]
+            if arrival >= ENOUGH:
+                break
+        rounds = scale_point(work, gpus, group, S, period, link, wake, rounds=True)["throughput"]
+        return f"{rounds:.2f} ({arrival:.2f})"
+
+    return _table(cell)
 
 
 def scale(args: argparse.Namespace) -> int:
