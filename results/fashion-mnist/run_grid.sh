@@ -195,6 +195,9 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
   run dualbatch sync-r4 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
   run dualbatch dual-ns3-lrsqrt-mom08-pull 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}" \
     --set optim.ps_momentum=0.8
+  # and at 0.9 on the same code (ran after the three above, without a sync beside it)
+  run dualbatch dual-ns3-lrsqrt-mom09-pull 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}" \
+    --set optim.ps_momentum=0.9
 }
 
 for seed in $SEEDS; do
@@ -212,7 +215,8 @@ ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 du
                  dual-ns3-lrsqrt-overlap
                  hybrid-ns3-e12 hybrid-ns3-lrsqrt-e12 hybrid-ns3-lrsqrt-e14 dual-ns3-e12
                  hybrid-ns3-lrsqrt-evalfix hybrid-ns3-lrsqrt-evalfix-e12 hybrid-ns3-lrsqrt-evalfix-e14
-                 sync-r3 dual-ns3-lrsqrt-r3 dual-ns3-lrsqrt-rounds sync-r4 dual-ns3-lrsqrt-mom08-pull"
+                 sync-r3 dual-ns3-lrsqrt-r3 dual-ns3-lrsqrt-rounds sync-r4 dual-ns3-lrsqrt-mom08-pull
+                 dual-ns3-lrsqrt-mom09-pull"
 for part in $PARTS; do
   order="ORDER_$part"
   dirs=()
