@@ -86,8 +86,8 @@ class OptimConfig:
     # momentum SGD needs less momentum than synchronous), so the groups take less than a
     # synchronous run would. 0.8: the Fashion-MNIST server part's defaults +0.33 points over 0.9
     # on one code (89.77 +- 0.34 % against 89.43 +- 0.17, 5 seeds; 0.6: 89.01 +- 0.68, 3 seeds;
-    # sync 90.00 +- 0.42); on the dual-batch part -0.23 (88.18 +- 0.35 % against 88.41 +- 0.29,
-    # 3 seeds, within the spread): mixed, the server part the stronger; results/README.md.
+    # sync 90.00 +- 0.42); on the dual-batch part level (87.91 +- 0.47 % against 87.89 +- 0.77,
+    # 5 seeds each); results/README.md.
     ps_momentum: float = 0.8
     weight_decay: float = 1e-4
 
