@@ -60,12 +60,10 @@ def saved_config(ck: Any) -> dict[str, Any]:
 
 # The value a key had in effect before it existed, for keys whose default has changed since: a
 # saved config that lacks such a key ran with this value (every other key was added with the
-# default that kept the behaviour from before it). A string names another key of the same config.
-BEFORE_KEY = {
-    "schedule.small_lr": "same",
-    "schedule.warmup_ramp": "task",
-    "optim.ps_momentum": "=optim.momentum",  # the groups trained at optim.momentum before it
-}
+# default that kept the behaviour from before it). BEFORE_KEY_FROM: the same, where the value
+# in effect was another key's of the same config.
+BEFORE_KEY = {"schedule.small_lr": "same", "schedule.warmup_ramp": "task"}
+BEFORE_KEY_FROM = {"optim.ps_momentum": "optim.momentum"}  # the groups trained at optim.momentum
 
 
 def config_differences(
@@ -73,18 +71,17 @@ def config_differences(
 ) -> list[str]:
     """The keys where two resolved configs differ, outside `ignore`: "key: <names[0]> A, <names[1]> B".
     A key one side lacks (a config saved before the key existed) counts as the behaviour from
-    before it: its default, or BEFORE_KEY's value where the default has changed since."""
+    before it: its default, or BEFORE_KEY's value (BEFORE_KEY_FROM's key's) where the default has
+    changed since."""
     from hpc_dualbatch.config import Config
 
     # A JSON round trip makes both sides alike (int dict keys become strings).
-    base = _flatten(json.loads(json.dumps(Config().to_dict())))
+    base = {**_flatten(json.loads(json.dumps(Config().to_dict()))), **BEFORE_KEY}
 
     def resolved(c: dict[str, Any]) -> dict[str, Any]:
         own = _flatten(json.loads(json.dumps(c)))
         out = {**base, **own}
-        for k, v in BEFORE_KEY.items():
-            if k not in own:
-                out[k] = out[v[1:]] if isinstance(v, str) and v.startswith("=") else v
+        out.update({k: out[src] for k, src in BEFORE_KEY_FROM.items() if k not in own})
         return out
 
     fa, fb = resolved(a), resolved(b)
