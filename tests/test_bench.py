@@ -181,6 +181,25 @@ def test_overhead_quick(tmp_path):
     assert res["ratio"] > 0 and res["ratio_overlap"] > 0 and 0 <= res["server_cpu_per_wall"] < 1
     for key in ("duty_cycle", "duty_cycle_overlap"):  # training share of the workers' time
         assert 0 < res[key] <= 1.01, key  # (clock rounding: <= 1.01)
+    for key in ("tail", "tail_limit", "final_eval"):  # shares of the run at its end
+        assert 0 <= res[key] < 1, key
+
+
+def test_overhead_run_end_shares():
+    """Group 0 idles from its last commit (5 s) to group 1's (6 s), then the final evaluation
+    takes to 7 s; the server served 8 s: idle 1 s of 2 x 8 group-seconds, evaluation 1 s of 8."""
+    from hpc_dualbatch.bench.overhead import run_end
+
+    recs = [
+        {"type": "commit", "group": 0, "wall": 2.0},
+        {"type": "commit", "group": 1, "wall": 3.0},
+        {"type": "eval", "group": 1, "wall": 3.5},
+        {"type": "commit", "group": 0, "wall": 5.0},
+        {"type": "commit", "group": 1, "wall": 6.0},
+        {"type": "eval", "group": 1, "wall": 7.0},
+        {"type": "end", "wall": 7.1},
+    ]
+    assert run_end(recs, 8.0) == {"tail": 1 / 16, "final_eval": 1 / 8}
 
 
 @pytest.mark.job

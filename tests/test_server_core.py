@@ -144,6 +144,70 @@ def test_a_preempt_flag_parks_every_group_then_stops(tmp_path):
     assert not ps.roster.serving() and ps.outcome() == "preempted" and C.latest(ps.cfg.out) is not None
 
 
+def run_to_the_last_commit(ps: ParameterServer) -> tuple[list, list]:
+    """Under round robin, groups 0, 1, 0, ... commit the 8 tasks of a 4-epoch run; returns the
+    replies to commit 7 (group 0's last) and to commit 8 (group 1's, closing epoch 4)."""
+    ps.answer(0), ps.answer(1)
+    replies, w = [], np.zeros(N_P + N_B, np.float32)
+    for c in range(8):
+        g = c % 2
+        replies.append(ps.on_push(push(P.Kind.PUSH, g, c // 2, 100 - 20 * g), w))
+        if c == 6:  # group 0 has run out of tasks: it waits, stopped, not waited for
+            assert replies[-1] == [] and ps.roster.waiting == [0] and 0 not in ps.roster.awaited()
+    return replies[6], replies[7]
+
+
+def test_the_groups_share_the_final_evaluation(tmp_path):
+    """Group 0 (1 rank) runs out of tasks first and gets no reply until group 1 (2 ranks) has
+    too; then both are told STOP with their slots of 3, their BN statistics are averaged over
+    the 3 ranks, and their parts of the test split add up to one evaluation record."""
+    ps = make(tmp_path, server__bn="recalibrate", checkpoint__every_epochs=0, workers__groups=[1, 2])
+    _, outs = run_to_the_last_commit(ps)
+    task = [(o.group, o.task.status, o.task.eval_epoch, o.task.eval_slot, o.task.eval_slots) for o in outs]
+    assert task == [(0, P.Status.STOP, 4.0, 0, 3), (1, P.Status.STOP, 4.0, 1, 3)]
+    assert all(o.params is not None for o in outs)  # the final weights
+    assert ps.on_stats(1, np.array([0.0, 3.0], np.float32)) == [] and 1 not in ps.roster.awaited()
+    mean = ps.on_stats(0, np.array([3.0, 6.0], np.float32))  # (1 x [3, 6] + 2 x [0, 3]) / 3
+    assert [(o.group, o.task.status, o.params, o.buffers.tolist()) for o in mean] == [
+        (0, P.Status.STOP, None, [1.0, 4.0]),
+        (1, P.Status.STOP, None, [1.0, 4.0]),
+    ]
+
+    def part(loss: float, acc: float, samples: int, seconds: float, bn_seconds: float) -> P.Evaluation:
+        ev = P.Evaluation(4.0, loss, acc, samples, seconds, 16, bn_seconds)
+        return P.Request.unpack(P.Request(P.Kind.EVAL, 0, evaluation=ev).pack()).evaluation
+
+    bufs = mean[0].buffers
+    assert ps.on_eval(0, part(1.0, 0.5, 100, 2.0, 1.0), bufs) == [] and ps.roster.serving()
+    assert ps.on_eval(1, part(4.0, 0.8, 200, 3.0, 1.5), bufs) == [] and not ps.roster.serving()
+    last = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["type"] == "eval"][-1]
+    keys = ("epoch", "group", "test_loss", "test_acc", "samples", "seconds", "parts")
+    assert {k: last[k] for k in keys} == {
+        "epoch": 4.0, "group": 1, "test_loss": 3.0, "test_acc": 0.7, "samples": 300, "seconds": 3.0,
+        "parts": 2,
+    }  # fmt: skip
+    assert last["bn_seconds"] == 1.5 and ps.final_buffers.tolist() == [1.0, 4.0] and ps.outcome() == "done"
+
+
+def test_a_preemption_stops_the_groups_waiting_for_the_final_evaluation(tmp_path):
+    ps = make(tmp_path, server__bn="recalibrate", checkpoint__every_epochs=0)
+    ps.answer(0), ps.answer(1)
+    for c in range(7):  # group 0's last commit: it waits
+        g = c % 2
+        ps.on_push(push(P.Kind.PUSH, g, c // 2, 100 - 20 * g), np.zeros(N_P + N_B, np.float32))
+    ps.on_eval(1, evaluation(3.0), np.zeros(N_B, np.float32))  # (epoch 3's, asked by commit 6)
+    ps.preempt = 15
+    ps.check_preempt()
+    assert ps.on_push(push(P.Kind.PUSH, 1, 3, 80), np.zeros(N_P + N_B, np.float32)) == []  # parked
+    assert ps.barrier_full()
+    outs = ps.checkpoint(ps.checkpoint_writer())
+    assert sorted((o.group, o.task.status, o.task.eval_epoch) for o in outs) == [
+        (0, P.Status.STOP, -1.0),
+        (1, P.Status.STOP, -1.0),
+    ]
+    assert not ps.roster.serving() and ps.s.pending_evals == {1: 4.0}  # the resume evaluates it
+
+
 @pytest.mark.parametrize("where", ["loss", "weights"])
 def test_a_non_finite_push_stops_the_run_and_merges_nothing(tmp_path, where):
     """A NaN train loss or non-finite pushed weights (the leader's norm of its push) end the run

@@ -74,17 +74,25 @@ def _limit_worker(config_path: str, result_path: str) -> int:
         batch = specs[g].batch[stage.resolution]
         work = MiniEpoch(r, shares, stage.resolution, batch, stage.lr, stage.dropout)
         samples += trainer.train_mini_epoch(work).samples
-        if r % n == g:  # the evaluation the PS run's server asks for, with its recalibration
-            if cfg.server.bn == "recalibrate":
-                trainer.recalibrate(stage.resolution)
+        if r == cfg.schedule.epochs - 1:  # the final evaluation, shared by every rank as in the PS run
+            trainer.recalibrate(stage.resolution, g, n)
+            bufs = trainer.flat.buffers_flat()
+            world.Allreduce(MPI.IN_PLACE, bufs)  # MPI: the mean statistics over all ranks
+            trainer.flat.load_buffers(bufs / n)
+            trainer.evaluate(stage.resolution, g, n)
+        elif r % n == g:  # the evaluation the PS run's server asks for, with its recalibration
+            trainer.recalibrate(stage.resolution)
             trainer.evaluate(stage.resolution)
+    done = time.perf_counter() - t0
     back.wait(world.Ibarrier())  # MPI: the run ends with its last rank
     seconds = time.perf_counter() - t0
     total = world.allreduce(samples, op=MPI.SUM)  # MPI
+    finished = world.gather(done, root=0)  # MPI: when each rank ran out of work
     hvd.shutdown()
     if world.Get_rank() == 0:
+        tail = sum(seconds - t for t in finished) / (len(finished) * seconds)
         with open(result_path, "w", encoding="utf-8") as f:
-            json.dump({"samples": total, "seconds": seconds, "start_s": first}, f)
+            json.dump({"samples": total, "seconds": seconds, "start_s": first, "tail": tail}, f)
     return 0
 
 
@@ -95,8 +103,24 @@ def ps_summary(recs: list[dict]) -> dict:
     return {
         "samples": samples, "seconds": serve, "img_s": samples / serve,
         "server_cpu_seconds": end["server_cpu_seconds"], "server_serve_seconds": serve,
-        "commits": end["commits"], "duty": duty_cycle(recs),
+        "commits": end["commits"], "duty": duty_cycle(recs), **run_end(recs, serve),
     }  # fmt: skip
+
+
+def run_end(recs: list[dict], serve: float) -> dict:
+    """How a PS run ends, as shares of its `serve` seconds. `tail`: the groups' mean idle time
+    from their own last commit to the run's last one (tasks are handed out whole, so the last
+    ones end unevenly: up to about one task per group, once per run, whatever its length);
+    `final_eval`: the time after the last commit, where one group evaluates the final weights
+    while the others have stopped."""
+    last: dict[int, float] = {}
+    for r in recs:
+        if r["type"] == "commit":
+            last[r["group"]] = max(last.get(r["group"], 0.0), r["wall"])
+    t_last = max(last.values())
+    end = max(r["wall"] for r in recs if r["type"] in ("commit", "eval"))
+    idle = sum(t_last - t for t in last.values())
+    return {"tail": idle / (len(last) * serve), "final_eval": (end - t_last) / serve}
 
 
 def duty_cycle(recs: list[dict]) -> float:
@@ -166,6 +190,8 @@ def main(argv: list[str]) -> int:
         "overlap_img_s": median(r["img_s"] for r in ov),
         "ratio": ratio, "ratio_overlap": ratio_ov, "server_cpu_per_wall": cpu,
         "duty_cycle": median(r["duty"] for r in ps), "duty_cycle_overlap": median(r["duty"] for r in ov),
+        "tail": median(r["tail"] for r in ps), "tail_limit": median(r["tail"] for r in limit),
+        "final_eval": median(r["final_eval"] for r in ps),
         "seconds_per_commit": median(r["server_serve_seconds"] / r["commits"] for r in ps),
         "extra_seconds_per_mini_epoch": extra,
         "limit_seconds_per_mini_epoch": median(q["seconds"] - q["start_s"] for q in limit) / args.epochs,
@@ -186,6 +212,11 @@ def main(argv: list[str]) -> int:
         f"{cpu:.4f} s per wall s (goal <= 0.05); duty cycle: the share of the workers' time between "
         f"their first mini-epoch and last push spent training (the rest: pull, push, waits); PS extra "
         f"wall time per mini-epoch {1e3 * extra:+.0f} ms"
+    )
+    print(
+        f"run end (shares of the run): PS groups idle after their last task {result['tail']:.3f} "
+        f"(limit ranks {result['tail_limit']:.3f}), PS final evaluation after the last commit "
+        f"{result['final_eval']:.3f}: each once per run, so a longer run (--epochs) pays less of them"
     )
     mpirun = shlex.join(H.launcher())
     H.write_result(

@@ -75,8 +75,9 @@ def end_without(ps: Any, missing: list[int], writer: C.Writer) -> NoReturn:
     for g in lost:
         s.rounds[g] -= 1  # handed out again on resume, with the same data order (its round)
     for g, (epoch, merges) in roster.eval_asked.items():  # evaluations asked for, not received
-        if merges == s.merges:  # of the weights saved now: the resume evaluates them
-            s.pending_evals.setdefault(g, epoch)
+        if merges == s.merges:  # of the weights saved now: the resume evaluates them (once: a
+            if epoch not in s.pending_evals.values():  # shared final evaluation asked every group)
+                s.pending_evals[g] = epoch
         else:  # of weights merged over since: nothing can measure them any more
             why = f"evaluation of epoch {epoch:g} lost: group {g} did not send it before the run ended"
             ps.log.write(

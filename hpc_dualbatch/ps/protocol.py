@@ -27,6 +27,15 @@ Conversation of one group leader (L) with the server (S)::
                                                           (when the reply asked: eval_epoch >= 0)
     S -> L  reply as above, status CONTINUE               unless the reply was STOP: the weights
                                                           merged meanwhile, which the task trains from
+The final evaluation, shared (`evaluation.py`: under server.bn recalibrate, several groups)::
+
+    S -> L  reply STOP (eval_epoch, eval_slot, eval_slots) to every group, once all have run out
+                                                          of tasks (until then, no reply)
+    L -> S  TAG_REQ  header(kind=STATS, ...)              after recalibrating on its slots' part
+    L -> S  TAG_BN   float32[n_buffers]                   the group's BN statistics
+    S -> L  TAG_REP  header(status=STOP, ...)             once every group's are in
+    S -> L  TAG_BN   float32[n_buffers]                   their mean over all ranks
+    L -> S  EVAL as above, on its slots' part of the test split
 Checkpoint barrier (every `checkpoint.every_epochs`, and on SIGTERM/SIGUSR1)::
 
     S -> L  TAG_REP  header(status=SEND_STATE)            instead of the reply to a PUSH
@@ -68,6 +77,7 @@ class Kind(IntEnum):  # request kinds, leader -> server
     PUSH = 2
     EVAL = 3
     MERGE = 4  # a push inside a task (server.push_every): merged, answered CONTINUE
+    STATS = 5  # a shared final evaluation's BN statistics of one group (evaluation.py)
 
 
 class Status(IntEnum):  # reply status, server -> leader
@@ -111,11 +121,14 @@ class Rep(IntEnum):  # wire positions of `Task`'s fields
     HAS_STATE = 10
     PUSHES = 11
     LR_EPOCH = 12
+    EVAL_SLOT = 13
+    EVAL_SLOTS = 14
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The result of evaluating the weights of a reply that asked for it (EVAL request)."""
+    """The result of evaluating the weights of a reply that asked for it (EVAL request; a STATS
+    request carries only its epoch, resolution and bn_seconds)."""
 
     epoch: float  # the epoch the reply named (Task.eval_epoch)
     loss: float
@@ -163,7 +176,7 @@ class Request:
     def unpack(cls, h: np.ndarray) -> Request:
         kind = Kind(int(h[Req.KIND]))
         evaluation = None
-        if kind == Kind.EVAL:
+        if kind in (Kind.EVAL, Kind.STATS):
             evaluation = Evaluation(
                 float(h[Req.EVAL_EPOCH]),
                 float(h[Req.EVAL_LOSS]),
@@ -205,6 +218,8 @@ class Task:
     has_state: bool = False  # a TAG_OPT buffer follows (resume)
     pushes: int = 1  # pushes in this task (MERGE x (pushes - 1), then PUSH)
     lr_epoch: float = 0.0  # the fractional epoch `lr` is the rate at (schedule.warmup_ramp: step)
+    eval_slot: int = 0  # a shared final evaluation: the group's first slot (one per rank) ...
+    eval_slots: int = 0  # ... of this many; 0: the group evaluates alone, over its own ranks
 
     def pack(self) -> np.ndarray:
         h = np.zeros(HDR_LEN, np.float64)
@@ -223,7 +238,7 @@ class Task:
         h[Rep.DROPOUT], h[Rep.EVAL_EPOCH], h[Rep.HAS_STATE], h[Rep.PUSHES] = (
             self.dropout, self.eval_epoch, self.has_state, self.pushes,
         )  # fmt: skip
-        h[Rep.LR_EPOCH] = self.lr_epoch
+        h[Rep.LR_EPOCH], h[Rep.EVAL_SLOT], h[Rep.EVAL_SLOTS] = self.lr_epoch, self.eval_slot, self.eval_slots
         return h
 
     @classmethod
@@ -242,6 +257,8 @@ class Task:
             bool(h[Rep.HAS_STATE]),
             int(h[Rep.PUSHES]),
             float(h[Rep.LR_EPOCH]),
+            int(h[Rep.EVAL_SLOT]),
+            int(h[Rep.EVAL_SLOTS]),
         )
 
 

@@ -5,8 +5,11 @@ barrier (pushed, not answered: `parked`), or has been told STOP (`stopped`); a r
 asked it to evaluate (`eval_asked`, until the result is in); after a resume it is first sent its
 momentum (`send_state`). Under `server.order: round_robin` the groups are served in the fixed
 order 0, 1, ..., n-1, 0, ... (`next_group`); under `rounds` a group that pushed waits for its
-reply until the round is complete (`held`). Groups the stall watch left out (`left_out`, shared
-with `stalls.Watch.stalled`) are neither waited for nor served in turn.
+reply until the round is complete (`held`). A group that has run out of tasks waits for its reply
+until every group has (`waiting`): they share the final evaluation (`evaluation.py`), each group
+sending its BN statistics and waiting for their mean (`stats_in`); such a group counts as stopped.
+Groups the stall watch left out (`left_out`, shared with `stalls.Watch.stalled`) are neither
+waited for nor served in turn.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ class Roster:
         # order: rounds: group -> (its push was a commit, its reply, made at release)
         self.held: dict[int, tuple[bool, Callable[[], Any]]] = {}
         self.outstanding: set[int] = set()
+        self.waiting: list[int] = []  # no task left, no reply yet: the final evaluation is shared
+        self.stats_in: set[int] = set()  # sent their statistics, wait for the mean
         self.eval_asked: dict[int, tuple[float, int]] = {}  # group -> (epoch, merges at the asking)
         self.send_state = set(range(n_groups)) if resumed else set()
         self.started: set[int] = set()  # committed in this process: its warm-up is behind it
@@ -31,7 +36,8 @@ class Roster:
 
     def serving(self) -> bool:
         """Until every group has been told STOP and its last evaluation is in."""
-        return len(self.stopped) < self.n or any(g in self.stopped for g in self.eval_asked)
+        unfinished = len(self.stopped) < self.n or bool(self.waiting)
+        return unfinished or any(g in self.stopped for g in self.eval_asked)
 
     def active(self) -> list[int]:
         """Groups a barrier waits for: not stopped, not left out."""
@@ -39,7 +45,7 @@ class Roster:
 
     def awaited(self) -> list[int]:
         """Groups the server waits to hear from: with a task or an evaluation to send, not parked."""
-        skip = set(self.parked) | set(self.held) | self.left_out
+        skip = set(self.parked) | set(self.held) | self.stats_in | self.left_out
         return [g for g in range(self.n) if g not in skip and (g not in self.stopped or g in self.eval_asked)]
 
     def next_group(self) -> int | None:
@@ -58,11 +64,11 @@ class Roster:
         if self.round_robin and not is_eval:
             self.next_rr = (g + 1) % self.n
 
-    def hold(self, g: int, reply: Callable[[], Any], commit: bool) -> list[Any]:
-        """Group g's reply now, or under order: rounds held until the round is complete
+    def hold(self, g: int, reply: Callable[[], list[Any]], commit: bool) -> list[Any]:
+        """Group g's replies now, or under order: rounds held until the round is complete
         (`release`): one round of pushes from one pull, merged, then answered together."""
         if not self.rounds:
-            return [reply()]
+            return reply()
         self.held[g] = (commit, reply)
         return self.release()
 
@@ -82,4 +88,4 @@ class Roster:
         if not held or any(g not in held and g not in self.parked for g in self.active()):
             return []
         self.held = {}
-        return [held[g][1]() for g in sorted(held)]
+        return [out for g in sorted(held) for out in held[g][1]()]

@@ -48,6 +48,7 @@ from hpc_dualbatch.method.merge import Outer, PushInfo, make_rule
 from hpc_dualbatch.method.replan import Obs
 from hpc_dualbatch.ps import checkpoints
 from hpc_dualbatch.ps import protocol as P
+from hpc_dualbatch.ps.evaluation import SharedEval
 from hpc_dualbatch.ps.roster import Roster
 from hpc_dualbatch.ps.stalls import Watch
 from hpc_dualbatch.ps.tasks import GroupSpec, Tasks, TaskStage
@@ -113,12 +114,13 @@ class ServerState:
 @dataclass
 class Outgoing:
     """One reply to a group's leader, sent in this order: `task` (packed), the global
-    parameters, the BN buffers, then the group's momentum where `task.has_state`.
-    The arrays are views of the server's state: send them before the next merge."""
+    parameters (none in the reply to a STATS request), the BN buffers, then the group's momentum
+    where `task.has_state`. The arrays are views of the server's state: send them before the next
+    merge."""
 
     group: int
     task: P.Task
-    params: np.ndarray
+    params: np.ndarray | None
     buffers: np.ndarray
     momentum: np.ndarray | None = None
 
@@ -155,6 +157,7 @@ class ParameterServer:
         self.roster = Roster(self.n, sv.order, state.resumed, self.watch.stalled)
         self.group_ranks: list[tuple[int, ...]] = [()] * self.n  # world ranks (the driver sets them)
         self.final_buffers: np.ndarray | None = None  # BN buffers the final evaluation used
+        self.shared: SharedEval | None = None  # the final evaluation, once the groups share it
         self.barrier, self.preempt = False, 0  # preempt: the signal that asked for a checkpoint and stop
         self.t0 = time.perf_counter()
         self.progress = Progress()
@@ -197,6 +200,30 @@ class ParameterServer:
         more = sum(self.s.rounds) < self.total and not self.preempt
         return self._reply(g, P.Status.RUN if more else P.Status.STOP)
 
+    def after_commit(self, g: int) -> list[Outgoing]:
+        """The reply to a commit: `answer`; but a group with no task left waits without one
+        until every group has none, and then all share the final evaluation (`evaluation.py`)."""
+        s, roster = self.s, self.roster
+        alone = self.n - len(roster.left_out) < 2 or self.cfg.server.bn != "recalibrate"
+        other_eval = s.pending_evals.get(g, self.cfg.schedule.epochs) != self.cfg.schedule.epochs
+        if sum(s.rounds) < self.total or self.preempt or alone or other_eval:
+            return [self.answer(g)]
+        roster.waiting.append(g)
+        roster.stopped.add(g)  # (no task: neither a barrier nor the stall watch waits for it)
+        if any(h not in roster.stopped for h in range(self.n) if h not in roster.left_out):
+            return []  # (a group still training; one told STOP before shares nothing)
+        waiting, roster.waiting = sorted(roster.waiting), []
+        closer = next((h for h in waiting if h in s.pending_evals), None)
+        if closer is None or len(waiting) < 2:  # (the others were told STOP before: alone)
+            return [self.answer(h) for h in waiting]
+        ranks = {h: self.cfg.workers.groups[h] for h in waiting}
+        self.shared = SharedEval.of(s.pending_evals.pop(closer), closer, ranks)
+        outs = [self._reply(h, P.Status.STOP) for h in waiting]
+        for out in outs:
+            out.task = dataclasses.replace(out.task, **self.shared.task(out.group))
+            roster.eval_asked[out.group] = (self.shared.epoch, s.merges)
+        return outs
+
     # --- requests ------------------------------------------------------------
     def _merge(self, g: int, wbuf: np.ndarray, norm: float) -> dict[str, float]:
         """Fold group g's push `wbuf` into the global weights; `norm`: the norm of its parameter
@@ -230,7 +257,7 @@ class ParameterServer:
         order: rounds once the round is complete)."""
         g, d = req.group, self._merge(req.group, wbuf, req.norm)
         self.log.write(merge_record(group=g, round_idx=req.round, wall=self.wall(), **d))
-        return self.roster.hold(g, lambda: self._with_weights(g, P.Task(P.Status.CONTINUE)), commit=False)
+        return self.roster.hold(g, lambda: [self._with_weights(g, P.Task(P.Status.CONTINUE))], commit=False)
 
     def on_push(self, req: P.Request, wbuf: np.ndarray) -> list[Outgoing]:
         """A push that ends a task (a commit): merge, log, then the reply, or none while the
@@ -264,20 +291,26 @@ class ParameterServer:
         if self.barrier:
             self.roster.park(g)
             return self.roster.release()  # (under order: rounds the held groups go on to their commits)
-        return self.roster.hold(g, lambda: self.answer(g), commit=True)
+        return self.roster.hold(g, lambda: self.after_commit(g), commit=True)
 
     def on_eval(self, g: int, ev: P.Evaluation, bufs: np.ndarray) -> list[Outgoing]:
         """An evaluation result and the BN buffers it was made with. A group with a task to train
         is answered with the weights now (status CONTINUE), its pull: it evaluated the weights
         of its commit while the other groups pushed, and would otherwise train its next push
         period from them and push an update that many merges stale (damped to a few percent)."""
+        self.roster.eval_asked.pop(g, None)
+        parts = None
+        if self.shared is not None and g in self.shared.slots:  # one part of the final evaluation
+            whole = self.shared.add_result(g, ev)
+            if whole is None:
+                return []
+            ev, g, parts = whole, self.shared.closer, len(self.shared.slots)
         if ev.epoch == self.cfg.schedule.epochs:
             self.final_buffers = bufs
-        self.roster.eval_asked.pop(g, None)
         rec = eval_record(
             epoch=ev.epoch, group=g, test_loss=ev.loss, test_acc=ev.acc, samples=ev.samples,
             seconds=ev.seconds, resolution=ev.resolution, wall=self.wall(), bn=self.cfg.server.bn,
-            bn_seconds=ev.bn_seconds,
+            bn_seconds=ev.bn_seconds, parts=parts,
         )  # fmt: skip
         self.log.write(rec)
         self.progress.evaluation(rec)
@@ -285,6 +318,22 @@ class ParameterServer:
             return []
         self.watch.answered(g, time.perf_counter())
         return [self._with_weights(g, P.Task(P.Status.CONTINUE))]
+
+    def on_stats(self, g: int, bufs: np.ndarray) -> list[Outgoing]:
+        """Group g's BN statistics for the shared final evaluation; once every group's are in,
+        their mean to each group (a STOP header and the buffers), which it evaluates with."""
+        if self.shared is None or g not in self.shared.slots:
+            raise RuntimeError(f"protocol error: group {g} sent BN statistics no evaluation asked for")
+        self.roster.stats_in.add(g)
+        mean = self.shared.add_stats(g, bufs)
+        if mean is None:
+            return []
+        self.roster.stats_in.clear()
+        now = time.perf_counter()
+        for h in self.shared.slots:
+            self.watch.answered(h, now)
+        stop = {h: P.Task(P.Status.STOP, **self.shared.task(h)) for h in self.shared.slots}
+        return [Outgoing(h, task, None, mean) for h, task in stop.items()]
 
     # --- checkpoints ----------------------------------------------------------
     def barrier_full(self) -> bool:
@@ -307,7 +356,11 @@ class ParameterServer:
         checkpoints.write(self, writer)
         parked, self.roster.parked, self.barrier, self.watch.cutoff = self.roster.parked, [], False, None
         self.roster.next_rr = 0  # a resumed run restarts with HELLOs from group 0 on: so does round robin
-        return [self.answer(g) for g in sorted(parked)]
+        outs = [out for g in sorted(parked) for out in self.after_commit(g)]
+        if self.preempt:  # the groups waiting for the final evaluation: it will not come
+            waiting, self.roster.waiting = self.roster.waiting, []
+            outs += [self.answer(g) for g in sorted(waiting)]
+        return outs
 
     # --- what the driver asks ----------------------------------------------------
     def check_preempt(self) -> None:

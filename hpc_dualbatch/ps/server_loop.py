@@ -82,8 +82,9 @@ def serve(ps: ParameterServer, topo: Any, n_weights: int, n_buffers: int) -> str
         if out.momentum is not None:
             parts.append((out.momentum, P.TAG_OPT))  # the group's momentum (resume)
         for buf, tag in parts:
-            flight.post(world, buf, dest, tag, out.group, by)  # PS: header, parameters, BN buffers, momentum
-        if orders:  # the other shards send their slices
+            if buf is not None:  # (no parameters: the mean BN statistics of a shared evaluation)
+                flight.post(world, buf, dest, tag, out.group, by)  # PS: header, parameters, BN, momentum
+        if orders and out.params is not None:  # the other shards send their slices
             orders.send(Order(Op.REPLY, out.group, has_state=out.momentum is not None))
 
     def settle() -> None:
@@ -147,10 +148,14 @@ def serve(ps: ParameterServer, topo: Any, n_weights: int, n_buffers: int) -> str
         if g in ps.watch.gone:  # its last body never came; what it sends now would be misread
             continue
         ps.served(g, req.kind)
-        if req.kind == P.Kind.EVAL:
+        if req.kind in (P.Kind.EVAL, P.Kind.STATS):
             bufs = np.empty(n_buffers, np.float32)
             if body(bufs, g, P.TAG_BN) and req.evaluation is not None:  # PS: the BN buffers it used
-                for out in ps.on_eval(g, req.evaluation, bufs):  # its pull, unless it was told STOP
+                if req.kind == P.Kind.STATS:  # its statistics: the mean to all once all are in
+                    outs = ps.on_stats(g, bufs)
+                else:  # its pull, unless it was told STOP
+                    outs = ps.on_eval(g, req.evaluation, bufs)
+                for out in outs:
                     send(out)
         elif req.kind == P.Kind.HELLO:
             send(ps.answer(g))

@@ -99,9 +99,9 @@ class Trainer(Protocol):
 
     def train_mini_epoch(self, work: MiniEpoch, exchange: Callable[[], None] | None) -> MiniEpochStats: ...
 
-    def recalibrate(self, resolution: int) -> float: ...
+    def recalibrate(self, resolution: int, slot: int = 0, slots: int = 0) -> float: ...
 
-    def evaluate(self, resolution: int) -> tuple[float, float, int, float]: ...
+    def evaluate(self, resolution: int, slot: int = 0, slots: int = 0) -> tuple[float, float, int, float]: ...
 
 
 def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int], flag: Any) -> None:
@@ -183,6 +183,19 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
             P.bcast(gcomm, state, back)  # MPI
         return task
 
+    def share_statistics(res: int, bn_secs: float) -> None:
+        """All ranks, in a shared final evaluation: the group's BN statistics to the server, the
+        mean over every group's back (`evaluation.py`)."""
+        bufs = trainer.flat.buffers_flat()
+        if topo.is_leader:
+            ev = P.Evaluation(task.eval_epoch, 0.0, 0.0, 0, 0.0, res, bn_secs)
+            world.Send(P.Request(P.Kind.STATS, topo.group, evaluation=ev).pack(), dest=0, tag=P.TAG_REQ)  # PS
+            world.Send(bufs, dest=0, tag=P.TAG_BN)  # PS: the group's statistics
+            P.recv(world, rep, 0, P.TAG_REP, back)  # PS: header (STOP)
+            P.recv(world, bufs, 0, P.TAG_BN, back)  # PS: the mean over all groups' ranks
+        P.bcast(gcomm, bufs, back)  # MPI: to the whole group
+        trainer.flat.load_buffers(bufs)
+
     def mid_task_push() -> None:
         """All ranks: the leader pushes the weights so far and pulls the merged ones."""
         if topo.is_leader:
@@ -199,8 +212,11 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
             trainer.flat.load_momentum(trainer.opt, state)
         if task.eval_epoch >= 0:
             res = eval_resolution(task.eval_epoch, cfg.schedule)  # (not the new task's: see there)
-            bn_secs = trainer.recalibrate(res) if cfg.server.bn == "recalibrate" else 0.0
-            loss, acc, n, secs = trainer.evaluate(res)
+            part = (task.eval_slot, task.eval_slots)  # (slots 0: the group alone)
+            bn_secs = trainer.recalibrate(res, *part) if cfg.server.bn == "recalibrate" else 0.0
+            if task.eval_slots:
+                share_statistics(res, bn_secs)
+            loss, acc, n, secs = trainer.evaluate(res, *part)
             if topo.is_leader:
                 ev = P.Evaluation(task.eval_epoch, loss, acc, n, secs, res, bn_secs)
                 world.Send(

@@ -215,9 +215,11 @@ def eval_record(
     wall: float,
     bn: str | None = None,
     bn_seconds: float | None = None,
+    parts: int | None = None,
 ) -> dict[str, Any]:
     """One evaluation of the global model on the test split (server and sync alike; the server
-    adds its `server.bn` mode and the seconds a recalibration took)."""
+    adds its `server.bn` mode, the seconds a recalibration took, and for a final evaluation
+    the groups shared the number of groups: its seconds are then those of the slowest part)."""
     rec = {
         "type": "eval",
         "epoch": epoch,
@@ -232,6 +234,8 @@ def eval_record(
         rec["bn"] = bn
     if bn_seconds is not None:
         rec["bn_seconds"] = round(bn_seconds, 4)
+    if parts is not None:
+        rec["parts"] = parts
     return {**rec, "wall": round(wall, 3)}
 
 

@@ -174,12 +174,14 @@ class GroupTrainer:
         seconds = time.perf_counter() - t0 - wait
         return MiniEpochStats(n, seconds, loss_sum, correct, wait)
 
-    def recalibrate(self, resolution: int) -> float:
+    def recalibrate(self, resolution: int, slot: int = 0, slots: int = 0) -> float:
         """Recompute the BN statistics of the current weights on the run's fixed training samples
-        (each rank a part, then the group's mean); returns wall seconds."""
+        (each rank a part, then the group's mean); returns wall seconds. `slots` > 0: the group's
+        ranks take parts `slot`, `slot` + 1, ... of that many (a shared final evaluation)."""
         t0 = time.perf_counter()
-        idx = np.array_split(bn_indices(self.n_train, self.cfg.server.bn_samples, self.cfg.seed), self.size)
-        mine = idx[self.rank]
+        first, count = (slot, slots) if slots else (0, self.size)
+        idx = np.array_split(bn_indices(self.n_train, self.cfg.server.bn_samples, self.cfg.seed), count)
+        mine = idx[first + self.rank]
         n_batches = max(1, math.ceil(len(mine) / self.cfg.data.eval_batch))
         batch = max(1, math.ceil(len(mine) / n_batches))  # equal batches: each weighs the same
         recalibrate_bn(
@@ -191,10 +193,12 @@ class GroupTrainer:
             self.flat.load_buffers(bufs / self.size)
         return time.perf_counter() - t0
 
-    def evaluate(self, resolution: int) -> tuple[float, float, int, float]:
-        """Test loss and accuracy of the current weights, summed over the group's ranks."""
+    def evaluate(self, resolution: int, slot: int = 0, slots: int = 0) -> tuple[float, float, int, float]:
+        """Test loss and accuracy of the current weights, summed over the group's ranks (on their
+        parts `slot`, `slot` + 1, ... of `slots` parts of the test split where `slots` > 0)."""
         t0 = time.perf_counter()
-        idx = eval_indices(self.n_test, self.rank, self.size)
+        first, count = (slot, slots) if slots else (0, self.size)
+        idx = eval_indices(self.n_test, first + self.rank, count)
         loss_sum, correct, n = evaluate(
             self.model, EvalLoader(self.staged, resolution, idx, self.cfg.data.eval_batch, self.device)
         )

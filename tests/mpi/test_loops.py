@@ -48,6 +48,7 @@ from tests.mpi.common import agreed, groups_for  # noqa: E402
 
 EPOCHS = 4
 SAMPLES = 2000  # samples per epoch the plan splits into the groups' shares
+TEST = 1000  # test samples the stub evaluates (in parts)
 REAL_PER_SIMULATED = 0.1  # a stub task sleeps this share of its simulated seconds (~20-100 ms)
 
 
@@ -102,11 +103,21 @@ class StubTrainer:
         mine = len(np.array_split(np.arange(shares[g]), self.topo.group_size)[self.topo.group_rank])
         return MiniEpochStats(mine, seconds, loss.item() * mine, mine // 2)
 
-    def recalibrate(self, resolution):
+    def slots(self, slot: int, slots: int) -> range:
+        """The parts this rank's group takes (each rank one), as GroupTrainer takes them."""
+        return range(slot, slot + self.topo.group_size) if slots else range(self.topo.group_size)
+
+    def recalibrate(self, resolution, slot=0, slots=0):
+        """BN running mean = the mean of the group's part indices (what a group's recalibration
+        averages over its ranks), so a shared evaluation's mean over all ranks is exact to check."""
+        self.model[1].running_mean.fill_(float(np.mean(self.slots(slot, slots))))
         return 0.0
 
-    def evaluate(self, resolution):
-        return float(np.abs(self.flat.weights()).sum()), 0.5, 100, 0.01
+    def evaluate(self, resolution, slot=0, slots=0):
+        """The group's samples of a TEST-sample split in its parts (the group's sum)."""
+        parts = np.array_split(np.arange(TEST), slots or self.topo.group_size)
+        n = sum(len(parts[j]) for j in self.slots(slot, slots))
+        return float(np.abs(self.flat.weights()).sum()), 0.5, n, 0.01
 
 
 CAPTURE: list = []  # pytest's capture manager (run() prints a failing rank's traceback past it)
@@ -217,6 +228,10 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
 
     def server_side() -> tuple[bool, str]:
         status = json.load(open(os.path.join(out, "status.json")))
+        bn, ranks = cfg.server.bn, sum(cfg.workers.groups)
+        last = C.load(C.latest(out))  # the final model's BN buffers: running mean first
+        bufs = last.final_buffers if last.final_buffers is not None else last.weights[StubTrainer.n_params :]
+        final_mean = [float(x) for x in bufs[:2]]
         evals, merges = records(out, "eval"), records(out, "merge")
         recs = read_metrics(os.path.join(out, "metrics.jsonl"))
         pushes = [(i, r["group"], r) for i, r in enumerate(recs) if r["type"] in ("merge", "commit")]
@@ -239,7 +254,11 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
             and [r["epoch"] for r in evals] == list(range(1, EPOCHS + 1))  # once per epoch
             # at the resolution each epoch trained at (12, 12, 16, 12), not the next task's
             and [r["resolution"] for r in evals] == [resolution_at(e, cfg.schedule) for e in range(EPOCHS)]
-            and all(r["test_acc"] == 0.5 for r in evals)
+            and all(r["test_acc"] == 0.5 and r["samples"] == TEST for r in evals)
+            # the final evaluation: shared by every group under bn: recalibrate (each rank one
+            # part; BN statistics the mean over all ranks' parts 0 .. R-1), else the closer's alone
+            and [r.get("parts") for r in evals[-1:]] == [n if n > 1 and bn == "recalibrate" else None]
+            and (n == 1 or bn != "recalibrate" or final_mean == [(ranks - 1) / 2] * 2)
             and len(merges) > 0  # push_every: pushes inside each task
             and C.load(C.latest(out)).commits == EPOCHS * n  # the final checkpoint
             # an evaluating group pulls once it is done: under round robin its next push is
@@ -247,8 +266,8 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
             and len(after_eval) > 0
             and all(r["staleness"] == 0 for r in after_eval)
         )
-        epochs = [r["epoch"] for r in evals]
-        return ok, f"status {status}, stages {stages}, evals {epochs}, pushes after them {after_eval}"
+        why = f"status {status}, stages {stages}, evals {evals}, final BN mean {final_mean}"
+        return ok, f"{why}, pushes after them {after_eval}"
 
     agreed(world, check)
 
