@@ -129,6 +129,10 @@ server_part() {  # server_part SEED
   # and 0.9 on the same code, the pair the default rests on (seeds 4-5 of these three:
   # SEEDS="4 5" ONLY="sync-r4 ps-base-mom08-pull ps-base-mom09-pull")
   run server ps-base-mom09-pull "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.9
+  # the defaults with the final evaluation shared by every group (ps/evaluation.py; before, the
+  # closing group made it alone while the others idled), beside sync again (-r5)
+  run server sync-r5 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run server ps-base-mom08-shared "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -198,6 +202,10 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
   # and at 0.9 on the same code (ran after the three above, without a sync beside it)
   run dualbatch dual-ns3-lrsqrt-mom09-pull 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}" \
     --set optim.ps_momentum=0.9
+  # the defaults with the final evaluation shared by every group, beside sync again (-r5)
+  run dualbatch sync-r5 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run dualbatch dual-ns3-lrsqrt-mom08-shared 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}" \
+    --set optim.ps_momentum=0.8
 }
 
 for seed in $SEEDS; do
@@ -209,14 +217,14 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               ps-base-delayed ps-base-pushlr ps-rounds ps-single ps-base-rampstep ps-single-rampstep
               ps-base-overlap sync-r2 ps-base-push1-rampstep ps-base-push2-rampstep sync-r3
               ps-base-rampstep-r3 ps-base-slowmo ps-rounds-push4 ps-rounds-push1 sync-r4 ps-base-mom08
-              ps-base-mom06 ps-base-mom08-pull ps-base-mom09-pull"
+              ps-base-mom06 ps-base-mom08-pull ps-base-mom09-pull sync-r5 ps-base-mom08-shared"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
                  hybrid-ns3-e12 hybrid-ns3-lrsqrt-e12 hybrid-ns3-lrsqrt-e14 dual-ns3-e12
                  hybrid-ns3-lrsqrt-evalfix hybrid-ns3-lrsqrt-evalfix-e12 hybrid-ns3-lrsqrt-evalfix-e14
                  sync-r3 dual-ns3-lrsqrt-r3 dual-ns3-lrsqrt-rounds sync-r4 dual-ns3-lrsqrt-mom08-pull
-                 dual-ns3-lrsqrt-mom09-pull"
+                 dual-ns3-lrsqrt-mom09-pull sync-r5 dual-ns3-lrsqrt-mom08-shared"
 for part in $PARTS; do
   order="ORDER_$part"
   dirs=()
