@@ -206,6 +206,29 @@ def test_a_preemption_stops_the_groups_waiting_for_the_final_evaluation(tmp_path
         (1, P.Status.STOP, -1.0),
     ]
     assert not ps.roster.serving() and ps.s.pending_evals == {1: 4.0}  # the resume evaluates it
+    assert ps.outcome() == "preempted"  # (was "done": every task committed, the evaluation lost)
+    ck = C.load(C.latest(ps.cfg.out))  # the resume: every task is done, the evaluation is asked for
+    state = ServerState.from_checkpoint(ck, np.zeros(N_P + N_B, np.float32), N_P, ps.cfg.out)
+    again = ParameterServer(ps.cfg, ps.groups, state, MetricsLog(str(tmp_path / "m2.jsonl")))
+    hello = [again.answer(g).task for g in (0, 1)]
+    assert [(t.status, t.eval_epoch) for t in hello] == [(P.Status.STOP, -1.0), (P.Status.STOP, 4.0)]
+
+
+def test_a_group_silent_in_the_shared_final_evaluation_is_left_out(tmp_path):
+    """Group 1 sends its statistics and waits for the mean, which is not silence; group 0 never
+    sends its own: it is left out at the stall bound, the run ends with a checkpoint, and the
+    resume is asked for the final evaluation once (not once per group)."""
+    from hpc_dualbatch.errors import StalledError
+
+    ps = make(tmp_path, server__bn="recalibrate", checkpoint__every_epochs=0, server__stall_s=5.0)
+    ps.group_ranks = [(1,), (2,)]
+    run_to_the_last_commit(ps)
+    assert ps.on_stats(1, np.zeros(N_B, np.float32)) == [] and ps.roster.awaited() == [0]
+    ps.on_silence(ps.watch.deadline(ps.roster.awaited()), set())
+    assert ps.watch.stalled == {0} and ps.barrier_full()
+    with pytest.raises(StalledError, match=r"group 0 \(rank 1"):
+        ps.checkpoint(ps.checkpoint_writer())
+    assert list(C.load(C.latest(ps.cfg.out)).extra["pending_evals"].values()) == [4.0]
 
 
 @pytest.mark.parametrize("where", ["loss", "weights"])

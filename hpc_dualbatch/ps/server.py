@@ -402,4 +402,7 @@ class ParameterServer:
         }
 
     def outcome(self) -> str:
-        return "preempted" if self.preempt and self.s.commits < self.total else "done"
+        """done, or preempted: a signal stopped the run before its last commit or before its final
+        evaluation (a signal at the last commit: the checkpoint holds it pending, the resume makes it)."""
+        final_due = self.cfg.schedule.epochs in self.s.pending_evals.values()
+        return "preempted" if self.preempt and (self.s.commits < self.total or final_due) else "done"
