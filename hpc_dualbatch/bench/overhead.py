@@ -111,8 +111,7 @@ def run_end(recs: list[dict], serve: float) -> dict:
     """How a PS run ends, as shares of its `serve` seconds. `tail`: the groups' mean idle time
     from their own last commit to the run's last one (tasks are handed out whole, so the last
     ones end unevenly: up to about one task per group, once per run, whatever its length);
-    `final_eval`: the time after the last commit, where one group evaluates the final weights
-    while the others have stopped."""
+    `final_eval`: the time after the last commit, the final evaluation (shared by the groups)."""
     last: dict[int, float] = {}
     for r in recs:
         if r["type"] == "commit":

@@ -174,14 +174,19 @@ class GroupTrainer:
         seconds = time.perf_counter() - t0 - wait
         return MiniEpochStats(n, seconds, loss_sum, correct, wait)
 
+    def _part(self, slot: int, slots: int) -> tuple[int, int]:
+        """This rank's part and the number of parts: one per rank of the group, or (`slots` > 0)
+        the group's ranks as slots `slot`, `slot` + 1, ... of a shared final evaluation's."""
+        return (slot + self.rank, slots) if slots else (self.rank, self.size)
+
     def recalibrate(self, resolution: int, slot: int = 0, slots: int = 0) -> float:
         """Recompute the BN statistics of the current weights on the run's fixed training samples
         (each rank a part, then the group's mean); returns wall seconds. `slots` > 0: the group's
         ranks take parts `slot`, `slot` + 1, ... of that many (a shared final evaluation)."""
         t0 = time.perf_counter()
-        first, count = (slot, slots) if slots else (0, self.size)
-        idx = np.array_split(bn_indices(self.n_train, self.cfg.server.bn_samples, self.cfg.seed), count)
-        mine = idx[first + self.rank]
+        part, parts = self._part(slot, slots)
+        fixed = bn_indices(self.n_train, self.cfg.server.bn_samples, self.cfg.seed)
+        mine = np.array_split(fixed, parts)[part]
         n_batches = max(1, math.ceil(len(mine) / self.cfg.data.eval_batch))
         batch = max(1, math.ceil(len(mine) / n_batches))  # equal batches: each weighs the same
         recalibrate_bn(
@@ -197,8 +202,7 @@ class GroupTrainer:
         """Test loss and accuracy of the current weights, summed over the group's ranks (on their
         parts `slot`, `slot` + 1, ... of `slots` parts of the test split where `slots` > 0)."""
         t0 = time.perf_counter()
-        first, count = (slot, slots) if slots else (0, self.size)
-        idx = eval_indices(self.n_test, first + self.rank, count)
+        idx = eval_indices(self.n_test, *self._part(slot, slots))
         loss_sum, correct, n = evaluate(
             self.model, EvalLoader(self.staged, resolution, idx, self.cfg.data.eval_batch, self.device)
         )
