@@ -75,3 +75,23 @@ def test_a_group_trains_at_its_modes_momentum(tmp_path, mode, momentum):
     trainer = GroupTrainer(cfg, staged, topo, lambda opt, params: opt, lambda x: None)
     assert cfg.momentum == (f"optim.{'ps_' if mode == 'ps' else ''}momentum", momentum)
     assert [g["momentum"] for g in trainer.opt.param_groups] == [momentum]
+
+
+def test_the_parts_of_a_shared_final_evaluation_add_up_to_the_whole(tmp_path, synthetic_h5):
+    """One rank as slots 0-2 of 3: the parts cover the test split once and their sums are what
+    the rank measures alone (the server adds the parts of a shared final evaluation so)."""
+    from types import SimpleNamespace
+
+    from hpc_dualbatch.config import config_from_dict
+    from hpc_dualbatch.data import open_staged
+    from hpc_dualbatch.runtime.trainer import GroupTrainer
+    from tests.helpers import tiny_config
+
+    cfg = config_from_dict(tiny_config(synthetic_h5, tmp_path / "run"))
+    topo = SimpleNamespace(group=0, group_rank=0, group_size=1, local_rank=0)
+    trainer = GroupTrainer(cfg, open_staged(synthetic_h5), topo, lambda opt, params: opt, lambda x: None)
+    loss, acc, n, _ = trainer.evaluate(12)
+    parts = [trainer.evaluate(12, j, 3) for j in range(3)]
+    assert [p[2] for p in parts] == [134, 133, 133] and n == 400
+    assert round(sum(p[1] * p[2] for p in parts)) == round(acc * n)  # correct answers, exactly
+    assert sum(p[0] * p[2] for p in parts) == pytest.approx(loss * n, rel=1e-5)
