@@ -1,11 +1,11 @@
 """The final evaluation, shared by the groups that have run out of tasks (no MPI).
 
 A run's last evaluation comes after its last commit, when every other group has no task left.
-Made by the closing group alone it keeps the others idle for all of it: a single-rank group of
-the Fashion-MNIST grid took 12 s (9 s over the 10,000 test samples, 3 s recalibrating BN on
-2,560) of a ~190 s run, where the synchronous run splits its evaluation over its 4 ranks (3 s).
-So the server holds the reply to every group that runs out of tasks until all have (`Roster.waiting`),
-then hands each a block of consecutive *slots*, one per rank, R in all. Slot j recalibrates the
+Made by the closing group alone it keeps the others idle for all of it, where the synchronous
+run splits its evaluation over its ranks (on the 2-core grid machine the time after the last
+commit fell from 5.2 to 3.1 s: docs/server.md, "Diagnostics"). So the server holds the reply
+to every group that runs out of tasks until all have (`Roster.waiting`), then hands each a
+block of consecutive *slots*, one per rank, R in all. Slot j recalibrates the
 BN statistics on the j-th of R parts of the run's fixed recalibration samples; the server
 averages the groups' statistics, weighted by their ranks (the mean over all ranks, as a group
 averages its own ranks'), and sends the mean back; slot j then evaluates the j-th of R parts of
