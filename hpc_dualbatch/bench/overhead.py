@@ -68,13 +68,14 @@ def _limit_worker(config_path: str, result_path: str) -> int:
     trainer = group_trainer(cfg, staged, topo, hvd)
     trainer.flat.load_weights(flat.initial_weights(cfg, staged)[0])
     g, n, shares = topo.group, cfg.n_groups, [s.share for s in specs]
-    samples, first = 0, time.perf_counter() - t0
+    samples, first, trained = 0, time.perf_counter() - t0, 0.0
     for r in range(cfg.schedule.epochs):
         stage = schedule.stage_for_count(r * n + g, n, cfg.schedule)
         batch = specs[g].batch[stage.resolution]
         work = MiniEpoch(r, shares, stage.resolution, batch, stage.lr, stage.dropout)
         samples += trainer.train_mini_epoch(work).samples
         if r == cfg.schedule.epochs - 1:  # the final evaluation, shared by every rank as in the PS run
+            trained = time.perf_counter() - t0  # (its Allreduce waits for the last rank)
             trainer.recalibrate(stage.resolution, g, n)
             bufs = trainer.flat.buffers_flat()
             world.Allreduce(MPI.IN_PLACE, bufs)  # MPI: the mean statistics over all ranks
@@ -83,14 +84,13 @@ def _limit_worker(config_path: str, result_path: str) -> int:
         elif r % n == g:  # the evaluation the PS run's server asks for, with its recalibration
             trainer.recalibrate(stage.resolution)
             trainer.evaluate(stage.resolution)
-    done = time.perf_counter() - t0
     back.wait(world.Ibarrier())  # MPI: the run ends with its last rank
     seconds = time.perf_counter() - t0
     total = world.allreduce(samples, op=MPI.SUM)  # MPI
-    finished = world.gather(done, root=0)  # MPI: when each rank ran out of work
+    finished = world.gather(trained, root=0)  # MPI: when each rank ran out of tasks
     hvd.shutdown()
     if world.Get_rank() == 0:
-        tail = sum(seconds - t for t in finished) / (len(finished) * seconds)
+        tail = sum(max(finished) - t for t in finished) / (len(finished) * seconds)  # as run_end's
         with open(result_path, "w", encoding="utf-8") as f:
             json.dump({"samples": total, "seconds": seconds, "start_s": first, "tail": tail}, f)
     return 0
