@@ -28,7 +28,6 @@ class SharedEval:
     slots: dict[int, tuple[int, int]]  # group -> (its first slot, its ranks)
     stats: dict[int, np.ndarray] = field(default_factory=dict)  # group -> its BN statistics
     results: dict[int, P.Evaluation] = field(default_factory=dict)
-    mean: np.ndarray | None = None  # the statistics every part evaluates with
 
     @classmethod
     def of(cls, epoch: float, closer: int, ranks: dict[int, int]) -> SharedEval:
@@ -55,8 +54,7 @@ class SharedEval:
         acc = np.zeros(bufs.size, np.float64)
         for h, (_, n) in sorted(self.slots.items()):
             acc += n * self.stats[h].astype(np.float64)
-        self.mean = (acc / self.total).astype(np.float32)
-        return self.mean
+        return (acc / self.total).astype(np.float32)
 
     def add_result(self, g: int, ev: P.Evaluation) -> P.Evaluation | None:
         """Group g's part of the test split; once every part is in, the whole evaluation:

@@ -31,7 +31,7 @@ The final evaluation, shared (`evaluation.py`: under server.bn recalibrate, seve
 
     S -> L  reply STOP (eval_epoch, eval_slot, eval_slots) to every group, once all have run out
                                                           of tasks (until then, no reply)
-    L -> S  TAG_REQ  header(kind=STATS, ...)              after recalibrating on its slots' part
+    L -> S  TAG_REQ  header(kind=STATS)                   after recalibrating on its slots' part
     L -> S  TAG_BN   float32[n_buffers]                   the group's BN statistics
     S -> L  TAG_REP  header(status=STOP, ...)             once every group's are in
     S -> L  TAG_BN   float32[n_buffers]                   their mean over all ranks
@@ -127,8 +127,7 @@ class Rep(IntEnum):  # wire positions of `Task`'s fields
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The result of evaluating the weights of a reply that asked for it (EVAL request; a STATS
-    request carries only its epoch, resolution and bn_seconds)."""
+    """The result of evaluating the weights of a reply that asked for it (EVAL request)."""
 
     epoch: float  # the epoch the reply named (Task.eval_epoch)
     loss: float
@@ -176,7 +175,7 @@ class Request:
     def unpack(cls, h: np.ndarray) -> Request:
         kind = Kind(int(h[Req.KIND]))
         evaluation = None
-        if kind in (Kind.EVAL, Kind.STATS):
+        if kind == Kind.EVAL:
             evaluation = Evaluation(
                 float(h[Req.EVAL_EPOCH]),
                 float(h[Req.EVAL_LOSS]),

@@ -150,10 +150,11 @@ def serve(ps: ParameterServer, topo: Any, n_weights: int, n_buffers: int) -> str
         ps.served(g, req.kind)
         if req.kind in (P.Kind.EVAL, P.Kind.STATS):
             bufs = np.empty(n_buffers, np.float32)
-            if body(bufs, g, P.TAG_BN) and req.evaluation is not None:  # PS: the BN buffers it used
-                if req.kind == P.Kind.STATS:  # its statistics: the mean to all once all are in
+            if body(bufs, g, P.TAG_BN):  # PS: the BN buffers it evaluated with, or its statistics
+                if req.kind == P.Kind.STATS:  # the mean to every group once all groups' are in
                     outs = ps.on_stats(g, bufs)
                 else:  # its pull, unless it was told STOP
+                    assert req.evaluation is not None  # (Request.unpack fills it for EVAL)
                     outs = ps.on_eval(g, req.evaluation, bufs)
                 for out in outs:
                     send(out)

@@ -183,13 +183,12 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
             P.bcast(gcomm, state, back)  # MPI
         return task
 
-    def share_statistics(res: int, bn_secs: float) -> None:
+    def share_statistics() -> None:
         """All ranks, in a shared final evaluation: the group's BN statistics to the server, the
         mean over every group's back (`evaluation.py`)."""
         bufs = trainer.flat.buffers_flat()
         if topo.is_leader:
-            ev = P.Evaluation(task.eval_epoch, 0.0, 0.0, 0, 0.0, res, bn_secs)
-            world.Send(P.Request(P.Kind.STATS, topo.group, evaluation=ev).pack(), dest=0, tag=P.TAG_REQ)  # PS
+            world.Send(P.Request(P.Kind.STATS, topo.group).pack(), dest=0, tag=P.TAG_REQ)  # PS: header
             world.Send(bufs, dest=0, tag=P.TAG_BN)  # PS: the group's statistics
             P.recv(world, rep, 0, P.TAG_REP, back)  # PS: header (STOP)
             P.recv(world, bufs, 0, P.TAG_BN, back)  # PS: the mean over all groups' ranks
@@ -215,7 +214,7 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
             part = (task.eval_slot, task.eval_slots)  # (slots 0: the group alone)
             bn_secs = trainer.recalibrate(res, *part) if cfg.server.bn == "recalibrate" else 0.0
             if task.eval_slots:
-                share_statistics(res, bn_secs)
+                share_statistics()
             loss, acc, n, secs = trainer.evaluate(res, *part)
             if topo.is_leader:
                 ev = P.Evaluation(task.eval_epoch, loss, acc, n, secs, res, bn_secs)
