@@ -171,10 +171,14 @@ def test_exchange_refuses_a_single_rank(tmp_path):
 @needs_horovod
 def test_overhead_quick(tmp_path):
     out = tmp_path / "overhead.json"
-    r = bench("overhead", "--quick", "--out", str(out), timeout=400)
+    # the variant job: ps with one key changed (here the run's length, which its records show)
+    r = bench("overhead", "--quick", "--out", str(out), "--variant", "schedule.epochs=1", timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
     res = load(out)
     assert len(res["ps_runs"]) == len(res["overlap_runs"]) == len(res["limit_runs"]) == 1
+    (va,) = res["variant_runs"]
+    assert (va["samples"], va["commits"]) == (512, 2) and res["variant"] == ["schedule.epochs=1"]
+    assert res["jobs"]["variant"] == "(ps) --set schedule.epochs=1" and 0 < res["duty_cycle_variant"] <= 1.01
     ps, ov, limit = res["ps_runs"][0], res["overlap_runs"][0], res["limit_runs"][0]
     assert ps["samples"] == ov["samples"] == limit["samples"] == 2 * 512  # the same work: epochs x d
     assert ps["commits"] == ov["commits"] == 2 * 2

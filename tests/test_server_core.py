@@ -490,3 +490,32 @@ def test_server_memory_does_not_grow_with_the_groups(tmp_path):
     n_params = 250_000  # 1 MB a copy
     grown = _peak_bytes(tmp_path, 6, n_params) - _peak_bytes(tmp_path, 2, n_params)
     assert grown < 0.10 * 4 * n_params, f"{grown / (4 * n_params):.2f} parameter copies"
+
+
+def test_a_wait_wakes_when_a_request_is_due():
+    """A sleeping wait never sleeps past the expected arrival and counts from it once it has
+    passed (poll 0.2 .. 5 ms, a tenth of the wait so far)."""
+    lo, hi = 0.0002, 0.005
+    assert P.sleep_until_due(10.03, 10.0, None, lo, hi) == pytest.approx(0.003)  # the plain back-off
+    assert P.sleep_until_due(10.06, 10.0, 10.2, lo, hi) == pytest.approx(0.005)  # long before it
+    assert P.sleep_until_due(10.099, 10.0, 10.1, lo, hi) == pytest.approx(0.001)  # not past it
+    assert P.sleep_until_due(10.1005, 10.0, 10.1, lo, hi) == pytest.approx(0.0002)  # just after it
+    assert P.sleep_until_due(10.13, 10.0, 10.1, lo, hi) == pytest.approx(0.003)  # 30 ms late
+    assert P.sleep_until_due(10.03, 10.0, 9.0, lo, hi) == pytest.approx(0.003)  # overdue at the start
+
+
+def test_arrivals_expect_each_group_one_turnaround_after_its_reply():
+    arr = P.Arrivals()
+    assert arr.due() is None
+    arr.reply(0, 1.0)
+    assert arr.due() is None  # no turnaround seen yet
+    arr.request(0, 1.2)  # 0.2 s from its reply to its request
+    arr.reply(0, 2.0)
+    arr.reply(1, 2.0)  # group 1: no turnaround yet, no expectation
+    assert arr.due() == pytest.approx(2.0 + (1 - P.EARLY_SHARE) * 0.2)
+    arr.request(1, 2.02)
+    arr.reply(1, 2.03)
+    assert arr.due() == pytest.approx(2.03 + (1 - P.EARLY_SHARE) * 0.02)  # the earlier of the two
+    arr.request(1, 2.25)
+    arr.request(0, 2.3)  # both have spoken: nothing is expected until they are answered
+    assert arr.due() is None

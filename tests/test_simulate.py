@@ -14,6 +14,28 @@ def test_next_wake_follows_the_backoff_schedule():
     want = [0.0, 0.2, 1.2, 2.2, 2.0 * 1.1**3, 2.0 * 1.1**5, 2.0 * 1.1**25 + 10.0]
     assert [next_wake(0.0, at, 0.2, 2.0) for at in ats] == pytest.approx(want)
     assert next_wake(0.0, 2.5, 0.2, 2.0, tick=2.0) == pytest.approx(2.6)  # restarted at 2.0
+    # expecting the request at `due` (server.poll_predict): one test at due, then every 0.2 from it
+    late = 2.0 * 1.1**25  # 21.67: the first sleep of 2.0
+    assert next_wake(0.0, 29.9, 0.2, 2.0, due=29.0) == pytest.approx(30.0)
+    assert next_wake(0.0, 25.0, 0.2, 2.0, due=26.0) == pytest.approx(late + 4.0)  # before due: as without
+    assert next_wake(0.0, 25.9, 0.2, 2.0, due=26.0) == pytest.approx(26.0)  # the test at due
+    assert next_wake(10.0, 40.0, 0.2, 2.0, due=5.0) == next_wake(10.0, 40.0, 0.2, 2.0)  # overdue
+
+
+def test_a_server_that_expects_regular_pushes_notices_them_at_once():
+    """Parts of 0.1 s, an instant link, polls of 0.1 .. 10 ms: the plain back-off notices a push
+    up to 10 ms late (a tenth of the 0.1 s wait, capped); expecting it one turnaround after its
+    reply, the server polls every 0.1 ms from 5 % of a turnaround before it."""
+    link = Link(bandwidth=1e15, latency=0.0)
+    g = SimGroup(1, [SimTask(seconds=1.0, pushes=10, samples=100)])
+
+    def run(predict: bool):
+        return simulate(SimInput([g] * 2, 1, link, tasks=40, poll_min=1e-4, poll_max=0.01, predict=predict))
+
+    plain, predicted = run(False), run(True)
+    assert 0.005 < plain.mid_exchange_per_push < 0.01
+    assert predicted.mid_exchange_per_push < 0.001
+    assert predicted.wall < plain.wall
 
 
 def test_one_group_alone_pays_compute_plus_exchange_per_push():

@@ -1,10 +1,13 @@
 """Benchmark: what does the parameter server cost a whole run? PS run vs the same work with no server.
 
     hpc-dualbatch bench overhead [--groups 2] [--repeats 4] [--out results/bench/overhead.json]
+                                 [--variant server.poll_max_s=0.001 ...]
 
 Alternated jobs: `ps` (`train`: the server + G single-rank groups, all large, tiny synthetic
 data), `overlap` (the same with `server.overlap: true`) and `limit` (G ranks, each one of those
-groups, the exchange skipped). Goal: ps / limit images/s >= 0.95, server CPU s per wall s <= 0.05;
+groups, the exchange skipped); with `--variant KEY=VALUE`, a fourth job, `variant` (ps with those
+config keys set), alternated with them, so that a server setting is compared in one invocation.
+Goal: ps / limit images/s >= 0.95, server CPU s per wall s <= 0.05;
 `duty_cycle`, the workers' share of time spent training inside each PS run, needs no second job.
 Method: docs/bench.md.
 """
@@ -151,6 +154,7 @@ def main(argv: list[str]) -> int:
         test_samples=(200, "synthetic test samples (one evaluation/epoch)"),
         width=(16, "resnet18_cifar width (the demo config's 16)"), batch=(64, "B_L at 12 and 16 px"),
         timeout=(300.0, "seconds per job before it counts as hung"),
+        variant=([], "a config key of a fourth, alternated job: ps with it set (repeatable)"),
     )  # fmt: skip
     # internal: one rank of a limit job (launched by this module under MPI)
     p.add_argument("--limit-worker", nargs=2, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)
@@ -158,6 +162,8 @@ def main(argv: list[str]) -> int:
     if args.limit_worker:
         return _limit_worker(*args.limit_worker)
     G = args.groups
+    variant = [x for kv in args.variant for x in ("--set", kv)]  # (train checks each key and value)
+    kinds = ("ps", "overlap", "limit") + ("variant",) * bool(variant)
     with tempfile.TemporaryDirectory(prefix="hdb-overhead-") as tmp:
         data, cfg_path = os.path.join(tmp, "synthetic.h5"), os.path.join(tmp, "overhead.yaml")
         spec = SyntheticSpec(samples=args.samples, test_samples=args.test_samples, size=16)
@@ -167,8 +173,9 @@ def main(argv: list[str]) -> int:
 
         def job(kind: str, i: int) -> dict:
             out = os.path.join(tmp, f"{kind}{i}")
-            if kind in ("ps", "overlap"):
-                sets = ["--set", f"out={out}"] + (["--set", "server.overlap=true"] * (kind == "overlap"))
+            if kind != "limit":
+                extra = {"ps": [], "overlap": ["--set", "server.overlap=true"], "variant": variant}[kind]
+                sets = ["--set", f"out={out}", *extra]
                 H.launch(G + 1, ["train", "--config", cfg_path, *sets], args.timeout)
                 return ps_summary(read_metrics(os.path.join(out, "metrics.jsonl")))
             H.launch(G, ["bench", "overhead", "--limit-worker", cfg_path, out], args.timeout)
@@ -176,7 +183,7 @@ def main(argv: list[str]) -> int:
                 r = json.load(f)
             return {**r, "img_s": r["samples"] / r["seconds"]}
 
-        runs = H.alternate(args.repeats, ("ps", "overlap", "limit"), job)
+        runs = H.alternate(args.repeats, kinds, job)
     ps, ov, limit = runs["ps"], runs["overlap"], runs["limit"]
     median = statistics.median
     ratio = H.median_ratio([r["img_s"] for r in ps], [r["img_s"] for r in limit])
@@ -195,6 +202,16 @@ def main(argv: list[str]) -> int:
         "extra_seconds_per_mini_epoch": extra,
         "limit_seconds_per_mini_epoch": median(q["seconds"] - q["start_s"] for q in limit) / args.epochs,
     }  # fmt: skip
+    va = runs.get("variant", [])
+    if va:
+        result.update({
+            "variant": args.variant, "variant_img_s": median(r["img_s"] for r in va),
+            "ratio_variant": H.median_ratio([r["img_s"] for r in va], [r["img_s"] for r in limit]),
+            "duty_cycle_variant": median(r["duty"] for r in va),
+            "server_cpu_per_wall_variant": median(
+                r["server_cpu_seconds"] / r["server_serve_seconds"] for r in va
+            ),
+        })  # fmt: skip
     print(
         f"overhead: {G} single-rank groups x {args.epochs} mini-epochs of {args.samples // G} samples "
         f"(resnet18_cifar width {args.width}, batch {args.batch}, 12/16 px, 1 thread/rank); "
@@ -205,7 +222,10 @@ def main(argv: list[str]) -> int:
         ["overlap (G+1 ranks)", result["overlap_img_s"], ratio_ov, result["duty_cycle_overlap"]],
         ["limit (G ranks)", result["limit_img_s"], 1.0, 1.0],
     ]
-    print(H.table("variant|img/s:.0f|vs limit:.3f|duty cycle:.3f", cells))
+    if va:
+        row = [f"variant: {' '.join(args.variant)}", result["variant_img_s"], result["ratio_variant"]]
+        cells.insert(2, row + [result["duty_cycle_variant"]])
+    print(H.table("job|img/s:.0f|vs limit:.3f|duty cycle:.3f", cells))
     print(
         f"PS / limit = {ratio:.3f} (goal >= 0.95), with server.overlap {ratio_ov:.3f}; server CPU "
         f"{cpu:.4f} s per wall s (goal <= 0.05); duty cycle: the share of the workers' time between "
@@ -213,7 +233,8 @@ def main(argv: list[str]) -> int:
         f"wall time per mini-epoch {1e3 * extra:+.0f} ms"
     )
     print(
-        f"run end (shares of the run): PS groups idle after their last task {result['tail']:.3f} "
+        (f"variant: server CPU {result['server_cpu_per_wall_variant']:.4f} s per wall s; " if va else "")
+        + f"run end (shares of the run): PS groups idle after their last task {result['tail']:.3f} "
         f"(limit ranks {result['tail_limit']:.3f}), PS final evaluation after the last commit "
         f"{result['final_eval']:.3f}: each once per run, so a longer run (--epochs) pays less of them"
     )
@@ -223,9 +244,10 @@ def main(argv: list[str]) -> int:
         jobs={
             "ps": f"{mpirun} -np {G + 1} python -m hpc_dualbatch train --config <config> --set out=<tmp>",
             "overlap": "(ps) --set server.overlap=true",
+            **({"variant": "(ps) " + " ".join(variant)} if va else {}),
             "limit": f"{mpirun} -np {G} python -m hpc_dualbatch bench overhead --limit-worker <config> <out>",
         },
-        ps_runs=ps, overlap_runs=ov, limit_runs=limit, **result,
+        ps_runs=ps, overlap_runs=ov, limit_runs=limit, **({"variant_runs": va} if va else {}), **result,
         goal="ratio >= 0.95 and server_cpu_per_wall <= 0.05",
     )  # fmt: skip
     return 0

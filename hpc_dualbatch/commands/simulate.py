@@ -25,6 +25,7 @@ from typing import Any
 
 from hpc_dualbatch.errors import ConfigError
 from hpc_dualbatch.ps.simulate import Link, SimGroup, SimInput, SimTask, simulate
+from hpc_dualbatch.yaml_safe import load as load_yaml
 
 
 def link_from_bench(path: str) -> tuple[Link, int]:
@@ -96,13 +97,22 @@ def replay(
         groups, floats or model_floats(cfg), link, len(commits), poll_min=cfg.server.poll_min_s,
         poll_max=cfg.server.poll_max_s, wake=wake[0], worker_wake=wake[1],
         evals=[e["seconds"] + e.get("bn_seconds", 0.0) for e in evals], blocking_replies=blocking,
-        overlap=cfg.server.overlap, rounds=cfg.server.order == "rounds",
+        overlap=cfg.server.overlap, rounds=cfg.server.order == "rounds", predict=_ran_predicting(run),
     )  # fmt: skip
     measured = {
         "mid_exchange_per_push": sum(c.get("wait", 0.0) for c in commits) / max(len(merges), 1),
         "commits_per_s": len(commits) / max(c["wall"] for c in commits),
     }
     return measured, sim
+
+
+def _ran_predicting(run: str) -> bool:
+    """Whether the run's server expected its requests (server.poll_predict): its config.yaml holds
+    every key the code knew, so a run made before the key existed ran without it."""
+    path = os.path.join(run, "config.yaml")
+    with open(path, encoding="utf-8") as f:
+        server = (load_yaml(f, f"config file '{path}'") or {}).get("server") or {}
+    return bool(server.get("poll_predict", False))
 
 
 def check(args: argparse.Namespace) -> int:
@@ -166,6 +176,7 @@ def scale_point(
     blocking: bool = False,
     overlap: bool = False,
     rounds: bool = False,
+    predict: bool = True,
 ) -> dict:
     """One cluster: gpus / group groups, each training its share of an epoch at B_L per GPU and
     pushing every `period` steps, 4 rounds of tasks, each part's time spread by 10 % (so the groups
@@ -179,7 +190,7 @@ def scale_point(
     task = SimTask(steps * step, pushes, steps * group * B_L)
     sim = SimInput(
         [SimGroup(group, [task])] * n, floats, link, 4 * n, shards=shards, wake=wake[0], worker_wake=wake[1],
-        spread=0.1, blocking_replies=blocking, overlap=overlap, rounds=rounds,
+        spread=0.1, blocking_replies=blocking, overlap=overlap, rounds=rounds, predict=predict,
     )  # fmt: skip
     out = simulate(sim)
     return {"throughput": out.training_share, "busy": out.busy_share, "exchange_s": out.exchange_per_push}
@@ -211,7 +222,11 @@ def shards_table(link: Link, wake: tuple[float, float], blocking: bool, overlap:
 
     def cell(work: str, gpus: int, group: int, period: int) -> str:
         point = (work, gpus, group)
-        kept = [scale_point(*point, S, period, link, wake, blocking, overlap)["throughput"] for S in SHARDS]
+        # (the server before InFlight, blocking, did not expect its requests either)
+        kept = [
+            scale_point(*point, S, period, link, wake, blocking, overlap, predict=not blocking)["throughput"]
+            for S in SHARDS
+        ]
         need = next((S for S, x in zip(SHARDS, kept) if x >= ENOUGH), None)
         return f"{need if need else '>16'} ({kept[0]:.2f})"
 
@@ -239,7 +254,8 @@ def scale(args: argparse.Namespace) -> int:
     lines = [
         f"Simulated ({args.gbps:g} Gb/s links, {args.latency_us:g} us per message, merge {args.merge_ns:g} "
         f"ns per weight, the leader's update {args.update_ns:g} ns per weight, Backoff 0.2-5 ms (a tenth "
-        f"of the wait so far), wake-ups {args.wake_ms:g} ms (server) and "
+        f"of the wait so far; a waiting server also wakes when a request is due, server.poll_predict, "
+        f"except in the first table), wake-ups {args.wake_ms:g} ms (server) and "
         f"{args.worker_wake_ms:g} ms (workers), parts spread by 10 %; "
         "`hpc-dualbatch simulate scale`). Each cell: the fewest server shards S (of "
         f"{', '.join(map(str, SHARDS))}) at which the groups spend >= {ENOUGH:.0%} of their time "

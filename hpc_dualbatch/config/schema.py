@@ -151,6 +151,11 @@ class ServerConfig:
     shards: int = 1
     poll_min_s: float = 0.0002  # sleeping back-off while waiting: first sleep, seconds
     poll_max_s: float = 0.005  # ... a tenth of the wait so far, up to this (protocol.next_sleep)
+    # The server's wait for the next request also wakes when one is expected (each group's last
+    # turnaround after its reply, protocol.Arrivals) and tests every poll_min_s from there, so a
+    # regular push is noticed within ~poll_min_s instead of up to poll_max_s (docs/server.md,
+    # "Waiting"). false: the plain back-off.
+    poll_predict: bool = True
     # A group not heard from for this long is stalled (a stopped, hung or crashed rank): the
     # server checkpoints without it and ends the job naming it (docs/reliability.md). The bound
     # used is the larger of this and 4x the longest silence any group has shown in the run, so

@@ -278,6 +278,45 @@ def next_sleep(waited: float, min_s: float, max_s: float) -> float:
     return min(max_s, max(min_s, POLL_SHARE * waited))
 
 
+def sleep_until_due(now: float, start: float, due: Optional[float], min_s: float, max_s: float) -> float:
+    """`next_sleep` for a wait begun at `start` that expects its message at `due` (None: no
+    expectation): it never sleeps past `due`, and once `due` has passed the wait counts from
+    there, so a message that comes when expected is noticed within ~min_s however long the
+    wait had lasted. A message earlier than `due` is noticed as without it."""
+    if due is None:
+        return next_sleep(now - start, min_s, max_s)
+    if now < due:
+        return min(next_sleep(now - start, min_s, max_s), due - now)
+    return next_sleep(now - max(start, due), min_s, max_s)
+
+
+EARLY_SHARE = 0.05  # a request is expected this share of its group's last turnaround early (jitter)
+
+
+class Arrivals:
+    """When the server next expects a request: a group's next one is due its last turnaround
+    (reply handed to MPI -> its next request noticed) after its reply, less EARLY_SHARE of it.
+    A turnaround is mostly the group's training between pushes, steady within a task; one after
+    an evaluation or a task's end is longer or shorter, and then only costs a few tests."""
+
+    def __init__(self) -> None:
+        self.replied: dict[int, float] = {}  # group -> when its last reply was handed to MPI
+        self.turn: dict[int, float] = {}  # group -> its last turnaround, seconds
+
+    def reply(self, group: int, t: float) -> None:
+        self.replied[group] = t
+
+    def request(self, group: int, t: float) -> None:
+        sent = self.replied.pop(group, None)
+        if sent is not None:
+            self.turn[group] = t - sent
+
+    def due(self) -> Optional[float]:
+        """The earliest expected request of the groups answered since they last spoke."""
+        expected = [t + (1 - EARLY_SHARE) * self.turn[g] for g, t in self.replied.items() if g in self.turn]
+        return min(expected, default=None)
+
+
 class Backoff:
     """A sleeping wait: test, then sleep `next_sleep` (min_s .. max_s), test again.
 
@@ -289,10 +328,10 @@ class Backoff:
     def __init__(self, min_s: float = 0.0002, max_s: float = 0.005) -> None:  # (server.poll_*_s)
         self.min_s, self.max_s = min_s, max_s
 
-    def wait(self, req: Any, until: Until = None) -> Any:
+    def wait(self, req: Any, until: Until = None, due: Optional[float] = None) -> Any:
         """Wait for one mpi4py request; returns its status, or None once time.perf_counter()
         passes `until` (a value, or a function asked before each sleep; the request is then
-        still pending)."""
+        still pending). `due`: when the message is expected (`sleep_until_due`)."""
         from mpi4py import MPI
 
         status = MPI.Status()
@@ -302,7 +341,7 @@ class Backoff:
             limit = until() if callable(until) else until
             if limit is not None and now >= limit:
                 return None
-            time.sleep(next_sleep(now - start, self.min_s, self.max_s))
+            time.sleep(sleep_until_due(now, start, due, self.min_s, self.max_s))
         return status
 
 
@@ -310,13 +349,21 @@ CANCEL_S = 1.0  # how long a timed-out receive may take to complete its cancella
 _ABANDONED: list[tuple[Any, np.ndarray]] = []  # transfers given up on (the process ends soon after)
 
 
-def recv(comm: Any, buf: np.ndarray, source: int, tag: int, backoff: Backoff, until: Until = None) -> Any:
+def recv(
+    comm: Any,
+    buf: np.ndarray,
+    source: int,
+    tag: int,
+    backoff: Backoff,
+    until: Until = None,
+    due: Optional[float] = None,
+) -> Any:
     """Receive into `buf` without spinning; returns the status. With `until` (a
     time.perf_counter() value) returns None if nothing came by then: the receive is cancelled,
     or, where a message had begun to arrive and does not finish within CANCEL_S, abandoned
     (MPI may still write into `buf`: do not use it again)."""
     req = comm.Irecv(buf, source=source, tag=tag)  # MPI
-    status = backoff.wait(req, until)
+    status = backoff.wait(req, until, due)
     if status is not None:
         return status
     req.Cancel()  # MPI: a matched message cannot be cancelled; it completes instead

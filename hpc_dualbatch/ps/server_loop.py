@@ -73,11 +73,14 @@ def serve(ps: ParameterServer, topo: Any, n_weights: int, n_buffers: int) -> str
         return lambda: ps.watch.exchange_deadline(started)
 
     flight = P.InFlight()
+    arrivals = P.Arrivals() if ps.cfg.server.poll_predict else None  # when the next request is due
 
     def send(out: Outgoing) -> None:
         """A reply, in the order of `Outgoing`, handed to MPI: the server serves on while it
         travels (`settle` before anything it reads changes)."""
         dest, by = leaders[out.group], bound_from_now()
+        if arrivals is not None:
+            arrivals.reply(out.group, time.perf_counter())
         parts = [(out.task.pack(), P.TAG_REP), (out.params, P.TAG_W), (out.buffers, P.TAG_BN)]
         if out.momentum is not None:
             parts.append((out.momentum, P.TAG_OPT))  # the group's momentum (resume)
@@ -133,8 +136,10 @@ def serve(ps: ParameterServer, topo: Any, n_weights: int, n_buffers: int) -> str
         tick = time.perf_counter() + TICK_S
         wake = min(tick, ps.watch.deadline(ps.roster.awaited()) or tick)
         t_wait = time.perf_counter()
-        status = P.recv(world, hdr, src, P.TAG_REQ, back, wake)  # PS: next request header
-        idle += time.perf_counter() - t_wait
+        due = arrivals.due() if arrivals is not None else None
+        status = P.recv(world, hdr, src, P.TAG_REQ, back, wake, due)  # PS: next request header
+        t_heard = time.perf_counter()
+        idle += t_heard - t_wait
         if status is None:  # nobody spoke in time: a request queued behind g_next is not silence
             queued = {g for g in ps.roster.awaited() if world.Iprobe(source=leaders[g], tag=P.TAG_REQ)}  # PS
             ps.on_silence(time.perf_counter(), queued)
@@ -148,6 +153,8 @@ def serve(ps: ParameterServer, topo: Any, n_weights: int, n_buffers: int) -> str
         if g in ps.watch.gone:  # its last body never came; what it sends now would be misread
             continue
         ps.served(g, req.kind)
+        if arrivals is not None:
+            arrivals.request(g, t_heard)
         if req.kind in (P.Kind.EVAL, P.Kind.STATS):
             bufs = np.empty(n_buffers, np.float32)
             if body(bufs, g, P.TAG_BN):  # PS: the BN buffers it evaluated with, or its statistics

@@ -12,7 +12,9 @@ What it models, per push (each group pushes `pushes` times per task; the last pu
 2. Each of the S shards (equal contiguous slices of the P weights) serves its requests one at a
    time, in arrival order, as `server_loop.serve` does. An idle shard sleeps in `Backoff`
    (`protocol.next_sleep`: a tenth of the wait so far, `poll_min` .. `poll_max`; a wait restarts
-   every `TICK_S`), so it sees a request at its first wake-up at or after the arrival, plus
+   every `TICK_S`; with `predict`, server.poll_predict, it also wakes when the earliest
+   expected request is due, `protocol.Arrivals`, and counts its wait from there), so it sees a
+   request at its first wake-up at or after the arrival, plus
    `wake` (the delay before a woken process runs); a busy shard sees the next queued request as
    soon as it is done.
 3. Serving: the shard copies the slice in at its next test (latency + 4P/S bytes at
@@ -50,24 +52,35 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hpc_dualbatch.ps.protocol import next_sleep
+from hpc_dualbatch.ps.protocol import EARLY_SHARE, sleep_until_due
 
 TICK_S = 1.0  # server_loop.TICK_S: a shard's wait for the next request restarts this often
 
 
-def next_wake(since: float, at: float, poll_min: float, poll_max: float, tick: float = math.inf) -> float:
+def next_wake(
+    since: float,
+    at: float,
+    poll_min: float,
+    poll_max: float,
+    tick: float = math.inf,
+    due: float | None = None,
+) -> float:
     """The first time at or after `at` that a `protocol.Backoff` wait begun at `since` tests its
-    request: at since, then after each sleep of `protocol.next_sleep`; a wait that restarts every
-    `tick` seconds begins its sleeps again."""
+    request: at since, then after each sleep of `protocol.sleep_until_due` (expecting it at
+    `due`, or not); a wait that restarts every `tick` seconds begins its sleeps again."""
     if at <= since:
         return since
     if math.isfinite(tick):
         since += math.floor((at - since) / tick) * tick
     t = since
     while t < at:
-        delay = next_sleep(t - since, poll_min, poll_max)
-        if delay >= poll_max:  # from here every poll_max
-            return t + math.ceil((at - t) / poll_max) * poll_max
+        delay = sleep_until_due(t, since, due, poll_min, poll_max)
+        if delay >= poll_max:  # from here every poll_max, but for one test at `due` if it is ahead
+            if due is None or due <= t or at <= due:
+                test = t + math.ceil((at - t) / poll_max) * poll_max
+                return test if due is None or due <= t else min(test, due)
+            t += max(1, math.floor((due - t) / poll_max)) * poll_max
+            continue
         t += delay
     return t
 
@@ -125,6 +138,8 @@ class SimInput:
     # server.order: rounds: every push is answered once each group with a task has pushed (its
     # reply then comes with the round's last); modelled without overlap only
     rounds: bool = False
+    # server.poll_predict: a waiting shard also wakes when a request is due (protocol.Arrivals)
+    predict: bool = True
 
 
 @dataclass
@@ -194,7 +209,10 @@ def simulate(sim: SimInput) -> Outcome:
     taken = [0] * n  # tasks each group has taken
     exchange, wall = 0.0, 0.0
     in_task: set[int] = set()  # groups with a task not yet committed
-    held: dict[int, tuple[int, float, float]] = {}  # order: rounds: group -> (part, its end, reply)
+    # order: rounds: group -> (part, its end, its reply, when the server handed its merge's reply to MPI)
+    held: dict[int, tuple[int, float, float, float]] = {}
+    sent: dict[int, float] = {}  # predict: group -> when its last reply was handed to MPI (shard 0)
+    turn: dict[int, float] = {}  # predict: group -> its last turnaround (reply -> request seen)
 
     def late(mean: float) -> float:
         return rng.uniform(0.0, 2.0 * mean) if mean > 0 else 0.0
@@ -254,11 +272,16 @@ def simulate(sim: SimInput) -> Outcome:
             continue
         t0 = t_end + leader_math  # the leader's arithmetic, then the push leaves
         done = t0 + leader_link
+        # predict: the earliest request due of the groups answered since they last pushed
+        due = min((t + (1 - EARLY_SHARE) * turn[h] for h, t in sent.items() if h in turn), default=None)
+        posted = 0.0
         for s in range(S):  # each shard serves this push's slice
             if free[s] <= t0:  # asleep waiting: sees the header at a wake-up
-                seen = next_wake(free[s], t0, *waits, TICK_S) + late(sim.wake)
+                seen = next_wake(free[s], t0, *waits, TICK_S, due if sim.predict else None) + late(sim.wake)
             else:  # busy: takes the queued request as soon as it is free
                 seen = free[s]
+            if s == 0 and g in sent:
+                turn[g] = seen - sent.pop(g)
             lead = seen + tr  # the leader's blocking send returns once the shard copied the slice
             post = next_wake(seen, lead, *waits) + merge  # received at its test, merged, handed to MPI
             reply = next_wake(lead, post, *waits) + late(sim.worker_wake) + tr  # the leader copies the reply
@@ -269,9 +292,13 @@ def simulate(sim: SimInput) -> Outcome:
                 free[s] = post
             busy[s] += free[s] - seen
             done = max(done, reply)
+            if s == 0:
+                posted = post
         if sim.groups[g].ranks > 1:  # the peers, asleep in a broadcast since t0, resume at their next wake
             done = next_wake(t0, done, *waits) + late(sim.worker_wake)
         pushes += 1
+        if not sim.rounds:
+            sent[g] = posted
         if sim.overlap and part < current[g].pushes - 1:  # the group trains on; the reply is
             mid_pushes += 1  # waited for when the next part ends
             replied[g] = done
@@ -282,10 +309,12 @@ def simulate(sim: SimInput) -> Outcome:
         if not sim.rounds:
             answered(g, part, t_end, done)
             continue
-        held[g] = (part, t_end, done)  # order: rounds: answered once every group with a task pushed
+        held[g] = (part, t_end, done, posted)  # order: rounds: answered once every group with a task pushed
         if len(held) == len(in_task):
-            release = max(d for _, _, d in held.values())  # the last reply of the round
-            for h, (p, t, _) in sorted(held.items()):
+            release = max(d for _, _, d, _ in held.values())  # the last reply of the round
+            out = max(q for _, _, _, q in held.values())  # handed to MPI with the round's last push
+            for h, (p, t, _, _) in sorted(held.items()):
+                sent[h] = out
                 answered(h, p, t, release)
             held.clear()
     active = sum(last_commit)

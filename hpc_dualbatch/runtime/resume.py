@@ -26,6 +26,7 @@ OPERATIONAL = frozenset(
         "workers.slowdown",  # a simulated slower node (benchmarks): how fast, not what
         "server.poll_min_s",  # how often a waiting rank polls
         "server.poll_max_s",
+        "server.poll_predict",
         "server.stall_s",  # when a silent group is declared stalled
         "server.preempt_wait_s",
         "checkpoint.every_epochs",  # when checkpoints are written, not what they hold
