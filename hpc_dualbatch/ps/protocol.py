@@ -55,6 +55,7 @@ only by the typed messages below: `Request` (with an `Evaluation`) and `Task` (t
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -302,9 +303,14 @@ class Arrivals:
     def __init__(self) -> None:
         self.replied: dict[int, float] = {}  # group -> when its last reply was handed to MPI
         self.turn: dict[int, float] = {}  # group -> its last turnaround, seconds
+        # (expected, group, its reply's time): a heap, O(log n) per request at any group count;
+        # an entry whose group has spoken since (or was answered again) is dropped when it surfaces
+        self.expected: list[tuple[float, int, float]] = []
 
     def reply(self, group: int, t: float) -> None:
         self.replied[group] = t
+        if group in self.turn:
+            heapq.heappush(self.expected, (t + (1 - EARLY_SHARE) * self.turn[group], group, t))
 
     def request(self, group: int, t: float) -> None:
         sent = self.replied.pop(group, None)
@@ -313,8 +319,10 @@ class Arrivals:
 
     def due(self) -> Optional[float]:
         """The earliest expected request of the groups answered since they last spoke."""
-        expected = [t + (1 - EARLY_SHARE) * self.turn[g] for g, t in self.replied.items() if g in self.turn]
-        return min(expected, default=None)
+        heap = self.expected
+        while heap and self.replied.get(heap[0][1]) != heap[0][2]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
 
 class Backoff:
