@@ -151,6 +151,7 @@ def serve_shard(cfg: Any, topo: Any, state: ShardState, rule: Any, writer_for: A
     body = np.empty_like(state.weights)
     mbuf = np.empty(n_p, np.float32)
     flight = P.InFlight()
+    arrivals = P.Arrivals() if cfg.server.poll_predict else None  # when shard 0's next order is due
     t0, idle = time.perf_counter(), 0.0
 
     def settle() -> None:
@@ -160,10 +161,14 @@ def serve_shard(cfg: Any, topo: Any, state: ShardState, rule: Any, writer_for: A
 
     while True:
         t_wait = time.perf_counter()
-        P.recv(world, hdr, 0, TAG_ORDER, back)  # PS shards: shard 0's next order
-        idle += time.perf_counter() - t_wait
+        due = arrivals.due() if arrivals is not None else None  # (orders follow the groups' pushes)
+        P.recv(world, hdr, 0, TAG_ORDER, back, None, due)  # PS shards: shard 0's next order
+        t_heard = time.perf_counter()
+        idle += t_heard - t_wait
         order = Order.unpack(hdr)
-        g, by = order.group, time.perf_counter() + order.allow
+        g, by = order.group, t_heard + order.allow
+        if arrivals is not None and order.op in (Op.APPLY, Op.REPLY):
+            (arrivals.request if order.op == Op.APPLY else arrivals.reply)(g, t_heard)
         if order.op == Op.APPLY:
             settle()  # the replies in flight read what this push changes
             if P.recv(world, body, leaders[g], P.TAG_W, back, by) is None:  # PS: g's slice of its push
