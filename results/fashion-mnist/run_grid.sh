@@ -215,6 +215,13 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
   run dualbatch sync-r5 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
   run dualbatch dual-ns3-lrsqrt-mom08-shared 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}" \
     --set optim.ps_momentum=0.8
+  # the hybrid at this part's defaults now (sqrt rate, momentum 0.8, the shared final evaluation,
+  # the server expecting each push) at 12 epochs (about sync's wall time) and 8, beside sync
+  # again (-r8): the frontier target with wall times of one sitting
+  run dualbatch sync-r8 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run dualbatch hybrid-ns3-lrsqrt-mom08-e12 5 "$s" "${P[@]}" --set workers.small=3 "${E12[@]}" "${SQRT[@]}" \
+    --set optim.ps_momentum=0.8
+  run dualbatch hybrid-ns3-lrsqrt-mom08 5 "$s" "${P[@]}" --set workers.small=3 "${SQRT[@]}" --set optim.ps_momentum=0.8
 }
 
 for seed in $SEEDS; do
@@ -234,7 +241,8 @@ ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 du
                  hybrid-ns3-e12 hybrid-ns3-lrsqrt-e12 hybrid-ns3-lrsqrt-e14 dual-ns3-e12
                  hybrid-ns3-lrsqrt-evalfix hybrid-ns3-lrsqrt-evalfix-e12 hybrid-ns3-lrsqrt-evalfix-e14
                  sync-r3 dual-ns3-lrsqrt-r3 dual-ns3-lrsqrt-rounds sync-r4 dual-ns3-lrsqrt-mom08-pull
-                 dual-ns3-lrsqrt-mom09-pull sync-r5 dual-ns3-lrsqrt-mom08-shared"
+                 dual-ns3-lrsqrt-mom09-pull sync-r5 dual-ns3-lrsqrt-mom08-shared sync-r8
+                 hybrid-ns3-lrsqrt-mom08-e12 hybrid-ns3-lrsqrt-mom08"
 for part in $PARTS; do
   order="ORDER_$part"
   dirs=()
