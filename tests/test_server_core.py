@@ -519,3 +519,6 @@ def test_arrivals_expect_each_group_one_turnaround_after_its_reply():
     arr.request(1, 2.25)
     arr.request(0, 2.3)  # both have spoken: nothing is expected until they are answered
     assert arr.due() is None
+    arr.reply(0, 3.0)
+    arr.reply(0, 3.5)  # answered again before it spoke: the later reply counts
+    assert arr.due() == pytest.approx(3.5 + (1 - P.EARLY_SHARE) * 0.3)
