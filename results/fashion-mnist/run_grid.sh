@@ -222,6 +222,10 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
   run dualbatch hybrid-ns3-lrsqrt-mom08-e12 5 "$s" "${P[@]}" --set workers.small=3 "${E12[@]}" "${SQRT[@]}" \
     --set optim.ps_momentum=0.8
   run dualbatch hybrid-ns3-lrsqrt-mom08 5 "$s" "${P[@]}" --set workers.small=3 "${SQRT[@]}" --set optim.ps_momentum=0.8
+  # and at 11 epochs, about sync's wall time on this Intel machine (12 took 1.10x), the same sitting
+  local E11=(--set schedule.epochs=11 --set "schedule.milestones=[7]")
+  run dualbatch hybrid-ns3-lrsqrt-mom08-e11 5 "$s" "${P[@]}" --set workers.small=3 "${E11[@]}" "${SQRT[@]}" \
+    --set optim.ps_momentum=0.8
 }
 
 for seed in $SEEDS; do
@@ -242,7 +246,7 @@ ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 du
                  hybrid-ns3-lrsqrt-evalfix hybrid-ns3-lrsqrt-evalfix-e12 hybrid-ns3-lrsqrt-evalfix-e14
                  sync-r3 dual-ns3-lrsqrt-r3 dual-ns3-lrsqrt-rounds sync-r4 dual-ns3-lrsqrt-mom08-pull
                  dual-ns3-lrsqrt-mom09-pull sync-r5 dual-ns3-lrsqrt-mom08-shared sync-r8
-                 hybrid-ns3-lrsqrt-mom08-e12 hybrid-ns3-lrsqrt-mom08"
+                 hybrid-ns3-lrsqrt-mom08-e12 hybrid-ns3-lrsqrt-mom08 hybrid-ns3-lrsqrt-mom08-e11"
 for part in $PARTS; do
   order="ORDER_$part"
   dirs=()
