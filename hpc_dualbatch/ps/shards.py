@@ -167,8 +167,10 @@ def serve_shard(cfg: Any, topo: Any, state: ShardState, rule: Any, writer_for: A
         idle += t_heard - t_wait
         order = Order.unpack(hdr)
         g, by = order.group, t_heard + order.allow
-        if arrivals is not None and order.op in (Op.APPLY, Op.REPLY):
-            (arrivals.request if order.op == Op.APPLY else arrivals.reply)(g, t_heard)
+        if arrivals is not None and order.op == Op.APPLY:  # (an order follows its group's push)
+            arrivals.request(g, t_heard)
+        elif arrivals is not None and order.op == Op.REPLY:
+            arrivals.reply(g, t_heard)
         if order.op == Op.APPLY:
             settle()  # the replies in flight read what this push changes
             if P.recv(world, body, leaders[g], P.TAG_W, back, by) is None:  # PS: g's slice of its push

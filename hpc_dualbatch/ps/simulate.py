@@ -52,7 +52,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hpc_dualbatch.ps.protocol import EARLY_SHARE, sleep_until_due
+from hpc_dualbatch.ps.protocol import Arrivals, sleep_until_due
 
 TICK_S = 1.0  # server_loop.TICK_S: a shard's wait for the next request restarts this often
 
@@ -211,8 +211,7 @@ def simulate(sim: SimInput) -> Outcome:
     in_task: set[int] = set()  # groups with a task not yet committed
     # order: rounds: group -> (part, its end, its reply, when the server handed its merge's reply to MPI)
     held: dict[int, tuple[int, float, float, float]] = {}
-    sent: dict[int, float] = {}  # predict: group -> when its last reply was handed to MPI (shard 0)
-    turn: dict[int, float] = {}  # predict: group -> its last turnaround (reply -> request seen)
+    arrivals = Arrivals()  # predict: what the server expects, from shard 0's replies and sightings
 
     def late(mean: float) -> float:
         return rng.uniform(0.0, 2.0 * mean) if mean > 0 else 0.0
@@ -273,15 +272,15 @@ def simulate(sim: SimInput) -> Outcome:
         t0 = t_end + leader_math  # the leader's arithmetic, then the push leaves
         done = t0 + leader_link
         # predict: the earliest request due of the groups answered since they last pushed
-        due = min((t + (1 - EARLY_SHARE) * turn[h] for h, t in sent.items() if h in turn), default=None)
+        due = arrivals.due() if sim.predict else None
         posted = 0.0
         for s in range(S):  # each shard serves this push's slice
             if free[s] <= t0:  # asleep waiting: sees the header at a wake-up
-                seen = next_wake(free[s], t0, *waits, TICK_S, due if sim.predict else None) + late(sim.wake)
+                seen = next_wake(free[s], t0, *waits, TICK_S, due) + late(sim.wake)
             else:  # busy: takes the queued request as soon as it is free
                 seen = free[s]
-            if s == 0 and g in sent:
-                turn[g] = seen - sent.pop(g)
+            if s == 0:
+                arrivals.request(g, seen)
             lead = seen + tr  # the leader's blocking send returns once the shard copied the slice
             post = next_wake(seen, lead, *waits) + merge  # received at its test, merged, handed to MPI
             reply = next_wake(lead, post, *waits) + late(sim.worker_wake) + tr  # the leader copies the reply
@@ -298,7 +297,7 @@ def simulate(sim: SimInput) -> Outcome:
             done = next_wake(t0, done, *waits) + late(sim.worker_wake)
         pushes += 1
         if not sim.rounds:
-            sent[g] = posted
+            arrivals.reply(g, posted)
         if sim.overlap and part < current[g].pushes - 1:  # the group trains on; the reply is
             mid_pushes += 1  # waited for when the next part ends
             replied[g] = done
@@ -314,7 +313,7 @@ def simulate(sim: SimInput) -> Outcome:
             release = max(d for _, _, d, _ in held.values())  # the last reply of the round
             out = max(q for _, _, _, q in held.values())  # handed to MPI with the round's last push
             for h, (p, t, _, _) in sorted(held.items()):
-                sent[h] = out
+                arrivals.reply(h, out)
                 answered(h, p, t, release)
             held.clear()
     active = sum(last_commit)
