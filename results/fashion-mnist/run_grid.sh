@@ -226,6 +226,13 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
   local E11=(--set schedule.epochs=11 --set "schedule.milestones=[7]")
   run dualbatch hybrid-ns3-lrsqrt-mom08-e11 5 "$s" "${P[@]}" --set workers.small=3 "${E11[@]}" "${SQRT[@]}" \
     --set optim.ps_momentum=0.8
+  # the all-large server and dual-batch at this part's settings now (sqrt rate for the small
+  # groups, momentum 0.8, the shared final evaluation, the server expecting each push), beside
+  # sync again (-r9): whether the small groups add accuracy through today's server
+  run dualbatch sync-r9 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run dualbatch ps-base-mom08 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}" --set optim.ps_momentum=0.8
+  run dualbatch dual-ns3-lrsqrt-mom08 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}" \
+    --set optim.ps_momentum=0.8
 }
 
 for seed in $SEEDS; do
@@ -246,7 +253,8 @@ ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 du
                  hybrid-ns3-lrsqrt-evalfix hybrid-ns3-lrsqrt-evalfix-e12 hybrid-ns3-lrsqrt-evalfix-e14
                  sync-r3 dual-ns3-lrsqrt-r3 dual-ns3-lrsqrt-rounds sync-r4 dual-ns3-lrsqrt-mom08-pull
                  dual-ns3-lrsqrt-mom09-pull sync-r5 dual-ns3-lrsqrt-mom08-shared sync-r8
-                 hybrid-ns3-lrsqrt-mom08-e12 hybrid-ns3-lrsqrt-mom08 hybrid-ns3-lrsqrt-mom08-e11"
+                 hybrid-ns3-lrsqrt-mom08-e12 hybrid-ns3-lrsqrt-mom08 hybrid-ns3-lrsqrt-mom08-e11
+                 sync-r9 ps-base-mom08 dual-ns3-lrsqrt-mom08"
 for part in $PARTS; do
   order="ORDER_$part"
   dirs=()
