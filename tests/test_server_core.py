@@ -522,3 +522,33 @@ def test_arrivals_expect_each_group_one_turnaround_after_its_reply():
     arr.reply(0, 3.0)
     arr.reply(0, 3.5)  # answered again before it spoke: the later reply counts
     assert arr.due() == pytest.approx(3.5 + (1 - P.EARLY_SHARE) * 0.3)
+
+
+class _Pending:
+    """An mpi4py request that completes at its (n+1)-th test."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def Test(self, status) -> bool:  # noqa: N802 (mpi4py's name)
+        self.n -= 1
+        return self.n < 0
+
+
+def test_a_wait_counts_its_sleeps_and_how_late_each_ended():
+    back = P.Backoff(0.001, 0.001)
+    assert back.late_ms() == 0.0  # no sleep yet
+    assert back.wait(_Pending(3)) is not None
+    assert back.sleeps == 3  # one sleep after each failed test
+    assert 0.0 <= back.late < 3 * 0.05  # a sleep ends after its time, never before
+    back.wait(_Pending(2))
+    assert back.sleeps == 5 and back.late_ms() == pytest.approx(1e3 * back.late / 5)
+
+
+def test_a_commit_records_the_leaders_sleeps_and_their_lateness(tmp_path):
+    ps = make(tmp_path)
+    ps.answer(0), ps.answer(1)
+    req = P.Request(P.Kind.PUSH, 0, 0, 100, 1.5, 0.7, 0.6, sleeps=12, late=0.0345)
+    ps.on_push(P.Request.unpack(req.pack()), np.full(N_P + N_B, 2.0, np.float32))
+    (rec,) = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["type"] == "commit"]
+    assert (rec["sleeps"], rec["late"]) == (12, 0.0345)

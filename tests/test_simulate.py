@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hpc_dualbatch.ps.simulate import Link, SimGroup, SimInput, SimTask, next_wake, simulate
@@ -143,3 +145,14 @@ def test_rounds_answer_every_push_with_the_rounds_last():
     assert arrival.training_share == pytest.approx(1.0)
     with pytest.raises(ValueError, match="rounds"):
         simulate(SimInput([SimGroup(1, [SimTask(1.0)])], 1, Link(1e15), 1, rounds=True, overlap=True))
+
+
+def test_check_replays_a_run_with_the_wake_ups_it_measured(tmp_path):
+    from hpc_dualbatch.commands.simulate import run_wakes
+
+    (tmp_path / "status.json").write_text(json.dumps({"state": "done", "server": {"wake_late_ms": 0.25}}))
+    commits = [{"sleeps": 10, "late": 0.02}, {"sleeps": 30, "late": 0.1}]
+    assert run_wakes(str(tmp_path), commits, (1.0, 2.0)) == pytest.approx((0.00025, 0.12 / 40))
+    # a run from before the counts: the given values
+    (tmp_path / "status.json").write_text(json.dumps({"state": "done", "server": {"busy_share": 0.01}}))
+    assert run_wakes(str(tmp_path), [{"wait": 0.1}], (1.0, 2.0)) == (1.0, 2.0)

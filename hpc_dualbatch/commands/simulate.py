@@ -66,7 +66,8 @@ def model_floats(cfg: Any) -> int:
 def replay(
     run: str, link: Link, wake: tuple[float, float], floats: int | None = None, blocking: bool = False
 ) -> tuple[dict[str, float], SimInput]:
-    """A run's measured trace as a model input, and what the run measured."""
+    """A run's measured trace as a model input, and what the run measured. `wake`: the (server,
+    worker) wake-up delays, s, for a run that did not measure its own (`run_wakes`)."""
     from hpc_dualbatch.config import load_config
     from hpc_dualbatch.runtime.metrics import evaluations, read_metrics
 
@@ -93,6 +94,7 @@ def replay(
         )
         for g, ranks in enumerate(cfg.workers.groups)
     ]
+    wake = run_wakes(run, commits, wake)
     sim = SimInput(
         groups, floats or model_floats(cfg), link, len(commits), poll_min=cfg.server.poll_min_s,
         poll_max=cfg.server.poll_max_s, wake=wake[0], worker_wake=wake[1],
@@ -104,6 +106,20 @@ def replay(
         "commits_per_s": len(commits) / max(c["wall"] for c in commits),
     }
     return measured, sim
+
+
+def run_wakes(run: str, commits: list[dict], default: tuple[float, float]) -> tuple[float, float]:
+    """The (server, worker) wake-up delays a run measured, s: how late its server's sleeps ended
+    (status.json's wake_late_ms) and its leaders' (the commit records' late / sleeps), each
+    `default`'s where the run did not record it (runs before `protocol.Backoff` counted)."""
+    from hpc_dualbatch.atomic import read_json
+
+    path = os.path.join(run, "status.json")
+    status = read_json(path, "run status", ConfigError, "give a run folder `train` wrote")
+    server = (status.get("server") or {}).get("wake_late_ms") if isinstance(status, dict) else None
+    sleeps = sum(c.get("sleeps", 0) for c in commits)
+    worker = sum(c.get("late", 0.0) for c in commits) / sleeps if sleeps else default[1]
+    return (default[0] if server is None else server / 1e3, worker)
 
 
 def _ran_predicting(run: str) -> bool:
@@ -125,15 +141,18 @@ def check(args: argparse.Namespace) -> int:
         pred = {"mid_exchange_per_push": out.mid_exchange_per_push, "commits_per_s": out.commits_per_s}
         err = {k: pred[k] / measured[k] - 1 if measured[k] else float("nan") for k in pred}
         errors.append(err)
+        woke = {"wake_ms": 1e3 * sim.wake, "worker_wake_ms": 1e3 * sim.worker_wake}
         rows.append(
-            {"run": run, "measured": measured, "predicted": pred, "error": err, "busy_share": out.busy_share}
-        )
+            {"run": run, "measured": measured, "predicted": pred, "error": err, "busy_share": out.busy_share,
+             **woke}
+        )  # fmt: skip
         ms = {k: 1e3 * v["mid_exchange_per_push"] for k, v in (("m", measured), ("p", pred))}
         print(
             f"{run}: exchange per push inside a task {ms['m']:.2f} ms measured, {ms['p']:.2f} predicted "
             f"({100 * err['mid_exchange_per_push']:+.0f} %); commits/s {measured['commits_per_s']:.3f} / "
             f"{pred['commits_per_s']:.3f} ({100 * err['commits_per_s']:+.0f} %); "
-            f"server busy {100 * out.busy_share:.1f} %"
+            f"server busy {100 * out.busy_share:.1f} %; wake-ups {woke['wake_ms']:.2f} ms (server), "
+            f"{woke['worker_wake_ms']:.2f} ms (workers)"
         )
     worst = {k: max(abs(e[k]) for e in errors) for k in errors[0]}
     print(
@@ -309,11 +328,12 @@ def register(sub: Any) -> None:
     )
     c.add_argument("runs", nargs="+", help="parameter-server run folders")
     c.add_argument("--exchange", required=True, help="a `bench exchange` result (JSON): link and merge costs")
-    wakes = (
-        ("--wake-ms", "server: mean delay from a wake-up to running, ms"),
+    wakes = (  # (a run records its own, status.json and the commit records, since Request.sleeps)
+        ("--wake-ms", "server: mean delay from a wake-up to running, ms, for runs that did not record it"),
         (
             "--worker-wake-ms",
-            "worker: mean delay from a wake-up to running Python, ms (the GIL a loader thread holds)",
+            "worker: mean delay from a wake-up to running Python, ms (the node's scheduler, the GIL a "
+            "loader thread holds), for runs that did not record it",
         ),
     )
     for flag, help_ in wakes:

@@ -19,7 +19,9 @@ Conversation of one group leader (L) with the server (S)::
                                                           its BN buffers
     S -> L  reply as above, status CONTINUE: same task, merged weights
     ... after the last part:
-    L -> S  TAG_REQ  header(kind=PUSH, stats..., norm)    the task's commit
+    L -> S  TAG_REQ  header(kind=PUSH, stats..., norm)    the task's commit; stats: samples, seconds,
+                                                          loss, the exchanges' wait, the leader's
+                                                          sleeps and their lateness
     L -> S  TAG_W    float32[n_weights]
     S -> L  reply as above (RUN with the next task, or STOP)
     L -> S  TAG_REQ  header(kind=EVAL, ...)               after evaluating a reply's weights
@@ -70,7 +72,7 @@ TAG_W = 13  # weights, either way
 TAG_OPT = 14  # optimiser (momentum) state, either way
 TAG_BN = 15  # batch-norm buffers, either way
 
-HDR_LEN = 17
+HDR_LEN = 19
 
 
 class Kind(IntEnum):  # request kinds, leader -> server
@@ -106,6 +108,8 @@ class Req(IntEnum):  # wire positions of `Request`'s fields
     EVAL_BN_SECONDS = 14
     WAIT = 15
     NORM = 16
+    SLEEPS = 17
+    LATE = 18
 
 
 class Rep(IntEnum):  # wire positions of `Task`'s fields
@@ -155,6 +159,10 @@ class Request:
     wait: float = 0.0  # seconds the task spent in its MERGE exchanges (not in `seconds`)
     evaluation: Evaluation | None = None
     norm: float = 0.0  # MERGE, PUSH: L2 norm of the pushed parameters' part (flat.push_body)
+    # PUSH: the leader's sleeping waits since its last commit (`Backoff.sleeps`, `Backoff.late`):
+    # how late a waiting worker of this node runs again, the wake-up `simulate check` replays
+    sleeps: int = 0
+    late: float = 0.0  # seconds, summed over those sleeps
 
     def pack(self) -> np.ndarray:
         h = np.zeros(HDR_LEN, np.float64)
@@ -166,6 +174,7 @@ class Request:
         )
         h[Req.SECONDS], h[Req.LOSS], h[Req.ACC] = self.seconds, self.loss, self.acc
         h[Req.PREEMPT], h[Req.WAIT], h[Req.EVAL_EPOCH], h[Req.NORM] = self.preempt, self.wait, -1, self.norm
+        h[Req.SLEEPS], h[Req.LATE] = self.sleeps, self.late
         if (e := self.evaluation) is not None:
             h[Req.EVAL_EPOCH], h[Req.EVAL_LOSS], h[Req.EVAL_ACC] = e.epoch, e.loss, e.acc
             h[Req.EVAL_SAMPLES], h[Req.EVAL_SECONDS] = e.samples, e.seconds
@@ -198,6 +207,8 @@ class Request:
             float(h[Req.WAIT]),
             evaluation,
             float(h[Req.NORM]),
+            int(h[Req.SLEEPS]),
+            float(h[Req.LATE]),
         )
 
 
@@ -335,6 +346,10 @@ class Backoff:
 
     def __init__(self, min_s: float = 0.0002, max_s: float = 0.005) -> None:  # (server.poll_*_s)
         self.min_s, self.max_s = min_s, max_s
+        # Every sleep and how far past its end the process ran again, summed (s): on a node with
+        # more busy processes than cores a waking worker waits for a core (milliseconds), which
+        # the exchange pays (`simulate check` replays a run with its own measured wake-up).
+        self.sleeps, self.late = 0, 0.0
 
     def wait(self, req: Any, until: Until = None, due: Optional[float] = None) -> Any:
         """Wait for one mpi4py request; returns its status, or None once time.perf_counter()
@@ -349,8 +364,15 @@ class Backoff:
             limit = until() if callable(until) else until
             if limit is not None and now >= limit:
                 return None
-            time.sleep(sleep_until_due(now, start, due, self.min_s, self.max_s))
+            nap = sleep_until_due(now, start, due, self.min_s, self.max_s)
+            time.sleep(nap)
+            self.sleeps += 1
+            self.late += time.perf_counter() - now - nap
         return status
+
+    def late_ms(self) -> float:
+        """Mean wake-up delay of the sleeps so far, ms (0 without any)."""
+        return 1e3 * self.late / self.sleeps if self.sleeps else 0.0
 
 
 CANCEL_S = 1.0  # how long a timed-out receive may take to complete its cancellation, seconds

@@ -163,6 +163,7 @@ class ParameterServer:
         self.progress = Progress()
         self.cpu_seconds = self.serve_seconds = 0.0  # the driver's account of its serving (end record)
         self.busy_seconds = 0.0  # serving minus waiting for the next request
+        self.late_ms = 0.0  # mean delay from the end of a sleep in its waits to running, ms
 
     def wall(self) -> float:
         return self.s.elapsed + time.perf_counter() - self.t0
@@ -279,7 +280,7 @@ class ParameterServer:
             commit=s.commits, epoch=s.commits / self.n, group=g, round_idx=req.round,
             small=self.groups[g].small, samples=req.samples, seconds=req.seconds, train_loss=req.loss,
             train_acc=req.acc, lr=st.lr, resolution=st.resolution, batch=st.batch, wall=self.wall(),
-            wait=req.wait, predicted=st.predicted, **d,
+            wait=req.wait, sleeps=req.sleeps, late=req.late, predicted=st.predicted, **d,
         )  # fmt: skip
         self.log.write(rec)
         self.progress.commit(rec, self.cfg.schedule.epochs, self.total)
@@ -399,6 +400,7 @@ class ParameterServer:
             "cpu_per_wall": round(self.cpu_seconds / serve, 4),  # ~0 while it waits: no spinning
             "serve_seconds": round(self.serve_seconds, 3),
             "peak_rss_mb": round(peak_rss_mb, 1),
+            "wake_late_ms": round(self.late_ms, 3),  # the node's scheduling delay (simulate check)
         }
 
     def outcome(self) -> str:

@@ -181,6 +181,7 @@ def serve(ps: ParameterServer, topo: Any, n_weights: int, n_buffers: int) -> str
     # The server's own CPU use while serving: it must sleep, not spin, while it waits.
     ps.cpu_seconds, ps.serve_seconds = _cpu_seconds() - cpu0, time.perf_counter() - wall0
     ps.busy_seconds = ps.serve_seconds - idle
+    ps.late_ms = back.late_ms()
     ps.progress.line(
         f"server: {ps.s.commits} commits in {ps.wall():.1f}s; server CPU "
         f"{ps.cpu_seconds / max(ps.serve_seconds, 1e-9):.3f} s per wall second"

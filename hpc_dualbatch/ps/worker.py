@@ -204,6 +204,7 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
 
     if topo.is_leader:
         exchange(P.Request(P.Kind.HELLO, topo.group), push=False)
+    slept = (back.sleeps, back.late)  # the leader's Backoff at its last commit (Request.sleeps)
     task = share_reply()
     while True:
         trainer.flat.load_weights(w)
@@ -240,6 +241,8 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
         local = replace(local, wait=local.wait + time.perf_counter() - t_settle)
         st, signalled = reduce_stats(gcomm, local, flag.raised)
         if topo.is_leader:
+            sleeps, late = back.sleeps - slept[0], back.late - slept[1]  # (since the last commit)
+            slept = (back.sleeps, back.late)
             done = P.Request(
                 P.Kind.PUSH,
                 topo.group,
@@ -250,6 +253,8 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
                 st.correct / max(st.samples, 1),
                 signalled,
                 st.wait,
+                sleeps=sleeps,
+                late=late,
             )
             exchange(done, push=True)
         task = share_reply()
