@@ -142,6 +142,10 @@ server_part() {  # server_part SEED
   # the groups' exchange waits inside tasks against ps-base-mom08-shared's, beside sync (-r7)
   run server sync-r7 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
   run server ps-base-mom08-predict "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8
+  # the same defaults with code that records the wake-ups its waits met (Request.sleeps, late;
+  # status.json's wake_late_ms), for `simulate check`, beside sync again (-r10)
+  run server sync-r10 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run server ps-base-mom08-wake "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -245,7 +249,7 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               ps-base-overlap sync-r2 ps-base-push1-rampstep ps-base-push2-rampstep sync-r3
               ps-base-rampstep-r3 ps-base-slowmo ps-rounds-push4 ps-rounds-push1 sync-r4 ps-base-mom08
               ps-base-mom06 ps-base-mom08-pull ps-base-mom09-pull sync-r5 ps-base-mom08-shared
-              sync-r6 ps-rounds-mom08 sync-r7 ps-base-mom08-predict"
+              sync-r6 ps-rounds-mom08 sync-r7 ps-base-mom08-predict sync-r10 ps-base-mom08-wake"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
