@@ -265,6 +265,10 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
             # served before any other group's, so nothing was merged since its pull
             and len(after_eval) > 0
             and all(r["staleness"] == 0 for r in after_eval)
+            # the leaders' sleeping waits and how late they ended; the server's mean lateness
+            and sum(r["sleeps"] for r in commits) > 0
+            and all(r["late"] >= 0 for r in commits)
+            and status["server"]["wake_late_ms"] >= 0
         )
         why = f"status {status}, stages {stages}, evals {evals}, final BN mean {final_mean}"
         return ok, f"{why}, pushes after them {after_eval}"
