@@ -156,3 +156,19 @@ def test_check_replays_a_run_with_the_wake_ups_it_measured(tmp_path):
     # a run from before the counts: the given values
     (tmp_path / "status.json").write_text(json.dumps({"state": "done", "server": {"busy_share": 0.01}}))
     assert run_wakes(str(tmp_path), [{"wait": 0.1}], (1.0, 2.0)) == (1.0, 2.0)
+
+
+def test_check_splits_each_task_as_unevenly_as_the_run_did():
+    from hpc_dualbatch.commands.simulate import part_spread
+
+    def push(kind: str, g: int, task: int, wall: float) -> dict:
+        return {"type": kind, "group": g, "round": task, "wall": wall}
+
+    # group 0: parts of 1.0 and 3.0 s (relative s.d. 0.5); group 1: 2.0 and 2.0 (0); the median
+    recs = [push("merge", 0, 0, 10.0), push("merge", 0, 0, 11.0), push("commit", 0, 0, 14.0)]
+    recs += [push("merge", 1, 0, 10.0), push("merge", 1, 0, 12.0), push("commit", 1, 0, 14.0)]
+    recs += [push("merge", 2, 0, 10.0), push("commit", 2, 0, 11.0), push("merge", 2, 1, 30.0)]
+    recs += [push("commit", 2, 1, 31.0), {"type": "eval", "epoch": 1}]  # group 2: 1.0, 1.0 (0)
+    assert part_spread(recs) == pytest.approx(0.0)  # median of 0.5, 0, 0
+    assert part_spread(recs[:6]) == pytest.approx(0.25)  # median of 0.5 and 0
+    assert part_spread([push("commit", 0, 0, 1.0)]) == 0.0  # no pushes inside tasks

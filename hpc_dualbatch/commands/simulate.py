@@ -98,14 +98,31 @@ def replay(
     sim = SimInput(
         groups, floats or model_floats(cfg), link, len(commits), poll_min=cfg.server.poll_min_s,
         poll_max=cfg.server.poll_max_s, wake=wake[0], worker_wake=wake[1],
-        evals=[e["seconds"] + e.get("bn_seconds", 0.0) for e in evals], blocking_replies=blocking,
-        overlap=cfg.server.overlap, rounds=cfg.server.order == "rounds", predict=_ran_predicting(run),
+        evals=[e["seconds"] + e.get("bn_seconds", 0.0) for e in evals], spread=part_spread(recs),
+        blocking_replies=blocking, overlap=cfg.server.overlap, rounds=cfg.server.order == "rounds",
+        predict=_ran_predicting(run),
     )  # fmt: skip
     measured = {
         "mid_exchange_per_push": sum(c.get("wait", 0.0) for c in commits) / max(len(merges), 1),
         "commits_per_s": len(commits) / max(c["wall"] for c in commits),
     }
     return measured, sim
+
+
+def part_spread(recs: list[dict]) -> float:
+    """How much a run's parts of a task varied: the relative s.d. of the times between a group's
+    consecutive pushes inside one task (the server's record times), the median over the groups;
+    0 without pushes inside tasks. The replay splits each task's measured time into parts this
+    much apart, so a server that expects each push (server.poll_predict) misses as it did."""
+    pushes: dict[tuple[int, int], list[float]] = {}
+    for r in recs:
+        if r["type"] in ("merge", "commit"):
+            pushes.setdefault((r["group"], r["round"]), []).append(r["wall"])
+    gaps: dict[int, list[float]] = {}
+    for (g, _), walls in pushes.items():  # (a task's first part follows its pull: not counted)
+        gaps.setdefault(g, []).extend(b - a for a, b in zip(walls, walls[1:]))
+    spreads = [statistics.pstdev(x) / statistics.mean(x) for x in gaps.values() if len(x) > 1]
+    return statistics.median(spreads) if spreads else 0.0
 
 
 def run_wakes(run: str, commits: list[dict], default: tuple[float, float]) -> tuple[float, float]:
