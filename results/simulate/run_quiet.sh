@@ -4,7 +4,8 @@
 # requests), the Fashion-MNIST server part's configuration and defaults (width-8 ResNet-18,
 # B = 64 at 28 px, push every 4 steps) at 4 epochs of 7,500 samples, 3 seeds; then the check,
 # replaying each run with the wake-ups it recorded. The grid's runs put 5 ranks on the 2 cores
-# (docs/scaling.md, "Checked against runs", compares both). Finished runs are skipped.
+# (docs/scaling.md, "Checked against runs", compares both). Finished runs are skipped. The link
+# and merge costs: `bench exchange --floats 180000 --iters 32` on the same machine kind (Intel Xeon).
 #
 #   bash results/simulate/run_quiet.sh        # SEEDS="1 2 3"
 set -euo pipefail
@@ -33,5 +34,5 @@ for seed in ${SEEDS:-1 2 3}; do
     tail -n 1 "$dir.log"
   done
 done
-$PY -m hpc_dualbatch simulate check "$OUT"/groups*-s* --exchange results/bench/exchange-small.json \
+$PY -m hpc_dualbatch simulate check "$OUT"/groups*-s[0-9] --exchange results/bench/exchange-small-intel.json \
   --floats 180000 --out results/simulate/check-quiet.json | tee results/simulate/check-quiet.txt
