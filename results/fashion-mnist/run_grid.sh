@@ -146,6 +146,11 @@ server_part() {  # server_part SEED
   # status.json's wake_late_ms), for `simulate check`, beside sync again (-r10)
   run server sync-r10 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
   run server ps-base-mom08-wake "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8
+  # the defaults pushing every step once the rate has decayed (server.push_every_by_lr [4, 1]):
+  # the defaults' gap to sync and to rounds opens after the decay (per-epoch means of the runs
+  # above); after the runs beside sync-r10, the same sitting
+  run server ps-base-mom08-push41 "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
+    --set "server.push_every_by_lr=[4, 1]"
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -249,7 +254,8 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               ps-base-overlap sync-r2 ps-base-push1-rampstep ps-base-push2-rampstep sync-r3
               ps-base-rampstep-r3 ps-base-slowmo ps-rounds-push4 ps-rounds-push1 sync-r4 ps-base-mom08
               ps-base-mom06 ps-base-mom08-pull ps-base-mom09-pull sync-r5 ps-base-mom08-shared
-              sync-r6 ps-rounds-mom08 sync-r7 ps-base-mom08-predict sync-r10 ps-base-mom08-wake"
+              sync-r6 ps-rounds-mom08 sync-r7 ps-base-mom08-predict sync-r10 ps-base-mom08-wake
+              ps-base-mom08-push41"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
