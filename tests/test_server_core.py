@@ -548,7 +548,7 @@ def test_a_wait_counts_its_sleeps_and_how_late_each_ended():
 def test_a_commit_records_the_leaders_sleeps_and_their_lateness(tmp_path):
     ps = make(tmp_path)
     ps.answer(0), ps.answer(1)
-    req = P.Request(P.Kind.PUSH, 0, 0, 100, 1.5, 0.7, 0.6, sleeps=12, late=0.0345)
+    req = P.Request(P.Kind.PUSH, 0, 0, 100, 1.5, 0.7, 0.6, wait=0.2, sleeps=12, late=0.0345, waited=0.15)
     ps.on_push(P.Request.unpack(req.pack()), np.full(N_P + N_B, 2.0, np.float32))
     (rec,) = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["type"] == "commit"]
-    assert (rec["sleeps"], rec["late"]) == (12, 0.0345)
+    assert (rec["wait"], rec["waited"], rec["sleeps"], rec["late"]) == (0.2, 0.15, 12, 0.0345)

@@ -172,3 +172,20 @@ def test_check_splits_each_task_as_unevenly_as_the_run_did():
     assert part_spread(recs) == pytest.approx(0.0)  # median of 0.5, 0, 0
     assert part_spread(recs[:6]) == pytest.approx(0.25)  # median of 0.5 and 0
     assert part_spread([push("commit", 0, 0, 1.0)]) == 0.0  # no pushes inside tasks
+
+
+def test_the_leaders_measured_handling_replaces_the_links_arithmetic():
+    """One group as in the test above: a measured handling of 0.1 s a push is on the group's
+    time before each push leaves, in place of the link's arithmetic."""
+    from hpc_dualbatch.commands.simulate import leader_seconds
+
+    link = Link(bandwidth=4e6, latency=0.0, merge_s_per_float=1e-6, update_s_per_float=1e-6)
+    g = SimGroup(1, [SimTask(seconds=6.0, pushes=3)])
+    base = dict(floats=250_000, link=link, tasks=4, poll_min=1e-9, poll_max=1e-9)
+    assert simulate(SimInput([g], **base)).exchange_per_push == pytest.approx(0.25 + 0.75)
+    assert simulate(SimInput([g], leader_s=0.1, **base)).exchange_per_push == pytest.approx(0.1 + 0.75)
+    # from a run's commit records: what the server's part leaves of the pushes' time, per push
+    commits = [{"wait": 0.5, "waited": 0.3}, {"wait": 0.7, "waited": 0.5}]
+    assert leader_seconds(commits, 4) == pytest.approx(0.1)
+    assert leader_seconds([{"wait": 0.5}], 4) is None  # a run from before `waited`
+    assert leader_seconds(commits, 0) is None

@@ -100,13 +100,22 @@ def replay(
         poll_max=cfg.server.poll_max_s, wake=wake[0], worker_wake=wake[1],
         evals=[e["seconds"] + e.get("bn_seconds", 0.0) for e in evals], spread=part_spread(recs),
         blocking_replies=blocking, overlap=cfg.server.overlap, rounds=cfg.server.order == "rounds",
-        predict=_ran_predicting(run),
+        predict=_ran_predicting(run), leader_s=leader_seconds(commits, len(merges)),
     )  # fmt: skip
     measured = {
         "mid_exchange_per_push": sum(c.get("wait", 0.0) for c in commits) / max(len(merges), 1),
         "commits_per_s": len(commits) / max(c["wall"] for c in commits),
     }
     return measured, sim
+
+
+def leader_seconds(commits: list[dict], merges: int) -> float | None:
+    """The leaders' own handling per push inside a task, s, as a run measured it: of the pushes'
+    time (`wait`) what the server's part (`waited`: header to reply) leaves; None for runs that
+    did not record `waited` (then the model takes the link's arithmetic)."""
+    if not merges or any("waited" not in c for c in commits):
+        return None
+    return max(0.0, sum(c["wait"] - c["waited"] for c in commits) / merges)
 
 
 def part_spread(recs: list[dict]) -> float:
@@ -159,6 +168,14 @@ def check(args: argparse.Namespace) -> int:
         err = {k: pred[k] / measured[k] - 1 if measured[k] else float("nan") for k in pred}
         errors.append(err)
         woke = {"wake_ms": 1e3 * sim.wake, "worker_wake_ms": 1e3 * sim.worker_wake}
+        own = ""
+        if sim.leader_s is not None:  # the server's part of a push: measured (waited) and modelled
+            part = {"measured": measured["mid_exchange_per_push"] - sim.leader_s,
+                    "predicted": out.mid_exchange_per_push - sim.leader_s}  # fmt: skip
+            woke.update(leader_ms=1e3 * sim.leader_s, server_part_ms={k: 1e3 * v for k, v in part.items()})
+            m, p = (1e3 * part[k] for k in ("measured", "predicted"))
+            own = f"; the leader's own {1e3 * sim.leader_s:.2f} ms, the server's part {m:.2f} / {p:.2f}"
+            own += f" ({100 * (p / m - 1):+.0f} %)" if m > 0 else ""
         rows.append(
             {"run": run, "measured": measured, "predicted": pred, "error": err, "busy_share": out.busy_share,
              **woke}
@@ -169,7 +186,7 @@ def check(args: argparse.Namespace) -> int:
             f"({100 * err['mid_exchange_per_push']:+.0f} %); commits/s {measured['commits_per_s']:.3f} / "
             f"{pred['commits_per_s']:.3f} ({100 * err['commits_per_s']:+.0f} %); "
             f"server busy {100 * out.busy_share:.1f} %; wake-ups {woke['wake_ms']:.2f} ms (server), "
-            f"{woke['worker_wake_ms']:.2f} ms (workers)"
+            f"{woke['worker_wake_ms']:.2f} ms (workers){own}"
         )
     worst = {k: max(abs(e[k]) for e in errors) for k in errors[0]}
     print(

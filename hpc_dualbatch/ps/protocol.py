@@ -20,8 +20,9 @@ Conversation of one group leader (L) with the server (S)::
     S -> L  reply as above, status CONTINUE: same task, merged weights
     ... after the last part:
     L -> S  TAG_REQ  header(kind=PUSH, stats..., norm)    the task's commit; stats: samples, seconds,
-                                                          loss, the exchanges' wait, the leader's
-                                                          sleeps and their lateness
+                                                          loss, the exchanges' wait (and of it the
+                                                          server's part), the leader's sleeps and
+                                                          their lateness
     L -> S  TAG_W    float32[n_weights]
     S -> L  reply as above (RUN with the next task, or STOP)
     L -> S  TAG_REQ  header(kind=EVAL, ...)               after evaluating a reply's weights
@@ -72,7 +73,7 @@ TAG_W = 13  # weights, either way
 TAG_OPT = 14  # optimiser (momentum) state, either way
 TAG_BN = 15  # batch-norm buffers, either way
 
-HDR_LEN = 19
+HDR_LEN = 20
 
 
 class Kind(IntEnum):  # request kinds, leader -> server
@@ -110,6 +111,7 @@ class Req(IntEnum):  # wire positions of `Request`'s fields
     NORM = 16
     SLEEPS = 17
     LATE = 18
+    WAITED = 19
 
 
 class Rep(IntEnum):  # wire positions of `Task`'s fields
@@ -163,6 +165,9 @@ class Request:
     # how late a waiting worker of this node runs again, the wake-up `simulate check` replays
     sleeps: int = 0
     late: float = 0.0  # seconds, summed over those sleeps
+    # PUSH: of `wait`, the seconds from each push's header to its reply's weights in hand (the
+    # server's part: its notice, the transfers, the merge); the rest is the leader's own handling
+    waited: float = 0.0
 
     def pack(self) -> np.ndarray:
         h = np.zeros(HDR_LEN, np.float64)
@@ -174,7 +179,7 @@ class Request:
         )
         h[Req.SECONDS], h[Req.LOSS], h[Req.ACC] = self.seconds, self.loss, self.acc
         h[Req.PREEMPT], h[Req.WAIT], h[Req.EVAL_EPOCH], h[Req.NORM] = self.preempt, self.wait, -1, self.norm
-        h[Req.SLEEPS], h[Req.LATE] = self.sleeps, self.late
+        h[Req.SLEEPS], h[Req.LATE], h[Req.WAITED] = self.sleeps, self.late, self.waited
         if (e := self.evaluation) is not None:
             h[Req.EVAL_EPOCH], h[Req.EVAL_LOSS], h[Req.EVAL_ACC] = e.epoch, e.loss, e.acc
             h[Req.EVAL_SAMPLES], h[Req.EVAL_SECONDS] = e.samples, e.seconds
@@ -209,6 +214,7 @@ class Request:
             float(h[Req.NORM]),
             int(h[Req.SLEEPS]),
             float(h[Req.LATE]),
+            float(h[Req.WAITED]),
         )
 
 

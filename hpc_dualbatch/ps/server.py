@@ -280,7 +280,7 @@ class ParameterServer:
             commit=s.commits, epoch=s.commits / self.n, group=g, round_idx=req.round,
             small=self.groups[g].small, samples=req.samples, seconds=req.seconds, train_loss=req.loss,
             train_acc=req.acc, lr=st.lr, resolution=st.resolution, batch=st.batch, wall=self.wall(),
-            wait=req.wait, sleeps=req.sleeps, late=req.late, predicted=st.predicted, **d,
+            wait=req.wait, waited=req.waited, sleeps=req.sleeps, late=req.late, predicted=st.predicted, **d,
         )  # fmt: skip
         self.log.write(rec)
         self.progress.commit(rec, self.cfg.schedule.epochs, self.total)

@@ -140,6 +140,9 @@ class SimInput:
     rounds: bool = False
     # server.poll_predict: a waiting shard also wakes when a request is due (protocol.Arrivals)
     predict: bool = True
+    # The leader's own handling of a push, s (its update and norm, packing, loading the reply into
+    # the model), as a run measured it; None: the link's arithmetic (update_s_per_float x P)
+    leader_s: float | None = None
 
 
 @dataclass
@@ -198,7 +201,8 @@ def simulate(sim: SimInput) -> Outcome:
     merge = sim.link.merge_s_per_float * sim.floats / S
     pull = sim.link.transfer(4.0 * sim.floats)  # the whole model one way on the leader's link
     leader_link = 2 * pull  # the whole push and pull
-    leader_math = sim.link.update_s_per_float * sim.floats  # on the group's time, push or not overlapped
+    leader_math = sim.leader_s if sim.leader_s is not None else sim.link.update_s_per_float * sim.floats
+    # (on the group's time, its push overlapped or not)
     waits = (sim.poll_min, sim.poll_max)
     free = [0.0] * S  # when each shard finished its last request (and began waiting again)
     busy = [0.0] * S

@@ -124,13 +124,17 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
 
     def exchange(req: P.Request, push: bool) -> None:
         """Leader: send a request (and weights), wait for the reply; answer state requests."""
+        nonlocal waited
         if push:  # the update since the pull (delta, nova) or the weights (paper), and its norm
             req = replace(req, norm=trainer.flat.push_body(pulled, w))
+        t0 = time.perf_counter()
         world.Send(req.pack(), dest=0, tag=P.TAG_REQ)  # PS: request header (shard 0 decides)
         if push:
             for rank, prm, buf in parts:  # each shard its slice: parameters (or update), BN buffers
                 world.Send(w[prm.start : buf.stop], dest=rank, tag=P.TAG_W)  # PS
         receive()
+        if req.kind == P.Kind.MERGE:  # (Request.waited: the server's part of a push inside a task)
+            waited += time.perf_counter() - t0
 
     def receive() -> None:
         """Leader: the reply to a request (answering state requests first), its weights into `w`."""
@@ -148,6 +152,7 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
             for rank, prm, _ in parts:
                 P.recv(world, state[prm], rank, P.TAG_OPT, back)  # PS: momentum on resume
 
+    waited = 0.0  # since the last commit (Request.waited)
     # server.overlap: the leader's mid-task push travels on a thread while the group trains on
     ahead = Ahead(world, parts, back, n_p, w.size, pulled) if cfg.server.overlap and topo.is_leader else None
     in_flight = False  # (every rank of the group keeps it: they share the leader's corrections)
@@ -255,7 +260,9 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
                 st.wait,
                 sleeps=sleeps,
                 late=late,
+                waited=waited,
             )
+            waited = 0.0
             exchange(done, push=True)
         task = share_reply()
 

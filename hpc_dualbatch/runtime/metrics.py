@@ -141,15 +141,16 @@ def commit_record(
     batch: int,
     wall: float,
     wait: float | None = None,
+    waited: float | None = None,
     sleeps: int | None = None,
     late: float | None = None,
     predicted: float | None = None,
     **merge: Any,
 ) -> dict[str, Any]:
     """One mini-epoch's record, for the server and the sync loop alike: the fields `report`
-    and `summarize` read, then the server's own (wait; the leader's sleeps and their lateness,
-    `protocol.Backoff`; predicted; the merge diagnostics), wall last. Seconds are rounded to
-    0.1 ms, wall to 1 ms."""
+    and `summarize` read, then the server's own (wait, and of it the server's part, waited; the
+    leader's sleeps and their lateness, `protocol.Backoff`; predicted; the merge diagnostics),
+    wall last. Seconds are rounded to 0.1 ms, wall to 1 ms."""
     rec = {
         "type": "commit",
         "commit": commit,
@@ -167,6 +168,8 @@ def commit_record(
     }
     if wait is not None:
         rec["wait"] = round(wait, 4)
+    if waited is not None:
+        rec["waited"] = round(waited, 4)
     if sleeps is not None and late is not None:
         rec["sleeps"], rec["late"] = sleeps, round(late, 4)
     if predicted is not None:

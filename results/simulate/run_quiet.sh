@@ -8,11 +8,13 @@
 # and merge costs: `bench exchange --floats 180000 --iters 32` on the same machine kind (Intel Xeon).
 #
 #   bash results/simulate/run_quiet.sh        # SEEDS="1 2 3"
+#   NAME=waited bash results/simulate/run_quiet.sh   # runs in runs-waited/, check-waited.*
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/fashion-mnist.h5}
-OUT=results/simulate/runs
+NAME=${NAME:-quiet}  # the first series (59a6f5f) is runs/ and check-quiet.*
+OUT=results/simulate/runs; [ "$NAME" = quiet ] || OUT=results/simulate/runs-$NAME
 [ -f "$DATA" ] || $PY -m hpc_dualbatch prepare --source fashion-mnist --resolutions 20,24,28 --out "$DATA"
 for seed in ${SEEDS:-1 2 3}; do
   for g in 1 2; do
@@ -35,4 +37,4 @@ for seed in ${SEEDS:-1 2 3}; do
   done
 done
 $PY -m hpc_dualbatch simulate check "$OUT"/groups*-s[0-9] --exchange results/bench/exchange-small-intel.json \
-  --floats 180000 --out results/simulate/check-quiet.json | tee results/simulate/check-quiet.txt
+  --floats 180000 --out "results/simulate/check-$NAME.json" | tee "results/simulate/check-$NAME.txt"

@@ -268,6 +268,10 @@ def test_a_run_hands_out_every_task_once_evaluates_each_epoch_and_stops_every_gr
             # the leaders' sleeping waits and how late they ended; the server's mean lateness
             and sum(r["sleeps"] for r in commits) > 0
             and all(r["late"] >= 0 for r in commits)
+            # the server's part of the pushes inside tasks (header to reply; the stub trainer
+            # reports no `wait` of its own to compare it with)
+            and all(r["waited"] >= 0 for r in commits)
+            and sum(r["waited"] for r in commits) > 0
             and status["server"]["wake_late_ms"] >= 0
         )
         why = f"status {status}, stages {stages}, evals {evals}, final BN mean {final_mean}"
