@@ -9,7 +9,7 @@
 #
 #   bash results/simulate/run_quiet.sh        # SEEDS="1 2 3"
 #   NAME=waited bash results/simulate/run_quiet.sh   # runs in runs-waited/, check-waited.*
-#   NAME=waited GROUPS="1 2 4" bash ...          # and 4 groups: the grid's 5 ranks on the 2 cores
+#   NAME=waited NGROUPS="1 2 4" bash ...          # and 4 groups: the grid's 5 ranks on the 2 cores
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -18,7 +18,7 @@ NAME=${NAME:-quiet}  # the first series (59a6f5f) is runs/ and check-quiet.*
 OUT=results/simulate/runs; [ "$NAME" = quiet ] || OUT=results/simulate/runs-$NAME
 [ -f "$DATA" ] || $PY -m hpc_dualbatch prepare --source fashion-mnist --resolutions 20,24,28 --out "$DATA"
 for seed in ${SEEDS:-1 2 3}; do
-  for g in ${GROUPS:-1 2}; do
+  for g in ${NGROUPS:-1 2}; do
     dir=$OUT/groups$g-s$seed
     if [ -f "$dir/status.json" ] && grep -q '"state": "done"' "$dir/status.json"; then continue; fi
     rm -rf "$dir"; mkdir -p "$dir"
