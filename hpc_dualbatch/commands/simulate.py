@@ -167,26 +167,24 @@ def check(args: argparse.Namespace) -> int:
         pred = {"mid_exchange_per_push": out.mid_exchange_per_push, "commits_per_s": out.commits_per_s}
         err = {k: pred[k] / measured[k] - 1 if measured[k] else float("nan") for k in pred}
         errors.append(err)
-        woke = {"wake_ms": 1e3 * sim.wake, "worker_wake_ms": 1e3 * sim.worker_wake}
+        inputs = {"wake_ms": 1e3 * sim.wake, "worker_wake_ms": 1e3 * sim.worker_wake}  # (the run's)
         own = ""
-        if sim.leader_s is not None:  # the server's part of a push: measured (waited) and modelled
-            part = {"measured": measured["mid_exchange_per_push"] - sim.leader_s,
-                    "predicted": out.mid_exchange_per_push - sim.leader_s}  # fmt: skip
-            woke.update(leader_ms=1e3 * sim.leader_s, server_part_ms={k: 1e3 * v for k, v in part.items()})
-            m, p = (1e3 * part[k] for k in ("measured", "predicted"))
+        if sim.leader_s is not None:  # the server's part of a push (the rest is the leader's own)
+            m, p = (1e3 * (x["mid_exchange_per_push"] - sim.leader_s) for x in (measured, pred))
+            inputs.update(leader_ms=1e3 * sim.leader_s, server_part_ms={"measured": m, "predicted": p})
             own = f"; the leader's own {1e3 * sim.leader_s:.2f} ms, the server's part {m:.2f} / {p:.2f}"
             own += f" ({100 * (p / m - 1):+.0f} %)" if m > 0 else ""
         rows.append(
             {"run": run, "measured": measured, "predicted": pred, "error": err, "busy_share": out.busy_share,
-             **woke}
+             **inputs}
         )  # fmt: skip
         ms = {k: 1e3 * v["mid_exchange_per_push"] for k, v in (("m", measured), ("p", pred))}
         print(
             f"{run}: exchange per push inside a task {ms['m']:.2f} ms measured, {ms['p']:.2f} predicted "
             f"({100 * err['mid_exchange_per_push']:+.0f} %); commits/s {measured['commits_per_s']:.3f} / "
             f"{pred['commits_per_s']:.3f} ({100 * err['commits_per_s']:+.0f} %); "
-            f"server busy {100 * out.busy_share:.1f} %; wake-ups {woke['wake_ms']:.2f} ms (server), "
-            f"{woke['worker_wake_ms']:.2f} ms (workers){own}"
+            f"server busy {100 * out.busy_share:.1f} %; wake-ups {inputs['wake_ms']:.2f} ms (server), "
+            f"{inputs['worker_wake_ms']:.2f} ms (workers){own}"
         )
     worst = {k: max(abs(e[k]) for e in errors) for k in errors[0]}
     print(
