@@ -7,8 +7,8 @@ What it models, per push (each group pushes `pushes` times per task; the last pu
 
 1. The group computes one part of its task: `compute` seconds (a trace of measured task times,
    or a mean with random spread), then its leader computes its update and, after the reply,
-   copies it (`update_s_per_float` x P, counted before the push) and sends the request header
-   and (a blocking send) its update.
+   copies it (`update_s_per_float` x P, or the handling a run measured, `leader_s`; counted
+   before the push) and sends the request header and (a blocking send) its update.
 2. Each of the S shards (equal contiguous slices of the P weights) serves its requests one at a
    time, in arrival order, as `server_loop.serve` does. An idle shard sleeps in `Backoff`
    (`protocol.next_sleep`: a tenth of the wait so far, `poll_min` .. `poll_max`; a wait restarts
@@ -201,8 +201,8 @@ def simulate(sim: SimInput) -> Outcome:
     merge = sim.link.merge_s_per_float * sim.floats / S
     pull = sim.link.transfer(4.0 * sim.floats)  # the whole model one way on the leader's link
     leader_link = 2 * pull  # the whole push and pull
+    # the leader's own part of a push, on the group's time whether the push is overlapped or not
     leader_math = sim.leader_s if sim.leader_s is not None else sim.link.update_s_per_float * sim.floats
-    # (on the group's time, its push overlapped or not)
     waits = (sim.poll_min, sim.poll_max)
     free = [0.0] * S  # when each shard finished its last request (and began waiting again)
     busy = [0.0] * S

@@ -166,14 +166,8 @@ def commit_record(
         "resolution": resolution,
         "batch": batch,
     }
-    if wait is not None:
-        rec["wait"] = round(wait, 4)
-    if waited is not None:
-        rec["waited"] = round(waited, 4)
-    if sleeps is not None and late is not None:
-        rec["sleeps"], rec["late"] = sleeps, round(late, 4)
-    if predicted is not None:
-        rec["predicted"] = round(predicted, 4)
+    optional = {"wait": wait, "waited": waited, "sleeps": sleeps, "late": late, "predicted": predicted}
+    rec.update((k, round(v, 4)) for k, v in optional.items() if v is not None)  # (an int stays one)
     return {**rec, **merge, "wall": round(wall, 3)}
 
 
