@@ -83,6 +83,14 @@ def test_dotted_overrides_parse_yaml_values():
             "server.push_every_by_lr=[4]",
             "'server.push_every_by_lr' needs one value per schedule.lr stage (3)",
         ),
+        (
+            "server.order_by_lr=[arrival, rounds]",
+            "needs one of arrival | rounds per schedule.lr stage (3), got ['arrival', 'rounds']",
+        ),
+        (
+            "server.order_by_lr=[arrival, rounds, round_robin]",
+            "'server.order_by_lr' needs one of arrival | rounds per schedule.lr stage (3)",
+        ),
         ("schedule.small_lr=cubic", "'schedule.small_lr' is 'cubic'; valid: same, sqrt, linear"),
         ("metrics.tensorboard=maybe", "'metrics.tensorboard' is 'maybe'; valid: auto, always, never"),
         ("metrics.tensorboard_x=epoch", "'metrics.tensorboard_x' is 'epoch'; valid: step, wall"),

@@ -12,6 +12,7 @@ import pytest
 from hpc_dualbatch.config import config_from_dict
 from hpc_dualbatch.method.merge import delta_weight
 from hpc_dualbatch.ps import protocol as P
+from hpc_dualbatch.ps.roster import Roster
 from hpc_dualbatch.ps.server import ParameterServer, ServerState
 from hpc_dualbatch.ps.tasks import GroupSpec
 from hpc_dualbatch.runtime import checkpoint as C
@@ -411,6 +412,39 @@ def test_push_period_per_learning_rate_stage_and_small_group_rate(tmp_path):
     assert (early.lr, late.lr) == (pytest.approx(0.1), pytest.approx(0.01))
     small = ps.tasks.next(1, P.Status.RUN, 0, 0, 0, 0.0)
     assert small.lr == pytest.approx(0.1 * (32 / 64) ** 0.5)
+
+
+def test_order_per_learning_rate_stage_switches_with_the_stages_first_task(tmp_path):
+    """server.order_by_lr: [arrival, rounds]: pushes are answered on arrival until the first task
+    of the second stage is handed out (2 groups, lr stage 1 from epoch 3: task 6), then held
+    until the round is complete."""
+    ps = make(tmp_path, server__order="arrival", server__order_by_lr=["arrival", "rounds"],
+              plan__adaptive=False, checkpoint__every_epochs=0)  # fmt: skip
+    w = np.zeros(N_P + N_B, np.float32)
+    ps.answer(0), ps.answer(1)
+
+    def answered(g: int, kind: P.Kind) -> list[tuple[int, int, float]]:
+        outs = (ps.on_merge if kind == P.Kind.MERGE else ps.on_push)(push(kind, g, 0, 100), w)
+        return [(o.group, int(o.task.status), o.task.lr_epoch) for o in outs]
+
+    assert answered(0, P.Kind.MERGE) == [(0, P.Status.CONTINUE, 0.0)]
+    for t in range(2, 6):  # commits hand out tasks 2..5, the first stage: each answered at once
+        assert answered(t % 2, P.Kind.PUSH) == [(t % 2, P.Status.RUN, t / 2)]
+    assert not ps.roster.rounds
+    assert answered(0, P.Kind.PUSH) == [(0, P.Status.RUN, 3.0)]  # task 6: rounds from here on
+    assert ps.roster.rounds
+    assert answered(1, P.Kind.MERGE) == []  # waits for group 0's push of the round
+    assert answered(0, P.Kind.MERGE) == [(0, P.Status.CONTINUE, 0.0), (1, P.Status.CONTINUE, 0.0)]
+
+
+def test_replies_held_when_rounds_end_go_out_with_the_next():
+    """order_by_lr: [rounds, arrival]: a reply held in the last round of the rounds stage is not
+    left waiting for a round that never completes."""
+    roster = Roster(2, "rounds", False, set())
+    assert roster.hold(0, lambda: ["reply 0"], commit=False) == []
+    roster.rounds = False  # (the server: the first task of an arrival stage was handed out)
+    assert roster.hold(1, lambda: ["reply 1"], commit=False) == ["reply 0", "reply 1"]
+    assert roster.held == {}
 
 
 @pytest.mark.parametrize("outer", ["nesterov", "delayed"])

@@ -74,6 +74,11 @@ def replay(
     cfg = load_config(os.path.join(run, "config.yaml"))
     if cfg.mode != "ps":
         raise ConfigError(f"{run}: mode {cfg.mode}: only parameter-server runs have a server to model")
+    if len(set(cfg.server.order_by_lr)) > 1:
+        raise ConfigError(
+            f"{run}: server.order_by_lr {cfg.server.order_by_lr} switched the server's order during the "
+            "run; the model holds one order throughout: check a run with one server.order"
+        )
     recs = read_metrics(os.path.join(run, "metrics.jsonl"))
     commits = [r for r in recs if r["type"] == "commit"]
     merges = [r for r in recs if r["type"] == "merge"]
@@ -95,11 +100,12 @@ def replay(
         for g, ranks in enumerate(cfg.workers.groups)
     ]
     wake = run_wakes(run, commits, wake)
+    order = (cfg.server.order_by_lr or [cfg.server.order])[0]  # (one order throughout: checked above)
     sim = SimInput(
         groups, floats or model_floats(cfg), link, len(commits), poll_min=cfg.server.poll_min_s,
         poll_max=cfg.server.poll_max_s, wake=wake[0], worker_wake=wake[1],
         evals=[e["seconds"] + e.get("bn_seconds", 0.0) for e in evals], spread=part_spread(recs),
-        blocking_replies=blocking, overlap=cfg.server.overlap, rounds=cfg.server.order == "rounds",
+        blocking_replies=blocking, overlap=cfg.server.overlap, rounds=order == "rounds",
         predict=_ran_predicting(run), leader_s=leader_seconds(commits, len(merges)),
     )  # fmt: skip
     measured = {

@@ -234,6 +234,16 @@ def _check_combinations(cfg: Config) -> None:
             f"config key 'server.push_every_by_lr' needs one value per schedule.lr stage ({n_lr}), "
             f"got {show(sv.push_every_by_lr)}; or [] for server.push_every throughout"
         )
+    if sv.order_by_lr and (len(sv.order_by_lr) != n_lr or set(sv.order_by_lr) - {"arrival", "rounds"}):
+        raise ConfigError(
+            f"config key 'server.order_by_lr' needs one of arrival | rounds per schedule.lr stage "
+            f"({n_lr}), got {show(sv.order_by_lr)}; or [] for server.order throughout"
+        )
+    if sv.order_by_lr and sv.order == "round_robin":
+        raise ConfigError(
+            "config key 'server.order_by_lr' is set with server.order 'round_robin', which serves the "
+            "groups in a fixed order throughout; set server.order: arrival, or server.order_by_lr: []"
+        )
 
 
 def unused_keys(cfg: Config) -> list[str]:

@@ -137,6 +137,11 @@ class ServerConfig:
     # while the rate is high, seldom after it decays (post-local SGD, Lin et al. 2020, arXiv
     # 1808.07217). Empty: push_every throughout.
     push_every_by_lr: list[int] = field(default_factory=list)
+    # One server.order per learning-rate stage (len(schedule.lr) values, each arrival or rounds),
+    # e.g. [arrival, rounds]: asynchronous while the rate is high, barrier-synchronous rounds after
+    # it decays, where the Fashion-MNIST grid's asynchronous runs fall behind rounds (per-epoch
+    # means, docs/server.md, "Controls"). Empty: server.order throughout.
+    order_by_lr: list[str] = field(default_factory=list)
     # A group trains on while its push inside a task travels (its leader's thread sends it and
     # takes the reply): the reply is folded in at the next push point as reply + the steps taken
     # since the push, so the group sees the other groups' updates one push period later (one

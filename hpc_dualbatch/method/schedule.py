@@ -56,11 +56,16 @@ def lr_stages(sched: ScheduleConfig) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
+def lr_stage(epoch: float, sched: ScheduleConfig) -> int:
+    """Index into schedule.lr of the learning-rate stage a (fractional) epoch is in."""
+    return bisect.bisect_right(sched.milestones, epoch)
+
+
 def lr_at(epoch: float, sched: ScheduleConfig) -> float:
     """Learning rate at a (fractional) epoch >= 0; past the last epoch the last LR holds."""
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
-    lr = sched.lr[bisect.bisect_right(sched.milestones, epoch)]
+    lr = sched.lr[lr_stage(epoch, sched)]
     if sched.warmup_epochs > 0 and epoch < sched.warmup_epochs:
         # Linear from lr[0]/10 at epoch 0 to lr[0] at warmup_epochs (Goyal et al. 2017 style).
         base = sched.lr[0]

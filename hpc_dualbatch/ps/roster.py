@@ -4,7 +4,8 @@ A group holds a task (RUN answered, not committed: `outstanding`), or is parked 
 barrier (pushed, not answered: `parked`), or has been told STOP (`stopped`); a reply may have
 asked it to evaluate (`eval_asked`, until the result is in); after a resume it is first sent its
 momentum (`send_state`). Under `server.order: round_robin` the groups are served in the fixed
-order 0, 1, ..., n-1, 0, ... (`next_group`); under `rounds` a group that pushed waits for its
+order 0, 1, ..., n-1, 0, ... (`next_group`); under `rounds` (throughout, or in the learning-rate
+stages `server.order_by_lr` names: the server sets `rounds`) a group that pushed waits for its
 reply until the round is complete (`held`). A group that has run out of tasks waits for its reply
 until every group has (`waiting`): they share the final evaluation (`evaluation.py`), each group
 sending its BN statistics and waiting for their mean (`stats_in`); such a group counts as stopped.
@@ -66,9 +67,11 @@ class Roster:
 
     def hold(self, g: int, reply: Callable[[], list[Any]], commit: bool) -> list[Any]:
         """Group g's replies now, or under order: rounds held until the round is complete
-        (`release`): one round of pushes from one pull, merged, then answered together."""
+        (`release`): one round of pushes from one pull, merged, then answered together. Once
+        rounds are off (server.order_by_lr), replies still held go out with the next."""
         if not self.rounds:
-            return reply()
+            held, self.held = self.held, {}
+            return [out for h in sorted(held) for out in held[h][1]()] + reply()
         self.held[g] = (commit, reply)
         return self.release()
 

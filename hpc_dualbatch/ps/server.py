@@ -17,7 +17,9 @@ through outer momentum). A push that ends a task is a commit; n_groups commits m
 Pushes inside a task are answered CONTINUE with the merged weights. Tasks are handed out until
 epochs * n_groups have been issued, so every task issued is committed and no work is thrown
 away; every later request is answered STOP. Under `server.order: rounds` (a control: barrier-
-synchronous local SGD) every push is answered only once every active group has pushed.
+synchronous local SGD) every push is answered only once every active group has pushed;
+`server.order_by_lr` picks arrival or rounds per learning-rate stage, switched when the first
+task of a stage is handed out.
 
 Checkpoints are barriers: from a checkpoint commit on, each pushing group is
 merged and parked (no reply) until every active group is parked; then each
@@ -46,6 +48,7 @@ from hpc_dualbatch.errors import CheckpointError, DivergedError
 from hpc_dualbatch.method.adapt import Adapter
 from hpc_dualbatch.method.merge import Outer, PushInfo, make_rule
 from hpc_dualbatch.method.replan import Obs
+from hpc_dualbatch.method.schedule import lr_stage
 from hpc_dualbatch.ps import checkpoints
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.ps.evaluation import SharedEval
@@ -176,6 +179,9 @@ class ParameterServer:
             self.roster.eval_asked[g] = (eval_epoch, s.merges)
         task = self.tasks.next(g, status, sum(s.rounds), s.commits, s.rounds[g], self.wall())
         task = dataclasses.replace(task, eval_epoch=eval_epoch, has_state=g in self.roster.send_state)
+        by_lr = self.cfg.server.order_by_lr
+        if run and by_lr:  # the order of the stage the newest task is in
+            self.roster.rounds = by_lr[lr_stage(task.lr_epoch, self.cfg.schedule)] == "rounds"
         if run:
             s.rounds[g] += 1
             self.roster.outstanding.add(g)

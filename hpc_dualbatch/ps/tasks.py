@@ -12,13 +12,12 @@ rate is the large groups' (the method), or scaled by (B_S/B_L)^(1/2) or B_S/B_L
 
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import dataclass
 
 from hpc_dualbatch.config import Config
 from hpc_dualbatch.method.adapt import Adapter
-from hpc_dualbatch.method.schedule import lr_at, stage_for_count
+from hpc_dualbatch.method.schedule import lr_at, lr_stage, stage_for_count
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.runtime.metrics import MetricsLog, plan_record
 
@@ -81,7 +80,7 @@ class Tasks:
         share = self.adapter.share(g, res) if self.adapter else spec.share
         every = cfg.server.push_every
         if cfg.server.push_every_by_lr:  # one period per learning-rate stage
-            every = cfg.server.push_every_by_lr[bisect.bisect_right(cfg.schedule.milestones, at / self.n)]
+            every = cfg.server.push_every_by_lr[lr_stage(at / self.n, cfg.schedule)]
         pushes = pushes_per_task(self.ref.share, self.ref.batch[res], every)
         if run:
             self.stage[g] = TaskStage(lr, res, spec.batch[res], predicted)

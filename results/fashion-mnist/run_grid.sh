@@ -151,6 +151,13 @@ server_part() {  # server_part SEED
   # above); after the runs beside sync-r10, the same sitting
   run server ps-base-mom08-push41 "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
     --set "server.push_every_by_lr=[4, 1]"
+  # the defaults asynchronous while the rate is high, barrier-synchronous rounds after the decay
+  # (server.order_by_lr [arrival, rounds]): rounds throughout reach sync (ps-rounds-mom08) and the
+  # defaults' gap opens after the decay; the rounds' waits paid only in the last stage. Beside
+  # sync again (-r11)
+  run server sync-r11 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run server ps-base-mom08-roundslate "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
+    --set "server.order_by_lr=[arrival, rounds]"
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -255,7 +262,7 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               ps-base-rampstep-r3 ps-base-slowmo ps-rounds-push4 ps-rounds-push1 sync-r4 ps-base-mom08
               ps-base-mom06 ps-base-mom08-pull ps-base-mom09-pull sync-r5 ps-base-mom08-shared
               sync-r6 ps-rounds-mom08 sync-r7 ps-base-mom08-predict sync-r10 ps-base-mom08-wake
-              ps-base-mom08-push41"
+              ps-base-mom08-push41 sync-r11 ps-base-mom08-roundslate"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
