@@ -481,6 +481,31 @@ def test_rounds_answer_a_push_once_every_group_pushed(shared_dir):
     agreed(world, check)
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("by_lr", [["arrival", "rounds"], ["rounds", "arrival"]])
+def test_order_per_learning_rate_stage_ends_and_keeps_rounds_in_its_stage(shared_dir, by_lr):
+    """server.order_by_lr switches between arrival and rounds at the LR milestone (epoch 3 of 4,
+    with a checkpoint barrier every epoch): the run ends with every task committed, and no push of
+    the rounds stage is merged more than one round after its group's pull."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    out = os.path.join(shared_dir, "order-by-lr-" + by_lr[0])
+    over = dict(server__order="arrival", server__order_by_lr=by_lr, plan__adaptive=False)
+    outcome, _, cfg, specs = run(out, **over)
+
+    def check() -> tuple[bool, str]:
+        if world.Get_rank() != 0:
+            return True, ""
+        n, commits = len(specs), records(out, "commit")
+        rounds_lr = cfg.schedule.lr[by_lr.index("rounds")]
+        in_rounds = [r["staleness"] for r in commits if r["lr"] == pytest.approx(rounds_lr)]
+        ok = outcome == "done" and len(commits) == EPOCHS * n and in_rounds and max(in_rounds) <= n - 1
+        return ok, f"{outcome}; {len(commits)} commits; staleness in the rounds stage {in_rounds}"
+
+    agreed(world, check)
+
+
 # --- adaptive planning (plan.adaptive): a large and a small group, so 4 ranks ---------------------
 
 
