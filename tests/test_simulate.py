@@ -189,3 +189,18 @@ def test_the_leaders_measured_handling_replaces_the_links_arithmetic():
     assert leader_seconds(commits, 4) == pytest.approx(0.1)
     assert leader_seconds([{"wait": 0.5}], 4) is None  # a run from before `waited`
     assert leader_seconds(commits, 0) is None
+
+
+def test_check_refuses_a_run_that_switched_its_order(tmp_path):
+    """server.order_by_lr [arrival, rounds]: the model holds one order throughout, so the check
+    names the key rather than replaying the run as if it were all arrival."""
+    from hpc_dualbatch.commands.simulate import replay
+    from hpc_dualbatch.errors import ConfigError
+    from tests.helpers import tiny_config, write_config
+
+    raw = tiny_config(
+        "unused.h5", tmp_path, server__order="arrival", server__order_by_lr=["arrival", "rounds"]
+    )
+    write_config(tmp_path / "config.yaml", raw)
+    with pytest.raises(ConfigError, match=r"server.order_by_lr \['arrival', 'rounds'\] switched"):
+        replay(str(tmp_path), Link(bandwidth=1e9), (0.0, 0.0))
