@@ -14,5 +14,5 @@ for n in 1 3 1 3; do
   scripts/mpirun_local.sh -np 2 .venv/bin/python -m hpc_dualbatch bench exchange --floats 180000 --iters 32 --out results/simulate/busy-probe-2026-12-05/ext-$n-$(date +%s).json > /tmp/logt-$n.txt 2>&1
   echo "train busy $n"; grep -A7 "variant" /tmp/logt-$n.txt | head -9; tail -2 /tmp/busy-train-$n-1.log
   for p in "${pids[@]}"; do kill -- -$p 2>/dev/null; done; sleep 3; pkill -f "out=/tmp/busy-train" ; sleep 2
-  rm -rf /tmp/busy-train-*
+  rm -rf /tmp/busy-train-$n-[0-9]  # (run folders; the logs stay)
 done
