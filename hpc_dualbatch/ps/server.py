@@ -179,12 +179,11 @@ class ParameterServer:
             self.roster.eval_asked[g] = (eval_epoch, s.merges)
         task = self.tasks.next(g, status, sum(s.rounds), s.commits, s.rounds[g], self.wall())
         task = dataclasses.replace(task, eval_epoch=eval_epoch, has_state=g in self.roster.send_state)
-        by_lr = self.cfg.server.order_by_lr
-        if run and by_lr:  # the order of the stage the newest task is in
-            self.roster.rounds = by_lr[lr_stage(task.lr_epoch, self.cfg.schedule)] == "rounds"
         if run:
             s.rounds[g] += 1
             self.roster.outstanding.add(g)
+            if by_lr := self.cfg.server.order_by_lr:  # the order of the stage the newest task is in
+                self.roster.rounds = by_lr[lr_stage(task.lr_epoch, self.cfg.schedule)] == "rounds"
         out = self._with_weights(g, task)
         if task.has_state and s.momenta is not None:
             out.momentum = s.momenta.get(g)  # the group's momentum (resume), read from the checkpoint
