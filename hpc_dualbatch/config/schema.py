@@ -139,7 +139,7 @@ class ServerConfig:
     push_every_by_lr: list[int] = field(default_factory=list)
     # One server.order per learning-rate stage (len(schedule.lr) values, each arrival or rounds),
     # e.g. [arrival, rounds]: asynchronous while the rate is high, barrier-synchronous rounds after
-    # it decays, where the Fashion-MNIST grid's asynchronous runs fall behind rounds (per-epoch
+    # it decays, where the Fashion-MNIST grid's asynchronous runs fell behind sync (per-epoch
     # means). There [arrival, rounds] ended 0.10 below sync (6 seeds, standard error 0.20), not
     # resolved from arrival's 0.25 below (docs/server.md, "Controls"). Empty: server.order throughout.
     order_by_lr: list[str] = field(default_factory=list)
