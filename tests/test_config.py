@@ -94,6 +94,7 @@ def test_dotted_overrides_parse_yaml_values():
         ("schedule.small_lr=cubic", "'schedule.small_lr' is 'cubic'; valid: same, sqrt, linear"),
         ("metrics.tensorboard=maybe", "'metrics.tensorboard' is 'maybe'; valid: auto, always, never"),
         ("metrics.tensorboard_x=epoch", "'metrics.tensorboard_x' is 'epoch'; valid: step, wall"),
+        ("sync.bn=average", "'sync.bn' is 'average'; valid: running, recalibrate"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

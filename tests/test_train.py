@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from hpc_dualbatch.runtime.metrics import evaluations, read_metrics
+from hpc_dualbatch.runtime.model import build_model
 from tests.helpers import (
     final_weights,
     hdb,
@@ -208,6 +209,30 @@ def test_sync_baseline_learns_with_the_same_metrics(tmp_path, synthetic_h5):
         "train/loss/group0",
     ]
     assert [s for s, _, _ in ev["test/acc"]] == [s for s, _, _ in ev["train/loss/group0"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.job
+def test_sync_recalibrated_bn_changes_the_evaluations_not_the_training(tmp_path, synthetic_h5):
+    """sync.bn: recalibrate recomputes the statistics before each evaluation (as the server does)
+    and records it; training never reads them, so the same seed trains the same weights."""
+    runs = {}
+    for bn in ("running", "recalibrate"):
+        out = tmp_path / bn
+        raw = tiny_config(synthetic_h5, out, mode="sync", workers__groups=[2], workers__small=0, plan__k=1.0)
+        raw["sync"] = {"bn": bn}
+        r = hdb(2, "train", "--config", write_config(tmp_path / f"{bn}.yaml", raw))
+        assert r.returncode == 0, r.stdout + r.stderr
+        runs[bn] = (read_metrics(str(out / "metrics.jsonl")), final_weights(out))
+    (recs_run, w_run), (recs_cal, w_cal) = runs["running"], runs["recalibrate"]
+    loss = [[r["train_loss"] for r in recs if r["type"] == "commit"] for recs in (recs_run, recs_cal)]
+    assert len(loss[0]) == 4 and loss[0] == loss[1]
+    ev_run, ev_cal = evaluations(recs_run), evaluations(recs_cal)
+    assert [e["bn"] for e in ev_run] == ["running"] * 4 and all("bn_seconds" not in e for e in ev_run)
+    assert [e["bn"] for e in ev_cal] == ["recalibrate"] * 4 and all(e["bn_seconds"] > 0 for e in ev_cal)
+    model = build_model("resnet18_cifar", 10, 3, 8)  # the synthetic set: 10 classes, RGB
+    n_params = sum(p.numel() for p in model.parameters())
+    assert np.array_equal(w_run[:n_params], w_cal[:n_params])  # the same weights ...
+    assert not np.array_equal(w_run[n_params:], w_cal[n_params:])  # ... other statistics
 
 
 @pytest.mark.job

@@ -16,7 +16,7 @@ Record types (field `type`):
             distance, scale, wall
     eval    the global weights at an epoch boundary on the test split: epoch, test_loss,
             test_acc, samples, seconds, resolution, wall (seconds of training since the start);
-            on the server also bn (server.bn) and bn_seconds (recalibration before it)
+            bn (server.bn or sync.bn) and bn_seconds (a recalibration before it)
     plan    a re-plan of adaptive planning that changed a group's batch or share: epoch,
             resolution, batches, shares, changed, target_seconds, scales, capped, wall
     end     how the run ended: state (done, preempted, diverged, stalled), commits, wall; on the
@@ -219,9 +219,10 @@ def eval_record(
     bn_seconds: float | None = None,
     parts: int | None = None,
 ) -> dict[str, Any]:
-    """One evaluation of the global model on the test split (server and sync alike; the server
-    adds its `server.bn` mode, the seconds a recalibration took, and for a final evaluation
-    the groups shared the number of groups: its seconds are then those of the slowest part)."""
+    """One evaluation of the global model on the test split (server and sync alike; each adds
+    its BN mode, `server.bn` or `sync.bn`, and the seconds a recalibration took; where the
+    server's groups shared a final evaluation, their number: its seconds are then those of the
+    slowest part)."""
     rec = {
         "type": "eval",
         "epoch": epoch,

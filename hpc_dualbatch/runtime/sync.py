@@ -4,7 +4,9 @@ Every rank is in one Horovod group (no server); each rank trains at B_L of the
 current resolution (the group's batch is B_L x ranks) on its part of the whole
 training set every epoch, with the same schedule, model, initial weights,
 data pipeline, evaluation, metrics file and checkpoints as the
-parameter-server runs, so the results compare directly.
+parameter-server runs, so the results compare directly. Its evaluations use each rank's
+running BN statistics, as plain Horovod training does, or (`sync.bn: recalibrate`) statistics
+recomputed as the server's are.
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ def run_sync(st: Any, topo: Topology) -> None:
                 f"schedule.lr or optim.momentum and start again, or resume from the last checkpoint in "
                 f"{cfg.out}/checkpoints"
             )
+        bn_secs = None
+        if cfg.sync.bn == "recalibrate":  # MPI: the group's mean statistics (trainer.group_sum)
+            bn_secs = trainer.recalibrate(stage.resolution)
         loss, acc, n, secs = trainer.evaluate(stage.resolution)
         wall = elapsed + time.perf_counter() - t0
         if log is not None:
@@ -120,6 +125,8 @@ def run_sync(st: Any, topo: Topology) -> None:
                     seconds=secs,
                     resolution=stage.resolution,
                     wall=wall,
+                    bn=cfg.sync.bn,
+                    bn_seconds=bn_secs,
                 )
             )
             progress.line(

@@ -158,6 +158,12 @@ server_part() {  # server_part SEED
   run server sync-r11 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
   run server ps-base-mom08-roundslate "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
     --set "server.order_by_lr=[arrival, rounds]"
+  # sync evaluated with the server's BN treatment (sync.bn: recalibrate, from its commit on):
+  # statistics recomputed before every evaluation instead of Horovod's running ones. Training
+  # never reads them, so its weights are sync's (sync is deterministic on one machine kind) and
+  # the difference is the BN treatment alone: what the comparisons above leave in the server's
+  # favour (results/fashion-mnist/bn-probe/: the same final weights both ways)
+  run server sync-bnrecal 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}" --set sync.bn=recalibrate
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -262,7 +268,7 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               ps-base-rampstep-r3 ps-base-slowmo ps-rounds-push4 ps-rounds-push1 sync-r4 ps-base-mom08
               ps-base-mom06 ps-base-mom08-pull ps-base-mom09-pull sync-r5 ps-base-mom08-shared
               sync-r6 ps-rounds-mom08 sync-r7 ps-base-mom08-predict sync-r10 ps-base-mom08-wake
-              ps-base-mom08-push41 sync-r11 ps-base-mom08-roundslate"
+              ps-base-mom08-push41 sync-r11 ps-base-mom08-roundslate sync-bnrecal"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
