@@ -255,6 +255,9 @@ print('{' + ', '.join(f'{k}: {v[\"B_S\"]}' for k, v in r.items()) + '}')" "$plan
   run dualbatch ps-base-mom08 5 "$s" "${P[@]}" "${ALL_LARGE[@]}" "${FIXED[@]}" --set optim.ps_momentum=0.8
   run dualbatch dual-ns3-lrsqrt-mom08 5 "$s" "${P[@]}" --set workers.small=3 "${FIXED[@]}" "${SQRT[@]}" \
     --set optim.ps_momentum=0.8
+  # sync evaluated with the server's BN treatment (sync.bn: recalibrate), as in the server part:
+  # sync's weights, the server's statistics
+  run dualbatch sync-bnrecal 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}" --set sync.bn=recalibrate
 }
 
 for seed in $SEEDS; do
@@ -277,7 +280,7 @@ ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 du
                  sync-r3 dual-ns3-lrsqrt-r3 dual-ns3-lrsqrt-rounds sync-r4 dual-ns3-lrsqrt-mom08-pull
                  dual-ns3-lrsqrt-mom09-pull sync-r5 dual-ns3-lrsqrt-mom08-shared sync-r8
                  hybrid-ns3-lrsqrt-mom08-e12 hybrid-ns3-lrsqrt-mom08 hybrid-ns3-lrsqrt-mom08-e11
-                 sync-r9 ps-base-mom08 dual-ns3-lrsqrt-mom08"
+                 sync-r9 ps-base-mom08 dual-ns3-lrsqrt-mom08 sync-bnrecal"
 for part in $PARTS; do
   order="ORDER_$part"
   dirs=()
