@@ -185,6 +185,8 @@ def test_frontier_through_budgets_and_targets_judged_exactly(tmp_path):
         {"kind": "frontier", "family": "hyb", "reference": "sync", "margin": 0.5, "label": "t3"},
         {"kind": "frontier", "family": "hyb", "reference": "sync-e12", "label": "past"},
         {"kind": "frontier", "family": "sync", "reference": "hyb", "label": "before"},
+        # sync-e12's accuracy at sync's wall time: 81 % against 86
+        {"kind": "frontier", "family": "hyb", "reference": "sync-e12", "wall_of": "sync", "label": "at"},
         {"kind": "no_fall", "configs": ["hyb", "hyb-e12"], "points": 5, "label": "t4"},
     ]
     (tmp_path / "t.json").write_text(json.dumps(targets))
@@ -202,6 +204,8 @@ def test_frontier_through_budgets_and_targets_judged_exactly(tmp_path):
     assert got["t3"]["value"] == pytest.approx(81.0) and not got["t3"]["met"]
     # past hyb's longest budget (140 s) at sync-e12's 150 s: its best budget, 84 %, has ended
     assert got["past"]["value"] == pytest.approx(84.0) and not got["past"]["met"]
+    assert got["at"]["value"] == pytest.approx(81.0) and got["at"]["needed"] == pytest.approx(86.0)
+    assert got["at"]["note"] == "hyb at 100 s (sync's): 81.00 % (-5.00 vs 86.00)"
     assert got["before"]["value"] is None and not got["before"]["met"]  # 60 s: no sync budget ended
     assert got["t4"]["value"] == pytest.approx(6.0) and not got["t4"]["met"]
     md = (out / "report.md").read_text()

@@ -11,10 +11,12 @@ A targets file is a JSON list; each target one of:
     {"kind": "above", "config": A, "reference": B, "margin": 0.5, "max_wall_ratio": 1.0}
         mean final accuracy of A >= that of B + margin points (and, if given, mean wall of A
         <= max_wall_ratio x that of B)
-    {"kind": "frontier", "family": A, "reference": B, "margin": 0.5}
+    {"kind": "frontier", "family": A, "reference": B, "margin": 0.5, "wall_of": C}
         A's frontier, interpolated linearly at B's mean wall seconds, >= B + margin points (past
         A's longest budget: A's best budget, which has ended by then; not met where B's wall
-        time lies before A's shortest budget: said so)
+        time lies before A's shortest budget: said so). With "wall_of", at C's mean wall
+        seconds instead: B's accuracy, the wall time of a C that ran beside A (wall times
+        compare only within one sitting)
     {"kind": "no_fall", "configs": [A, ...], "points": 5}
         no evaluation after epoch 1 more than `points` below the one before, in any seed
 
@@ -98,14 +100,18 @@ def judge(targets: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[s
             note = f"{t['config']} {a:.2f} % vs {t['reference']} {b:.2f} % ({a - b:+.2f}); wall {ratio:.3f}x"
             out.append({**t, "label": label, "value": a, "needed": need, "met": met, "note": note})
         elif kind == "frontier":
-            b, wall = acc(t["reference"]), summary[t["reference"]]["wall"]["mean"]
+            b = acc(t["reference"])
+            acc(t.get("wall_of", t["reference"]))  # named, so it must have run
+            wall = summary[t.get("wall_of", t["reference"])]["wall"]["mean"]
             if t["family"] not in fronts:
                 raise DataError(f"target names family '{t['family']}', not among {', '.join(sorted(fronts))}")
             v = at_wall(fronts[t["family"]], wall)
             need = b + t.get("margin", 0.0)
             past = fronts[t["family"]][-1]["wall"]
             note = (
-                f"{t['family']} at {wall:.0f} s: "
+                f"{t['family']} at {wall:.0f} s"
+                + (f" ({t['wall_of']}'s)" if "wall_of" in t else "")
+                + ": "
                 + (
                     "before its shortest budget ended"
                     if v is None
