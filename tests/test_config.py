@@ -95,6 +95,7 @@ def test_dotted_overrides_parse_yaml_values():
         ("metrics.tensorboard=maybe", "'metrics.tensorboard' is 'maybe'; valid: auto, always, never"),
         ("metrics.tensorboard_x=epoch", "'metrics.tensorboard_x' is 'epoch'; valid: step, wall"),
         ("sync.bn=average", "'sync.bn' is 'average'; valid: running, recalibrate"),
+        ("server.stale_lr=drop", "'server.stale_lr' is 'drop'; valid: keep, rescale"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
@@ -109,6 +110,13 @@ def test_outer_momentum_needs_an_update_to_act_on():
     with pytest.raises(ConfigError, match="'server.outer' is 'delayed' with server.merge 'paper'"):
         load_config(None, [*base, "server.merge=paper"])
     assert load_config(None, [*base, "server.merge=nova"]).server.outer == "delayed"
+
+
+def test_rescaling_stale_rates_needs_an_update_to_scale():
+    base = ["plan.large_batch={20: 64, 24: 64, 28: 64}", "server.stale_lr=rescale"]
+    with pytest.raises(ConfigError, match="'server.stale_lr' is 'rescale' with server.merge 'paper'"):
+        load_config(None, [*base, "server.merge=paper"])
+    assert load_config(None, [*base, "server.merge=nova"]).server.stale_lr == "rescale"
 
 
 def test_missing_and_malformed_files(tmp_path):

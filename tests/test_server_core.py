@@ -5,6 +5,7 @@ driver would send for a given sequence of requests, checked exactly. The MPI sid
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -435,6 +436,28 @@ def test_order_per_learning_rate_stage_switches_with_the_stages_first_task(tmp_p
     assert ps.roster.rounds
     assert answered(1, P.Kind.MERGE) == []  # waits for group 0's push of the round
     assert answered(0, P.Kind.MERGE) == [(0, P.Status.CONTINUE, 0.0), (1, P.Status.CONTINUE, 0.0)]
+
+
+@pytest.mark.parametrize("stale_lr", ["keep", "rescale"])
+def test_a_push_of_an_earlier_rate_stage_is_merged_at_the_newest_rate(tmp_path, stale_lr):
+    """server.stale_lr: rescale: once the first task of the second stage (lr 0.1 -> 0.01 from
+    epoch 3: task 6 of 2 groups) is out, group 1's push from its first-stage task gets 0.01/0.1
+    of the weight the delta rule gives it; group 0's push from the new task its full weight."""
+    ps = make(tmp_path, server__order="arrival", server__stale_lr=stale_lr, plan__adaptive=False,
+              checkpoint__every_epochs=0)  # fmt: skip
+    w = np.zeros(N_P + N_B, np.float32)
+    ps.answer(0), ps.answer(1)
+    for t in range(2, 7):  # commits hand out tasks 2..6; group 1 keeps task 5 (epoch 2.5)
+        ps.on_push(push(P.Kind.PUSH, t % 2, 0, 100), w)
+    assert [ps.tasks.stage[g].lr for g in (0, 1)] == [0.01, pytest.approx(0.1 * math.sqrt(32 / 64))]
+    scales = []
+    for g in (1, 0):  # each merges a push of ones into zero weights: they move by its weight
+        ps.s.weights[:] = 0.0
+        ps.on_merge(push(P.Kind.MERGE, g, 0, 0), np.ones(N_P + N_B, np.float32))
+        scales.append(float(ps.s.weights[0]))
+    f = [1.0 / 1.8, 0.8 / 1.8]  # delta: f / sum(f), staleness within a round
+    want_1 = f[1] * (0.01 / 0.1 if stale_lr == "rescale" else 1.0)
+    assert scales == [pytest.approx(want_1, rel=1e-6), pytest.approx(f[0], rel=1e-6)]
 
 
 def test_replies_held_when_rounds_end_go_out_with_the_next():

@@ -229,6 +229,11 @@ def _check_combinations(cfg: Config) -> None:
             f"config key 'server.outer' is '{sv.outer}' with server.merge 'paper': outer momentum acts "
             "on a push's update since its pull; set server.merge: delta or nova, or server.outer: none"
         )
+    if sv.stale_lr == "rescale" and sv.merge == "paper":
+        raise ConfigError(
+            "config key 'server.stale_lr' is 'rescale' with server.merge 'paper': it scales a push's "
+            "update since its pull; set server.merge: delta or nova, or server.stale_lr: keep"
+        )
     if sv.push_every_by_lr and len(sv.push_every_by_lr) != n_lr:
         raise ConfigError(
             f"config key 'server.push_every_by_lr' needs one value per schedule.lr stage ({n_lr}), "

@@ -151,6 +151,15 @@ class ServerConfig:
     # arXiv 2002.09539) does the same with an anchor model. Off: it cost 0.9 and 3.4 points in
     # the Fashion-MNIST grid (3 seeds; docs/server.md, "server.overlap").
     overlap: bool = False
+    # A push from a task of an earlier learning-rate stage, merged after the first task of a
+    # later stage was handed out (a slow group still training at the old rate while the others
+    # train at the decayed one; under arrival order a whole task of it on the Fashion-MNIST
+    # grid):
+    #   keep: merged as trained;
+    #   rescale: its weight times the newest stage's rate over its own (at most 1), as a server
+    #            that is pushed gradients applies its current rate to a stale one (Dean et al.
+    #            2012, Downpour SGD). Needs merge: delta or nova (an update to scale).
+    stale_lr: str = "keep"
     # Server ranks (world ranks 0 .. shards-1), each owning a contiguous slice of the flat
     # weights: pushes and pulls are split across them, so the server's link and merge scale with
     # S (docs/scaling.md says where a shard more pays). Shard 0 decides everything else.
@@ -265,6 +274,7 @@ CHOICES = {  # the valid values of each choice key: the one list every module ch
     "server.stage_by": ("task", "commit"),
     "server.merge": ("paper", "delta", "nova"),
     "server.outer": ("none", "nesterov", "delayed"),
+    "server.stale_lr": ("keep", "rescale"),
     "server.bn": ("average", "recalibrate", "local"),
     "sync.bn": ("running", "recalibrate"),
     "metrics.tensorboard": ("auto", "always", "never"),

@@ -139,6 +139,7 @@ class PushInfo:
     staleness: int  # merges by other pushes since the group's pull
     lr: float  # the inner learning rate its task trained at (outer momentum's unit)
     batches: list[int]  # every group's batch at the push's resolution (nova)
+    lr_scale: float = 1.0  # server.stale_lr: rescale: the newest stage's rate over its own (<= 1)
 
 
 class MergeRule:
@@ -174,8 +175,9 @@ class MergeRule:
         raise NotImplementedError
 
     def fold(self, push: PushInfo, w: np.ndarray, pushed: np.ndarray) -> float:
-        """Fold a push into `w` in place; returns its weight."""
-        a = self.weight(push)
+        """Fold a push into `w` in place; returns its weight (the rule's, times the push's
+        `lr_scale`)."""
+        a = self.weight(push) * push.lr_scale
         self.apply(w, pushed, a, push.lr)
         return a
 

@@ -48,7 +48,6 @@ from hpc_dualbatch.errors import CheckpointError, DivergedError
 from hpc_dualbatch.method.adapt import Adapter
 from hpc_dualbatch.method.merge import Outer, PushInfo, make_rule
 from hpc_dualbatch.method.replan import Obs
-from hpc_dualbatch.method.schedule import lr_stage
 from hpc_dualbatch.ps import checkpoints
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.ps.evaluation import SharedEval
@@ -183,7 +182,7 @@ class ParameterServer:
             s.rounds[g] += 1
             self.roster.outstanding.add(g)
             if by_lr := self.cfg.server.order_by_lr:  # the order of the stage the newest task is in
-                self.roster.rounds = by_lr[lr_stage(task.lr_epoch, self.cfg.schedule)] == "rounds"
+                self.roster.rounds = by_lr[self.tasks.newest_lr_stage] == "rounds"
         out = self._with_weights(g, task)
         if task.has_state and s.momenta is not None:
             out.momentum = s.momenta.get(g)  # the group's momentum (resume), read from the checkpoint
@@ -239,7 +238,8 @@ class ParameterServer:
         if not math.isfinite(norm):  # before the merge: the global weights stay as they were
             self._diverged(g, f"pushed weights are not finite (norm of the push {norm})")
         dist = self.rule.distance(w, wi, norm)
-        push = PushInfo(g, self.rule.staleness(g, s.merges), st.lr, self.tasks.batches(st.resolution))
+        staleness, batches = self.rule.staleness(g, s.merges), self.tasks.batches(st.resolution)
+        push = PushInfo(g, staleness, st.lr, batches, self._lr_scale(st))
         a = self.rule.fold(push, w, wi)
         self.rule.fold_buffers(g, s.weights[n_p:], wbuf[n_p:])
         s.merges += 1
@@ -250,6 +250,14 @@ class ParameterServer:
             "distance": round(dist, 6),
             "scale": round(a, 6),
         }
+
+    def _lr_scale(self, st: TaskStage) -> float:
+        """server.stale_lr: rescale: a push trained in an earlier learning-rate stage than the
+        newest task's is merged at the newest stage's rate (its weight times their ratio)."""
+        if self.cfg.server.stale_lr != "rescale":
+            return 1.0
+        rates = self.cfg.schedule.lr
+        return min(1.0, rates[self.tasks.newest_lr_stage] / rates[st.lr_stage])
 
     def _diverged(self, g: int, what: str) -> None:
         st, s = self.tasks.stage.get(g, TaskStage()), self.s

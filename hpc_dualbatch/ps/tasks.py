@@ -35,6 +35,7 @@ class TaskStage:
     """What a group's task in flight trains at (its commit record, a divergence message)."""
 
     lr: float = 0.0
+    lr_stage: int = 0  # index into schedule.lr of the stage the task trains in
     resolution: int = 0  # px; 0: no task handed out in this process
     batch: int = 0
     predicted: float | None = None  # adaptive planning's predicted seconds for the task
@@ -63,6 +64,7 @@ class Tasks:
         self.cfg, self.groups, self.adapter, self.log, self.n = cfg, groups, adapter, log, len(groups)
         self.ref = next((g for g in groups if not g.small), groups[0])  # push pace: a large group
         self.stage: dict[int, TaskStage] = {}  # each group's task in flight
+        self.newest_lr_stage = 0  # the learning-rate stage of the newest task handed out
 
     def next(
         self, g: int, status: P.Status, handed_out: int, commits: int, round_idx: int, wall: float
@@ -79,11 +81,13 @@ class Tasks:
             lr *= small_lr_scale(cfg.schedule.small_lr, spec.batch[res], self.ref.batch[res])
         share = self.adapter.share(g, res) if self.adapter else spec.share
         every = cfg.server.push_every
+        k = lr_stage(at / self.n, cfg.schedule)
         if cfg.server.push_every_by_lr:  # one period per learning-rate stage
-            every = cfg.server.push_every_by_lr[lr_stage(at / self.n, cfg.schedule)]
+            every = cfg.server.push_every_by_lr[k]
         pushes = pushes_per_task(self.ref.share, self.ref.batch[res], every)
         if run:
-            self.stage[g] = TaskStage(lr, res, spec.batch[res], predicted)
+            self.stage[g] = TaskStage(lr, k, res, spec.batch[res], predicted)
+            self.newest_lr_stage = k
         return P.Task(
             status, lr, res, spec.batch[res], share, commits / self.n, commits, round_idx if run else 0,
             stage.dropout, pushes=pushes, lr_epoch=at / self.n,

@@ -158,6 +158,13 @@ server_part() {  # server_part SEED
   run server sync-r11 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
   run server ps-base-mom08-roundslate "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
     --set "server.order_by_lr=[arrival, rounds]"
+  # the defaults with a push of an earlier learning-rate stage, merged once the newest task is in
+  # a later one, scaled to the newest stage's rate (server.stale_lr: rescale, from its commit
+  # on): under arrival order a slow group's whole last task at lr 0.1 lands after the others
+  # began training at 0.01, and the defaults' gap to sync opens at the decay. Beside sync (-r12)
+  run server sync-r12 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run server ps-base-mom08-stalelr "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
+    --set server.stale_lr=rescale
   # sync evaluated with the server's BN treatment (sync.bn: recalibrate, from its commit on):
   # statistics recomputed before every evaluation instead of Horovod's running ones. Training
   # never reads them, so its weights are sync's (sync is deterministic on one machine kind) and
@@ -271,7 +278,8 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               ps-base-rampstep-r3 ps-base-slowmo ps-rounds-push4 ps-rounds-push1 sync-r4 ps-base-mom08
               ps-base-mom06 ps-base-mom08-pull ps-base-mom09-pull sync-r5 ps-base-mom08-shared
               sync-r6 ps-rounds-mom08 sync-r7 ps-base-mom08-predict sync-r10 ps-base-mom08-wake
-              ps-base-mom08-push41 sync-r11 ps-base-mom08-roundslate sync-bnrecal"
+              ps-base-mom08-push41 sync-r11 ps-base-mom08-roundslate sync-r12 ps-base-mom08-stalelr
+              sync-bnrecal"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
