@@ -165,6 +165,12 @@ server_part() {  # server_part SEED
   run server sync-r12 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
   run server ps-base-mom08-stalelr "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
     --set server.stale_lr=rescale
+  # rescaled, the defaults fell further behind after the decay (the stale pushes of the old
+  # rate were progress, not noise): the stage a task trains in from the commits merged when it
+  # is handed out (server.stage_by: commit, the method's), which moves the server's decay later
+  # instead, after the same sync-r12 runs
+  run server ps-base-mom08-stagecommit "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
+    --set server.stage_by=commit
   # sync evaluated with the server's BN treatment (sync.bn: recalibrate, from its commit on):
   # statistics recomputed before every evaluation instead of Horovod's running ones. Training
   # never reads them, so its weights are sync's (sync is deterministic on one machine kind) and
@@ -279,7 +285,7 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               ps-base-mom06 ps-base-mom08-pull ps-base-mom09-pull sync-r5 ps-base-mom08-shared
               sync-r6 ps-rounds-mom08 sync-r7 ps-base-mom08-predict sync-r10 ps-base-mom08-wake
               ps-base-mom08-push41 sync-r11 ps-base-mom08-roundslate sync-r12 ps-base-mom08-stalelr
-              sync-bnrecal"
+              ps-base-mom08-stagecommit sync-bnrecal"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
