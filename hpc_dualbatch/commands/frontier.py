@@ -84,32 +84,36 @@ def judge(targets: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[s
     """Each target with `value`, `needed` (points or ratio), `met` and a `note`."""
     fronts, out = frontiers(summary), []
 
-    def acc(name: str) -> float:
+    def of(name: str) -> dict[str, Any]:
         if name not in summary:
             raise DataError(f"target names configuration '{name}', not among {', '.join(sorted(summary))}")
-        return 100 * summary[name]["final_acc"]["mean"]
+        return summary[name]
+
+    def acc(name: str) -> float:
+        return 100 * of(name)["final_acc"]["mean"]
+
+    def wall(name: str) -> float:
+        return of(name)["wall"]["mean"]
 
     for t in targets:
         kind, label = t["kind"], t.get("label", "")
         if kind == "above":
             a, b = acc(t["config"]), acc(t["reference"])
-            ratio = summary[t["config"]]["wall"]["mean"] / summary[t["reference"]]["wall"]["mean"]
+            ratio = wall(t["config"]) / wall(t["reference"])
             need = b + t.get("margin", 0.0)
             cap = t.get("max_wall_ratio")
             met = a >= need and (cap is None or ratio <= cap)
             note = f"{t['config']} {a:.2f} % vs {t['reference']} {b:.2f} % ({a - b:+.2f}); wall {ratio:.3f}x"
             out.append({**t, "label": label, "value": a, "needed": need, "met": met, "note": note})
         elif kind == "frontier":
-            b = acc(t["reference"])
-            acc(t.get("wall_of", t["reference"]))  # named, so it must have run
-            wall = summary[t.get("wall_of", t["reference"])]["wall"]["mean"]
+            b, at = acc(t["reference"]), wall(t.get("wall_of", t["reference"]))
             if t["family"] not in fronts:
                 raise DataError(f"target names family '{t['family']}', not among {', '.join(sorted(fronts))}")
-            v = at_wall(fronts[t["family"]], wall)
+            v = at_wall(fronts[t["family"]], at)
             need = b + t.get("margin", 0.0)
             past = fronts[t["family"]][-1]["wall"]
             note = (
-                f"{t['family']} at {wall:.0f} s"
+                f"{t['family']} at {at:.0f} s"
                 + (f" ({t['wall_of']}'s)" if "wall_of" in t else "")
                 + ": "
                 + (
@@ -117,7 +121,7 @@ def judge(targets: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[s
                     if v is None
                     else f"{v:.2f} % ({v - b:+.2f} vs {b:.2f})"
                 )
-                + (f", its budgets all ended by {past:.0f} s" if v is not None and wall > past else "")
+                + (f", its budgets all ended by {past:.0f} s" if v is not None and at > past else "")
             )
             out.append({**t, "label": label, "value": v, "needed": need, "met": v is not None and v >= need,
                         "note": note})  # fmt: skip
