@@ -96,6 +96,7 @@ def test_dotted_overrides_parse_yaml_values():
         ("metrics.tensorboard_x=epoch", "'metrics.tensorboard_x' is 'epoch'; valid: step, wall"),
         ("sync.bn=average", "'sync.bn' is 'average'; valid: running, recalibrate"),
         ("server.stale_lr=drop", "'server.stale_lr' is 'drop'; valid: keep, rescale"),
+        ("schedule.average=swa", "'schedule.average' is 'swa'; valid: none, last_stage"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
@@ -117,6 +118,19 @@ def test_rescaling_stale_rates_needs_an_update_to_scale():
     with pytest.raises(ConfigError, match="'server.stale_lr' is 'rescale' with server.merge 'paper'"):
         load_config(None, [*base, "server.merge=paper"])
     assert load_config(None, [*base, "server.merge=nova"]).server.stale_lr == "rescale"
+
+
+def test_tail_averaging_needs_recomputed_statistics_and_one_server_rank():
+    base = ["plan.large_batch={20: 64, 24: 64, 28: 64}", "schedule.average=last_stage"]
+    with pytest.raises(ConfigError, match="'schedule.average' is 'last_stage' with server.bn 'average'"):
+        load_config(None, [*base, "server.bn=average"])
+    sync = [*base, "mode=sync", "workers.groups=[2]", "workers.small=0"]
+    with pytest.raises(ConfigError, match="with sync.bn 'running': .*set sync.bn: recalibrate"):
+        load_config(None, sync)
+    assert load_config(None, [*sync, "sync.bn=recalibrate"]).schedule.average == "last_stage"
+    with pytest.raises(ConfigError, match="with server.shards 2: the average is held by one server rank"):
+        load_config(None, [*base, "server.shards=2"])
+    assert load_config(None, base).schedule.average == "last_stage"  # (server.bn: recalibrate)
 
 
 def test_missing_and_malformed_files(tmp_path):

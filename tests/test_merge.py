@@ -196,3 +196,35 @@ def test_one_round_of_nova_pushes_is_the_step_of_all_samples_at_the_summed_batch
 )
 def test_small_group_learning_rate_scale(rule, batch, batch_L, scale):
     assert small_lr_scale(rule, batch, batch_L) == pytest.approx(scale)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_tail_average_is_the_mean_of_what_was_added_and_resumes(monkeypatch, backend):
+    """schedule.average: the running mean equals the mean of the vectors added (float32 against
+    float64), whatever the chunking; the first one is taken exactly; a mean restored with its
+    count continues as the one that never stopped; before anything is added the current
+    weights are what is evaluated."""
+    import torch
+
+    from hpc_dualbatch.method import average as A
+
+    monkeypatch.setattr(A, "CHUNK", 3)  # 10 floats in 4 chunks, the last short
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal(10).astype(np.float32) for _ in range(7)]
+    as_ = torch.from_numpy if backend == "torch" else np.asarray
+    zeros = as_(np.zeros(10, np.float32))
+    tail = A.TailAverage(10, zeros)
+    assert tail.params(xs[0]) is xs[0]  # nothing added yet
+    tail.add(as_(xs[0]))
+    assert np.array_equal(np.asarray(tail.mean), xs[0])
+    for x in xs[1:4]:
+        tail.add(as_(x))
+    resumed = A.TailAverage(10, as_(np.asarray(tail.mean).copy()), tail.count)
+    for t in (tail, resumed):
+        for x in xs[4:]:
+            t.add(as_(x))
+    want = np.mean(np.stack(xs).astype(np.float64), axis=0)
+    assert tail.count == resumed.count == 7
+    np.testing.assert_allclose(np.asarray(tail.mean), want, rtol=1e-6, atol=1e-6)
+    assert np.asarray(tail.mean).tobytes() == np.asarray(resumed.mean).tobytes()
+    assert tail.params(xs[0]) is tail.mean

@@ -609,3 +609,51 @@ def test_a_commit_records_the_leaders_sleeps_and_their_lateness(tmp_path):
     ps.on_push(P.Request.unpack(req.pack()), np.full(N_P + N_B, 2.0, np.float32))
     (rec,) = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["type"] == "commit"]
     assert (rec["wait"], rec["waited"], rec["sleeps"], rec["late"]) == (0.2, 0.15, 12, 0.0345)
+
+
+def test_tail_average_is_evaluated_and_saved(tmp_path):
+    """schedule.average: last_stage: the parameters after every merge of a push trained at the
+    last stage's rate (tasks 6 and 7 of 2 groups, lr 0.01 from epoch 3) are averaged; a reply
+    that asks for an evaluation carries that mean (the global weights before any), its record
+    says how many merges it holds, and the final checkpoint holds it as the model."""
+    from hpc_dualbatch.ps import checkpoints
+
+    ps = make(tmp_path, schedule__average="last_stage", plan__adaptive=False, checkpoint__every_epochs=0)
+    rng = np.random.default_rng(0)
+
+    def pushed(kind: P.Kind, g: int) -> list:
+        wbuf = rng.standard_normal(N_P + N_B).astype(np.float32)
+        outs = (ps.on_merge if kind == P.Kind.MERGE else ps.on_push)(push(kind, g, 0, 100), wbuf)
+        return outs
+
+    ps.answer(0), ps.answer(1)
+    for t in range(2, 6):  # commits 1-4 hand out tasks 2..5 (lr 0.1); commit 4 closes epoch 2
+        outs = pushed(P.Kind.PUSH, t % 2)
+    assert outs[0].task.eval_epoch == 2.0 and ps.average.count == 0
+    assert outs[0].params is not None and np.array_equal(outs[0].params, ps.s.weights[:N_P])
+    ps.on_eval(1, evaluation(2.0), np.zeros(N_B, np.float32))
+    pushed(P.Kind.PUSH, 0)  # commit 5 hands out task 6, the first at lr 0.01
+    iterates = []
+    for _ in range(2):
+        pushed(P.Kind.MERGE, 0)
+        iterates.append(ps.s.weights[:N_P].copy())
+    pushed(P.Kind.MERGE, 1)  # group 1's task 5 is at lr 0.1: not averaged
+    assert ps.average.count == 2
+    outs = pushed(P.Kind.PUSH, 1)  # commit 6 closes epoch 3 (its push: task 5, lr 0.1)
+    (ask,) = [o for o in outs if o.task.eval_epoch == 3.0]
+    np.testing.assert_allclose(ask.params, np.mean(iterates, axis=0), rtol=1e-6)
+    assert not np.array_equal(ask.params, ps.s.weights[:N_P])
+    ps.on_eval(1, evaluation(3.0), np.zeros(N_B, np.float32))
+    for g in (0, 1):  # commits 7 and 8: the last tasks, at lr 0.01
+        outs = pushed(P.Kind.PUSH, g)
+        iterates.append(ps.s.weights[:N_P].copy())
+    mean = np.mean(iterates, axis=0)
+    assert ps.average.count == 4 and [o.group for o in outs] == [0, 1]  # the shared final evaluation
+    for o in outs:
+        np.testing.assert_allclose(o.params, mean, rtol=1e-6)
+    recs = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["type"] == "eval"]
+    assert [(r["epoch"], r["averaged"]) for r in recs] == [(2.0, 0), (3.0, 2)]
+    ps.final_buffers = np.full(N_B, 7.0, np.float32)
+    ck = C.load(checkpoints.write(ps, final=True))
+    np.testing.assert_allclose(ck.weights[:N_P], mean, rtol=1e-6)
+    assert np.array_equal(ck.weights[N_P:], ps.final_buffers) and ck.extra["average_count"] == 4

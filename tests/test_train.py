@@ -212,27 +212,80 @@ def test_sync_baseline_learns_with_the_same_metrics(tmp_path, synthetic_h5):
 
 
 @pytest.mark.job
-def test_sync_recalibrated_bn_changes_the_evaluations_not_the_training(tmp_path, synthetic_h5):
+def test_sync_recalibrated_bn_and_tail_average_change_the_evaluations_not_the_training(
+    tmp_path, synthetic_h5
+):
     """sync.bn: recalibrate recomputes the statistics before each evaluation (as the server does)
-    and records it; training never reads them, so the same seed trains the same weights."""
+    and records it; schedule.average: last_stage evaluates and saves the mean of the last stage's
+    iterates (lr 0.01 in epoch 4). Training reads neither, so the same seed trains the same
+    weights: the same train losses, the same evaluations before the last stage."""
     runs = {}
-    for bn in ("running", "recalibrate"):
-        out = tmp_path / bn
+    for name, extra in (
+        ("running", {"bn": "running"}),
+        ("recalibrate", {"bn": "recalibrate"}),
+        ("average", {"bn": "recalibrate", "average": "last_stage"}),
+    ):
+        out = tmp_path / name
         raw = tiny_config(synthetic_h5, out, mode="sync", workers__groups=[2], workers__small=0, plan__k=1.0)
-        raw["sync"] = {"bn": bn}
-        r = hdb(2, "train", "--config", write_config(tmp_path / f"{bn}.yaml", raw))
+        raw["sync"] = {"bn": extra["bn"]}
+        raw["schedule"]["average"] = extra.get("average", "none")
+        r = hdb(2, "train", "--config", write_config(tmp_path / f"{name}.yaml", raw))
         assert r.returncode == 0, r.stdout + r.stderr
-        runs[bn] = (read_metrics(str(out / "metrics.jsonl")), final_weights(out))
-    (recs_run, w_run), (recs_cal, w_cal) = runs["running"], runs["recalibrate"]
-    loss = [[r["train_loss"] for r in recs if r["type"] == "commit"] for recs in (recs_run, recs_cal)]
-    assert len(loss[0]) == 4 and loss[0] == loss[1]
-    ev_run, ev_cal = evaluations(recs_run), evaluations(recs_cal)
+        runs[name] = (read_metrics(str(out / "metrics.jsonl")), final_weights(out))
+    (recs_run, w_run), (recs_cal, w_cal), (recs_avg, w_avg) = runs.values()
+    loss = [
+        [r["train_loss"] for r in recs if r["type"] == "commit"] for recs in (recs_run, recs_cal, recs_avg)
+    ]
+    assert len(loss[0]) == 4 and loss[0] == loss[1] == loss[2]
+    ev_run, ev_cal, ev_avg = evaluations(recs_run), evaluations(recs_cal), evaluations(recs_avg)
     assert [e["bn"] for e in ev_run] == ["running"] * 4 and all("bn_seconds" not in e for e in ev_run)
     assert [e["bn"] for e in ev_cal] == ["recalibrate"] * 4 and all(e["bn_seconds"] > 0 for e in ev_cal)
     model = build_model("resnet18_cifar", 10, 3, 8)  # the synthetic set: 10 classes, RGB
     n_params = sum(p.numel() for p in model.parameters())
     assert np.array_equal(w_run[:n_params], w_cal[:n_params])  # the same weights ...
     assert not np.array_equal(w_run[n_params:], w_cal[n_params:])  # ... other statistics
+    assert [e["averaged"] for e in ev_avg][:3] == [0, 0, 0] and ev_avg[3]["averaged"] > 1
+    assert [e["test_loss"] for e in ev_avg][:3] == [e["test_loss"] for e in ev_cal][:3]
+    assert ev_avg[3]["test_loss"] != ev_cal[3]["test_loss"]  # the mean, not the last iterate
+    assert not np.array_equal(w_avg[:n_params], w_cal[:n_params])  # and the model saved
+
+
+@pytest.mark.job
+def test_server_tail_average_changes_the_evaluations_not_the_training_and_resumes_exactly(
+    tmp_path, synthetic_h5
+):
+    """schedule.average: last_stage on the round-robin server (lr 0.01 from epoch 3 of 4): the
+    same commits as without (training never reads the mean), the evaluations made on the mean (their records say of how many merges), and a resume from the checkpoint inside that
+    stage (epoch 3's) ends with the same model, bit for bit."""
+    import shutil
+
+    from hpc_dualbatch.runtime import checkpoint as C
+
+    over = {"schedule__milestones": [2]}
+    r, plain = train(tmp_path, synthetic_h5, name="plain", **over)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r, avg = train(tmp_path, synthetic_h5, name="avg", schedule__average="last_stage", **over)
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = [read_metrics(str(out / "metrics.jsonl")) for out in (plain, avg)]
+    loss = [[r["train_loss"] for r in rs if r["type"] == "commit"] for rs in recs]
+    assert len(loss[0]) == 8 and loss[0] == loss[1]
+    ev_plain, ev_avg = (evaluations(rs) for rs in recs)
+    # (epoch 2's evaluation already holds merges of task 4, at the new rate: under round_robin
+    # group 0 trains it while group 1 finishes epoch 2)
+    assert ev_avg[0]["averaged"] == 0 and all(e["averaged"] > 0 for e in ev_avg[1:])
+    assert ev_avg[0]["test_loss"] == ev_plain[0]["test_loss"]
+    assert all(a["test_loss"] != p["test_loss"] for a, p in zip(ev_avg[1:], ev_plain[1:]))
+    ck = C.load(C.latest(str(avg)))
+    assert ck.commits == 8 and ck.extra["average_count"] == ev_avg[3]["averaged"]
+    assert np.array_equal(ck.weights[: ck.average.size], ck.average)  # the model saved: the mean
+
+    again = tmp_path / "again"  # the finished run's folder without its final checkpoint
+    shutil.copytree(avg, again)
+    Path(C.latest(str(again))).unlink()
+    assert C.load(C.latest(str(again))).extra["average_count"] > 0  # epoch 3's: inside the stage
+    r = hdb(3, "train", "--resume", str(again))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert final_weights(again).tobytes() == final_weights(avg).tobytes()
 
 
 @pytest.mark.job

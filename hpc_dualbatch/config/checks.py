@@ -234,6 +234,20 @@ def _check_combinations(cfg: Config) -> None:
             "config key 'server.stale_lr' is 'rescale' with server.merge 'paper': it scales a push's "
             "update since its pull; set server.merge: delta or nova, or server.stale_lr: keep"
         )
+    if cfg.schedule.average != "none":
+        bn, key = (cfg.sync.bn, "sync.bn") if cfg.mode == "sync" else (sv.bn, "server.bn")
+        if bn != "recalibrate":
+            raise ConfigError(
+                f"config key 'schedule.average' is '{cfg.schedule.average}' with {key} '{bn}': the "
+                f"averaged weights need BN statistics of their own; set {key}: recalibrate, or "
+                "schedule.average: none"
+            )
+        if cfg.mode == "ps" and sv.shards != 1:
+            raise ConfigError(
+                f"config key 'schedule.average' is '{cfg.schedule.average}' with server.shards "
+                f"{sv.shards}: the average is held by one server rank; set server.shards: 1, or "
+                "schedule.average: none"
+            )
     if sv.push_every_by_lr and len(sv.push_every_by_lr) != n_lr:
         raise ConfigError(
             f"config key 'server.push_every_by_lr' needs one value per schedule.lr stage ({n_lr}), "

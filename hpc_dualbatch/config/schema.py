@@ -75,6 +75,11 @@ class ScheduleConfig:
     # step: one group through the server 90.16 % against 88.17 % (3 seeds); four groups within
     # the seeds' spread of task (results/README.md).
     warmup_ramp: str = "step"
+    # What is evaluated and saved: the last iterate (none), or the uniform mean of the weights
+    # over the last learning-rate stage (last_stage: tail averaging, method/average.py), sampled
+    # after every step (sync) or merge (ps). Needs recomputed BN statistics (sync.bn or
+    # server.bn: recalibrate) and one server rank (server.shards: 1).
+    average: str = "none"
 
 
 @dataclass
@@ -272,6 +277,7 @@ CHOICES = {  # the valid values of each choice key: the one list every module ch
     "schedule.resolution_mode": ("cyclic", "progressive", "fixed"),
     "schedule.small_lr": ("same", "sqrt", "linear"),
     "schedule.warmup_ramp": ("task", "step"),
+    "schedule.average": ("none", "last_stage"),
     "server.order": ("arrival", "round_robin", "rounds"),
     "server.stage_by": ("task", "commit"),
     "server.merge": ("paper", "delta", "nova"),

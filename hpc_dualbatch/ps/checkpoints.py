@@ -48,19 +48,22 @@ def write(
         else:
             weights = s.weights.copy()
             weights[ps.n_params :] = ps.final_buffers
+            if ps.average is not None:  # the model evaluated: the tail average (schedule.average)
+                weights[: ps.n_params] = ps.average.params(weights[: ps.n_params])
     extra: dict[str, Any] = {
         "pending_evals": {str(g): e for g, e in s.pending_evals.items()},
         "merges": s.merges,
         **({"missing_groups": missing} if missing else {}),
         **({"adapt": ps.adapter.state()} if ps.adapter else {}),
         **({"outer_count": ps.outer.count} if ps.outer else {}),
+        **({"average_count": ps.average.count} if ps.average else {}),
     }
     saved = [g for g in writer.groups if g not in lacking]  # a group some shard lacks restarts from zero
     ck = C.Checkpoint(
         weights, C.Momenta(ps.n, ps.n_params, saved), s.commits, list(s.rounds), ps.wall(),
         ps.log.offset(), ps.cfg.to_dict(), extra, group_buffers=s.group_buffers,
         outer=s.outer if ps.outer else None, shards=ps.parts.meta if ps.parts is not None else None,
-        final_buffers=final_buffers,
+        final_buffers=final_buffers, average=ps.average.mean if ps.average else None,
     )  # fmt: skip
     path = writer.finish(ck, keep=ps.cfg.checkpoint.keep)
     ps.written = (s.merges, path)

@@ -46,6 +46,7 @@ import numpy as np
 from hpc_dualbatch.config import Config
 from hpc_dualbatch.errors import CheckpointError, DivergedError
 from hpc_dualbatch.method.adapt import Adapter
+from hpc_dualbatch.method.average import TailAverage
 from hpc_dualbatch.method.merge import Outer, PushInfo, make_rule
 from hpc_dualbatch.method.replan import Obs
 from hpc_dualbatch.ps import checkpoints
@@ -74,6 +75,8 @@ class ServerState:
     momenta: C.Momenta | None = None  # resume: the checkpoint's momentum, sent to each group once
     outer: np.ndarray | None = None  # (2, n_params): outer momentum and its round's sum (merge.Outer)
     outer_count: int = 0  # pushes the outer momentum has counted
+    average: np.ndarray | None = None  # (n_params,) schedule.average's mean so far (resume)
+    average_count: int = 0  # merges that mean holds
 
     @property
     def resumed(self) -> bool:
@@ -110,6 +113,8 @@ class ServerState:
             momenta=ck.momentum,
             outer=ck.outer,
             outer_count=int(ck.extra.get("outer_count", 0)),
+            average=ck.average,
+            average_count=int(ck.extra.get("average_count", 0)),
         )
 
 
@@ -146,6 +151,11 @@ class ParameterServer:
         if sv.outer != "none" and state.outer is not None:
             every = 1 if sv.outer == "nesterov" else self.n
             self.outer = Outer(sv.outer_lr, sv.outer_momentum, every, state.outer, state.outer_count)
+        # schedule.average: the mean of the parameters over the last rate stage, evaluated and saved
+        self.average = None
+        if cfg.schedule.average != "none":
+            self.average = TailAverage(self.n_params, state.average, state.average_count)
+        self.averaged: dict[int, int] = {}  # group -> merges in the mean it was sent to evaluate
         self.rule = make_rule(
             sv.merge, sv.bn, [g.factor for g in groups], state.group_buffers, state.merges, self.outer
         )
@@ -184,6 +194,8 @@ class ParameterServer:
             if by_lr := self.cfg.server.order_by_lr:  # the order of the stage the newest task is in
                 self.roster.rounds = by_lr[self.tasks.newest_lr_stage] == "rounds"
         out = self._with_weights(g, task)
+        if eval_epoch >= 0:  # (it trains from the pull that answers its evaluation: on_eval)
+            self._to_evaluate(out)
         if task.has_state and s.momenta is not None:
             out.momentum = s.momenta.get(g)  # the group's momentum (resume), read from the checkpoint
             self.roster.send_state.discard(g)
@@ -199,6 +211,13 @@ class ParameterServer:
         if task.status != P.Status.STOP:
             self.rule.pulled(g, self.s.merges)
         return Outgoing(g, task, params, self.rule.buffers_for(g, buffers))
+
+    def _to_evaluate(self, out: Outgoing) -> None:
+        """A reply that asks for an evaluation carries the weights to evaluate: the tail
+        average once it holds any (schedule.average), else the global weights."""
+        if self.average is not None and out.params is not None:
+            out.params = self.average.params(out.params)
+            self.averaged[out.group] = self.average.count
 
     def answer(self, g: int) -> Outgoing:
         """The reply to a hello or a commit: the next task (RUN), or STOP once every task is out."""
@@ -226,6 +245,7 @@ class ParameterServer:
         outs = [self._reply(h, P.Status.STOP) for h in waiting]
         for out in outs:
             out.task = dataclasses.replace(out.task, **self.shared.task(out.group))
+            self._to_evaluate(out)
             roster.eval_asked[out.group] = (self.shared.epoch, s.merges)
         return outs
 
@@ -242,6 +262,8 @@ class ParameterServer:
         push = PushInfo(g, staleness, st.lr, batches, self._lr_scale(st))
         a = self.rule.fold(push, w, wi)
         self.rule.fold_buffers(g, s.weights[n_p:], wbuf[n_p:])
+        if self.average is not None and st.lr_stage == len(self.cfg.schedule.lr) - 1:
+            self.average.add(w)  # (a push trained at the last stage's rate)
         s.merges += 1
         self.last_push = (g, a, st.lr)
         return {
@@ -324,7 +346,7 @@ class ParameterServer:
         rec = eval_record(
             epoch=ev.epoch, group=g, test_loss=ev.loss, test_acc=ev.acc, samples=ev.samples,
             seconds=ev.seconds, resolution=ev.resolution, wall=self.wall(), bn=self.cfg.server.bn,
-            bn_seconds=ev.bn_seconds, parts=parts,
+            bn_seconds=ev.bn_seconds, parts=parts, averaged=self.averaged.pop(g, None),
         )  # fmt: skip
         self.log.write(rec)
         self.progress.evaluation(rec)

@@ -13,6 +13,9 @@ One `.npz` file per checkpoint under `<out>/checkpoints/`, loaded with
                absent in sync runs
     outer      float32[2, n_params]         the server's outer momentum and its round's sum
                (server.outer; absent without)
+    average    float32[n_params]            the mean of the parameters over the last rate stage
+               so far (schedule.average; its count in meta's extra, `average_count`; absent
+               without). A finished run's final checkpoint holds the mean as its weights.
     meta       JSON: format, commits, rounds per group, elapsed seconds, metrics byte offset,
                the resolved config, the groups and parameters of the momentum entries, and the
                fingerprint of the staged data's content (`data`)
@@ -92,6 +95,7 @@ class Checkpoint:
     # shard 0's slice, `<file>.shard<s>` shard s's (`load_part`)
     shards: dict[str, Any] | None = None
     final_buffers: np.ndarray | None = None  # a sharded final checkpoint: the BN buffers evaluated
+    average: np.ndarray | None = None  # (n_params,) schedule.average's mean so far
 
 
 def checkpoint_dir(out: str) -> str:
@@ -161,6 +165,8 @@ class Writer:
             self._add("group_buffers", ck.group_buffers)
         if ck.outer is not None:
             self._add("outer", ck.outer)
+        if ck.average is not None:
+            self._add("average", ck.average)
         self._close_and_rename()
         for old in sorted(glob.glob(os.path.join(self.dir, f"{PREFIX}*.npz")))[:-keep]:
             for part in [old, *glob.glob(glob.escape(old) + ".shard*")]:  # (a sharded one's parts)
@@ -286,6 +292,7 @@ def load(path: str) -> Checkpoint:
         group_buffers = z["group_buffers"] if "group_buffers" in z.files else None
         outer = z["outer"] if "outer" in z.files else None
         final_buffers = z["final_buffers"] if "final_buffers" in z.files else None
+        average = z["average"] if "average" in z.files else None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except _READ_ERRORS as e:
@@ -311,6 +318,7 @@ def load(path: str) -> Checkpoint:
             outer,
             dict(meta["shards"]) if meta.get("shards") else None,
             final_buffers,
+            average,
         )
     except (KeyError, TypeError, ValueError, AttributeError, zipfile.BadZipFile) as e:
         raise CheckpointError(
@@ -322,6 +330,7 @@ def load(path: str) -> Checkpoint:
         or weights.ndim != 1
         or (group_buffers is not None and (group_buffers.dtype != np.float32 or group_buffers.ndim != 2))
         or (outer is not None and (outer.dtype != np.float32 or outer.shape != (2, momentum.n_params)))
+        or (average is not None and (average.dtype != np.float32 or average.shape != (momentum.n_params,)))
     ):
         raise CheckpointError(f"checkpoint {path} holds arrays of unexpected type or shape")
     return ck

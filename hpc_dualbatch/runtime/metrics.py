@@ -218,11 +218,13 @@ def eval_record(
     bn: str | None = None,
     bn_seconds: float | None = None,
     parts: int | None = None,
+    averaged: int | None = None,
 ) -> dict[str, Any]:
     """One evaluation of the global model on the test split (server and sync alike; each adds
     its BN mode, `server.bn` or `sync.bn`, and the seconds a recalibration took; where the
     server's groups shared a final evaluation, their number: its seconds are then those of the
-    slowest part)."""
+    slowest part; under schedule.average, how many steps or merges the evaluated mean holds,
+    0 where it evaluated the last iterate)."""
     rec = {
         "type": "eval",
         "epoch": epoch,
@@ -239,6 +241,8 @@ def eval_record(
         rec["bn_seconds"] = round(bn_seconds, 4)
     if parts is not None:
         rec["parts"] = parts
+    if averaged is not None:
+        rec["averaged"] = averaged
     return {**rec, "wall": round(wall, 3)}
 
 

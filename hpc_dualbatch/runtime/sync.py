@@ -6,19 +6,24 @@ training set every epoch, with the same schedule, model, initial weights,
 data pipeline, evaluation, metrics file and checkpoints as the
 parameter-server runs, so the results compare directly. Its evaluations use each rank's
 running BN statistics, as plain Horovod training does, or (`sync.bn: recalibrate`) statistics
-recomputed as the server's are.
+recomputed as the server's are. Under `schedule.average: last_stage` every rank keeps the mean
+of its (identical) parameters over the last learning-rate stage, added after every step, and
+evaluates and saves that mean (`method/average.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from hpc_dualbatch.errors import DivergedError
-from hpc_dualbatch.method.schedule import lr_at, stage_at
+from hpc_dualbatch.method.average import TailAverage
+from hpc_dualbatch.method.schedule import lr_at, lr_stage, stage_at
 from hpc_dualbatch.ps.worker import SignalFlag, group_trainer, reduce_stats
 from hpc_dualbatch.runtime import checkpoint as C
 from hpc_dualbatch.runtime.events import open_log
@@ -26,7 +31,7 @@ from hpc_dualbatch.runtime.flat import initial_weights
 from hpc_dualbatch.runtime.metrics import Progress, commit_record, eval_record
 from hpc_dualbatch.runtime.runfolder import finish
 from hpc_dualbatch.runtime.topology import Topology, init_horovod
-from hpc_dualbatch.runtime.trainer import MiniEpoch
+from hpc_dualbatch.runtime.trainer import MiniEpoch, MiniEpochStats
 
 
 def run_sync(st: Any, topo: Topology) -> None:
@@ -35,14 +40,23 @@ def run_sync(st: Any, topo: Topology) -> None:
     flag = SignalFlag()
     trainer = group_trainer(cfg, st.staged, topo, hvd)
     weights, _ = initial_weights(cfg, st.staged)
-    momentum = np.zeros(trainer.flat.n_params, np.float32)
-    counters = np.zeros(2, np.float64)  # epochs done, elapsed seconds
+    n_p, flat = trainer.flat.n_params, trainer.flat.flat
+    momentum = np.zeros(n_p, np.float32)
+    average = np.zeros(n_p, np.float32) if cfg.schedule.average != "none" else None
+    counters = np.zeros(3, np.float64)  # epochs done, elapsed seconds, steps in the average
     ck = st.ckpt
     if ck is not None:  # rank 0 loaded it; everyone gets it by broadcast
-        weights[:], momentum[:], counters[:] = ck.weights, ck.momentum.get(0), (ck.commits, ck.elapsed)
+        weights[:], momentum[:] = ck.weights, ck.momentum.get(0)
+        counters[:] = (ck.commits, ck.elapsed, ck.extra.get("average_count", 0))
+        if average is not None and ck.average is not None:
+            average[:] = ck.average
     comm.Bcast(weights, root=0)  # MPI: group
     comm.Bcast(momentum, root=0)  # MPI
     comm.Bcast(counters, root=0)  # MPI
+    tail = None  # schedule.average: the mean of the parameters since the last stage began
+    if average is not None:
+        comm.Bcast(average, root=0)  # MPI
+        tail = TailAverage(n_p, torch.from_numpy(average).to(flat.device), int(counters[2]))
     trainer.flat.load_weights(weights)
     if ck is not None:
         trainer.flat.load_momentum(trainer.opt, momentum)
@@ -66,6 +80,8 @@ def run_sync(st: Any, topo: Topology) -> None:
                 elapsed + time.perf_counter() - t0,
                 log.offset(),
                 cfg.to_dict(),
+                {"average_count": tail.count} if tail is not None else {},
+                average=tail.mean.cpu().numpy() if tail is not None else None,
             ),
             keep=cfg.checkpoint.keep,
         )
@@ -81,7 +97,11 @@ def run_sync(st: Any, topo: Topology) -> None:
         stage = stage_at(epoch, cfg.schedule)
         batch = st.plan.at(stage.resolution).B_L * topo.group_size
         work = MiniEpoch(epoch, [d], stage.resolution, batch, lr_in(epoch), stage.dropout)
-        s, stop = reduce_stats(comm, trainer.train_mini_epoch(work), flag.raised)
+        if tail is not None and lr_stage(epoch, cfg.schedule) == len(cfg.schedule.lr) - 1:
+            local = train_averaged(trainer, work, tail)
+        else:
+            local = trainer.train_mini_epoch(work)
+        s, stop = reduce_stats(comm, local, flag.raised)
         if not math.isfinite(s.loss_sum) and log is not None:  # rank 0 ends the job (MPI_Abort)
             log.close()
             finish(cfg, "diverged", epoch, elapsed + time.perf_counter() - t0, None)
@@ -92,10 +112,16 @@ def run_sync(st: Any, topo: Topology) -> None:
                 f"schedule.lr or optim.momentum and start again, or resume from the last checkpoint in "
                 f"{cfg.out}/checkpoints"
             )
-        bn_secs = None
+        bn_secs, trained = None, None
+        if tail is not None and tail.count:  # evaluate the mean; train on from the iterate
+            trained = trainer.flat.weights()
+            with torch.no_grad():
+                flat[:n_p].copy_(tail.mean)
         if cfg.sync.bn == "recalibrate":  # MPI: the group's mean statistics (trainer.group_sum)
             bn_secs = trainer.recalibrate(stage.resolution)
         loss, acc, n, secs = trainer.evaluate(stage.resolution)
+        if trained is not None and epoch + 1 < cfg.schedule.epochs:  # (the last: the model saved)
+            trainer.flat.load_weights(trained)
         wall = elapsed + time.perf_counter() - t0
         if log is not None:
             log.write(
@@ -127,6 +153,7 @@ def run_sync(st: Any, topo: Topology) -> None:
                     wall=wall,
                     bn=cfg.sync.bn,
                     bn_seconds=bn_secs,
+                    averaged=tail.count if tail is not None else None,
                 )
             )
             progress.line(
@@ -150,3 +177,12 @@ def run_sync(st: Any, topo: Topology) -> None:
         log.write({"type": "end", "state": state, "commits": epoch, "wall": round(wall, 3)})
         log.close()
         finish(cfg, state, epoch, wall, path)
+
+
+def train_averaged(trainer: Any, work: MiniEpoch, tail: TailAverage) -> MiniEpochStats:
+    """A mini-epoch with the parameters added to `tail` after every step: at the trainer's push
+    points (after every step but the last, with more parts than steps) and after the last."""
+    params = trainer.flat.flat[: trainer.flat.n_params]
+    local = trainer.train_mini_epoch(dataclasses.replace(work, pushes=1 << 31), lambda: tail.add(params))
+    tail.add(params)
+    return local

@@ -177,6 +177,16 @@ server_part() {  # server_part SEED
   # the difference is the BN treatment alone: what the comparisons above leave in the server's
   # favour (results/fashion-mnist/bn-probe/: the same final weights both ways)
   run server sync-bnrecal 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}" --set sync.bn=recalibrate
+  # tail averaging (schedule.average: last_stage, from its commit on): the mean of the weights
+  # over the last rate stage evaluated and saved instead of the last iterate, after every step
+  # of sync and every merge of the server (the same rate here). With the same BN statistics the
+  # defaults lead sync before the decay and trail after it; the mean damps the iterates' noise
+  # at the low rate, asynchronous merges' included. Both get it: sync-avg trains as sync-bnrecal
+  # (sync is deterministic on one machine kind), so it differs from it by the average alone
+  run server sync-avg 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}" --set sync.bn=recalibrate \
+    --set schedule.average=last_stage
+  run server ps-base-mom08-avg "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
+    --set schedule.average=last_stage
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
