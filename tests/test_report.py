@@ -182,6 +182,7 @@ def test_frontier_through_budgets_and_targets_judged_exactly(tmp_path):
             "max_wall_ratio": 1.0,
             "label": "t1",
         },
+        {"kind": "above", "config": "hyb", "reference": "sync", "wall": False, "label": "t2"},
         {"kind": "frontier", "family": "hyb", "reference": "sync", "margin": 0.5, "label": "t3"},
         {"kind": "frontier", "family": "hyb", "reference": "sync-e12", "label": "past"},
         {"kind": "frontier", "family": "sync", "reference": "hyb", "label": "before"},
@@ -199,7 +200,8 @@ def test_frontier_through_budgets_and_targets_judged_exactly(tmp_path):
     )
     got = {t["label"]: t for t in json.loads((out / "targets.json").read_text())}
     assert got["t1"]["value"] == pytest.approx(78.0) and got["t1"]["needed"] == pytest.approx(81.0)
-    assert not got["t1"]["met"]
+    assert not got["t1"]["met"] and got["t1"]["note"] == "hyb 78.00 % vs sync 81.00 % (-3.00); wall 0.600x"
+    assert got["t2"]["note"] == "hyb 78.00 % vs sync 81.00 % (-3.00); walls of other sittings"
     # hyb's frontier: (60 s, 78 %) -> (140 s, 84 %); at sync's 100 s: 81 %, needed 81 + 0.5
     assert got["t3"]["value"] == pytest.approx(81.0) and not got["t3"]["met"]
     # past hyb's longest budget (140 s) at sync-e12's 150 s: its best budget, 84 %, has ended
@@ -220,6 +222,11 @@ def test_a_bad_targets_file_is_one_message(tmp_path):
     bad = tmp_path / "t.json"
     bad.write_text(json.dumps([{"kind": "above", "config": "a"}]))
     with pytest.raises(DataError, match="entry 0.*valid: kind one of above, frontier, no_fall"):
+        frontier.load_targets(str(bad))
+    bad.write_text(
+        json.dumps([{"kind": "above", "config": "a", "reference": "b", "wall": False, "max_wall_ratio": 1}])
+    )
+    with pytest.raises(DataError, match='entry 0.*"wall": false .* with a max_wall_ratio: drop one'):
         frontier.load_targets(str(bad))
     summary = summarize([load_run(fake_run(tmp_path / "a-s1", [0.5], 10.0))], None)
     with pytest.raises(DataError, match="configuration 'nope', not among a"):

@@ -10,7 +10,8 @@ A targets file is a JSON list; each target one of:
 
     {"kind": "above", "config": A, "reference": B, "margin": 0.5, "max_wall_ratio": 1.0}
         mean final accuracy of A >= that of B + margin points (and, if given, mean wall of A
-        <= max_wall_ratio x that of B)
+        <= max_wall_ratio x that of B); "wall": false where A and B ran in different sittings,
+        whose wall times do not compare: no ratio shown, no max_wall_ratio allowed
     {"kind": "frontier", "family": A, "reference": B, "margin": 0.5, "wall_of": C}
         A's frontier, interpolated linearly at B's mean wall seconds, >= B + margin points (past
         A's longest budget: A's best budget, which has ended by then; not met where B's wall
@@ -77,6 +78,11 @@ def load_targets(path: str) -> list[dict[str, Any]]:
                 f"targets file {path}, entry {i}: {json.dumps(t)[:200]}; valid: kind one of "
                 f"{', '.join(kinds)} with the keys {json.dumps(kinds)}"
             )
+        if t.get("wall") is False and "max_wall_ratio" in t:
+            raise DataError(
+                f'targets file {path}, entry {i}: {json.dumps(t)[:200]}; "wall": false (wall times '
+                "that do not compare) with a max_wall_ratio: drop one of them"
+            )
     return raw
 
 
@@ -103,7 +109,8 @@ def judge(targets: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[s
             need = b + t.get("margin", 0.0)
             cap = t.get("max_wall_ratio")
             met = a >= need and (cap is None or ratio <= cap)
-            note = f"{t['config']} {a:.2f} % vs {t['reference']} {b:.2f} % ({a - b:+.2f}); wall {ratio:.3f}x"
+            note = f"{t['config']} {a:.2f} % vs {t['reference']} {b:.2f} % ({a - b:+.2f})"
+            note += f"; wall {ratio:.3f}x" if t.get("wall", True) else "; walls of other sittings"
             out.append({**t, "label": label, "value": a, "needed": need, "met": met, "note": note})
         elif kind == "frontier":
             b, at = acc(t["reference"]), wall(t.get("wall_of", t["reference"]))
