@@ -187,6 +187,16 @@ server_part() {  # server_part SEED
     --set schedule.average=last_stage
   run server ps-base-mom08-avg "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
     --set schedule.average=last_stage
+  # the mean from the decay on lowered both (3 seeds: the model still improves through the low-rate
+  # stage, and the mean keeps its first weights). The two options that each moved the defaults
+  # toward sync after the decay, together: asynchronous while the rate is high, synchronous SGD
+  # through the server after it (barrier-synchronous rounds with a push every step:
+  # server.order_by_lr [arrival, rounds], server.push_every_by_lr [4, 1]). Rounds after the decay
+  # at 4 steps ended 0.10 below sync (6 seeds); rounds at every step throughout 0.36 above
+  # sync-r3 (3 seeds) at 1.03x its wall time. Beside sync again (-r13)
+  run server sync-r13 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run server ps-base-mom08-synclate "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
+    --set "server.order_by_lr=[arrival, rounds]" --set "server.push_every_by_lr=[4, 1]"
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -295,7 +305,8 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               ps-base-mom06 ps-base-mom08-pull ps-base-mom09-pull sync-r5 ps-base-mom08-shared
               sync-r6 ps-rounds-mom08 sync-r7 ps-base-mom08-predict sync-r10 ps-base-mom08-wake
               ps-base-mom08-push41 sync-r11 ps-base-mom08-roundslate sync-r12 ps-base-mom08-stalelr
-              ps-base-mom08-stagecommit sync-bnrecal"
+              ps-base-mom08-stagecommit sync-bnrecal sync-avg ps-base-mom08-avg
+              sync-r13 ps-base-mom08-synclate"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
