@@ -97,6 +97,8 @@ def test_dotted_overrides_parse_yaml_values():
         ("sync.bn=average", "'sync.bn' is 'average'; valid: running, recalibrate"),
         ("server.stale_lr=drop", "'server.stale_lr' is 'drop'; valid: keep, rescale"),
         ("schedule.average=swa", "'schedule.average' is 'swa'; valid: none, last_stage"),
+        ("optim.ps_momentum_by_lr=[0.8, 0.9]", "'optim.ps_momentum_by_lr' needs one momentum in [0, 1) per"),
+        ("optim.ps_momentum_by_lr=[0.8, 0.9, 1.0]", "per schedule.lr stage (3), got [0.8, 0.9, 1.0]"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

@@ -77,6 +77,31 @@ def test_a_group_trains_at_its_modes_momentum(tmp_path, mode, momentum):
     assert [g["momentum"] for g in trainer.opt.param_groups] == [momentum]
 
 
+def test_a_task_trains_at_its_stages_momentum(tmp_path, synthetic_h5):
+    """optim.ps_momentum_by_lr: a task's momentum is that of the learning-rate stage of its
+    place in the schedule (the tiny schedule: lr 0.01 from epoch 3), set on the optimiser for
+    its mini-epoch; without the list, optim.ps_momentum."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from hpc_dualbatch.config import config_from_dict
+    from hpc_dualbatch.data import open_staged
+    from hpc_dualbatch.method.schedule import task_momentum
+    from hpc_dualbatch.runtime.trainer import GroupTrainer, MiniEpoch
+    from tests.helpers import tiny_config
+
+    optim = {"ps_momentum": 0.8, "ps_momentum_by_lr": [0.7, 0.9]}
+    cfg = config_from_dict(tiny_config(synthetic_h5, tmp_path / "run", optim=optim))
+    at = [task_momentum(e, cfg.optim, cfg.schedule) for e in (0.0, 2.75, 3.0, 3.5)]
+    assert at == [0.7, 0.7, 0.9, 0.9]
+    assert task_momentum(3.0, dataclasses.replace(cfg.optim, ps_momentum_by_lr=[]), cfg.schedule) == 0.8
+    topo = SimpleNamespace(group=0, group_rank=0, group_size=1, local_rank=0)
+    trainer = GroupTrainer(cfg, open_staged(synthetic_h5), topo, lambda opt, params: opt, lambda x: None)
+    assert [g["momentum"] for g in trainer.opt.param_groups] == [0.8]
+    trainer.train_mini_epoch(MiniEpoch(0, [64], 12, 32, 0.01, 0.0, momentum=0.9))
+    assert [g["momentum"] for g in trainer.opt.param_groups] == [0.9]
+
+
 def test_the_parts_of_a_shared_final_evaluation_add_up_to_the_whole(tmp_path, synthetic_h5):
     """One rank as slots 0-2 of 3: the parts cover the test split once and their sums are what
     the rank measures alone (the server adds the parts of a shared final evaluation so)."""

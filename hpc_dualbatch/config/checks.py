@@ -248,6 +248,12 @@ def _check_combinations(cfg: Config) -> None:
                 f"{sv.shards}: the average is held by one server rank; set server.shards: 1, or "
                 "schedule.average: none"
             )
+    by_mom = cfg.optim.ps_momentum_by_lr
+    if by_mom and (len(by_mom) != n_lr or not all(0.0 <= m < 1.0 for m in by_mom)):
+        raise ConfigError(
+            f"config key 'optim.ps_momentum_by_lr' needs one momentum in [0, 1) per schedule.lr "
+            f"stage ({n_lr}), got {show(by_mom)}; or [] for optim.ps_momentum throughout"
+        )
     if sv.push_every_by_lr and len(sv.push_every_by_lr) != n_lr:
         raise ConfigError(
             f"config key 'server.push_every_by_lr' needs one value per schedule.lr stage ({n_lr}), "

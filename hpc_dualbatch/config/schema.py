@@ -94,6 +94,10 @@ class OptimConfig:
     # sync 90.00 +- 0.42); on the dual-batch part level (87.91 +- 0.47 % against 87.89 +- 0.77,
     # 5 seeds each); results/README.md.
     ps_momentum: float = 0.8
+    # One ps_momentum per learning-rate stage (len(schedule.lr) values), e.g. [0.8, 0.9] with
+    # server.order_by_lr [arrival, rounds]: barrier-synchronous rounds add no momentum of their
+    # own, so there the groups may take a synchronous run's. Empty: ps_momentum throughout.
+    ps_momentum_by_lr: list[float] = field(default_factory=list)
     weight_decay: float = 1e-4
 
 

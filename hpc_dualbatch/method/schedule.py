@@ -31,7 +31,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hpc_dualbatch.config import CHOICES, ScheduleConfig
+from hpc_dualbatch.config import CHOICES, OptimConfig, ScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,14 @@ def task_rate(lr: float, e0: float, n_groups: int, sched: ScheduleConfig) -> flo
         return lr
     scale = lr / lr_at(e0, sched)
     return lambda f: scale * lr_at(e0 + f / n_groups, sched)
+
+
+def task_momentum(e0: float, optim: OptimConfig, sched: ScheduleConfig) -> float:
+    """The SGD momentum a parameter-server task trains at: optim.ps_momentum, or the
+    optim.ps_momentum_by_lr of the learning-rate stage of its place e0 (a fractional epoch) in the
+    schedule, the stage the server gave the task its rate from (tasks.Tasks.next)."""
+    by_lr = optim.ps_momentum_by_lr
+    return by_lr[lr_stage(e0, sched)] if by_lr else optim.ps_momentum
 
 
 def _sub_stage(epoch: int, start: int, end: int, resolutions: list[int]) -> int:

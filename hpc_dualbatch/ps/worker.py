@@ -24,7 +24,7 @@ from mpi4py import MPI
 from hpc_dualbatch.config import Config
 from hpc_dualbatch.errors import ConfigError
 from hpc_dualbatch.method.merge import pushes_update
-from hpc_dualbatch.method.schedule import eval_resolution, task_rate
+from hpc_dualbatch.method.schedule import eval_resolution, task_momentum, task_rate
 from hpc_dualbatch.ps import protocol as P
 from hpc_dualbatch.ps.shards import slices, split
 from hpc_dualbatch.runtime.flat import push_body
@@ -239,7 +239,10 @@ def worker_loop(cfg: Config, topo: Topology, trainer: Trainer, shares: list[int]
         # the group keeps its place in the partition and takes a prefix of its slice
         task_shares = [*shares[: topo.group], task.samples, *shares[topo.group + 1 :]]
         lr = task_rate(task.lr, task.lr_epoch, topo.n_groups, cfg.schedule)  # (a warm-up may ramp per step)
-        work = MiniEpoch(task.round, task_shares, task.resolution, task.batch, lr, task.dropout, task.pushes)
+        mom = task_momentum(task.lr_epoch, cfg.optim, cfg.schedule)  # (optim.ps_momentum_by_lr)
+        work = MiniEpoch(
+            task.round, task_shares, task.resolution, task.batch, lr, task.dropout, task.pushes, mom
+        )  # fmt: skip
         local = trainer.train_mini_epoch(work, push_ahead if cfg.server.overlap else mid_task_push)
         t_settle = time.perf_counter()
         settle_ahead()  # (the task's last push is blocking: its reply is the next task)

@@ -48,6 +48,7 @@ class MiniEpoch:
     lr: float | Callable[[float], float]  # one rate, or the rate at the fraction of the mini-epoch done
     dropout: float
     pushes: int = 1  # parts, with the driver's push and pull after each but the last
+    momentum: float | None = None  # SGD momentum for this mini-epoch; None: the optimiser's as it is
 
 
 @dataclass
@@ -136,6 +137,9 @@ class GroupTrainer:
         torch.manual_seed(seed)  # dropout draws
         lr_of = work.lr if callable(work.lr) else None
         set_lr(self.opt, lr_of(0.0) if lr_of else work.lr)  # type: ignore[arg-type]
+        if work.momentum is not None:
+            for g in self.opt.param_groups:
+                g["momentum"] = work.momentum
         set_dropout(self.model, work.dropout)
         self.model.train()
         loss_sum, correct, n, wait = 0.0, 0, 0, 0.0
