@@ -207,6 +207,13 @@ server_part() {  # server_part SEED
   run server ps-base-mom08-synclate-mom09 "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
     --set "server.order_by_lr=[arrival, rounds]" --set "server.push_every_by_lr=[4, 1]" \
     --set "optim.ps_momentum_by_lr=[0.8, 0.9]"
+  # 3 seeds: -0.22 against sync. Nothing after the decay closes the gap (arrival, rounds at 4 or
+  # every step, at either momentum), where rounds throughout reach sync (ps-rounds-push4,
+  # ps-rounds-mom08): the reverse, rounds while the rate is high and the defaults after it
+  # (post-local SGD's order, Lin et al. 2020, arXiv 1808.07217), at the synchronous momentum in
+  # the rounds; after the runs above, the same sitting
+  run server ps-base-roundsearly "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
+    --set "server.order_by_lr=[rounds, arrival]" --set "optim.ps_momentum_by_lr=[0.9, 0.8]"
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -316,7 +323,7 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               sync-r6 ps-rounds-mom08 sync-r7 ps-base-mom08-predict sync-r10 ps-base-mom08-wake
               ps-base-mom08-push41 sync-r11 ps-base-mom08-roundslate sync-r12 ps-base-mom08-stalelr
               ps-base-mom08-stagecommit sync-bnrecal sync-avg ps-base-mom08-avg
-              sync-r13 ps-base-mom08-synclate ps-base-mom08-synclate-mom09"
+              sync-r13 ps-base-mom08-synclate ps-base-mom08-synclate-mom09 ps-base-roundsearly"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
