@@ -217,8 +217,15 @@ def test_sync_recalibrated_bn_and_tail_average_change_the_evaluations_not_the_tr
 ):
     """sync.bn: recalibrate recomputes the statistics before each evaluation (as the server does)
     and records it; schedule.average: last_stage evaluates and saves the mean of the last stage's
-    iterates (lr 0.01 in epoch 4). Training reads neither, so the same seed trains the same
-    weights: the same train losses, the same evaluations before the last stage."""
+    iterates (lr 0.01 in epochs 3-4). Training reads neither, so the same seed trains the same
+    weights: the same train losses, the same evaluations before the last stage. A resume from the
+    checkpoint inside the stage (epoch 3's) ends with the same model, bit for bit (every rank
+    takes the checkpoint's momentum: before, ranks other than 0 restarted from zero and the
+    replicas drifted apart)."""
+    import shutil
+
+    from hpc_dualbatch.runtime import checkpoint as C
+
     runs = {}
     for name, extra in (
         ("running", {"bn": "running"}),
@@ -226,7 +233,10 @@ def test_sync_recalibrated_bn_and_tail_average_change_the_evaluations_not_the_tr
         ("average", {"bn": "recalibrate", "average": "last_stage"}),
     ):
         out = tmp_path / name
-        raw = tiny_config(synthetic_h5, out, mode="sync", workers__groups=[2], workers__small=0, plan__k=1.0)
+        raw = tiny_config(
+            synthetic_h5, out, mode="sync", workers__groups=[2], workers__small=0, plan__k=1.0,
+            schedule__milestones=[2],
+        )  # fmt: skip
         raw["sync"] = {"bn": extra["bn"]}
         raw["schedule"]["average"] = extra.get("average", "none")
         r = hdb(2, "train", "--config", write_config(tmp_path / f"{name}.yaml", raw))
@@ -244,10 +254,19 @@ def test_sync_recalibrated_bn_and_tail_average_change_the_evaluations_not_the_tr
     n_params = sum(p.numel() for p in model.parameters())
     assert np.array_equal(w_run[:n_params], w_cal[:n_params])  # the same weights ...
     assert not np.array_equal(w_run[n_params:], w_cal[n_params:])  # ... other statistics
-    assert [e["averaged"] for e in ev_avg][:3] == [0, 0, 0] and ev_avg[3]["averaged"] > 1
-    assert [e["test_loss"] for e in ev_avg][:3] == [e["test_loss"] for e in ev_cal][:3]
-    assert ev_avg[3]["test_loss"] != ev_cal[3]["test_loss"]  # the mean, not the last iterate
+    steps = [e["averaged"] for e in ev_avg]
+    assert steps[:2] == [0, 0] and 1 < steps[2] and steps[3] == 2 * steps[2]  # every step of 2 epochs
+    assert [e["test_loss"] for e in ev_avg][:2] == [e["test_loss"] for e in ev_cal][:2]
+    assert all(a["test_loss"] != c["test_loss"] for a, c in zip(ev_avg[2:], ev_cal[2:]))  # the mean
     assert not np.array_equal(w_avg[:n_params], w_cal[:n_params])  # and the model saved
+
+    again = tmp_path / "again"  # the finished run's folder without its final checkpoint
+    shutil.copytree(tmp_path / "average", again)
+    Path(C.latest(str(again))).unlink()
+    assert C.load(C.latest(str(again))).extra["average_count"] == steps[2]  # epoch 3's
+    r = hdb(2, "train", "--resume", str(again))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert final_weights(again).tobytes() == w_avg.tobytes()
 
 
 @pytest.mark.job
@@ -255,8 +274,9 @@ def test_server_tail_average_changes_the_evaluations_not_the_training_and_resume
     tmp_path, synthetic_h5
 ):
     """schedule.average: last_stage on the round-robin server (lr 0.01 from epoch 3 of 4): the
-    same commits as without (training never reads the mean), the evaluations made on the mean (their records say of how many merges), and a resume from the checkpoint inside that
-    stage (epoch 3's) ends with the same model, bit for bit."""
+    same commits as without (training never reads the mean), the evaluations made on the mean
+    (their records say of how many merges), and a resume from the checkpoint inside that stage
+    (epoch 3's) ends with the same model, bit for bit."""
     import shutil
 
     from hpc_dualbatch.runtime import checkpoint as C

@@ -43,11 +43,11 @@ def run_sync(st: Any, topo: Topology) -> None:
     n_p, flat = trainer.flat.n_params, trainer.flat.flat
     momentum = np.zeros(n_p, np.float32)
     average = np.zeros(n_p, np.float32) if cfg.schedule.average != "none" else None
-    counters = np.zeros(3, np.float64)  # epochs done, elapsed seconds, steps in the average
+    counters = np.zeros(4, np.float64)  # epochs done, elapsed seconds, steps in the average, resumed
     ck = st.ckpt
     if ck is not None:  # rank 0 loaded it; everyone gets it by broadcast
         weights[:], momentum[:] = ck.weights, ck.momentum.get(0)
-        counters[:] = (ck.commits, ck.elapsed, ck.extra.get("average_count", 0))
+        counters[:] = (ck.commits, ck.elapsed, ck.extra.get("average_count", 0), 1)
         if average is not None and ck.average is not None:
             average[:] = ck.average
     comm.Bcast(weights, root=0)  # MPI: group
@@ -58,7 +58,7 @@ def run_sync(st: Any, topo: Topology) -> None:
         comm.Bcast(average, root=0)  # MPI
         tail = TailAverage(n_p, torch.from_numpy(average).to(flat.device), int(counters[2]))
     trainer.flat.load_weights(weights)
-    if ck is not None:
+    if counters[3]:  # every rank (only rank 0 holds `ck`): replicas that diverge otherwise
         trainer.flat.load_momentum(trainer.opt, momentum)
     start, elapsed = int(counters[0]), float(counters[1])
     log = open_log(cfg, ck, 1) if topo.rank == 0 else None  # one commit per epoch
