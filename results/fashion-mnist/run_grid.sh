@@ -216,6 +216,11 @@ server_part() {  # server_part SEED
     --set "server.order_by_lr=[rounds, arrival]" --set "optim.ps_momentum_by_lr=[0.9, 0.8]"
   # (3 seeds: -0.57 against sync; level with ps-rounds-push4 at the decay, 0.5 below it after:
   # asynchrony after the decay costs too. Only rounds throughout reach sync.)
+  # The rounds control on today's code at the synchronous momentum (no asynchrony to add
+  # momentum of its own; ps-rounds-push4 ran so on 7b18af9, 3 seeds, -0.05 against sync-r3;
+  # ps-rounds-mom08 at 0.8, 6 seeds, -0.19), beside sync again (-r14)
+  run server sync-r14 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run server ps-rounds-mom09 "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.9 --set server.order=rounds
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -325,7 +330,8 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               sync-r6 ps-rounds-mom08 sync-r7 ps-base-mom08-predict sync-r10 ps-base-mom08-wake
               ps-base-mom08-push41 sync-r11 ps-base-mom08-roundslate sync-r12 ps-base-mom08-stalelr
               ps-base-mom08-stagecommit sync-bnrecal sync-avg ps-base-mom08-avg
-              sync-r13 ps-base-mom08-synclate ps-base-mom08-synclate-mom09 ps-base-roundsearly"
+              sync-r13 ps-base-mom08-synclate ps-base-mom08-synclate-mom09 ps-base-roundsearly
+              sync-r14 ps-rounds-mom09"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
