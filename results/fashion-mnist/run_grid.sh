@@ -221,6 +221,8 @@ server_part() {  # server_part SEED
   # ps-rounds-mom08 at 0.8, 6 seeds, -0.19), beside sync again (-r14)
   run server sync-r14 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
   run server ps-rounds-mom09 "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.9 --set server.order=rounds
+  # (6 seeds: -0.17 against sync at 1.06-1.28x its wall time: rounds at 4 steps do not reach it
+  # either; only rounds at every step did, ps-rounds-push1, 3 seeds)
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
