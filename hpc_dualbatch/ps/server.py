@@ -335,6 +335,7 @@ class ParameterServer:
         of its commit while the other groups pushed, and would otherwise train its next push
         period from them and push an update that many merges stale (damped to a few percent)."""
         self.roster.eval_asked.pop(g, None)
+        averaged = self.averaged.pop(g, None)  # (each part of a shared one was sent the same mean)
         parts = None
         if self.shared is not None and g in self.shared.slots:  # one part of the final evaluation
             whole = self.shared.add_result(g, ev)
@@ -346,7 +347,7 @@ class ParameterServer:
         rec = eval_record(
             epoch=ev.epoch, group=g, test_loss=ev.loss, test_acc=ev.acc, samples=ev.samples,
             seconds=ev.seconds, resolution=ev.resolution, wall=self.wall(), bn=self.cfg.server.bn,
-            bn_seconds=ev.bn_seconds, parts=parts, averaged=self.averaged.pop(g, None),
+            bn_seconds=ev.bn_seconds, parts=parts, averaged=averaged,
         )  # fmt: skip
         self.log.write(rec)
         self.progress.evaluation(rec)
