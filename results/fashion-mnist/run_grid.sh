@@ -223,6 +223,17 @@ server_part() {  # server_part SEED
   run server ps-rounds-mom09 "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.9 --set server.order=rounds
   # (6 seeds: -0.17 against sync at 1.06-1.28x its wall time: rounds at 4 steps do not reach it
   # either; only rounds at every step did, ps-rounds-push1, 3 seeds)
+  # Two questions left, beside sync again (-r15), 6 seeds: (1) pushes more often while the rate
+  # is high and every 4 steps after it (server.push_every_by_lr [1, 4]: the local period growing
+  # as the rate falls, after post-local SGD, Lin et al. 2020, and the quadratic synchronisation
+  # rule, Gu et al. 2023, arXiv 2310.14423), at the defaults otherwise: the per-epoch means differ
+  # most before the decay; (2) the one control that reached sync, synchronous SGD through the
+  # server (rounds, a push every step: ps-rounds-push1, 3 seeds on 7b18af9), on today's code
+  run server sync-r15 4 "$s" "${P[@]}" "${SYNC[@]}" "${FIXED[@]}"
+  run server ps-base-mom08-push14 "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.8 \
+    --set "server.push_every_by_lr=[1, 4]"
+  run server ps-rounds-mom09-push1 "${PS[@]}" "${DEF[@]}" --set optim.ps_momentum=0.9 \
+    --set server.order=rounds --set server.push_every=1
 }
 
 TIMING=$OUT/runs/dualbatch/timing.json
@@ -333,7 +344,7 @@ ORDER_server="sync ps-base ps-base-push1 ps-base-push2 ps-base-push4 ps-base-pus
               ps-base-mom08-push41 sync-r11 ps-base-mom08-roundslate sync-r12 ps-base-mom08-stalelr
               ps-base-mom08-stagecommit sync-bnrecal sync-avg ps-base-mom08-avg
               sync-r13 ps-base-mom08-synclate ps-base-mom08-synclate-mom09 ps-base-roundsearly
-              sync-r14 ps-rounds-mom09"
+              sync-r14 ps-rounds-mom09 sync-r15 ps-base-mom08-push14 ps-rounds-mom09-push1"
 ORDER_dualbatch="sync sync-e6 sync-e12 sync-small ps-base dual-ns2 hybrid-ns2 dual-ns3 hybrid-ns3
                  dual-ns3-push16 dual-ns3-nova dual-ns3-lrsqrt dual-ns2-lrsqrt hybrid-ns3-lrsqrt
                  dual-ns3-lrsqrt-overlap
