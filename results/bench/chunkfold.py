@@ -18,9 +18,6 @@ each repeat), each timed by the leader (round trip) and by the server (receive +
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +25,8 @@ import time
 import numpy as np
 import torch
 from mpi4py import MPI
+
+from hpc_dualbatch.bench import _harness as H
 
 TAG = 31
 
@@ -93,20 +92,8 @@ def main() -> None:
             f"{row['variant']:>14s}  push {row['push_ms']:6.2f} ms  server {row['server_ms']:6.2f} ms"
             f"  {row['vs_whole']:.3f}x whole"
         )
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "")
-    result = {
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "floats": n,
-        "iters": args.iters,
-        "repeats": args.repeats,
-        "machine": {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "host": platform.node()},
-        "rows": rows,
-    }
     if args.out:
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.out)
+        H.write_result(args.out, "chunkfold", args, sys.argv[1:], rows=rows)
 
 
 if __name__ == "__main__":

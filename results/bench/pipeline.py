@@ -21,9 +21,6 @@ Prints each variant's median round trip as the leader times it, and its ratio to
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +28,8 @@ import time
 import numpy as np
 import torch
 from mpi4py import MPI
+
+from hpc_dualbatch.bench import _harness as H
 
 TAG_U, TAG_W = 41, 42
 A = 0.25  # the fold's weight (4 equal groups)
@@ -123,20 +122,8 @@ def main() -> None:
     ]
     for row in rows:
         print(f"{row['variant']:>14s}  {row['round_trip_ms']:6.2f} ms  {row['raw_over_this']:.3f}x raw")
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "")
-    result = {
-        "command": " ".join(["scripts/mpirun_local.sh -np 2", os.path.basename(sys.executable)] + sys.argv),
-        "floats": n,
-        "iters": args.iters,
-        "repeats": args.repeats,
-        "machine": {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "host": platform.node()},
-        "rows": rows,
-    }
     if args.out:
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.out)
+        H.write_result(args.out, "pipeline", args, sys.argv[1:], rows=rows)
 
 
 if __name__ == "__main__":
