@@ -35,18 +35,25 @@ def chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(n, i + size)) for i in range(0, n, size)] if size else [slice(0, n)]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def options(doc: str, name: str) -> argparse.Namespace:
+    """The probes' options (this one's and pipeline.py's), checked on exactly 2 ranks, each
+    with one torch thread: a training job's ranks on a shared node (`threads_per_rank`)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--floats", type=int, default=11_200_000)  # CIFAR ResNet-18, as bench exchange
     p.add_argument("--chunks", default="262144,1048576")  # floats per message: 1 MiB, 4 MiB
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="")
     args = p.parse_args()
+    if MPI.COMM_WORLD.Get_size() != 2:
+        sys.exit(f"{name}: run on exactly 2 ranks (mpirun -np 2)")
+    torch.set_num_threads(1)
+    return args
+
+
+def main() -> None:
+    args = options(__doc__, "chunkfold.py")
     world = MPI.COMM_WORLD
-    if world.Get_size() != 2:
-        sys.exit("chunkfold.py: run on exactly 2 ranks (mpirun -np 2)")
-    torch.set_num_threads(1)  # a training job's server on a shared node (threads_per_rank)
     rank, n = world.Get_rank(), args.floats
     sizes = [int(c) for c in args.chunks.split(",")]
     variants = ["whole", "nofold"] + [f"chunk{c}" for c in sizes]

@@ -20,23 +20,19 @@ Prints each variant's median round trip as the leader times it, and its ratio to
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 
 import numpy as np
 import torch
+from chunkfold import chunks, options  # (results/bench/, this script's folder)
 from mpi4py import MPI
 
 from hpc_dualbatch.bench import _harness as H
 
 TAG_U, TAG_W = 41, 42
 A = 0.25  # the fold's weight (4 equal groups)
-
-
-def chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
 def leader(world, v: str, parts: list[slice], w, pulled, out, buf) -> None:
@@ -87,17 +83,8 @@ def server(world, v: str, parts: list[slice], ws, rbuf) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--floats", type=int, default=11_200_000)  # CIFAR ResNet-18, as bench exchange
-    p.add_argument("--chunks", default="262144,1048576")  # floats per message: 1 MiB, 4 MiB
-    p.add_argument("--iters", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="")
-    args = p.parse_args()
+    args = options(__doc__, "pipeline.py")
     world = MPI.COMM_WORLD
-    if world.Get_size() != 2:
-        sys.exit("pipeline.py: run on exactly 2 ranks (mpirun -np 2)")
-    torch.set_num_threads(1)  # one core per rank
     rank, n = world.Get_rank(), args.floats
     variants = ["raw", "serial"] + [f"pipe{c}" for c in args.chunks.split(",")]
     rng = np.random.default_rng(rank)
