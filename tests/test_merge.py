@@ -199,16 +199,15 @@ def test_small_group_learning_rate_scale(rule, batch, batch_L, scale):
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
-def test_tail_average_is_the_mean_of_what_was_added_and_resumes(monkeypatch, backend):
+def test_tail_average_is_the_mean_of_what_was_added_and_resumes(backend):
     """schedule.average: the running mean equals the mean of the vectors added (float32 against
-    float64), whatever the chunking; the first one is taken exactly; a mean restored with its
+    float64); the first one is taken exactly; a mean restored with its
     count continues as the one that never stopped; before anything is added the current
     weights are what is evaluated."""
     import torch
 
     from hpc_dualbatch.method import average as A
 
-    monkeypatch.setattr(A, "CHUNK", 3)  # 10 floats in 4 chunks, the last short
     rng = np.random.default_rng(1)
     xs = [rng.standard_normal(10).astype(np.float32) for _ in range(7)]
     as_ = torch.from_numpy if backend == "torch" else np.asarray

@@ -16,8 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-CHUNK = 1 << 20  # floats per pass of `add` (4 MiB of float32 temporaries, not a model's worth)
+import torch
 
 
 class TailAverage:
@@ -30,15 +29,10 @@ class TailAverage:
         self.count = count
 
     def add(self, params: Any) -> None:
-        """mean <- mean + (params - mean) / count, in chunks (float32, as the weights)."""
+        """mean <- mean + (params - mean) / count: one pass in place, no temporaries (torch's lerp,
+        as `merge.lerp`; float32, as the weights; the first add copies `params` exactly)."""
         self.count += 1
-        if self.count == 1:
-            self.mean[:] = params
-            return
-        inv = 1.0 / self.count  # (a Python float: the arithmetic stays float32)
-        for lo in range(0, len(self.mean), CHUNK):
-            m, p = self.mean[lo : lo + CHUNK], params[lo : lo + CHUNK]
-            m += (p - m) * inv
+        torch.as_tensor(self.mean).lerp_(torch.as_tensor(params), 1.0 / self.count)
 
     def params(self, current: Any) -> Any:
         """What an evaluation reads: the mean once anything was added, else `current`."""
